@@ -1,0 +1,276 @@
+"""Public attention functions.
+
+All take this rank's shard of the sequence in the flash-attention layout
+and return this rank's shard of the output::
+
+    q: [batch, seq_local, heads_q, head_dim]
+    k, v: [batch, seq_local, heads_kv, head_dim]      heads_q % heads_kv == 0
+    out: like q;  lse (return_lse=True): float32 [batch, heads_q, seq_local]
+
+The shards must come from ``tokenring.shard`` with the same ``layout`` (or
+follow its contract, see ``tokenring.layouts``). With ``causal=True`` query
+token i sees key tokens j <= i in *global* positions; the diagonal of each
+rank's own block is the global diagonal::
+
+    zigzag, P=2, chunks c0..c3; rank 0 holds (c0, c3), rank 1 holds (c1, c2)
+
+            k: c0  c1  c2  c3
+    q: c0     \\
+       c1     ##  \\
+       c2     ##  ##  \\
+       c3     ##  ##  ##  \\
+
+Works without torch.distributed (a single rank) and under any process group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from .comm import Lanes, get_lanes
+from .executor import Problem, run_backward, run_forward
+from .kernels import BlockSpec, KernelBackend, select_kernel
+from .options import Layout, Pass, Strategy, parse_enum
+from .schedules import build_schedule
+from .timeline import Recorder
+from .validation import check_across_ranks, check_local, with_problem
+
+__all__ = ["attention", "ring_attn", "token_ring_attn"]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a call decided before running: shared by its forward and backward."""
+
+    strategy: Strategy
+    layout: Layout
+    world: int
+    rank: int
+    problem: Problem
+    kernel_choice: str
+    forward_kernel: KernelBackend
+    lanes: Lanes | None
+    deterministic: bool
+
+    def schedule(self, pass_: Pass):
+        return build_schedule(
+            self.strategy, self.layout, self.world, self.rank, self.problem.causal, pass_
+        )
+
+    def backward_kernel(self) -> KernelBackend:
+        p = self.problem
+        spec = BlockSpec(
+            p.device.type,
+            p.dtype,
+            p.head_dim,
+            p.heads_q,
+            p.heads_kv,
+            p.causal,
+            backward=True,
+            deterministic=self.deterministic,
+        )
+        return select_kernel(self.kernel_choice, spec)
+
+
+def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("group was given but torch.distributed is not initialized")
+        return 1, 0
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this rank is not a member of the given group")
+    return dist.get_world_size(group), rank
+
+
+def _plan(
+    q, k, v, *, strategy, causal, softmax_scale, layout, group, kernel, deterministic
+) -> _Plan:
+    """Check the call on every rank (same error everywhere) and decide how to run it."""
+    world, rank = _world(group)
+    info = check_local(
+        q, k, v, causal=causal, layout=layout, strategy=strategy, kernel=kernel, scale=softmax_scale
+    )
+    chosen = None
+    if not info.problem:
+        spec = BlockSpec(q.device.type, q.dtype, q.shape[3], q.shape[2], k.shape[2], causal)
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        try:
+            chosen = select_kernel(kernel, spec)
+            if wants_grad and deterministic:  # refuse now rather than in the backward
+                select_kernel(kernel, replace(spec, backward=True, deterministic=True))
+        except ValueError as err:
+            info = with_problem(info, str(err))
+    check_across_ranks(info, group, world)
+    if chosen is None:
+        raise AssertionError("check_across_ranks let a failed call through")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
+    problem = Problem(
+        batch=q.shape[0],
+        length=q.shape[1],
+        heads_q=q.shape[2],
+        heads_kv=k.shape[2],
+        head_dim=q.shape[3],
+        dtype=q.dtype,
+        device=q.device,
+        causal=causal,
+        scale=float(scale),
+    )
+    lanes = get_lanes(group) if world > 1 else None
+    return _Plan(
+        parse_enum(Strategy, strategy, "strategy"),
+        parse_enum(Layout, layout, "layout"),
+        world,
+        rank,
+        problem,
+        str(kernel),
+        chosen,
+        lanes,
+        deterministic,
+    )
+
+
+class _ShardedAttention(torch.autograd.Function):
+    """Thin autograd wrapper: forward and backward are schedules run by the executor."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _Plan, recorder: Recorder | None):
+        out, lse_rowmajor = run_forward(
+            plan.schedule(Pass.FORWARD),
+            plan.problem,
+            q,
+            k,
+            v,
+            plan.forward_kernel,
+            plan.lanes,
+            recorder,
+        )
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse_rowmajor)
+        lse = lse_rowmajor.permute(1, 2, 0).contiguous()
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        del grad_lse  # lse is returned for inspection; it is not differentiable
+        q, k, v, out, lse = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        dq, dk, dv = run_backward(
+            plan.schedule(Pass.BACKWARD),
+            plan.problem,
+            {"q": q, "k": k, "v": v, "out": out, "do": grad_out, "lse": lse},
+            plan.backward_kernel(),
+            plan.lanes,
+        )
+        return dq, dk, dv, None, None
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    strategy: str | Strategy = "tokenring",
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str | Layout = "contiguous",
+    group: dist.ProcessGroup | None = None,
+    return_lse: bool = False,
+    kernel: str = "auto",
+    deterministic: bool = False,
+    recorder: Recorder | None = None,
+):
+    """Exact attention over a sequence sharded across the ranks of ``group``.
+
+    ``strategy``: ``"tokenring"`` (queries travel, K and V stay) or ``"ring"``
+    (K and V travel). ``kernel``: ``"auto"`` or a backend name (see
+    ``tokenring.kernels.kernel_names()``). ``deterministic`` refuses kernels
+    whose backward is not bitwise reproducible. ``recorder`` (optional)
+    collects a per-step timeline of the forward pass.
+
+    Raises ``ValueError`` with the same message on every rank for bad input.
+    """
+    plan = _plan(
+        q,
+        k,
+        v,
+        strategy=strategy,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        layout=layout,
+        group=group,
+        kernel=kernel,
+        deterministic=deterministic,
+    )
+    out, lse = _ShardedAttention.apply(q, k, v, plan, recorder)
+    return (out, lse) if return_lse else out
+
+
+def token_ring_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str | Layout = "contiguous",
+    group: dist.ProcessGroup | None = None,
+    return_lse: bool = False,
+    kernel: str = "auto",
+    deterministic: bool = False,
+):
+    """TokenRing attention: Q travels around the ring, each partial output goes
+    straight back to its owner on a second communicator, K and V never move.
+
+    See ``attention`` for arguments and shapes, docs/algorithms.md for the schedule.
+    """
+    return attention(
+        q,
+        k,
+        v,
+        strategy=Strategy.TOKENRING,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        layout=layout,
+        group=group,
+        return_lse=return_lse,
+        kernel=kernel,
+        deterministic=deterministic,
+    )
+
+
+def ring_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str | Layout = "contiguous",
+    group: dist.ProcessGroup | None = None,
+    return_lse: bool = False,
+    kernel: str = "auto",
+    deterministic: bool = False,
+):
+    """Ring attention (pass-KV), the baseline: K and V travel, Q stays.
+
+    See ``attention`` for arguments and shapes, docs/algorithms.md for the schedule.
+    """
+    return attention(
+        q,
+        k,
+        v,
+        strategy=Strategy.RING,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        layout=layout,
+        group=group,
+        return_lse=return_lse,
+        kernel=kernel,
+        deterministic=deterministic,
+    )

@@ -1,0 +1,65 @@
+"""Block-attention backends behind one contract, and the choice among them."""
+
+from __future__ import annotations
+
+from .base import BlockSpec, KernelBackend, delta_surrogate
+from .cpu_flash import CpuFlash
+from .cuda_sdpa import CudnnAttention, EfficientAttention, FlashAttention
+from .reference import MathKernel
+
+__all__ = [
+    "BACKENDS",
+    "BlockSpec",
+    "KernelBackend",
+    "delta_surrogate",
+    "kernel_names",
+    "select_kernel",
+]
+
+BACKENDS: tuple[KernelBackend, ...] = tuple(
+    sorted(
+        (CudnnAttention(), FlashAttention(), EfficientAttention(), CpuFlash(), MathKernel()),
+        key=lambda b: -b.priority,
+    )
+)
+
+
+def kernel_names() -> list[str]:
+    """Valid values of the ``kernel`` argument."""
+    return ["auto", *(b.name for b in BACKENDS)]
+
+
+def _describe(spec: BlockSpec) -> str:
+    dtype = str(spec.dtype).removeprefix("torch.")
+    parts = [
+        f"device={spec.device_type}",
+        f"dtype={dtype}",
+        f"head_dim={spec.head_dim}",
+        f"heads={spec.heads_q}/{spec.heads_kv}",
+        f"causal={spec.causal}",
+    ]
+    if spec.backward:
+        parts.append(f"backward, deterministic={spec.deterministic}")
+    return ", ".join(parts)
+
+
+def select_kernel(choice: str, spec: BlockSpec) -> KernelBackend:
+    """The backend for ``choice`` ("auto" or a name); ValueError explains every refusal."""
+    if choice == "auto":
+        rejected = []
+        for backend in BACKENDS:
+            reasons = backend.not_supported_reasons(spec)
+            if not reasons:
+                return backend
+            rejected.append(f"  {backend.name}: {'; '.join(reasons)}")
+        raise ValueError(f"no kernel supports {_describe(spec)}:\n" + "\n".join(rejected))
+    for backend in BACKENDS:
+        if backend.name == choice:
+            reasons = backend.not_supported_reasons(spec)
+            if reasons:
+                raise ValueError(
+                    f"kernel {choice!r} cannot run {_describe(spec)}: {'; '.join(reasons)}"
+                )
+            return backend
+    valid = ", ".join(repr(n) for n in kernel_names())
+    raise ValueError(f"unknown kernel {choice!r}; valid values are {valid}")

@@ -1,0 +1,46 @@
+"""CPU block kernel: PyTorch's flash-attention implementation for CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import KernelBackend, delta_surrogate
+
+__all__ = ["CpuFlash"]
+
+
+class CpuFlash(KernelBackend):
+    """``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward.
+
+    Takes different query and key/value head counts natively (GQA, MQA). Its
+    LSE is already float32 ``(B, H, L)``.
+    """
+
+    name = "cpu_flash"
+    priority = 10
+    device_types = frozenset({"cpu"})
+    dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
+    max_head_dim = 1024
+    native_gqa = True
+
+    def _forward(self, q, k, v, causal, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale
+        )
+        return out.transpose(1, 2), lse
+
+    def _backward(self, do, q, k, v, out, lse, delta, causal, scale):
+        if out is None:
+            out = delta_surrogate(do, delta)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do.transpose(1, 2),
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            out.transpose(1, 2),
+            lse,
+            0.0,
+            causal,
+            scale=scale,
+        )
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

@@ -1,0 +1,178 @@
+"""CUDA block kernels: PyTorch's cuDNN, flash and memory-efficient SDPA ops.
+
+Each op has its own LSE shape and argument quirks; they are normalised here
+so the rest of the library sees one contract (see ``base``):
+
+- cuDNN returns LSE as ``(B, H, L, 1)`` and wants it back in that shape;
+- flash returns ``(B, H, L)``;
+- memory-efficient pads LSE to a multiple of 32 rows and needs a contiguous one back.
+
+The ops take ``[B, H, L, D]`` views; our ``[B, L, H, D]`` tensors are passed
+as transposed views (unit last stride), which all three accept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import KernelBackend, delta_surrogate
+
+__all__ = ["CudnnAttention", "EfficientAttention", "FlashAttention"]
+
+aten = torch.ops.aten
+
+
+def _t(x: torch.Tensor) -> torch.Tensor:
+    """Swap the sequence and head dimensions (a view): ``[B, L, H, D] <-> [B, H, L, D]``."""
+    return x.transpose(1, 2)
+
+
+def _scalar_seed(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Philox seed/offset placeholders (dropout is always 0 here, so unused)."""
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    return zero, zero
+
+
+class _CudaBackend(KernelBackend):
+    device_types = frozenset({"cuda"})
+    dtypes = frozenset({torch.float16, torch.bfloat16})
+    min_capability: tuple[int, int] = (8, 0)
+
+    def available_reasons(self) -> list[str]:
+        if not torch.cuda.is_available():
+            return ["CUDA is not available"]
+        cap = torch.cuda.get_device_capability()
+        if cap < self.min_capability:
+            return [f"needs compute capability >= {self.min_capability}, device has {cap}"]
+        return []
+
+
+class CudnnAttention(_CudaBackend):
+    """``aten._scaled_dot_product_cudnn_attention`` (the fastest on H100)."""
+
+    name = "cudnn"
+    priority = 30
+    max_head_dim = 128
+    head_dim_multiple = 8
+    native_gqa = False
+    deterministic_backward = False
+
+    def available_reasons(self) -> list[str]:
+        reasons = super().available_reasons()
+        if not reasons and not torch.backends.cudnn.is_available():
+            reasons.append("cuDNN is not available")
+        return reasons
+
+    def _forward(self, q, k, v, causal, scale):
+        out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
+            _t(q), _t(k), _t(v), None, True, 0.0, causal, False, scale=scale
+        )
+        return _t(out), lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2])
+
+    def _backward(self, do, q, k, v, out, lse, delta, causal, scale):
+        if out is None:
+            out = delta_surrogate(do, delta)
+        seed, offset = _scalar_seed(q.device)
+        lq, lk = q.shape[1], k.shape[1]
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+            _t(do),
+            _t(q),
+            _t(k),
+            _t(v),
+            _t(out),
+            lse.float().contiguous().unsqueeze(-1),
+            seed,
+            offset,
+            None,
+            None,
+            None,
+            lq,
+            lk,
+            0.0,
+            causal,
+            scale=scale,
+        )
+        return _t(dq), _t(dk), _t(dv)
+
+
+class FlashAttention(_CudaBackend):
+    """``aten._scaled_dot_product_flash_attention`` (FlashAttention-2 inside PyTorch)."""
+
+    name = "flash"
+    priority = 20
+    max_head_dim = 256
+    head_dim_multiple = 8
+    native_gqa = True
+    deterministic_backward = False
+
+    def _forward(self, q, k, v, causal, scale):
+        out, lse, *_ = aten._scaled_dot_product_flash_attention(
+            _t(q), _t(k), _t(v), 0.0, causal, False, scale=scale
+        )
+        return _t(out), lse
+
+    def _backward(self, do, q, k, v, out, lse, delta, causal, scale):
+        if out is None:
+            out = delta_surrogate(do, delta)
+        seed, offset = _scalar_seed(q.device)
+        lq, lk = q.shape[1], k.shape[1]
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            _t(do),
+            _t(q),
+            _t(k),
+            _t(v),
+            _t(out),
+            lse.float().contiguous(),
+            None,
+            None,
+            lq,
+            lk,
+            0.0,
+            causal,
+            seed,
+            offset,
+            scale=scale,
+        )
+        return _t(dq), _t(dk), _t(dv)
+
+
+class EfficientAttention(_CudaBackend):
+    """``aten._scaled_dot_product_efficient_attention`` (xformers' cutlass kernel)."""
+
+    name = "efficient"
+    priority = 10
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    min_capability = (5, 0)
+    max_head_dim = 512
+    head_dim_multiple = 8
+    native_gqa = False
+    deterministic_backward = False
+
+    def _forward(self, q, k, v, causal, scale):
+        out, lse, *_ = aten._scaled_dot_product_efficient_attention(
+            _t(q), _t(k), _t(v), None, True, 0.0, causal, scale=scale
+        )
+        return _t(out), lse[:, :, : q.shape[1]]
+
+    def _backward(self, do, q, k, v, out, lse, delta, causal, scale):
+        if out is None:
+            out = delta_surrogate(do, delta)
+        seed, offset = _scalar_seed(q.device)
+        pad = (-q.shape[1]) % 32
+        lse_padded = torch.nn.functional.pad(lse.float(), (0, pad)).contiguous()
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            _t(do),
+            _t(q),
+            _t(k),
+            _t(v),
+            None,
+            _t(out),
+            lse_padded,
+            seed,
+            offset,
+            0.0,
+            [True, True, True, False],
+            causal,
+            scale=scale,
+        )
+        return _t(dq), _t(dk), _t(dv)

@@ -1,0 +1,46 @@
+"""Merging partial attention results by their log-sum-exp, in float32.
+
+Two partials of the same query rows over disjoint key sets, ``(o_a, lse_a)``
+and ``(o_b, lse_b)``, combine to ``lse = log(exp(lse_a) + exp(lse_b))`` and
+``o = (exp(lse_a - lse) o_a + exp(lse_b - lse) o_b)``. Written around the row
+maximum so that a row that has seen no key yet (``lse = -inf``) merges
+without NaN: two empty rows stay ``0`` with ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["merge_into", "write_into"]
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L]`` weights as ``[B, L, H, 1]`` to scale ``[B, L, H, D]`` outputs."""
+    return w.transpose(1, 2).unsqueeze(-1)
+
+
+def merge_into(
+    out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> None:
+    """Merge ``(out_b, lse_b)`` into the accumulator ``(out, lse)`` in place.
+
+    ``out``: float32 ``[B, L, H, D]``; ``lse``: float32 ``[B, H, L]``; the
+    partial may be any float dtype. NaN in either input propagates.
+    """
+    lse_b = lse_b.float()
+    peak = torch.maximum(lse, lse_b)
+    peak = torch.where(peak == float("-inf"), torch.zeros_like(peak), peak)
+    w_a = torch.exp(lse - peak)
+    w_b = torch.exp(lse_b - peak)
+    total = w_a + w_b
+    lse.copy_(peak + torch.log(total))
+    total = torch.where(total == 0, torch.ones_like(total), total)
+    out.mul_(_rows(w_a / total)).add_(out_b.float() * _rows(w_b / total))
+
+
+def write_into(
+    out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> None:
+    """Overwrite the accumulator rows with a first partial (casting as needed)."""
+    out.copy_(out_b)
+    lse.copy_(lse_b)

@@ -1,0 +1,205 @@
+"""Input checks that fail the same way on every rank.
+
+Each rank first checks its own inputs and records the first problem as a
+message instead of raising. The ranks then exchange a small description of
+their inputs (once per distinct description and group) and every rank
+raises the same ``ValueError``: the first rank's own problem, or the first
+difference between ranks. Raising on one rank only would leave the others
+waiting in a transfer that never comes. See docs/errors.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import torch
+import torch.distributed as dist
+
+from .options import Layout, Strategy
+
+__all__ = ["CallInfo", "check_across_ranks", "check_local", "with_problem"]
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What every rank must agree on for one call (plus this rank's own problem, if any)."""
+
+    batch: int
+    length: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype: str
+    device_type: str
+    causal: bool
+    layout: str
+    strategy: str
+    kernel: str
+    scale: float | None
+    problem: str = ""
+
+    def agreement_key(self) -> tuple:
+        return (
+            self.batch,
+            self.length,
+            self.heads_q,
+            self.heads_kv,
+            self.head_dim,
+            self.dtype,
+            self.device_type,
+            self.causal,
+            self.layout,
+            self.strategy,
+            self.kernel,
+            self.scale,
+        )
+
+
+_FIELDS = (
+    "batch",
+    "length",
+    "heads_q",
+    "heads_kv",
+    "head_dim",
+    "dtype",
+    "device_type",
+    "causal",
+    "layout",
+    "strategy",
+    "kernel",
+    "scale",
+)
+
+
+def _shape_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+        if t.dim() != 4:
+            return (
+                f"{name} must be 4-D [batch, seq_local, heads, head_dim], "
+                f"got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            return f"{name} must be a floating-point tensor, got {t.dtype}"
+        if t.stride(-1) != 1:
+            return f"{name} must have unit stride in head_dim (last dim), got strides {t.stride()}"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k, v dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}"
+    if k.device != q.device or v.device != q.device:
+        return f"q, k, v devices differ: q {q.device}, k {k.device}, v {v.device}"
+    if k.shape[:3] != v.shape[:3]:
+        return f"k and v shapes differ: k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if k.shape[0] != q.shape[0]:
+        return f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}"
+    if k.shape[1] != q.shape[1]:
+        return f"local sequence lengths differ: q {q.shape[1]}, k {k.shape[1]}"
+    if q.shape[3] != k.shape[3]:
+        return f"head_dim mismatch: q has {q.shape[3]}, k has {k.shape[3]}"
+    if v.shape[3] != q.shape[3]:
+        return f"head_dim mismatch: q has {q.shape[3]}, v has {v.shape[3]}"
+    if q.shape[2] % k.shape[2]:
+        return f"heads_q ({q.shape[2]}) must be a multiple of heads_kv ({k.shape[2]})"
+    if q.shape[0] == 0 or q.shape[2] == 0 or q.shape[3] == 0:
+        return f"q must not be empty, got shape {tuple(q.shape)}"
+    if q.shape[1] == 0:
+        return "the local sequence is empty (seq_local == 0)"
+    return ""
+
+
+def _enum_problem(kind: type[Enum], value: object, argument: str) -> str:
+    if isinstance(value, kind) or value in [m.value for m in kind]:
+        return ""
+    valid = ", ".join(repr(m.value) for m in kind)
+    return f"unknown {argument} {value!r}; valid values are {valid}"
+
+
+def _name(value: object) -> str:
+    return value.value if isinstance(value, Enum) else str(value)
+
+
+def check_local(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: object,
+    layout: object,
+    strategy: object,
+    kernel: object,
+    scale: object,
+) -> CallInfo:
+    """Describe this rank's call; ``problem`` holds the first thing wrong with it, if any."""
+    shape_problem = _shape_problem(q, k, v)
+    shapes_ok = not shape_problem
+    candidates = [
+        shape_problem,
+        "" if isinstance(causal, bool) else f"causal must be a bool, got {causal!r}",
+        _enum_problem(Layout, layout, "layout"),
+        _enum_problem(Strategy, strategy, "strategy"),
+        ""
+        if scale is None or (isinstance(scale, (int, float)) and math.isfinite(scale))
+        else f"softmax_scale must be a finite number or None, got {scale!r}",
+    ]
+    if shapes_ok and _name(layout) == Layout.ZIGZAG.value and q.shape[1] % 2:
+        candidates.append(
+            "the zigzag layout needs an even local sequence length (two chunks per rank), "
+            f"got seq_local={q.shape[1]}; shard a sequence divisible by 2 * world_size"
+        )
+    problem = next((p for p in candidates if p), "")
+    return CallInfo(
+        batch=q.shape[0] if shapes_ok else -1,
+        length=q.shape[1] if shapes_ok else -1,
+        heads_q=q.shape[2] if shapes_ok else -1,
+        heads_kv=k.shape[2] if shapes_ok else -1,
+        head_dim=q.shape[3] if shapes_ok else -1,
+        dtype=str(q.dtype).removeprefix("torch.") if shapes_ok else "?",
+        device_type=q.device.type if shapes_ok else "?",
+        causal=bool(causal) if isinstance(causal, bool) else False,
+        layout=_name(layout),
+        strategy=_name(strategy),
+        kernel=str(kernel),
+        scale=float(scale) if isinstance(scale, (int, float)) else None,
+        problem=problem,
+    )
+
+
+def with_problem(info: CallInfo, problem: str) -> CallInfo:
+    """``info`` with ``problem`` recorded, unless it already has one."""
+    return info if info.problem else replace(info, problem=problem)
+
+
+_AGREED: set[tuple] = set()
+
+
+def check_across_ranks(info: CallInfo, group: dist.ProcessGroup | None, world: int) -> None:
+    """Raise the same ValueError on every rank if any rank's call is wrong or they disagree.
+
+    Exchanges ``info`` over ``group`` the first time this rank sees a given
+    (group, description); a description all ranks agreed on is remembered.
+    """
+    if world == 1:
+        if info.problem:
+            raise ValueError(info.problem)
+        return
+    parent = group if group is not None else dist.group.WORLD
+    key = (parent.group_name, info)
+    if key in _AGREED:
+        return
+    gathered: list[CallInfo | None] = [None] * world
+    dist.all_gather_object(gathered, info, group=parent)
+    for rank, other in enumerate(gathered):
+        if other is not None and other.problem:
+            raise ValueError(f"rank {rank}: {other.problem}")
+    reference = gathered[0]
+    for rank, other in enumerate(gathered):
+        if other.agreement_key() != reference.agreement_key():  # type: ignore[union-attr]
+            diffs = [
+                f"{f}: rank 0 has {getattr(reference, f)!r}, rank {rank} has {getattr(other, f)!r}"
+                for f in _FIELDS
+                if getattr(reference, f) != getattr(other, f)
+            ]
+            raise ValueError("inputs differ across ranks: " + "; ".join(diffs))
+    _AGREED.add(key)

@@ -1,0 +1,108 @@
+"""Case functions the worker pool runs (each rank runs the same function)."""
+
+from __future__ import annotations
+
+import torch
+
+import tokenring as tr
+from reference import attention_reference, rel_err
+from tokenring.kernels.cpu_flash import CpuFlash
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def make_inputs(seed: int, batch: int, seq: int, heads: tuple[int, int], head_dim: int, dtype):
+    """Full (global) q, k, v, do, identical on every rank, already rounded to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv = heads
+    q = torch.randn(batch, seq, hq, head_dim, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, seq, hkv, head_dim, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, seq, hkv, head_dim, generator=g, dtype=torch.float64)
+    do = torch.randn(batch, seq, hq, head_dim, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v, do)]
+
+
+def single_device_errors(q, k, v, do, causal: bool) -> dict[str, float]:
+    """Error of PyTorch's own CPU kernel on the whole sequence at the same precision:
+    the yardstick for low-precision tolerances."""
+    ref_out, ref_lse = attention_reference(q, k, v, causal=causal)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ro, _ = attention_reference(qr, kr, vr, causal=causal)
+    ref_grads = torch.autograd.grad(ro, (qr, kr, vr), do.double())
+    kernel = CpuFlash()
+    scale = q.shape[-1] ** -0.5
+    out, lse = kernel.forward(q, k, v, causal, scale)
+    delta = (do.float() * out.float()).sum(-1).transpose(1, 2)
+    grads = kernel.backward(do, q, k, v, out, lse, delta, causal, scale)
+    errs = {"out": rel_err(out, ref_out), "lse": rel_err(lse, ref_lse)}
+    errs.update({n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
+    return errs
+
+
+def check_attention(
+    w,
+    *,
+    world: int,
+    strategy: str,
+    layout: str,
+    causal: bool,
+    heads: tuple[int, int],
+    dtype: str,
+    batch: int,
+    head_dim: int,
+    seq: int,
+    seed: int = 0,
+    backward: bool = True,
+    kernel: str = "auto",
+) -> dict[str, float]:
+    """Run one strategy on this rank's shard and return its errors against float64 attention."""
+    group = w.group(world)
+    dt = DTYPES[dtype]
+    q, k, v, do = make_inputs(seed, batch, seq, heads, head_dim, dt)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = attention_reference(qr, kr, vr, causal=causal)
+    ref_grads = torch.autograd.grad(ref_out, (qr, kr, vr), do.double()) if backward else None
+
+    def local(x, dim=1):
+        return tr.shard(x, layout=layout, group=group, dim=dim)
+
+    ql, kl, vl = (local(t).requires_grad_(backward) for t in (q, k, v))
+    out, lse = tr.attention(
+        ql,
+        kl,
+        vl,
+        strategy=strategy,
+        causal=causal,
+        layout=layout,
+        group=group,
+        return_lse=True,
+        kernel=kernel,
+    )
+    errs = {
+        "out": rel_err(out, local(ref_out.detach())),
+        "lse": rel_err(lse, local(ref_lse.detach(), dim=2)),
+        "dtype_ok": float(out.dtype == dt and lse.dtype == torch.float32),
+    }
+    if backward:
+        grads = torch.autograd.grad(out, (ql, kl, vl), local(do))
+        for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+            errs[name] = rel_err(g, local(r))
+        errs["dtype_ok"] *= float(all(g.dtype == dt for g in grads))
+    return errs
+
+
+def expect_error(w, *, world: int, make, call: str = "token_ring_attn", **kwargs) -> str:
+    """Call the API with inputs from ``make(rank, world)``; return the ValueError message."""
+    group = w.group(world)
+    q, k, v, extra = make(w.rank, world)
+    fn = getattr(tr, call)
+    try:
+        fn(q, k, v, group=group, **extra, **kwargs)
+    except ValueError as err:
+        return str(err)
+    return "<no error>"

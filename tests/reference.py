@@ -1,0 +1,35 @@
+"""The independent reference: float64 attention on the gathered sequence, with autograd."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_reference(q, k, v, *, causal: bool, scale: float | None = None):
+    """Float64 attention on full ``[B, S, H, D]`` tensors; returns ``(out, lse)``.
+
+    Written from the definition (explicit mask, softmax, GQA by repeating key
+    and value heads) and differentiable, so it also gives reference gradients.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        s = q.shape[1]
+        allowed = torch.ones(s, s, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v)
+    return out, lse
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (NaN anywhere counts as infinite)."""
+    actual, expected = actual.double(), expected.double()
+    if torch.isnan(actual).any():
+        return float("inf")
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual - expected).abs().max() / scale).item()
