@@ -97,9 +97,9 @@ def check_attention(
 
 
 def expect_error(w, *, world: int, make, call: str = "token_ring_attn", **kwargs) -> str:
-    """Call the API with inputs from ``make(rank, world)``; return the ValueError message."""
+    """Call the API with inputs from ``make(group_rank, world)``; return the ValueError message."""
     group = w.group(world)
-    q, k, v, extra = make(w.rank, world)
+    q, k, v, extra = make(torch.distributed.get_rank(group), world)
     fn = getattr(tr, call)
     try:
         fn(q, k, v, group=group, **extra, **kwargs)

@@ -19,7 +19,7 @@ import torch
 
 from .schedules.ir import Compute, Post
 
-__all__ = ["Recorder", "Span", "plot_timeline"]
+__all__ = ["Recorder", "Span", "plot_timelines"]
 
 
 @dataclass(frozen=True)
@@ -117,46 +117,60 @@ class Recorder:
         ]
 
 
-def plot_timeline(spans: list[Span], path: str, title: str) -> None:
-    """Draw one row per (rank, track): compute and each lane, coloured by step."""
+def plot_timelines(panels: dict[str, list[Span]], path: str) -> None:
+    """One panel per title; in each, one row per (rank, track) and bars coloured by step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranks = sorted({s.rank for s in spans})
     tracks = ["compute", "lane0", "lane1"]
-    rows = [
-        (r, t) for r in ranks for t in tracks if any(s.rank == r and s.track == t for s in spans)
-    ]
-    steps = max((s.step for s in spans), default=0) + 1
-    cmap = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(12, 0.45 * len(rows) + 1.5))
-    for y, (rank, track) in enumerate(rows):
-        for s in spans:
-            if s.rank == rank and s.track == track:
-                ax.barh(
-                    y,
-                    max(s.end_ms - s.start_ms, 1e-3),
-                    left=s.start_ms,
-                    height=0.7,
-                    color=cmap(s.step % 10),
-                    edgecolor="black",
-                    linewidth=0.3,
-                )
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"rank {r} {t}" for r, t in rows])
-    ax.invert_yaxis()
-    ax.set_xlabel("time (ms)")
-    ax.set_title(title)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i % 10)) for i in range(steps)]
-    ax.legend(
-        handles,
-        [f"step {i}" for i in range(steps)],
-        loc="upper right",
-        fontsize="small",
-        ncol=min(steps, 6),
+    layouts = []
+    for spans in panels.values():
+        ranks = sorted({s.rank for s in spans})
+        rows = [
+            (r, t)
+            for r in ranks
+            for t in tracks
+            if any(s.rank == r and s.track == t for s in spans)
+        ]
+        layouts.append(rows)
+    heights = [0.4 * len(rows) + 1.2 for rows in layouts]
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(12, sum(heights)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
     )
+    cmap = plt.get_cmap("tab10")
+    for ax, (title, spans), rows in zip(axes[:, 0], panels.items(), layouts):
+        for y, (rank, track) in enumerate(rows):
+            for s in spans:
+                if s.rank == rank and s.track == track:
+                    ax.barh(
+                        y,
+                        max(s.end_ms - s.start_ms, 1e-3),
+                        left=s.start_ms,
+                        height=0.7,
+                        color=cmap(s.step % 10),
+                        edgecolor="black",
+                        linewidth=0.3,
+                    )
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([f"rank {r} {t}" for r, t in rows], fontsize="small")
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize="medium")
+        steps = max((s.step for s in spans), default=0) + 1
+        handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i % 10)) for i in range(steps)]
+        ax.legend(
+            handles,
+            [f"step {i}" for i in range(steps)],
+            loc="upper right",
+            fontsize="x-small",
+            ncol=min(steps, 8),
+        )
+    axes[-1, 0].set_xlabel("time since the call started (ms)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,156 @@
+"""The ``tokenring`` command: ``tokenring demo`` (more subcommands as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .demo import DTYPES, DemoConfig, demo_worker, tolerance
+from .launch import WorkerFailed, default_world, run_local
+from .timeline import Span, plot_timelines
+
+__all__ = ["main"]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _demo(args: argparse.Namespace, console: Console) -> int:
+    world, backend = default_world(cpu_workers=args.world_size or 4)
+    if args.world_size and backend == "nccl":
+        if args.world_size > world:
+            console.print(f"[red]--world-size {args.world_size}: only {world} GPUs here[/red]")
+            return 2
+        world = args.world_size
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if backend == "nccl" else "float32")
+    heads_kv = args.heads_kv or args.heads
+    if args.seq_len % (2 * world):
+        console.print(
+            f"[red]--seq-len {args.seq_len} must be divisible by 2 x world size ({2 * world})[/red]"
+        )
+        return 2
+    if args.heads % heads_kv:
+        console.print(
+            f"[red]--heads {args.heads} must be a multiple of --heads-kv {heads_kv}[/red]"
+        )
+        return 2
+    cfg = DemoConfig(args.seq_len, args.heads, heads_kv, args.head_dim, dtype, args.repeats)
+    console.print(
+        f"tokenring demo: {world} {'GPU' if backend == 'nccl' else 'CPU'} processes ({backend}), "
+        f"S={cfg.seq_len}, heads {cfg.heads}/{cfg.heads_kv}, head_dim {cfg.head_dim}, {dtype}"
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting workers", total=None)
+
+        def on_message(msg):
+            _, done, total, label = msg
+            progress.update(task, completed=done, total=total, description=label)
+
+        try:
+            results = run_local(
+                demo_worker,
+                (cfg,),
+                world=world,
+                backend=backend,
+                timeout_s=args.timeout,
+                on_message=on_message,
+            )
+        except WorkerFailed as err:
+            console.print(f"[red]demo failed:[/red] {err}")
+            return 1
+    report = results[0]
+    tol = tolerance(dtype)
+    table = Table(title=f"exact attention over {world} ranks vs float64 on one device")
+    for col in (
+        "strategy",
+        "layout",
+        "causal",
+        "max rel err (out, lse)",
+        "max rel err (grads)",
+        "ms / forward",
+        "check",
+    ):
+        table.add_column(col, justify="right" if "err" in col or "ms" in col else "left")
+    failed = 0
+    for row in report["rows"]:
+        ok = row["out_err"] <= tol and row["grad_err"] <= tol
+        failed += not ok
+        table.add_row(
+            row["strategy"],
+            row["layout"],
+            str(row["causal"]),
+            f"{row['out_err']:.2e}",
+            f"{row['grad_err']:.2e}",
+            f"{row['ms']:.2f}",
+            "[green]ok[/green]" if ok else "[red]FAILED[/red]",
+        )
+    console.print(table)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    panels = {
+        f"{name}: zigzag causal forward, S={cfg.seq_len}, {world} ranks (measured)": [
+            Span(**s) for s in spans
+        ]
+        for name, spans in report["timelines"].items()
+    }
+    plot_timelines(panels, str(out))
+    console.print(f"per-step timeline written to {out.resolve()}")
+    if failed:
+        console.print(f"[red]{failed} case(s) exceeded the tolerance {tol:g}[/red]")
+        return 1
+    console.print(f"all {len(report['rows'])} cases match float64 attention within {tol:g}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenring", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="check and time every strategy on a small problem")
+    demo.add_argument(
+        "--world-size",
+        type=_positive,
+        default=None,
+        help="processes (default: all GPUs, else 4 CPU processes)",
+    )
+    demo.add_argument("--seq-len", type=_positive, default=1024, help="global sequence length")
+    demo.add_argument("--heads", type=_positive, default=8, help="query heads")
+    demo.add_argument("--heads-kv", type=_positive, default=None, help="key/value heads (GQA)")
+    demo.add_argument("--head-dim", type=_positive, default=64)
+    demo.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="default: float32 on CPU, bfloat16 on GPU",
+    )
+    demo.add_argument("--repeats", type=_positive, default=5, help="timed calls per case")
+    demo.add_argument("--output", default="tokenring-demo-timeline.png", help="timeline PNG path")
+    demo.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    if args.command == "demo":
+        return _demo(args, console)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""``tokenring demo``: run every strategy on a small problem, check it, time it, draw it.
+
+Each case runs on all local devices (GPUs with NCCL, else CPU processes with
+gloo), compares forward outputs, LSE and gradients with float64 attention on
+the whole sequence, and reports a median time per forward call. One zigzag
+causal call per strategy is recorded step by step and drawn as a timeline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from .api import attention
+from .launch import WorkerContext
+from .layouts import shard
+from .options import Layout, Strategy
+from .timeline import Recorder
+
+__all__ = ["DemoConfig", "demo_worker", "tolerance"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    seq_len: int
+    heads: int
+    heads_kv: int
+    head_dim: int
+    dtype: str
+    repeats: int
+    seed: int = 0
+
+
+def tolerance(dtype: str) -> float:
+    """Max relative error the demo accepts: fp32 arithmetic, or one low-precision rounding
+    per step on top of the kernel's own (see tests/test_attention.py for the test bar)."""
+    return 1e-5 if dtype == "float32" else 3e-2
+
+
+def _reference(q, k, v, causal: bool):
+    """Float64 attention with autograd on the gathered sequence: (out, lse)."""
+    group = q.shape[2] // k.shape[2]
+    kx, vx = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kx) * q.shape[-1] ** -0.5
+    if causal:
+        n = q.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), vx), lse
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.double(), expected.double()
+    if torch.isnan(a).any():
+        return float("inf")
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+
+
+def _run_case(
+    ctx: WorkerContext, cfg: DemoConfig, strategy: Strategy, layout: Layout, causal: bool
+):
+    device, dtype = ctx.device, DTYPES[cfg.dtype]
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    shape_q = (1, cfg.seq_len, cfg.heads, cfg.head_dim)
+    shape_kv = (1, cfg.seq_len, cfg.heads_kv, cfg.head_dim)
+    full = [
+        torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
+        for s in (shape_q, shape_kv, shape_kv, shape_q)
+    ]
+    q, k, v, do = (t.to(device) for t in full)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = _reference(*ref_in, causal)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, do.double())
+
+    def local(x, dim=1):
+        return shard(x, layout=layout, dim=dim)
+
+    ql, kl, vl = (local(t).requires_grad_() for t in (q, k, v))
+    out, lse = attention(
+        ql, kl, vl, strategy=strategy, causal=causal, layout=layout, return_lse=True
+    )
+    grads = torch.autograd.grad(out, (ql, kl, vl), local(do))
+    out_err = max(_rel_err(out, local(ref_out.detach())), _rel_err(lse, local(ref_lse.detach(), 2)))
+    grad_err = max(_rel_err(gr, local(r)) for gr, r in zip(grads, ref_grads))
+
+    times = []
+    with torch.no_grad():
+        for _ in range(cfg.repeats + 1):
+            _sync(device)
+            start = time.perf_counter()
+            attention(ql, kl, vl, strategy=strategy, causal=causal, layout=layout)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return {
+        "strategy": strategy.value,
+        "layout": layout.value,
+        "causal": causal,
+        "out_err": _max_over_ranks(out_err, device),
+        "grad_err": _max_over_ranks(grad_err, device),
+        "ms": 1e3 * statistics.median(times[1:]),
+    }
+
+
+def _timeline(ctx: WorkerContext, cfg: DemoConfig, strategy: Strategy) -> list[dict]:
+    device, dtype = ctx.device, DTYPES[cfg.dtype]
+    length = cfg.seq_len // ctx.world
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed + ctx.rank)
+    q = torch.randn(1, length, cfg.heads, cfg.head_dim, generator=g).to(device, dtype)
+    kv = torch.randn(1, length, cfg.heads_kv, cfg.head_dim, generator=g).to(device, dtype)
+    with torch.no_grad():
+        attention(q, kv, kv, strategy=strategy, causal=True, layout="zigzag")  # warm-up
+        _sync(device)
+        recorder = Recorder(ctx.rank, device)
+        attention(q, kv, kv, strategy=strategy, causal=True, layout="zigzag", recorder=recorder)
+        spans = [s.as_dict() for s in recorder.spans()]
+    gathered: list = [None] * ctx.world
+    dist.all_gather_object(gathered, spans)
+    return [s for part in gathered for s in part]
+
+
+def demo_worker(ctx: WorkerContext, cfg: DemoConfig) -> dict:
+    """Runs on every rank; rank 0's return value holds the table rows and timelines."""
+    cases = list(itertools.product(Strategy, Layout, (False, True)))
+    rows = []
+    for i, (strategy, layout, causal) in enumerate(cases):
+        ctx.report(("case", i, len(cases), f"{strategy.value} {layout.value} causal={causal}"))
+        rows.append(_run_case(ctx, cfg, strategy, layout, causal))
+    timelines = {}
+    for strategy in Strategy:
+        ctx.report(("case", len(cases), len(cases), f"timeline {strategy.value}"))
+        timelines[strategy.value] = _timeline(ctx, cfg, strategy)
+    return {"rows": rows, "timelines": timelines, "config": asdict(cfg)}

@@ -1,0 +1,93 @@
+"""Worker functions for the GPU tests (run in one process per GPU via tokenring.launch)."""
+
+from __future__ import annotations
+
+import torch
+
+import tokenring as tr
+from reference import attention_reference, rel_err
+from tokenring.kernels import select_kernel
+from tokenring.kernels.base import BlockSpec
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+HEADS = {"mha": (8, 8), "gqa": (8, 2), "mqa": (8, 1)}
+# one low-precision rounding per step (see tests/test_attention.py)
+STEP_ROUNDING = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 1e-6}
+
+
+def _inputs(seed, batch, seq, heads, dim, dtype, device):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [
+        (batch, seq, heads[0], dim),
+        (batch, seq, heads[1], dim),
+        (batch, seq, heads[1], dim),
+        (batch, seq, heads[0], dim),
+    ]
+    return [
+        torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        for s in shapes
+    ]
+
+
+def kernel_errors(kernel_name, q, k, v, do, causal):
+    """Single-device errors of one kernel on whole tensors vs float64 attention."""
+    spec = BlockSpec("cuda", q.dtype, q.shape[3], q.shape[2], k.shape[2], causal, backward=True)
+    kernel = select_kernel(kernel_name, spec)
+    scale = q.shape[-1] ** -0.5
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attention_reference(qr, kr, vr, causal=causal)
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), do.double())
+    out, lse = kernel.forward(q, k, v, causal, scale)
+    delta = (do.float() * out.float()).sum(-1).transpose(1, 2)
+    errs = {"out": rel_err(out, ref), "lse": rel_err(lse, ref_lse)}
+    for tag, given_out in (("", out), ("_from_delta", None)):
+        grads = kernel.backward(do, q, k, v, given_out, lse, delta, causal, scale)
+        for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+            errs[name + tag] = rel_err(g, r)
+    again = kernel.backward(do, q, k, v, out, lse, delta, causal, scale)
+    errs["deterministic"] = float(
+        all(
+            torch.equal(a, b)
+            for a, b in zip(again, kernel.backward(do, q, k, v, out, lse, delta, causal, scale))
+        )
+    )
+    return errs
+
+
+def distributed_cases(ctx, cases: list[dict]) -> list[dict]:
+    """Each case on all ranks: errors vs float64 and the single-device kernel's own errors."""
+    out = []
+    for i, case in enumerate(cases):
+        ctx.report(("case", i, len(cases), str(case)))
+        dtype = DTYPES[case["dtype"]]
+        heads = HEADS[case["heads"]]
+        q, k, v, do = _inputs(i, 1, case["seq"], heads, case["dim"], dtype, ctx.device)
+        qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+        ref, ref_lse = attention_reference(qr, kr, vr, causal=case["causal"])
+        ref_grads = torch.autograd.grad(ref, (qr, kr, vr), do.double())
+
+        def local(x, dim=1, layout=case["layout"]):
+            return tr.shard(x, layout=layout, dim=dim)
+
+        ql, kl, vl = (local(t).requires_grad_() for t in (q, k, v))
+        o, lse = tr.attention(
+            ql,
+            kl,
+            vl,
+            strategy=case["strategy"],
+            causal=case["causal"],
+            layout=case["layout"],
+            return_lse=True,
+            kernel=case["kernel"],
+        )
+        grads = torch.autograd.grad(o, (ql, kl, vl), local(do))
+        errs = {
+            "out": rel_err(o, local(ref.detach())),
+            "lse": rel_err(lse, local(ref_lse.detach(), 2)),
+        }
+        for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+            errs[name] = rel_err(g, local(r))
+        errs["dtype_ok"] = float(o.dtype == dtype and all(g.dtype == dtype for g in grads))
+        base = kernel_errors(case["kernel"], q, k, v, do, case["causal"])
+        out.append({"case": case, "errors": errs, "single": base})
+    return out

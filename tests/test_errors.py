@@ -1,0 +1,111 @@
+"""Bad input raises the same ValueError on every rank, and nothing hangs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenring as tr
+from dist_cases import expect_error
+
+
+def _qkv(length=8, heads=(4, 4), dim=16, dtype=torch.float32, batch=1):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, length, heads[0], dim, generator=g, dtype=dtype)
+    k = torch.randn(batch, length, heads[1], dim, generator=g, dtype=dtype)
+    v = torch.randn(batch, length, heads[1], dim, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def odd_zigzag_shard(rank, world):
+    return (*_qkv(length=7), {"layout": "zigzag"})
+
+
+def heads_not_divisible(rank, world):
+    return (*_qkv(heads=(6, 4)), {})
+
+
+def dtype_mismatch(rank, world):
+    q, k, v = _qkv()
+    return q, k.double(), v, {}
+
+
+def device_mismatch(rank, world):
+    q, k, v = _qkv()
+    return q, k.to("meta"), v, {}
+
+
+def head_dim_mismatch(rank, world):
+    q, _, _ = _qkv(dim=16)
+    _, k, v = _qkv(dim=32)
+    return q, k, v, {}
+
+
+def unknown_layout(rank, world):
+    return (*_qkv(), {"layout": "spiral"})
+
+
+def unknown_kernel(rank, world):
+    return (*_qkv(), {"kernel": "turbo"})
+
+
+def unsupported_kernel(rank, world):
+    return (*_qkv(), {"kernel": "cudnn"})
+
+
+def lengths_differ_across_ranks(rank, world):
+    return (*_qkv(length=8 + 2 * (rank == world - 1)), {})
+
+
+def only_last_rank_is_wrong(rank, world):
+    q, k, v = _qkv()
+    return q, (k.half() if rank == world - 1 else k), v, {}
+
+
+CASES = [
+    (odd_zigzag_shard, "zigzag layout needs an even local sequence length"),
+    (heads_not_divisible, "heads_q (6) must be a multiple of heads_kv (4)"),
+    (dtype_mismatch, "q, k, v dtypes differ"),
+    (device_mismatch, "q, k, v devices differ"),
+    (head_dim_mismatch, "head_dim mismatch: q has 16, k has 32"),
+    (unknown_layout, "unknown layout 'spiral'; valid values are 'contiguous', 'zigzag'"),
+    (unknown_kernel, "unknown kernel 'turbo'; valid values are 'auto'"),
+    (unsupported_kernel, "kernel 'cudnn' cannot run"),
+    (lengths_differ_across_ranks, "inputs differ across ranks: length: rank 0 has 8"),
+    (only_last_rank_is_wrong, "q, k, v dtypes differ"),
+]
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+@pytest.mark.parametrize("call", ["token_ring_attn", "ring_attn"])
+def test_every_rank_raises_the_same_error(pool, world, call):
+    cases = [
+        dict(world=world, make=make, call=call)
+        for make, _ in CASES
+        if world > 1 or make not in (lengths_differ_across_ranks,)
+    ]
+    expected = {make.__name__: text for make, text in CASES}
+    results = pool.run(expect_error, cases)
+    for case, messages in zip(cases, results):
+        text = expected[case["make"].__name__]
+        assert len(set(messages)) == 1, f"ranks disagree for {case['make'].__name__}: {messages}"
+        assert text in messages[0], f"{case['make'].__name__}: {messages[0]!r}"
+    by_name = {c["make"].__name__: r for c, r in zip(cases, results)}
+    if world > 1:
+        assert by_name["only_last_rank_is_wrong"][0].startswith(f"rank {world - 1}: ")
+
+
+def test_shard_rejects_a_sequence_the_layout_cannot_split():
+    with pytest.raises(ValueError, match="zigzag layout over 1 ranks needs a sequence length"):
+        tr.shard(torch.zeros(1, 3, 2, 4), layout="zigzag")
+
+
+def test_empty_sequence_is_rejected():
+    q = torch.zeros(1, 0, 2, 4)
+    with pytest.raises(ValueError, match="local sequence is empty"):
+        tr.token_ring_attn(q, q, q)
+
+
+def test_wrong_rank_count_for_a_shard():
+    with pytest.raises(ValueError, match="not initialized"):
+        tr.token_ring_attn(*_qkv(), group=object())
