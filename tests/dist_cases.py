@@ -106,3 +106,51 @@ def expect_error(w, *, world: int, make, call: str = "token_ring_attn", **kwargs
     except ValueError as err:
         return str(err)
     return "<no error>"
+
+
+def gradcheck_case(w, *, world: int, strategy: str, layout: str, causal: bool) -> bool:
+    """torch.autograd.gradcheck of the whole sharded computation in float64.
+
+    Every rank checks the same global function q, k, v -> unshard(attention(shard(.)));
+    the perturbations happen in lockstep on all ranks.
+    """
+    group = w.group(world)
+    q, k, v, _ = make_inputs(7, 1, 4 * world, (2, 1), 4, torch.float64)
+
+    def f(q, k, v):
+        parts = [tr.shard(t, layout=layout, group=group) for t in (q, k, v)]
+        out = tr.attention(*parts, strategy=strategy, causal=causal, layout=layout, group=group)
+        return tr.unshard(out, layout=layout, group=group)
+
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    return torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def determinism_case(w, *, world: int, strategy: str, layout: str, causal: bool) -> bool:
+    """Forward and backward twice with deterministic=True: bitwise the same."""
+    group = w.group(world)
+    q, k, v, do = make_inputs(3, 2, 8 * world, (4, 2), 32, torch.float32)
+    runs = []
+    for _ in range(2):
+        parts = [tr.shard(t, layout=layout, group=group).requires_grad_() for t in (q, k, v)]
+        out = tr.attention(
+            *parts, strategy=strategy, causal=causal, layout=layout, group=group, deterministic=True
+        )
+        grads = torch.autograd.grad(out, parts, tr.shard(do, layout=layout, group=group))
+        runs.append((out, *grads))
+    return all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def traffic_case(w, *, world, strategy, layout, causal, heads, dtype, batch, seq, head_dim):
+    """Bytes this rank sent, per (pass, slot kind), in one forward and backward."""
+    from tokenring.timeline import Recorder
+
+    group = w.group(world)
+    q, k, v, do = make_inputs(5, batch, seq, heads, head_dim, DTYPES[dtype])
+    parts = [tr.shard(t, layout=layout, group=group).requires_grad_() for t in (q, k, v)]
+    recorder = Recorder(w.rank, q.device)
+    out = tr.attention(
+        *parts, strategy=strategy, causal=causal, layout=layout, group=group, recorder=recorder
+    )
+    torch.autograd.grad(out, parts, tr.shard(do, layout=layout, group=group))
+    return {f"{phase}/{kind}": n for (phase, kind), n in recorder.sent_bytes.items()}

@@ -19,7 +19,7 @@ def attention_reference(q, k, v, *, causal: bool, scale: float | None = None):
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if causal:
         s = q.shape[1]
-        allowed = torch.ones(s, s, dtype=torch.bool).tril()
+        allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v)

@@ -150,6 +150,7 @@ class _ShardedAttention(torch.autograd.Function):
             recorder,
         )
         ctx.plan = plan
+        ctx.recorder = recorder
         ctx.save_for_backward(q, k, v, out, lse_rowmajor)
         lse = lse_rowmajor.permute(1, 2, 0).contiguous()
         ctx.mark_non_differentiable(lse)
@@ -166,6 +167,7 @@ class _ShardedAttention(torch.autograd.Function):
             {"q": q, "k": k, "v": v, "out": out, "do": grad_out, "lse": lse},
             plan.backward_kernel(),
             plan.lanes,
+            ctx.recorder,
         )
         return dq, dk, dv, None, None
 
@@ -191,7 +193,7 @@ def attention(
     (K and V travel). ``kernel``: ``"auto"`` or a backend name (see
     ``tokenring.kernels.kernel_names()``). ``deterministic`` refuses kernels
     whose backward is not bitwise reproducible. ``recorder`` (optional)
-    collects a per-step timeline of the forward pass.
+    collects a per-step timeline and byte counts of the forward and backward passes.
 
     Raises ``ValueError`` with the same message on every rank for bad input.
     """

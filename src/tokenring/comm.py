@@ -43,7 +43,9 @@ class Lanes:
     global_ranks: list[int]
     backend: str
 
-    def post(self, transfers: list[tuple[torch.Tensor, int, bool, int]]) -> list[dist.Work]:
+    def post(
+        self, transfers: list[tuple[torch.Tensor, int, bool, int]]
+    ) -> dict[int, list[dist.Work]]:
         """Start ``(tensor, group_peer, is_send, lane)`` transfers; one batch per lane."""
         by_lane: dict[int, list[dist.P2POp]] = {}
         for tensor, peer, is_send, lane in transfers:
@@ -51,10 +53,7 @@ class Lanes:
             by_lane.setdefault(lane, []).append(
                 dist.P2POp(op, tensor, self.global_ranks[peer], self.groups[lane])
             )
-        works: list[dist.Work] = []
-        for lane in sorted(by_lane):
-            works.extend(dist.batch_isend_irecv(by_lane[lane]))
-        return works
+        return {lane: dist.batch_isend_irecv(by_lane[lane]) for lane in sorted(by_lane)}
 
 
 def get_lanes(

@@ -17,7 +17,8 @@ The executor owns the mapping from a schedule's slots to tensors:
   ========== ======================== ==================
 
 - result slots declared ``ACCUM`` are float32; ``WIRE`` ones use the input
-  dtype (LSE and delta are always float32);
+  dtype (LSE and delta are always float32); float64 inputs use float64 for all
+  of these (``kernels.accum_dtype``);
 - all buffers are allocated once per call, before the first step.
 
 See docs/algorithms.md for the schedules themselves.
@@ -31,6 +32,7 @@ import torch
 
 from .comm import Lanes
 from .kernels import KernelBackend
+from .kernels.base import accum_dtype
 from .layouts import local_bounds
 from .merge import merge_into, write_into
 from .options import Pass
@@ -108,11 +110,11 @@ class _Slots:
         p = self.problem
         family = _FAMILY[component]
         if family == "row":
-            shape, dtype = (p.length, p.batch, p.heads_q), torch.float32
+            shape, dtype = (p.length, p.batch, p.heads_q), accum_dtype(p.dtype)
         else:
             heads = p.heads_q if family == "q" else p.heads_kv
             shape = (p.length, p.batch, heads, p.head_dim)
-            dtype = torch.float32 if precision is Precision.ACCUM else p.dtype
+            dtype = accum_dtype(p.dtype) if precision is Precision.ACCUM else p.dtype
         return torch.empty(shape, dtype=dtype, device=p.device)
 
     def span(self, rows: Rows) -> tuple[int, int]:
@@ -145,13 +147,14 @@ class _Slots:
 
 
 def _transfer_tensors(slots: _Slots, schedule: Schedule, pass_: Pass, op: Post):
-    """The contiguous tensors each transfer of ``op`` moves, one message per component."""
-    out = []
+    """The contiguous tensors ``op`` moves (one message per component) and their slot kinds."""
+    tensors, kinds = [], []
     for t in op.transfers:
         kind = schedule.slots[t.rows.slot].kind
         for comp in _COMPONENTS[(pass_, kind)]:
-            out.append((slots.phys(t.rows, comp), t.peer, t.send, t.lane))
-    return out
+            tensors.append((slots.phys(t.rows, comp), t.peer, t.send, t.lane))
+            kinds.append(kind)
+    return tensors, kinds
 
 
 def _execute(
@@ -164,19 +167,22 @@ def _execute(
 ) -> None:
     problem = slots.problem
     pending: dict[str, list] = {}
+    if recorder:
+        recorder.phase = pass_.value
     for op in schedule.ops:
         if isinstance(op, Post):
-            tensors = _transfer_tensors(slots, schedule, pass_, op)
+            tensors, kinds = _transfer_tensors(slots, schedule, pass_, op)
             if lanes is None:
                 raise AssertionError("a schedule with transfers needs lanes")
-            token = recorder.comm_start(op, tensors) if recorder else None
+            token = recorder.comm_start(op, tensors, kinds) if recorder else None
             works = lanes.post(tensors)
             pending[op.handle] = works
             if recorder:
                 recorder.comm_posted(token, works)
         elif isinstance(op, Wait):
-            for work in pending.pop(op.handle):
-                work.wait()
+            for works in pending.pop(op.handle).values():
+                for work in works:
+                    work.wait()
             if recorder:
                 recorder.comm_waited(op.handle)
         elif isinstance(op, Compute):
@@ -291,7 +297,8 @@ def run_backward(
     """
     out = to_rowmajor(tensors["out"])
     do = to_rowmajor(tensors["do"])
-    delta = (do.float() * out.float()).sum(dim=-1)
+    wide = accum_dtype(problem.dtype)
+    delta = (do.to(wide) * out.to(wide)).sum(dim=-1)
     query = {
         "q": to_rowmajor(tensors["q"]),
         "do": do,

@@ -62,21 +62,76 @@ def _global_chunks(x: torch.Tensor, layout: Layout, world: int, dim: int) -> lis
     return list(x.split(sizes, dim=dim))
 
 
+def _take(x: torch.Tensor, layout: Layout, world: int, rank: int, dim: int) -> torch.Tensor:
+    """This rank's shard of a global tensor (a contiguous copy)."""
+    chunks = _global_chunks(x, layout, world, dim)
+    first, second = chunk_ids(layout, world, rank)
+    return torch.cat([chunks[first], chunks[second]], dim=dim).contiguous()
+
+
+def _gather(
+    x_local: torch.Tensor, layout: Layout, world: int, group: dist.ProcessGroup | None, dim: int
+) -> torch.Tensor:
+    """Every rank's shard, in global order (an all-gather over ``group``)."""
+    local = x_local.contiguous()
+    if world == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=group)
+    chunks: list[torch.Tensor] = [local] * (2 * world)
+    for rank, part in enumerate(parts):
+        lo, mid, hi = local_bounds(part.shape[dim])
+        first, second = chunk_ids(layout, world, rank)
+        chunks[first] = part.narrow(dim, lo, mid - lo)
+        chunks[second] = part.narrow(dim, mid, hi - mid)
+    return torch.cat(chunks, dim=dim)
+
+
+class _Shard(torch.autograd.Function):
+    """Replicated -> sharded. The gradient of a replicated input is the sum of every
+    rank's contribution, so the backward gathers the shards' gradients."""
+
+    @staticmethod
+    def forward(ctx, x, layout, world, rank, group, dim):
+        ctx.args = (layout, world, group, dim)
+        return _take(x, layout, world, rank, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layout, world, group, dim = ctx.args
+        return _gather(grad, layout, world, group, dim), None, None, None, None, None
+
+
+class _Unshard(torch.autograd.Function):
+    """Sharded -> replicated. Every rank holds the same output and the same gradient
+    of it, so each shard's gradient is its own slice (no sum over ranks)."""
+
+    @staticmethod
+    def forward(ctx, x_local, layout, world, rank, group, dim):
+        ctx.args = (layout, world, rank, dim)
+        return _gather(x_local, layout, world, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layout, world, rank, dim = ctx.args
+        return _take(grad, layout, world, rank, dim), None, None, None, None, None
+
+
 def shard(
     x: torch.Tensor, *, layout: str | Layout, group: dist.ProcessGroup | None = None, dim: int = 1
 ) -> torch.Tensor:
     """Return this rank's part of the global tensor ``x`` (a contiguous copy).
 
     ``x`` is the full tensor, identical on every rank; ``dim`` is its sequence
-    dimension (1 for ``[batch, seq, heads, head_dim]``).
+    dimension (1 for ``[batch, seq, heads, head_dim]``). Differentiable: the
+    gradient of ``x`` is gathered from every rank's shard (a collective in the
+    backward pass), as befits a replicated tensor.
     """
     layout = parse_enum(Layout, layout, "layout")
     world, rank = _group_info(group)
     dim = dim % x.dim()
     check_global_length(layout, world, x.shape[dim])
-    chunks = _global_chunks(x, layout, world, dim)
-    first, second = chunk_ids(layout, world, rank)
-    return torch.cat([chunks[first], chunks[second]], dim=dim).contiguous()
+    return _Shard.apply(x, layout, world, rank, group, dim)
 
 
 def unshard(
@@ -86,19 +141,12 @@ def unshard(
     group: dist.ProcessGroup | None = None,
     dim: int = 1,
 ) -> torch.Tensor:
-    """Gather every rank's shard and return the full tensor, in global order, on every rank."""
+    """Gather every rank's shard and return the full tensor, in global order, on every rank.
+
+    Differentiable: every rank is assumed to hold the same gradient of the
+    full result (a replicated loss), and each shard receives its own slice.
+    """
     layout = parse_enum(Layout, layout, "layout")
-    world, _ = _group_info(group)
+    world, rank = _group_info(group)
     dim = dim % x_local.dim()
-    if world == 1:
-        return x_local.contiguous()
-    local = x_local.contiguous()
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local, group=group)
-    chunks: list[torch.Tensor | None] = [None] * (2 * world)
-    for rank, part in enumerate(parts):
-        lo, mid, hi = local_bounds(part.shape[dim])
-        first, second = chunk_ids(layout, world, rank)
-        chunks[first] = part.narrow(dim, lo, mid - lo)
-        chunks[second] = part.narrow(dim, mid, hi - mid)
-    return torch.cat(chunks, dim=dim)  # type: ignore[arg-type]
+    return _Unshard.apply(x_local, layout, world, rank, group, dim)

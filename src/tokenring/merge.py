@@ -9,9 +9,21 @@ without NaN: two empty rows stay ``0`` with ``lse = -inf``.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
-__all__ = ["merge_into", "write_into"]
+__all__ = ["merge_into", "merge_into_torch", "write_into"]
+
+
+@cache
+def _triton_merge():
+    """The fused CUDA merge if Triton is importable, else None."""
+    try:
+        from .merge_triton import merge_into_triton
+    except ImportError:
+        return None
+    return merge_into_triton
 
 
 def _rows(w: torch.Tensor) -> torch.Tensor:
@@ -24,10 +36,26 @@ def merge_into(
 ) -> None:
     """Merge ``(out_b, lse_b)`` into the accumulator ``(out, lse)`` in place.
 
-    ``out``: float32 ``[B, L, H, D]``; ``lse``: float32 ``[B, H, L]``; the
-    partial may be any float dtype. NaN in either input propagates.
+    ``out``: float32 ``[B, L, H, D]``; ``lse``: float32 ``[B, H, L]`` (or both float64); the
+    partial may be any float dtype. NaN in either input propagates. On CUDA
+    this is one fused kernel (``merge_triton``), elsewhere a few torch ops.
     """
-    lse_b = lse_b.float()
+    fused = _triton_merge() if out.is_cuda else None
+    if (
+        fused is not None
+        and out_b.stride(-1) == 1
+        and out.dtype == lse.dtype == lse_b.dtype == torch.float32
+    ):
+        fused(out, lse, out_b, lse_b)
+    else:
+        merge_into_torch(out, lse, out_b, lse_b)
+
+
+def merge_into_torch(
+    out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> None:
+    """``merge_into`` written with torch operations (any device; the reference)."""
+    lse_b = lse_b.to(lse.dtype)
     peak = torch.maximum(lse, lse_b)
     peak = torch.where(peak == float("-inf"), torch.zeros_like(peak), peak)
     w_a = torch.exp(lse - peak)
@@ -35,7 +63,7 @@ def merge_into(
     total = w_a + w_b
     lse.copy_(peak + torch.log(total))
     total = torch.where(total == 0, torch.ones_like(total), total)
-    out.mul_(_rows(w_a / total)).add_(out_b.float() * _rows(w_b / total))
+    out.mul_(_rows(w_a / total)).add_(out_b.to(out.dtype) * _rows(w_b / total))
 
 
 def write_into(

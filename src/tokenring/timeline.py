@@ -12,12 +12,13 @@ moment ``wait()`` returned on this rank (an upper bound).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from .schedules.ir import Compute, Post
+from .schedules.ir import Compute, Post, SlotKind
 
 __all__ = ["Recorder", "Span", "plot_timelines"]
 
@@ -31,17 +32,23 @@ class Span:
     start_ms: float
     end_ms: float
     nbytes: int = 0
+    phase: str = "forward"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class Recorder:
-    """Collects spans for one rank; ``spans()`` resolves them (after a device sync)."""
+    """Collects spans for one rank; ``spans()`` resolves them (after a device sync).
+
+    ``sent_bytes`` counts, per (phase, slot kind), the bytes this rank sent.
+    """
 
     def __init__(self, rank: int, device: torch.device):
         self.rank = rank
         self.cuda = device.type == "cuda"
+        self.phase = "forward"
+        self.sent_bytes: Counter[tuple[str, str]] = Counter()
         self._raw: list[list] = []
         self._side: dict[int, torch.cuda.Stream] = {}
         self._origin = self._mark()
@@ -66,29 +73,35 @@ class Recorder:
 
     def compute_end(self, token) -> None:
         track, step, label, start, nbytes = token
-        self._raw.append([track, step, label, start, self._mark(), nbytes])
+        self._raw.append([track, step, label, start, self._mark(), nbytes, self.phase])
 
-    def comm_start(self, op: Post, tensors: list[tuple[torch.Tensor, int, bool, int]]):
-        lanes = sorted({lane for _, _, _, lane in tensors})
-        sizes = {
-            lane: sum(t.numel() * t.element_size() for t, _, s, ln in tensors if ln == lane and s)
-            for lane in lanes
-        }
-        return (op, lanes, sizes, self._mark())
+    def comm_start(
+        self, op: Post, tensors: list[tuple[torch.Tensor, int, bool, int]], kinds: list[SlotKind]
+    ):
+        sizes: dict[int, int] = {}
+        for (tensor, _, is_send, lane), kind in zip(tensors, kinds):
+            sizes.setdefault(lane, 0)
+            if is_send:
+                nbytes = tensor.numel() * tensor.element_size()
+                sizes[lane] += nbytes
+                self.sent_bytes[(self.phase, kind.value)] += nbytes
+        return (op, sorted(sizes), sizes, self._mark())
 
-    def comm_posted(self, token, works) -> None:
-        """Note when the just-posted transfers complete (per lane, see the module docstring)."""
+    def comm_posted(self, token, works: dict[int, list]) -> None:
+        """Note when the just-posted transfers complete, per lane (see the module docstring)."""
         op, lanes, sizes, start = token
         for lane in lanes:
             end = None
             if self.cuda:
                 side = self._side.setdefault(lane, torch.cuda.Stream())
                 with torch.cuda.stream(side):
-                    for work in works:
+                    for work in works[lane]:
                         work.wait()
                     end = torch.cuda.Event(enable_timing=True)
                     end.record(side)
-            self._raw.append([f"lane{lane}", op.step, op.handle, start, end, sizes[lane]])
+            self._raw.append(
+                [f"lane{lane}", op.step, op.handle, start, end, sizes[lane], self.phase]
+            )
 
     def comm_waited(self, handle: str) -> None:
         """On CPU, a transfer's end is when this rank's wait on it returned."""
@@ -96,7 +109,7 @@ class Recorder:
             return
         now = time.perf_counter()
         for raw in self._raw:
-            if raw[2] == handle and raw[4] is None:
+            if raw[2] == handle and raw[4] is None and raw[6] == self.phase:
                 raw[4] = now
 
     def spans(self) -> list[Span]:
@@ -112,8 +125,9 @@ class Recorder:
                 self._elapsed_ms(start),
                 self._elapsed_ms(end),
                 nbytes,
+                phase,
             )
-            for track, step, label, start, end, nbytes in self._raw
+            for track, step, label, start, end, nbytes, phase in self._raw
         ]
 
 

@@ -3,7 +3,8 @@
 Forward: ``(q, k, v, causal, scale) -> (out, lse)`` with
 ``q`` ``[batch, len_q, heads_q, dim]``, ``k``/``v`` ``[batch, len_k, heads_kv, dim]``
 (any strides with a unit last stride), ``out`` shaped like ``q`` in ``q.dtype``
-and ``lse`` float32 ``[batch, heads_q, len_q]`` in natural log. ``causal`` is
+and ``lse`` float32 ``[batch, heads_q, len_q]`` in natural log (float64 when
+the inputs are float64: see ``accum_dtype``). ``causal`` is
 only asked for square blocks (``len_q == len_k``), where top-left and
 bottom-right alignment agree.
 
@@ -25,7 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockSpec", "KernelBackend", "delta_surrogate", "expand_heads", "fold_heads"]
+__all__ = [
+    "BlockSpec",
+    "KernelBackend",
+    "accum_dtype",
+    "delta_surrogate",
+    "expand_heads",
+    "fold_heads",
+]
 
 
 @dataclass(frozen=True)
@@ -124,14 +132,19 @@ def delta_surrogate(do: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     saves sending the output itself. ``do`` is scaled by its row maximum first
     so tiny gradients do not underflow.
     """
-    d = do.float()
+    d = do.to(accum_dtype(do.dtype))
     peak = d.abs().amax(dim=-1, keepdim=True)
     unit = d / torch.where(peak > 0, peak, torch.ones_like(peak))
     norm = (unit * unit).sum(dim=-1, keepdim=True) * peak
     coeff = delta.permute(0, 2, 1).unsqueeze(-1) / torch.where(
         norm > 0, norm, torch.ones_like(norm)
     )
-    return (unit * coeff).to(do.dtype)
+    return torch.empty_like(do).copy_(unit * coeff)  # keeps do's memory layout
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of LSE, delta and accumulators: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -3,7 +3,10 @@
 Each op has its own LSE shape and argument quirks; they are normalised here
 so the rest of the library sees one contract (see ``base``):
 
-- cuDNN returns LSE as ``(B, H, L, 1)`` and wants it back in that shape;
+- cuDNN returns LSE as ``(B, H, L, 1)`` and wants it back in that shape; its
+  backward caches one execution plan per q/k/v shape *and strides* but bakes
+  the strides of ``out`` and ``do`` from the first call into it, so both are
+  always passed in q's memory layout here;
 - flash returns ``(B, H, L)``;
 - memory-efficient pads LSE to a multiple of 32 rows and needs a contiguous one back.
 
@@ -31,6 +34,13 @@ def _scalar_seed(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Philox seed/offset placeholders (dropout is always 0 here, so unused)."""
     zero = torch.zeros((), dtype=torch.int64, device=device)
     return zero, zero
+
+
+def _layout_like(ref: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with exactly ``ref``'s strides (a copy only when they differ)."""
+    if x.stride() == ref.stride():
+        return x
+    return torch.empty_like(ref).copy_(x)
 
 
 class _CudaBackend(KernelBackend):
@@ -72,6 +82,7 @@ class CudnnAttention(_CudaBackend):
     def _backward(self, do, q, k, v, out, lse, delta, causal, scale):
         if out is None:
             out = delta_surrogate(do, delta)
+        out, do = _layout_like(q, out), _layout_like(q, do)
         seed, offset = _scalar_seed(q.device)
         lq, lk = q.shape[1], k.shape[1]
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(

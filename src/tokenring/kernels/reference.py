@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KernelBackend, expand_heads, fold_heads
+from .base import KernelBackend, accum_dtype, expand_heads, fold_heads
 
 __all__ = ["MathKernel"]
 
@@ -36,7 +36,7 @@ class MathKernel(KernelBackend):
     def _forward(self, q, k, v, causal, scale):
         p, lse = _probabilities(q, k, None, causal, scale)
         out = torch.einsum("bhqk,bkhd->bqhd", p, expand_heads(v, q.shape[2]).double())
-        return out.to(q.dtype), lse.float()
+        return out.to(q.dtype), lse.to(accum_dtype(q.dtype))
 
     def _backward(self, do, q, k, v, out, lse, delta, causal, scale):
         heads, heads_kv = q.shape[2], k.shape[2]
