@@ -53,7 +53,6 @@ class _Plan:
     problem: Problem
     kernel_choice: str
     forward_kernel: KernelBackend
-    lanes: Lanes | None
     deterministic: bool
 
     def schedule(self, pass_: Pass):
@@ -120,7 +119,6 @@ def _plan(
         causal=causal,
         scale=float(scale),
     )
-    lanes = get_lanes(group) if world > 1 else None
     return _Plan(
         parse_enum(Strategy, strategy, "strategy"),
         parse_enum(Layout, layout, "layout"),
@@ -129,16 +127,53 @@ def _plan(
         problem,
         str(kernel),
         chosen,
-        lanes,
         deterministic,
     )
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 256
+
+
+def _call_key(q, k, v, group, options: tuple) -> tuple | None:
+    """What a plan depends on (None if the inputs cannot be keyed: validate every time)."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return None
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    group_key = None if group is None else getattr(group, "group_name", id(group))
+    key = (
+        *((t.shape, t.dtype, t.device, t.stride(-1)) for t in (q, k, v)),
+        group_key,
+        dist.is_available() and dist.is_initialized(),
+        wants_grad,
+        *options,
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _cached_plan(q, k, v, group, **options) -> _Plan:
+    """``_plan`` for this call, reused for later calls with the same shapes and options
+    (the checks and the cross-rank exchange then run once per distinct call)."""
+    key = _call_key(q, k, v, group, tuple(sorted(options.items())))
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _plan(q, k, v, group=group, **options)
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.pop(next(iter(_PLANS)))
+            _PLANS[key] = plan
+    return plan
 
 
 class _ShardedAttention(torch.autograd.Function):
     """Thin autograd wrapper: forward and backward are schedules run by the executor."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: _Plan, recorder: Recorder | None):
+    def forward(ctx, q, k, v, plan: _Plan, lanes: Lanes | None, recorder: Recorder | None):
         out, lse_rowmajor = run_forward(
             plan.schedule(Pass.FORWARD),
             plan.problem,
@@ -146,10 +181,11 @@ class _ShardedAttention(torch.autograd.Function):
             k,
             v,
             plan.forward_kernel,
-            plan.lanes,
+            lanes,
             recorder,
         )
         ctx.plan = plan
+        ctx.lanes = lanes
         ctx.recorder = recorder
         ctx.save_for_backward(q, k, v, out, lse_rowmajor)
         lse = lse_rowmajor.permute(1, 2, 0).contiguous()
@@ -166,10 +202,10 @@ class _ShardedAttention(torch.autograd.Function):
             plan.problem,
             {"q": q, "k": k, "v": v, "out": out, "do": grad_out, "lse": lse},
             plan.backward_kernel(),
-            plan.lanes,
+            ctx.lanes,
             ctx.recorder,
         )
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def attention(
@@ -197,19 +233,20 @@ def attention(
 
     Raises ``ValueError`` with the same message on every rank for bad input.
     """
-    plan = _plan(
+    plan = _cached_plan(
         q,
         k,
         v,
+        group,
         strategy=strategy,
         causal=causal,
         softmax_scale=softmax_scale,
         layout=layout,
-        group=group,
         kernel=kernel,
         deterministic=deterministic,
     )
-    out, lse = _ShardedAttention.apply(q, k, v, plan, recorder)
+    lanes = get_lanes(group) if plan.world > 1 else None
+    out, lse = _ShardedAttention.apply(q, k, v, plan, lanes, recorder)
     return (out, lse) if return_lse else out
 
 

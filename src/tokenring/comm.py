@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_TIMEOUT", "Lanes", "destroy_lanes", "get_lanes", "group_rank
 DEFAULT_TIMEOUT = timedelta(seconds=float(os.environ.get("TOKENRING_TIMEOUT_S", 300)))
 """How long a transfer may wait for its peer before raising (``TOKENRING_TIMEOUT_S`` overrides)."""
 
-_CACHE: dict[tuple[tuple[int, ...], str, int], Lanes] = {}
+_CACHE: dict[tuple[str, int], Lanes] = {}
 
 
 def group_ranks(group: dist.ProcessGroup | None) -> list[int]:
@@ -61,11 +61,11 @@ def get_lanes(
 ) -> Lanes:
     """The cached lanes of ``group``, creating them (collectively over its ranks) on first use."""
     parent = group if group is not None else dist.group.WORLD
-    key = (tuple(group_ranks(parent)), parent.group_name, count)
+    key = (parent.group_name, count)
     lanes = _CACHE.get(key)
     if lanes is not None:
         return lanes
-    ranks = list(key[0])
+    ranks = group_ranks(parent)
     backend = dist.get_backend(parent)
     whole_world = len(ranks) == dist.get_world_size()
     groups = [

@@ -99,7 +99,10 @@ class _Slots:
         self.problem = problem
         self.bounds = local_bounds(problem.length)
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        used = schedule.used_slots
         for name, spec in schedule.slots.items():
+            if name not in used:
+                continue
             if spec.local and name in local:
                 self.tensors[name] = local[name]
                 continue

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 __all__ = [
     "Compute",
@@ -150,6 +151,22 @@ class Schedule:
     kv_result: str | None = None
     lanes: int = 2
     notes: tuple[str, ...] = field(default=())
+
+    @cached_property
+    def used_slots(self) -> frozenset[str]:
+        """Slots some operation touches (others need no buffer)."""
+        names: set[str] = set()
+        for op in self.ops:
+            if isinstance(op, Post):
+                names.update(t.rows.slot for t in op.transfers)
+            elif isinstance(op, Compute):
+                names.update(r.slot for r in (op.q, op.kv, op.q_out, op.kv_out) if r is not None)
+            elif isinstance(op, Merge):
+                names.update((op.src.slot, op.dst.slot))
+        names.add(self.query_result)
+        if self.kv_result is not None:
+            names.add(self.kv_result)
+        return frozenset(names)
 
     @property
     def steps(self) -> int:
