@@ -1,4 +1,5 @@
-"""The ``tokenring`` command: ``tokenring demo`` (more subcommands as they land)."""
+"""The ``tokenring`` command: ``demo`` (check and draw every strategy) and ``bench``
+(BENCHMARK.md's cases, side by side with the single-device ideal and the peers)."""
 
 from __future__ import annotations
 
@@ -118,6 +119,64 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, console: Console) -> int:
+    from .bench import BenchConfig, Strategy, bench_worker
+    from .bench.report import environment, table, write_outputs
+
+    world, backend = default_world(cpu_workers=args.world_size or 2)
+    if args.world_size and backend == "nccl":
+        world = min(world, args.world_size)
+    cfg = BenchConfig(
+        case_names=tuple(args.cases) if args.cases else None,
+        seqs=tuple(args.seq) if args.seq else None,
+        passes=tuple(args.passes),
+        repeats=args.repeats,
+        timeline_seq=args.timeline_seq if backend == "nccl" else 256,
+    )
+    methods = [Strategy(name) for name in args.methods]
+    console.print(
+        f"tokenring bench: {world} {'GPU' if backend == 'nccl' else 'CPU'} "
+        f"processes ({backend}), methods {', '.join(args.methods)}"
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting workers", total=None)
+
+        def on_message(msg):
+            _, done, total, label = msg
+            progress.update(task, completed=done, total=total, description=label)
+
+        try:
+            results = run_local(
+                bench_worker,
+                (cfg, methods),
+                world=world,
+                backend=backend,
+                timeout_s=args.timeout,
+                on_message=on_message,
+            )
+        except WorkerFailed as err:
+            console.print(f"[red]bench failed:[/red] {err}")
+            return 1
+    env = environment(world, backend)
+    result = results[0]
+    console.print(table(result["records"], f"tokenring bench on {world} x {env['card']}"))
+    paths = write_outputs(result, env, Path(args.output_dir))
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path.resolve()}")
+    failed = [r for r in result["records"] if r["status"].startswith("FAILED")]
+    if failed:
+        console.print(f"[red]{len(failed)} row(s) gave a wrong result[/red]")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenring", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,15 +200,44 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=_positive, default=5, help="timed calls per case")
     demo.add_argument("--output", default="tokenring-demo-timeline.png", help="timeline PNG path")
     demo.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up")
+    bench = sub.add_parser("bench", help="BENCHMARK.md: time, check and compare every method")
+    bench.add_argument(
+        "--world-size",
+        type=_positive,
+        default=None,
+        help="processes (default: all GPUs, else 2 CPU processes)",
+    )
+    bench.add_argument(
+        "--cases", nargs="*", choices=["llama2-mha", "llama3-gqa", "dit-mha"], help="default: all"
+    )
+    bench.add_argument("--seq", nargs="*", type=_positive, help="override sequence lengths")
+    bench.add_argument(
+        "--passes",
+        nargs="*",
+        default=["forward", "forward_backward"],
+        choices=["forward", "forward_backward"],
+    )
+    bench.add_argument(
+        "--methods", nargs="*", default=["tokenring", "ring"], choices=["tokenring", "ring"]
+    )
+    bench.add_argument("--repeats", type=_positive, default=20, help="timed calls per row")
+    bench.add_argument(
+        "--timeline-seq",
+        type=_positive,
+        default=32768,
+        help="llama2-mha length whose per-step timeline is drawn (GPU)",
+    )
+    bench.add_argument("--output-dir", default="bench-out", help="JSON and PNG go here")
+    bench.add_argument("--timeout", type=float, default=3000.0, help="seconds before giving up")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     if args.command == "demo":
         return _demo(args, console)
-    return 2
+    return _bench(args, console)
 
 
 if __name__ == "__main__":

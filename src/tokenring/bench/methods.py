@@ -1,0 +1,155 @@
+"""What the benchmark runs: our strategies and the single-device ideal, behind one shape.
+
+A method gets the *global* inputs (identical on every rank), prepares
+whatever it needs once (shards, buffers), then is timed calling ``run``.
+``local_results`` returns this rank's pieces of the output (and gradients)
+together with the same pieces cut out of full-sequence tensors, so the
+runner can check any method against the single-device result whatever its
+sharding. Peers (other libraries) follow the same shape (``peers/``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..api import attention
+from ..kernels import BlockSpec, KernelBackend, select_kernel
+from ..layouts import shard
+from ..timeline import Recorder
+from .cases import Case
+
+__all__ = ["GlobalInputs", "Method", "Prepared", "SingleDevice", "Strategy"]
+
+
+@dataclass
+class GlobalInputs:
+    """Input sets (q, k, v, do), each the whole sequence, rotated between timed calls."""
+
+    sets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class Prepared(Protocol):
+    def run(self, index: int, backward: bool, recorder: Recorder | None = None) -> None:
+        """One call on input set ``index`` (forward, or forward and backward)."""
+
+    def local_results(
+        self, backward: bool, full: dict[str, torch.Tensor]
+    ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(name, ours, expected)`` for out (and dq, dk, dv): this rank's pieces of our
+        result and of the full-sequence results in ``full``, on input set 0."""
+
+
+class Method(Protocol):
+    name: str
+
+    def not_supported_reasons(self, case: Case, world: int) -> list[str]: ...
+
+    def prepare(self, case: Case, inputs: GlobalInputs) -> Prepared: ...
+
+
+@dataclass
+class _Sharded:
+    """A tokenring strategy on this rank's shards of every input set."""
+
+    strategy: str
+    case: Case
+    shards: list[tuple[torch.Tensor, ...]]
+    last: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def run(self, index: int, backward: bool, recorder: Recorder | None = None) -> None:
+        q, k, v, do = self.shards[index % len(self.shards)]
+        kwargs = dict(
+            strategy=self.strategy,
+            causal=self.case.causal,
+            layout=self.case.layout,
+            recorder=recorder,
+        )
+        if not backward:
+            with torch.no_grad():
+                self.last = {"out": attention(q, k, v, **kwargs)}
+            return
+        out = attention(q, k, v, **kwargs)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+        self.last = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
+
+    def local_results(self, backward, full):
+        self.run(0, backward)
+        return [
+            (name, value, shard(full[name], layout=self.case.layout))
+            for name, value in self.last.items()
+        ]
+
+
+@dataclass
+class Strategy:
+    """One of our strategies ("tokenring", "ring")."""
+
+    name: str
+
+    def not_supported_reasons(self, case: Case, world: int) -> list[str]:
+        return []
+
+    def prepare(self, case: Case, inputs: GlobalInputs) -> Prepared:
+        shards = []
+        for q, k, v, do in inputs.sets:
+            parts = [shard(t, layout=case.layout).requires_grad_() for t in (q, k, v)]
+            shards.append((*parts, shard(do, layout=case.layout)))
+        return _Sharded(self.name, case, shards)
+
+
+@dataclass
+class _Single:
+    kernel: KernelBackend
+    case: Case
+    sets: list[tuple[torch.Tensor, ...]]
+    scale: float
+
+    def call(self, index: int, backward: bool) -> dict[str, torch.Tensor]:
+        q, k, v, do = self.sets[index % len(self.sets)]
+        causal = self.case.causal
+        out, lse = self.kernel.forward(q, k, v, causal, self.scale)
+        if not backward:
+            return {"out": out}
+        delta = (do.float() * out.float()).sum(-1).transpose(1, 2)
+        dq, dk, dv = self.kernel.backward(do, q, k, v, out, lse, delta, causal, self.scale)
+        return {"out": out, "dq": dq, "dk": dk, "dv": dv}
+
+    def run(self, index: int, backward: bool, recorder: Recorder | None = None) -> None:
+        self.call(index, backward)
+
+    def local_results(self, backward, full):
+        return [(n, t, full[n]) for n, t in self.call(0, backward).items()]
+
+
+@dataclass
+class SingleDevice:
+    """The whole sequence on one device with the best local kernel: T1 of the efficiency."""
+
+    name: str = "single-device"
+    choose: Callable[[BlockSpec], KernelBackend] = field(
+        default=lambda spec: select_kernel("auto", spec)
+    )
+
+    def not_supported_reasons(self, case: Case, world: int) -> list[str]:
+        return []
+
+    def kernel_for(self, case: Case, device: torch.device) -> KernelBackend:
+        dtype = getattr(torch, case.dtype)
+        spec = BlockSpec(
+            device.type,
+            dtype,
+            case.head_dim,
+            case.heads_q,
+            case.heads_kv,
+            case.causal,
+            backward=True,
+        )
+        return self.choose(spec)
+
+    def prepare(self, case: Case, inputs: GlobalInputs) -> _Single:
+        device = inputs.sets[0][0].device
+        return _Single(self.kernel_for(case, device), case, inputs.sets, case.head_dim**-0.5)

@@ -1,0 +1,139 @@
+"""Benchmark output: the table, the JSON records and the plots."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from ..timeline import Span, plot_timelines
+
+__all__ = ["environment", "plot_efficiency", "table", "write_outputs"]
+
+
+def _commit() -> str:
+    if os.environ.get("TOKENRING_COMMIT"):
+        return os.environ["TOKENRING_COMMIT"]
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(world: int, backend: str) -> dict:
+    """What the numbers were measured on (stored with every record)."""
+    card = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    )
+    return {
+        "card": card,
+        "world": world,
+        "backend": backend,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "commit": _commit(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None or value != value else format(value, spec)
+
+
+def table(records: list[dict], title: str) -> Table:
+    t = Table(title=title)
+    for col in (
+        "case",
+        "S",
+        "pass",
+        "method",
+        "ms",
+        "eff",
+        "TFLOP/s/dev",
+        "peak+ GB",
+        "err",
+        "status",
+    ):
+        t.add_column(
+            col, justify="right" if col not in ("case", "pass", "method", "status") else "left"
+        )
+    for r in records:
+        status = r["status"]
+        style = "green" if status == "ok" else "red" if status.startswith("FAILED") else "yellow"
+        t.add_row(
+            r["case"],
+            str(r["seq"]),
+            "fwd" if r["pass"] == "forward" else "fwd+bwd",
+            r["method"],
+            _fmt(r.get("ms"), ".2f"),
+            _fmt(r.get("efficiency"), ".3f"),
+            _fmt(r.get("tflops_per_device"), ".3g"),
+            _fmt(r.get("peak_extra_gb"), ".2f"),
+            _fmt(r.get("max_rel_err"), ".1e"),
+            f"[{style}]{status}[/{style}]",
+        )
+    return t
+
+
+def plot_efficiency(records: list[dict], path: Path) -> None:
+    """Efficiency T1 / (P * T_P) against sequence length, one panel per case and pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["case"], r["pass"]) for r in records})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (case, pass_) in zip(axes[0], panels):
+        rows = [
+            r
+            for r in records
+            if r["case"] == case
+            and r["pass"] == pass_
+            and r.get("efficiency") is not None
+            and r["status"] == "ok"
+            and not r["method"].startswith("single")
+        ]
+        for method in sorted({r["method"] for r in rows}):
+            pts = sorted((r["seq"], r["efficiency"]) for r in rows if r["method"] == method)
+            style = "k--" if method.startswith("ideal") else "o-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{case}, {pass_.replace('_', '+')}", fontsize="medium")
+        ax.set_xlabel("sequence length")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("efficiency T1 / (P T_P)")
+    axes[0][-1].legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, env: dict, out_dir: Path) -> dict[str, Path]:
+    """JSON (one record per row, with the environment), efficiency plot, timelines."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = [{**env, **r} for r in result["records"]]
+    paths = {"json": out_dir / "bench.json", "efficiency": out_dir / "efficiency.png"}
+    paths["json"].write_text(json.dumps(records, indent=1))
+    plot_efficiency(records, paths["efficiency"])
+    if result["timelines"]:
+        paths["timeline"] = out_dir / "timelines.png"
+        panels = {
+            f"{title} (measured)": [Span(**s) for s in spans]
+            for title, spans in result["timelines"].items()
+        }
+        plot_timelines(panels, str(paths["timeline"]))
+    return paths

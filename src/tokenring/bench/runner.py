@@ -1,0 +1,243 @@
+"""The per-rank benchmark loop: for every case and pass, time every method, check it
+against the single-device result, and measure its peak memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from ..launch import WorkerContext
+from ..timeline import Recorder
+from .cases import PASSES, Case, cases_for, flops
+from .methods import GlobalInputs, Method, SingleDevice
+
+__all__ = ["BenchConfig", "bench_worker", "tolerance"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    case_names: tuple[str, ...] | None
+    seqs: tuple[int, ...] | None
+    passes: tuple[str, ...] = PASSES
+    repeats: int = 20
+    warmup: int = 3
+    input_sets: int = 2
+    timeline_seq: int | None = None  # llama2-mha length whose per-step timeline is drawn
+
+
+def tolerance(dtype: str) -> float:
+    """Largest relative difference from the single-device result that still counts as
+    correct: two float32 computations, or two 16-bit ones that each round their
+    output (the single-device kernel once, the sharded one once per step)."""
+    return 1e-4 if dtype == "float32" else 3e-2
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+
+
+def _time_ms(fn, reps: int, warmup: int, device: torch.device) -> float:
+    """Median over ``reps`` calls of the slowest rank's time per call, in ms."""
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(reps):
+        _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(i)
+            times.append(1e3 * (time.perf_counter() - t0))
+    slowest = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return statistics.median(slowest.tolist())
+
+
+def _peak_extra_gb(fn, device: torch.device) -> float:
+    """Peak device memory one call allocates beyond what was live before it (max over ranks)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn(0)
+    torch.cuda.synchronize(device)
+    peak = torch.tensor([(torch.cuda.max_memory_allocated(device) - base) / 2**30], device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item()
+
+
+def _max_err(pieces, device) -> float:
+    worst = 0.0
+    for _, ours, expected in pieces:
+        a, e = ours.double(), expected.double()
+        err = (
+            float("inf")
+            if torch.isnan(a).any()
+            else ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+        )
+        worst = max(worst, err)
+    t = torch.tensor([worst], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _inputs(case: Case, sets: int, device: torch.device, seed: int = 0) -> GlobalInputs:
+    dtype = getattr(torch, case.dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape_q = (case.batch, case.seq, case.heads_q, case.head_dim)
+    shape_kv = (case.batch, case.seq, case.heads_kv, case.head_dim)
+    return GlobalInputs(
+        [
+            tuple(
+                torch.randn(s, generator=g, device=device, dtype=dtype)
+                for s in (shape_q, shape_kv, shape_kv, shape_q)
+            )
+            for _ in range(sets)
+        ]
+    )
+
+
+def _record(case: Case, pass_: str, method: str, world: int, **fields) -> dict:
+    rec = {
+        "case": case.name,
+        "seq": case.seq,
+        "heads_q": case.heads_q,
+        "heads_kv": case.heads_kv,
+        "head_dim": case.head_dim,
+        "causal": case.causal,
+        "layout": case.layout,
+        "dtype": case.dtype,
+        "pass": pass_,
+        "method": method,
+        "world": world,
+    }
+    rec.update(fields)
+    return rec
+
+
+def _case_rows(
+    ctx: WorkerContext,
+    cfg: BenchConfig,
+    case: Case,
+    methods: list[Method],
+    progress: list[int],
+    timelines: dict[str, list[dict]],
+) -> list[dict]:
+    """Every pass and method of one case (inputs live only inside this call)."""
+    device, world = ctx.device, ctx.world
+    inputs = _inputs(case, cfg.input_sets, device)
+    reference = SingleDevice().prepare(case, inputs)
+    rows = []
+    for pass_ in cfg.passes:
+        backward = pass_ == "forward_backward"
+        ctx.report(("case", progress[0], progress[1], f"{case.label} {pass_} single-device"))
+        full = reference.call(0, backward)
+        run_single = partial(_run, reference, backward)
+        t1 = _time_ms(run_single, cfg.repeats, cfg.warmup, device)
+        work = flops(case, pass_)
+        rows.append(
+            _record(
+                case,
+                pass_,
+                f"single-device ({reference.kernel.name})",
+                1,
+                ms=t1,
+                efficiency=1.0,
+                tflops_per_device=work / t1 / 1e9,
+                peak_extra_gb=_peak_extra_gb(run_single, device),
+                max_rel_err=0.0,
+                status="ok",
+            )
+        )
+        rows.append(
+            _record(
+                case,
+                pass_,
+                "ideal (T1/P)",
+                world,
+                ms=t1 / world,
+                efficiency=1.0,
+                tflops_per_device=work / t1 / 1e9,
+                status="ok",
+            )
+        )
+        progress[0] += 1
+        for method in methods:
+            ctx.report(("case", progress[0], progress[1], f"{case.label} {pass_} {method.name}"))
+            progress[0] += 1
+            reasons = method.not_supported_reasons(case, world)
+            if reasons:
+                rows.append(
+                    _record(
+                        case, pass_, method.name, world, status="skipped: " + "; ".join(reasons)
+                    )
+                )
+                continue
+            prepared = method.prepare(case, inputs)
+            err = _max_err(prepared.local_results(backward, full), device)
+            run = partial(_run, prepared, backward)
+            ms = _time_ms(run, cfg.repeats, cfg.warmup, device)
+            rows.append(
+                _record(
+                    case,
+                    pass_,
+                    method.name,
+                    world,
+                    ms=ms,
+                    efficiency=t1 / (world * ms),
+                    tflops_per_device=work / (world * ms) / 1e9,
+                    peak_extra_gb=_peak_extra_gb(run, device),
+                    max_rel_err=err,
+                    status="ok" if err <= tolerance(case.dtype) else "FAILED: wrong result",
+                )
+            )
+            if case.name == "llama2-mha" and case.seq == cfg.timeline_seq:
+                title = f"{method.name} {pass_} {case.label}"
+                timelines[title] = _timeline(ctx, prepared, backward)
+    return rows
+
+
+def _run(prepared, backward: bool, index: int) -> None:
+    prepared.run(index, backward)
+
+
+def _timeline(ctx: WorkerContext, prepared, backward: bool) -> list[dict]:
+    """One call recorded step by step on every rank, gathered (rank 0 keeps it)."""
+    recorder = Recorder(ctx.rank, ctx.device)
+    _sync(ctx.device)
+    prepared.run(0, backward, recorder)
+    spans = [s.as_dict() for s in recorder.spans()]
+    gathered: list = [None] * ctx.world
+    dist.all_gather_object(gathered, spans)
+    return [s for part in gathered for s in part]
+
+
+def bench_worker(ctx: WorkerContext, cfg: BenchConfig, methods: list[Method]) -> dict:
+    """Runs on every rank; rank 0's result holds the records and timelines."""
+    cases = cases_for(
+        ctx.device.type,
+        list(cfg.case_names) if cfg.case_names else None,
+        list(cfg.seqs) if cfg.seqs else None,
+    )
+    progress = [0, len(cases) * len(cfg.passes) * (len(methods) + 1)]
+    records: list[dict] = []
+    timelines: dict[str, list[dict]] = {}
+    for case in cases:
+        records.extend(_case_rows(ctx, cfg, case, methods, progress, timelines))
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"records": records, "timelines": timelines}
