@@ -55,7 +55,7 @@ def run(dtype, part_rowmajor, block_r, warps):
     bad = ((out - ref_out).abs() > 1e-4).any(-1).nonzero().tolist()
     lse_bad = ((lse - ref_lse).abs() > 1e-4).nonzero().tolist()
     print(
-        f"{str(dtype):15} rowmajor={part_rowmajor!s:5} block_r={block_r:3} warps={warps}: "
+        f"{dtype!s:15} rowmajor={part_rowmajor!s:5} block_r={block_r:3} warps={warps}: "
         f"{len(bad)} bad out rows {bad[:6]}, {len(lse_bad)} bad lse {lse_bad[:4]}"
     )
     for bb, pos, hh in bad[:2]:
