@@ -9,9 +9,24 @@ without NaN: two empty rows stay ``0`` with ``lse = -inf``.
 
 from __future__ import annotations
 
+import os
+from functools import cache
+
 import torch
 
 __all__ = ["merge_into", "merge_into_torch", "write_into"]
+
+
+@cache
+def _fused_merge():
+    """The fused CUDA merge, unless Triton is missing or ``TOKENRING_FUSED_MERGE=0``."""
+    if os.environ.get("TOKENRING_FUSED_MERGE", "1") == "0":
+        return None
+    try:
+        from .merge_triton import merge_into_triton
+    except ImportError:
+        return None
+    return merge_into_triton
 
 
 def _rows(w: torch.Tensor) -> torch.Tensor:
@@ -25,13 +40,19 @@ def merge_into(
     """Merge ``(out_b, lse_b)`` into the accumulator ``(out, lse)`` in place.
 
     ``out``: float32 ``[B, L, H, D]``; ``lse``: float32 ``[B, H, L]`` (or both float64); the
-    partial may be any float dtype. NaN in either input propagates.
-
-    The fused Triton version (``merge_triton``) is not used yet: on the H100
-    it disagreed with this one in a few rows for 16-bit partials (see
-    benchmarks/RESULTS.md); it stays under test until that is understood.
+    partial may be any float dtype. NaN in either input propagates. On CUDA
+    this is one fused Triton kernel (``merge_triton``; ``TOKENRING_FUSED_MERGE=0``
+    falls back to the torch operations below).
     """
-    merge_into_torch(out, lse, out_b, lse_b)
+    fused = _fused_merge() if out.is_cuda else None
+    if (
+        fused is not None
+        and out_b.stride(-1) == 1
+        and out.dtype == lse.dtype == lse_b.dtype == torch.float32
+    ):
+        fused(out, lse, out_b, lse_b)
+    else:
+        merge_into_torch(out, lse, out_b, lse_b)
 
 
 def merge_into_torch(

@@ -24,30 +24,33 @@ def _merge_kernel(
     sp_b, sp_l, sp_h, spl_b, spl_h, spl_l,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # Every per-row quantity is kept as a [BLOCK_R, 1] tile, never a 1-D vector
+    # broadcast later: a 1-D -> 2-D layout conversion here miscompiled on H100
+    # with Triton 3.6 (wrong weights in the last rows of some tiles, 16-bit
+    # partials only; see benchmarks/merge_debug.py and RESULTS.md).
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     row_ok = rows < n_rows
     b = rows // (seq * heads)
     rem = rows % (seq * heads)
     pos = rem // heads
     h = rem % heads
-    lse_a = tl.load(lse_ptr + b * sl_b + h * sl_h + pos * sl_l, mask=row_ok, other=0.0)
+    lse_off = b * sl_b + h * sl_h + pos * sl_l
+    lse_a = tl.load(lse_ptr + lse_off, mask=row_ok, other=0.0)
     lse_b = tl.load(plse_ptr + b * spl_b + h * spl_h + pos * spl_l, mask=row_ok, other=0.0)
     peak = tl.where(lse_a > lse_b, lse_a, lse_b)  # NaN in lse_b propagates
     peak = tl.where(peak == float("-inf"), 0.0, peak)
     w_a = tl.exp(lse_a - peak)
     w_b = tl.exp(lse_b - peak)
     total = w_a + w_b
-    tl.store(lse_ptr + b * sl_b + h * sl_h + pos * sl_l, peak + tl.log(total), mask=row_ok)
+    tl.store(lse_ptr + lse_off, peak + tl.log(total), mask=row_ok)
     total = tl.where(total == 0.0, 1.0, total)
-    c_a = (w_a / total)[:, None]
-    c_b = (w_b / total)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
-    ok = row_ok[:, None] & (d < dim)
-    o_off = (b * so_b + pos * so_l + h * so_h)[:, None] + d
-    p_off = (b * sp_b + pos * sp_l + h * sp_h)[:, None] + d
+    ok = row_ok & (d < dim)
+    o_off = b * so_b + pos * so_l + h * so_h + d
+    p_off = b * sp_b + pos * sp_l + h * sp_h + d
     o_a = tl.load(out_ptr + o_off, mask=ok, other=0.0)
     o_b = tl.load(part_ptr + p_off, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + o_off, o_a * c_a + o_b * c_b, mask=ok)
+    tl.store(out_ptr + o_off, o_a * (w_a / total) + o_b * (w_b / total), mask=ok)
 
 
 def merge_into_triton(

@@ -16,7 +16,7 @@ V live. See docs/algorithms.md, "TokenRing".
 from __future__ import annotations
 
 from ..options import Layout, Pass
-from .blocks import Element, Rel, cover, relations
+from .blocks import Element, cover, relations
 from .builder import ScheduleBuilder
 from .ir import Precision, Rows, Schedule, SlotKind, SlotSpec, Transfer
 
@@ -36,20 +36,12 @@ def _span(elements: list[Element]) -> tuple[int, int]:
     return (rows[0], rows[-1] + 1)
 
 
-def _split_diagonal(elements: list[Element], world: int) -> tuple[list[Element], list[Element]]:
-    """Split the local block into the part computed first and the part kept for the tail.
-
-    The tail covers the last query sub-chunk's diagonal (causal) or last key
-    sub-chunk (non-causal): compute that hides the final partial's return.
-    """
-    if world == 1:
-        return elements, []
-    if any(rel is Rel.DIAG for _, _, rel in elements):
-        late = [e for e in elements if e[2] is Rel.DIAG and e[0] == 1]
-    else:
-        late = [e for e in elements if e[1] == 1]
-    early = [e for e in elements if e not in late]
-    return early, late
+def _pieces(span: tuple[int, int], split: bool) -> list[tuple[int, int]]:
+    """The query sub-chunk ranges a block's result is sent in (one per sub-chunk if split)."""
+    lo, hi = span
+    if hi <= lo:
+        return []
+    return [(i, i + 1) for i in range(lo, hi)] if split else [span]
 
 
 def tokenring_schedule(
@@ -99,24 +91,25 @@ def tokenring_schedule(
             Transfer(Rows(f"q_in{step % 2}", r0, r1), b.peer(1), send=False, lane=Q_LANE),
         ]
 
-    def result_transfers(step: int) -> list[Transfer]:
-        """Return the partial computed at ``step`` to its owner; receive mine from ``step``."""
+    def result_transfers(step: int, out_rows=None, in_rows=None) -> list[Transfer]:
+        """Return (rows of) the partial computed at ``step`` to its owner; receive
+        (rows of) mine from the rank that computed it."""
         out_owner, in_visitor = b.peer(step), b.peer(-step)
-        o0, o1 = _span(needed(out_owner, r))
-        i0, i1 = _span(needed(r, in_visitor))
+        o0, o1 = out_rows or _span(needed(out_owner, r))
+        i0, i1 = in_rows or _span(needed(r, in_visitor))
         return [
             Transfer(Rows(f"part{step % 2}", o0, o1), out_owner, send=True, lane=RESULT_LANE),
             Transfer(Rows(f"part_in{step % 2}", i0, i1), in_visitor, send=False, lane=RESULT_LANE),
         ]
 
-    def merge_partial(step: int, at_step: int) -> None:
-        i0, i1 = _span(needed(r, b.peer(-step)))
+    def merge_partial(step: int, at_step: int, rows=None) -> None:
+        i0, i1 = rows or _span(needed(r, b.peer(-step)))
         b.merge(Rows(f"part_in{step % 2}", i0, i1), Rows("acc", i0, i1), at_step)
 
-    early, late = _split_diagonal(needed(r, r), P)
+    # Step 0: the whole local block, one call, while Q leaves.
     q_wait = b.post("q@1", 0, q_transfers(1, "q"))
     b.compute(
-        cover(early),
+        cover(needed(r, r)),
         q_slot="q",
         kv_slot="kv",
         q_out="acc",
@@ -126,7 +119,9 @@ def tokenring_schedule(
         kv_owner=r,
     )
 
+    last = P - 1
     result_wait: dict[int, str | None] = {}
+    early_wait: str | None = None
     for t in range(1, P):
         b.wait(q_wait, t)
         q_wait = b.post(f"q@{t + 1}", t, q_transfers(t + 1, f"q_in{t % 2}"))
@@ -137,34 +132,67 @@ def tokenring_schedule(
             merge_partial(t - 2, t)
         owner = b.peer(t)
         b.reset(f"part{t % 2}")
-        b.compute(
-            cover(needed(owner, r)),
-            q_slot=f"q_in{t % 2}",
-            kv_slot="kv",
-            q_out=f"part{t % 2}",
-            kv_out=kv_out,
-            step=t,
-            q_owner=owner,
-            kv_owner=r,
+        mine = needed(owner, r)
+        if t < last:
+            b.compute(
+                cover(mine),
+                q_slot=f"q_in{t % 2}",
+                kv_slot="kv",
+                q_out=f"part{t % 2}",
+                kv_out=kv_out,
+                step=t,
+                q_owner=owner,
+                kv_owner=r,
+            )
+            continue
+        # The last remote step streams its result back one query sub-chunk at a time:
+        # every piece but the last travels while the next one computes, so only the
+        # last piece's return is left after the final block (the tail).
+        out_pieces = _pieces(_span(mine), split=True)
+        in_pieces = _pieces(_span(needed(r, b.peer(-t))), split=True)
+        early_wait = b.post(
+            f"part@{t}.in",
+            t,
+            [
+                Transfer(Rows(f"part_in{t % 2}", a, z), b.peer(-t), send=False, lane=RESULT_LANE)
+                for a, z in in_pieces[:-1]
+            ],
         )
+        for n, (a, z) in enumerate(out_pieces):
+            piece = [e for e in mine if a <= e[0] < z]
+            b.compute(
+                cover(piece),
+                q_slot=f"q_in{t % 2}",
+                kv_slot="kv",
+                q_out=f"part{t % 2}",
+                kv_out=kv_out,
+                step=t,
+                q_owner=owner,
+                kv_owner=r,
+            )
+            if n < len(out_pieces) - 1:
+                result_wait[-n - 1] = b.post(
+                    f"part@{t}.out{n}",
+                    t,
+                    [Transfer(Rows(f"part{t % 2}", a, z), owner, send=True, lane=RESULT_LANE)],
+                )
 
     tail = P
     if P >= 2:
-        result_wait[tail] = b.post(f"part@{tail}", tail, result_transfers(P - 1))
+        out_last = _pieces(_span(needed(b.peer(last), r)), split=True)[-1:] or [(0, 0)]
+        in_last = _pieces(_span(needed(r, b.peer(-last))), split=True)[-1:] or [(0, 0)]
+        result_wait[tail] = b.post(
+            f"part@{tail}", tail, result_transfers(last, out_last[0], in_last[0])
+        )
     if P >= 3:
-        b.wait(result_wait.pop(P - 1), tail)
-        merge_partial(P - 2, tail)
-    b.compute(
-        cover(late),
-        q_slot="q",
-        kv_slot="kv",
-        q_out="acc",
-        kv_out=kv_out,
-        step=tail,
-        q_owner=r,
-        kv_owner=r,
-    )
+        b.wait(result_wait.pop(last), tail)
+        merge_partial(last - 1, tail)
+    for key in sorted(k for k in result_wait if k < 0):
+        b.wait(result_wait.pop(key), tail)
     if P >= 2:
+        b.wait(early_wait, tail)
+        for a, z in _pieces(_span(needed(r, b.peer(-last))), split=True)[:-1]:
+            merge_partial(last, tail, (a, z))
         b.wait(result_wait.pop(tail), tail)
-        merge_partial(P - 1, tail)
+        merge_partial(last, tail, in_last[0])
     return b.build("acc", kv_out)
