@@ -47,10 +47,10 @@ def worker(ctx, seq: int):
         pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(22)
         report.append(
             f"== {strategy}: host {host * 1e3:.3f} ms/call to enqueue, "
-            f"{total * 1e3:.3f} ms/call with the GPU\\n{text.getvalue()}"
+            f"{total * 1e3:.3f} ms/call with the GPU\n{text.getvalue()}"
         )
         dist.barrier()
-    return "\\n".join(report)
+    return "\n".join(report)
 
 
 if __name__ == "__main__":
