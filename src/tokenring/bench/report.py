@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -94,9 +95,13 @@ def plot_efficiency(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["case"], r["pass"]) for r in records})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for ax, (case, pass_) in zip(axes[0], panels):
+    cases = sorted({r["case"] for r in records})
+    passes = [p for p in ("forward", "forward_backward") if any(r["pass"] == p for r in records)]
+    fig, axes = plt.subplots(
+        len(passes), len(cases), figsize=(4.4 * len(cases), 3.6 * len(passes)), squeeze=False
+    )
+    for (row, pass_), (col, case) in itertools.product(enumerate(passes), enumerate(cases)):
+        ax = axes[row][col]
         rows = [
             r
             for r in records
@@ -111,11 +116,12 @@ def plot_efficiency(records: list[dict], path: Path) -> None:
             style = "k--" if method.startswith("ideal") else "o-"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method)
         ax.set_xscale("log", base=2)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.1)
         ax.set_title(f"{case}, {pass_.replace('_', '+')}", fontsize="medium")
         ax.set_xlabel("sequence length")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("efficiency T1 / (P T_P)")
+    for row in axes:
+        row[0].set_ylabel("efficiency T1 / (P T_P)")
     axes[0][-1].legend(fontsize="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
