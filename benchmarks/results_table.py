@@ -8,10 +8,12 @@ from collections import defaultdict
 
 
 def render(path: str) -> str:
-    records = json.load(open(path))
+    with open(path) as f:
+        records = json.load(f)
     env = records[0]
+    world = max(r["world"] for r in records)
     lines = [
-        f"{env['world']} x {env['card']}, torch {env['torch']} (CUDA {env['cuda']}), "
+        f"{world} x {env['card']}, torch {env['torch']} (CUDA {env['cuda']}), "
         f"commit {env['commit']}, {env['date']}",
         "",
     ]
