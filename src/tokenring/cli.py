@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -49,14 +50,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         f"tokenring demo: {world} {'GPU' if backend == 'nccl' else 'CPU'} processes ({backend}), "
         f"S={cfg.seq_len}, heads {cfg.heads}/{cfg.heads_kv}, head_dim {cfg.head_dim}, {dtype}"
     )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    with _progress(console) as progress:
         task = progress.add_task("starting workers", total=None)
 
         def on_message(msg):
@@ -119,9 +113,22 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
 def _bench(args: argparse.Namespace, console: Console) -> int:
     from .bench import BenchConfig, Strategy, bench_worker
+    from .bench.methods import PeerMethod
     from .bench.report import environment, table, write_outputs
+    from .peers import default_peers
 
     world, backend = default_world(cpu_workers=args.world_size or 2)
     if args.world_size and backend == "nccl":
@@ -133,46 +140,51 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
         repeats=args.repeats,
         timeline_seq=args.timeline_seq if backend == "nccl" else 256,
     )
-    methods = [Strategy(name) for name in args.methods]
+    peers = [PeerMethod(p) for p in default_peers()]
+    wanted = args.methods or ["tokenring", "ring", *(p.name for p in peers)]
+    methods = [Strategy(name) for name in wanted if name in ("tokenring", "ring")]
+    peers = [p for p in peers if p.name in wanted]
     console.print(
         f"tokenring bench: {world} {'GPU' if backend == 'nccl' else 'CPU'} "
-        f"processes ({backend}), methods {', '.join(args.methods)}"
+        f"processes ({backend}), methods {', '.join(wanted)}"
     )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial_path = out_dir / "bench.partial.jsonl"
+    partial_path.write_text("")
+    records: list[dict] = []
+    with _progress(console) as progress:
         task = progress.add_task("starting workers", total=None)
 
         def on_message(msg):
+            if msg[0] == "record":
+                records.append(msg[1])
+                with partial_path.open("a") as f:  # kept if the run dies later
+                    f.write(json.dumps(msg[1]) + "\n")
+                return
             _, done, total, label = msg
             progress.update(task, completed=done, total=total, description=label)
 
         try:
             results = run_local(
                 bench_worker,
-                (cfg, methods),
+                (cfg, methods, peers),
                 world=world,
                 backend=backend,
                 timeout_s=args.timeout,
                 on_message=on_message,
             )
         except WorkerFailed as err:
-            console.print(f"[red]bench failed:[/red] {err}")
+            console.print(f"[red]bench failed:[/red] {err}\nrows so far: {partial_path}")
             return 1
     env = environment(world, backend)
-    result = results[0]
-    console.print(table(result["records"], f"tokenring bench on {world} x {env['card']}"))
-    paths = write_outputs(result, env, Path(args.output_dir))
-    for kind, path in paths.items():
+    result = {"records": records, "timelines": results[0]["timelines"]}
+    console.print(table(records, f"tokenring bench on {world} x {env['card']}"))
+    for kind, path in write_outputs(result, env, out_dir).items():
         console.print(f"{kind}: {path.resolve()}")
-    failed = [r for r in result["records"] if r["status"].startswith("FAILED")]
+    failed = [r for r in records if r["status"].startswith("FAILED")]
     if failed:
-        console.print(f"[red]{len(failed)} row(s) gave a wrong result[/red]")
+        console.print(f"[red]{len(failed)} row(s) failed[/red]")
         return 1
     return 0
 
@@ -218,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["forward", "forward_backward"],
     )
     bench.add_argument(
-        "--methods", nargs="*", default=["tokenring", "ring"], choices=["tokenring", "ring"]
+        "--methods",
+        nargs="*",
+        default=None,
+        help="our strategies and peers to run (default: every one there is)",
     )
     bench.add_argument("--repeats", type=_positive, default=20, help="timed calls per row")
     bench.add_argument(

@@ -11,6 +11,7 @@ sharding. Peers (other libraries) follow the same shape (``peers/``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,10 +20,11 @@ import torch
 from ..api import attention
 from ..kernels import BlockSpec, KernelBackend, select_kernel
 from ..layouts import shard
+from ..peers import Peer, PeerCase, PeerState
 from ..timeline import Recorder
 from .cases import Case
 
-__all__ = ["GlobalInputs", "Method", "Prepared", "SingleDevice", "Strategy"]
+__all__ = ["GlobalInputs", "Method", "PeerMethod", "Prepared", "SingleDevice", "Strategy"]
 
 
 @dataclass
@@ -33,6 +35,9 @@ class GlobalInputs:
 
 
 class Prepared(Protocol):
+    def session(self) -> AbstractContextManager:
+        """Held around the timing loop (global switches a peer needs on)."""
+
     def run(self, index: int, backward: bool, recorder: Recorder | None = None) -> None:
         """One call on input set ``index`` (forward, or forward and backward)."""
 
@@ -46,9 +51,9 @@ class Prepared(Protocol):
 class Method(Protocol):
     name: str
 
-    def not_supported_reasons(self, case: Case, world: int) -> list[str]: ...
+    def not_supported_reasons(self, case: Case, world: int, backward: bool) -> list[str]: ...
 
-    def prepare(self, case: Case, inputs: GlobalInputs) -> Prepared: ...
+    def prepare(self, case: Case, inputs: GlobalInputs, backward: bool) -> Prepared: ...
 
 
 @dataclass
@@ -76,6 +81,9 @@ class _Sharded:
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
         self.last = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
 
+    def session(self) -> AbstractContextManager:
+        return nullcontext()
+
     def local_results(self, backward, full):
         self.run(0, backward)
         return [
@@ -90,10 +98,10 @@ class Strategy:
 
     name: str
 
-    def not_supported_reasons(self, case: Case, world: int) -> list[str]:
+    def not_supported_reasons(self, case: Case, world: int, backward: bool) -> list[str]:
         return []
 
-    def prepare(self, case: Case, inputs: GlobalInputs) -> Prepared:
+    def prepare(self, case: Case, inputs: GlobalInputs, backward: bool) -> Prepared:
         shards = []
         for q, k, v, do in inputs.sets:
             parts = [shard(t, layout=case.layout).requires_grad_() for t in (q, k, v)]
@@ -121,6 +129,9 @@ class _Single:
     def run(self, index: int, backward: bool, recorder: Recorder | None = None) -> None:
         self.call(index, backward)
 
+    def session(self) -> AbstractContextManager:
+        return nullcontext()
+
     def local_results(self, backward, full):
         return [(n, t, full[n]) for n, t in self.call(0, backward).items()]
 
@@ -134,7 +145,7 @@ class SingleDevice:
         default=lambda spec: select_kernel("auto", spec)
     )
 
-    def not_supported_reasons(self, case: Case, world: int) -> list[str]:
+    def not_supported_reasons(self, case: Case, world: int, backward: bool) -> list[str]:
         return []
 
     def kernel_for(self, case: Case, device: torch.device) -> KernelBackend:
@@ -150,6 +161,68 @@ class SingleDevice:
         )
         return self.choose(spec)
 
-    def prepare(self, case: Case, inputs: GlobalInputs) -> _Single:
+    def prepare(self, case: Case, inputs: GlobalInputs, backward: bool = True) -> _Single:
         device = inputs.sets[0][0].device
         return _Single(self.kernel_for(case, device), case, inputs.sets, case.head_dim**-0.5)
+
+
+@dataclass
+class _PeerRun:
+    peer: Peer
+    states: list[PeerState]
+    backward: bool
+
+    def run(self, index: int, backward: bool, recorder: Recorder | None = None) -> None:
+        state = self.states[index % len(self.states)]
+        with self.peer.session(state):
+            if backward:
+                self.peer.forward_backward(state)
+            else:
+                self.peer.forward(state)
+
+    def session(self):
+        """Keep the peer's global switches on across the timing loop (not per call)."""
+        return self.peer.session(self.states[0])
+
+    def local_results(self, backward, full):
+        state = self.states[0]
+        if backward:
+            out, grads = self.peer.forward_backward(state)
+            mine = {"out": out, **dict(zip(("dq", "dk", "dv"), grads))}
+        else:
+            mine = {"out": self.peer.forward(state)}
+        return [(n, self.peer.unshard(state, t.detach()), full[n]) for n, t in mine.items()]
+
+
+@dataclass
+class PeerMethod:
+    """A peer (another library, ``tokenring.peers``) in the benchmark's shape."""
+
+    peer: Peer
+
+    @property
+    def name(self) -> str:
+        return self.peer.name
+
+    def not_supported_reasons(self, case: Case, world: int, backward: bool) -> list[str]:
+        return self.peer.not_supported_reasons(
+            PeerCase(
+                world=world,
+                seq_len=case.seq,
+                heads_q=case.heads_q,
+                heads_kv=case.heads_kv,
+                head_dim=case.head_dim,
+                dtype=getattr(torch, case.dtype),
+                causal=case.causal,
+                backward=backward,
+                device_type="cuda" if torch.cuda.is_available() else "cpu",
+                batch=case.batch,
+            )
+        )
+
+    def prepare(self, case: Case, inputs: GlobalInputs, backward: bool = True) -> _PeerRun:
+        states = [
+            self.peer.prepare(q, k, v, causal=case.causal, grad_out=do)
+            for q, k, v, do in inputs.sets
+        ]
+        return _PeerRun(self.peer, states, backward)

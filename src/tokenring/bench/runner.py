@@ -15,6 +15,7 @@ from ..launch import WorkerContext
 from ..timeline import Recorder
 from .cases import PASSES, Case, cases_for, flops
 from .methods import GlobalInputs, Method, SingleDevice
+from .methods import Strategy as StrategyMethod
 
 __all__ = ["BenchConfig", "bench_worker", "tolerance"]
 
@@ -129,6 +130,35 @@ def _record(case: Case, pass_: str, method: str, world: int, **fields) -> dict:
     return rec
 
 
+def _method_row(ctx, cfg, case, pass_, method, inputs, full, t1) -> tuple[dict, object]:
+    """Check, time and measure one method on one case and pass."""
+    device, world = ctx.device, ctx.world
+    backward = pass_ == "forward_backward"
+    reasons = method.not_supported_reasons(case, world, backward)
+    if reasons:
+        return _record(
+            case, pass_, method.name, world, status="skipped: " + "; ".join(reasons)
+        ), None
+    prepared = method.prepare(case, inputs, backward)
+    err = _max_err(prepared.local_results(backward, full), device)
+    run = partial(_run, prepared, backward)
+    with prepared.session():
+        ms = _time_ms(run, cfg.repeats, cfg.warmup, device)
+    work = flops(case, pass_)
+    return _record(
+        case,
+        pass_,
+        method.name,
+        world,
+        ms=ms,
+        efficiency=t1 / (world * ms),
+        tflops_per_device=work / (world * ms) / 1e9,
+        peak_extra_gb=_peak_extra_gb(run, device),
+        max_rel_err=err,
+        status="ok" if err <= tolerance(case.dtype) else "FAILED: wrong result",
+    ), prepared
+
+
 def _case_rows(
     ctx: WorkerContext,
     cfg: BenchConfig,
@@ -136,79 +166,93 @@ def _case_rows(
     methods: list[Method],
     progress: list[int],
     timelines: dict[str, list[dict]],
-) -> list[dict]:
-    """Every pass and method of one case (inputs live only inside this call)."""
+    single_ms: dict[tuple[str, int, str], float],
+    guarded: bool,
+) -> None:
+    """Every pass and method of one case, each record sent to the parent as it is made.
+
+    The first time a case is seen its single-device time (T1) is measured and
+    kept in ``single_ms``. ``guarded`` turns a method's exception into a failed
+    row instead of ending the run (for peers, which are not ours to fix).
+    """
     device, world = ctx.device, ctx.world
     inputs = _inputs(case, cfg.input_sets, device)
     reference = SingleDevice().prepare(case, inputs)
-    rows = []
     for pass_ in cfg.passes:
         backward = pass_ == "forward_backward"
-        ctx.report(("case", progress[0], progress[1], f"{case.label} {pass_} single-device"))
         full = reference.call(0, backward)
-        run_single = partial(_run, reference, backward)
-        t1 = _time_ms(run_single, cfg.repeats, cfg.warmup, device)
-        work = flops(case, pass_)
-        rows.append(
-            _record(
-                case,
-                pass_,
-                f"single-device ({reference.kernel.name})",
-                1,
-                ms=t1,
-                efficiency=1.0,
-                tflops_per_device=work / t1 / 1e9,
-                peak_extra_gb=_peak_extra_gb(run_single, device),
-                max_rel_err=0.0,
-                status="ok",
+        key = (case.name, case.seq, pass_)
+        if key not in single_ms:
+            ctx.report(("case", progress[0], progress[1], f"{case.label} {pass_} single-device"))
+            run_single = partial(_run, reference, backward)
+            t1 = single_ms[key] = _time_ms(run_single, cfg.repeats, cfg.warmup, device)
+            tflops = flops(case, pass_) / t1 / 1e9
+            ctx.report(
+                (
+                    "record",
+                    _record(
+                        case,
+                        pass_,
+                        f"single-device ({reference.kernel.name})",
+                        1,
+                        ms=t1,
+                        efficiency=1.0,
+                        tflops_per_device=tflops,
+                        peak_extra_gb=_peak_extra_gb(run_single, device),
+                        max_rel_err=0.0,
+                        status="ok",
+                    ),
+                )
             )
-        )
-        rows.append(
-            _record(
-                case,
-                pass_,
-                "ideal (T1/P)",
-                world,
-                ms=t1 / world,
-                efficiency=1.0,
-                tflops_per_device=work / t1 / 1e9,
-                status="ok",
+            ctx.report(
+                (
+                    "record",
+                    _record(
+                        case,
+                        pass_,
+                        "ideal (T1/P)",
+                        world,
+                        ms=t1 / world,
+                        efficiency=1.0,
+                        tflops_per_device=tflops,
+                        status="ok",
+                    ),
+                )
             )
-        )
-        progress[0] += 1
         for method in methods:
             ctx.report(("case", progress[0], progress[1], f"{case.label} {pass_} {method.name}"))
             progress[0] += 1
-            reasons = method.not_supported_reasons(case, world)
-            if reasons:
-                rows.append(
+            try:
+                row, prepared = _method_row(
+                    ctx, cfg, case, pass_, method, inputs, full, single_ms[key]
+                )
+            except Exception as err:
+                if not guarded:
+                    raise
+                row, prepared = (
                     _record(
-                        case, pass_, method.name, world, status="skipped: " + "; ".join(reasons)
-                    )
+                        case,
+                        pass_,
+                        method.name,
+                        world,
+                        status=f"FAILED: {type(err).__name__}: {err}"[:200],
+                    ),
+                    None,
                 )
-                continue
-            prepared = method.prepare(case, inputs)
-            err = _max_err(prepared.local_results(backward, full), device)
-            run = partial(_run, prepared, backward)
-            ms = _time_ms(run, cfg.repeats, cfg.warmup, device)
-            rows.append(
-                _record(
-                    case,
-                    pass_,
-                    method.name,
-                    world,
-                    ms=ms,
-                    efficiency=t1 / (world * ms),
-                    tflops_per_device=work / (world * ms) / 1e9,
-                    peak_extra_gb=_peak_extra_gb(run, device),
-                    max_rel_err=err,
-                    status="ok" if err <= tolerance(case.dtype) else "FAILED: wrong result",
+            ctx.report(("record", row))
+            if (
+                prepared is not None
+                and case.name == "llama2-mha"
+                and case.seq == cfg.timeline_seq
+                and isinstance(method, StrategyMethod)
+            ):
+                timelines[f"{method.name} {pass_} {case.label}"] = _timeline(
+                    ctx, prepared, backward
                 )
-            )
-            if case.name == "llama2-mha" and case.seq == cfg.timeline_seq:
-                title = f"{method.name} {pass_} {case.label}"
-                timelines[title] = _timeline(ctx, prepared, backward)
-    return rows
+            del prepared
+        del full
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _run(prepared, backward: bool, index: int) -> None:
@@ -226,18 +270,23 @@ def _timeline(ctx: WorkerContext, prepared, backward: bool) -> list[dict]:
     return [s for part in gathered for s in part]
 
 
-def bench_worker(ctx: WorkerContext, cfg: BenchConfig, methods: list[Method]) -> dict:
-    """Runs on every rank; rank 0's result holds the records and timelines."""
+def bench_worker(
+    ctx: WorkerContext, cfg: BenchConfig, methods: list[Method], peers: list[Method]
+) -> dict:
+    """Runs on every rank. Records stream to the parent as ("record", row) messages;
+    rank 0's return value holds the timelines. Our methods run first over every
+    case, then the peers, so a peer that fails cannot cost our rows."""
     cases = cases_for(
         ctx.device.type,
         list(cfg.case_names) if cfg.case_names else None,
         list(cfg.seqs) if cfg.seqs else None,
     )
-    progress = [0, len(cases) * len(cfg.passes) * (len(methods) + 1)]
-    records: list[dict] = []
+    progress = [0, len(cases) * len(cfg.passes) * (len(methods) + len(peers))]
     timelines: dict[str, list[dict]] = {}
-    for case in cases:
-        records.extend(_case_rows(ctx, cfg, case, methods, progress, timelines))
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
-    return {"records": records, "timelines": timelines}
+    single_ms: dict[tuple[str, int, str], float] = {}
+    for group, guarded in ((methods, False), (peers, True)):
+        if not group:
+            continue
+        for case in cases:
+            _case_rows(ctx, cfg, case, group, progress, timelines, single_ms, guarded)
+    return {"timelines": timelines}
