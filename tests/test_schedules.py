@@ -12,7 +12,12 @@ from tokenring.options import Layout, Pass, Strategy
 from tokenring.schedules import build_schedule
 from tokenring.schedules.blocks import Block, Rel, cover, pair_relation, relations
 from tokenring.schedules.ir import Compute, SlotKind, Wait
-from tokenring.schedules.simulate import ScheduleError, expected_coverage, simulate
+from tokenring.schedules.simulate import (
+    ScheduleError,
+    check_stream_order,
+    expected_coverage,
+    simulate,
+)
 
 ALL = list(itertools.product(Strategy, Layout, (False, True), Pass))
 
@@ -26,7 +31,9 @@ def _schedules(strategy, layout, causal, pass_, world):
 )
 @pytest.mark.parametrize("world", list(range(1, 9)))
 def test_every_allowed_pair_is_computed_exactly_once(strategy, layout, causal, pass_, world):
-    sim = simulate(_schedules(strategy, layout, causal, pass_, world), layout)
+    scheds = _schedules(strategy, layout, causal, pass_, world)
+    check_stream_order(scheds)  # no deadlock when each lane runs its groups in order (NCCL)
+    sim = simulate(scheds, layout)
     for rank in range(world):
         for sub, cell in enumerate(sim.query_results[rank]):
             assert cell.row == (rank, sub), "query result rows hold another shard"
@@ -142,3 +149,39 @@ def test_causal_blocks_are_square():
                 for op in sched.ops:
                     if getattr(op, "causal", False):
                         assert (op.q.start, op.q.stop) == (op.kv.start, op.kv.stop)
+
+
+def test_stream_order_check_catches_a_receive_queued_before_the_send_its_peer_needs():
+    """Both ranks queue "receive" then "send" as separate groups on one lane: fine
+    for gloo (simulate accepts it), a deadlock for NCCL. This is the hang seen on
+    2 x H100 before the last-step pieces were posted as one group."""
+    from tokenring.schedules.builder import ScheduleBuilder
+    from tokenring.schedules.ir import Precision, Rows, SlotSpec, Transfer
+
+    scheds = []
+    for rank in range(2):
+        slots = {
+            "q": SlotSpec(SlotKind.QUERY, local=True),
+            "kv": SlotSpec(SlotKind.KV, local=True),
+            "acc": SlotSpec(SlotKind.QUERY_RESULT, Precision.ACCUM),
+            "part_in0": SlotSpec(SlotKind.QUERY_RESULT),
+        }
+        b = ScheduleBuilder("test", rank, 2, slots)
+        b.compute(
+            [Block(0, 2, 0, 2, True)],
+            q_slot="q",
+            kv_slot="kv",
+            q_out="acc",
+            kv_out=None,
+            step=0,
+            q_owner=rank,
+            kv_owner=rank,
+        )
+        recv = b.post("in", 0, [Transfer(Rows("part_in0"), 1 - rank, send=False, lane=1)])
+        send = b.post("out", 0, [Transfer(Rows("acc"), 1 - rank, send=True, lane=1)])
+        b.wait(recv, 1)
+        b.wait(send, 1)
+        scheds.append(b.build("acc", None))
+    simulate(scheds, Layout.CONTIGUOUS)  # gloo semantics: runs
+    with pytest.raises(ScheduleError, match="deadlock under NCCL stream order"):
+        check_stream_order(scheds)

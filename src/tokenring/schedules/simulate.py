@@ -225,3 +225,92 @@ def expected_coverage(world: int, causal: bool, chunk: int, *, kv_side: bool = F
         if rel is not Rel.NONE:
             out[(other, rel)] += 1
     return out
+
+
+def check_stream_order(schedules: list[Schedule]) -> None:
+    """Raise ScheduleError if the schedules can deadlock under NCCL's execution model.
+
+    ``simulate`` treats transfers like gloo (posted operations progress on
+    their own). On NCCL each lane is a stream that runs its groups in order;
+    a group starts once the compute stream has reached the point where it was
+    posted, and its transfers complete only when every peer group holding
+    the matching operation has started too. A ``Wait`` makes the compute
+    stream wait for its groups. A receive-only group queued ahead of the send
+    its peer is waiting for deadlocks here although gloo would run it.
+    """
+    # Per rank: items on each stream. An item is a dict with its stream, its
+    # dependencies (item ids) and, for transfer groups, its operations.
+    items: list[list[dict]] = []
+    for sched in schedules:
+        rank_items: list[dict] = []
+        last_compute: int | None = None
+        groups: dict[str, list[int]] = {}
+        for op in sched.ops:
+            if isinstance(op, Post):
+                for lane in sorted({t.lane for t in op.transfers}):
+                    rank_items.append(
+                        {
+                            "stream": f"lane{lane}",
+                            "deps": [] if last_compute is None else [last_compute],
+                            "ops": [(t.peer, t.send) for t in op.transfers if t.lane == lane],
+                            "lane": lane,
+                            "label": f"{op.handle} (lane {lane})",
+                        }
+                    )
+                    groups.setdefault(op.handle, []).append(len(rank_items) - 1)
+            else:
+                deps = groups.pop(op.handle, []) if isinstance(op, Wait) else []
+                if last_compute is not None:
+                    deps = [*deps, last_compute]
+                rank_items.append({"stream": "compute", "deps": deps, "ops": [], "label": op})
+                last_compute = len(rank_items) - 1
+        items.append(rank_items)
+    # Pair every send with its receive: the k-th send r -> p on a lane meets the
+    # k-th receive at p from r on that lane.
+    queues: dict[tuple[int, int, int, bool], deque] = defaultdict(deque)
+    for rank, rank_items in enumerate(items):
+        for idx, item in enumerate(rank_items):
+            for peer, is_send in item["ops"]:
+                src, dst = (rank, peer) if is_send else (peer, rank)
+                queues[(src, dst, item["lane"], is_send)].append((rank, idx))
+    partners: dict[tuple[int, int], set[tuple[int, int]]] = defaultdict(set)
+    for (src, dst, lane, is_send), sends in list(queues.items()):
+        if not is_send:
+            continue
+        recvs = queues.get((src, dst, lane, False), deque())
+        if len(recvs) != len(sends):
+            raise ScheduleError(
+                f"lane {lane}: {len(sends)} sends {src}->{dst}, {len(recvs)} receives"
+            )
+        for s, r in zip(sends, recvs):
+            partners[s].add(r)
+            partners[r].add(s)
+    started: set[tuple[int, int]] = set()
+    done: set[tuple[int, int]] = set()
+    progress = True
+    while progress:
+        progress = False
+        for rank, rank_items in enumerate(items):
+            for idx, item in enumerate(rank_items):
+                key = (rank, idx)
+                if key in done:
+                    continue
+                earlier = [i for i in range(idx) if rank_items[i]["stream"] == item["stream"]]
+                if any((rank, i) not in done for i in earlier):
+                    continue
+                if any((rank, d) not in done for d in item["deps"]):
+                    continue
+                if key not in started:
+                    started.add(key)
+                    progress = True
+                if all(p in started for p in partners.get(key, ())):
+                    done.add(key)
+                    progress = True
+    stuck = [
+        f"rank {rank}: {item['label']}"
+        for rank, rank_items in enumerate(items)
+        for idx, item in enumerate(rank_items)
+        if (rank, idx) not in done and item["ops"]
+    ]
+    if stuck:
+        raise ScheduleError("deadlock under NCCL stream order: " + "; ".join(stuck[:6]))

@@ -146,19 +146,15 @@ def tokenring_schedule(
             )
             continue
         # The last remote step streams its result back one query sub-chunk at a time:
-        # every piece but the last travels while the next one computes, so only the
-        # last piece's return is left after the final block (the tail).
+        # the first piece travels while the second computes, so only the last piece's
+        # return is left after the final block (the tail). The first piece's send and
+        # the receive of my own first piece go in one group, posted on every rank at
+        # the same point (after its first piece): NCCL runs a lane's groups in order,
+        # and a receive-only group queued ahead of a send the peer waits for would
+        # deadlock (test_schedules checks this with NCCL's ordering).
         out_pieces = _pieces(_span(mine), split=True)
         in_pieces = _pieces(_span(needed(r, b.peer(-t))), split=True)
-        early_wait = b.post(
-            f"part@{t}.in",
-            t,
-            [
-                Transfer(Rows(f"part_in{t % 2}", a, z), b.peer(-t), send=False, lane=RESULT_LANE)
-                for a, z in in_pieces[:-1]
-            ],
-        )
-        for n, (a, z) in enumerate(out_pieces):
+        for n, (a, z) in enumerate(out_pieces or [(0, 0)]):
             piece = [e for e in mine if a <= e[0] < z]
             b.compute(
                 cover(piece),
@@ -170,12 +166,17 @@ def tokenring_schedule(
                 q_owner=owner,
                 kv_owner=r,
             )
-            if n < len(out_pieces) - 1:
-                result_wait[-n - 1] = b.post(
-                    f"part@{t}.out{n}",
-                    t,
-                    [Transfer(Rows(f"part{t % 2}", a, z), owner, send=True, lane=RESULT_LANE)],
-                )
+            if n == 0:
+                early = [
+                    Transfer(Rows(f"part{t % 2}", a0, z0), owner, send=True, lane=RESULT_LANE)
+                    for a0, z0 in out_pieces[:-1]
+                ] + [
+                    Transfer(
+                        Rows(f"part_in{t % 2}", a0, z0), b.peer(-t), send=False, lane=RESULT_LANE
+                    )
+                    for a0, z0 in in_pieces[:-1]
+                ]
+                early_wait = b.post(f"part@{t}.early", t, early)
 
     tail = P
     if P >= 2:
@@ -187,8 +188,6 @@ def tokenring_schedule(
     if P >= 3:
         b.wait(result_wait.pop(last), tail)
         merge_partial(last - 1, tail)
-    for key in sorted(k for k in result_wait if k < 0):
-        b.wait(result_wait.pop(key), tail)
     if P >= 2:
         b.wait(early_wait, tail)
         for a, z in _pieces(_span(needed(r, b.peer(-last))), split=True)[:-1]:
