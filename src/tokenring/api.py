@@ -158,7 +158,8 @@ def _call_key(q, k, v, group, options: tuple) -> tuple | None:
 def _cached_plan(q, k, v, group, **options) -> _Plan:
     """``_plan`` for this call, reused for later calls with the same shapes and options
     (the checks and the cross-rank exchange then run once per distinct call)."""
-    key = _call_key(q, k, v, group, tuple(sorted(options.items())))
+    # keyed by type too: causal=1 must not reuse the plan of causal=True (1 == True)
+    key = _call_key(q, k, v, group, tuple((n, type(v_), v_) for n, v_ in sorted(options.items())))
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         plan = _plan(q, k, v, group=group, **options)

@@ -28,6 +28,7 @@ DEFAULT_TIMEOUT = timedelta(seconds=float(os.environ.get("TOKENRING_TIMEOUT_S", 
 """How long a transfer may wait for its peer before raising (``TOKENRING_TIMEOUT_S`` overrides)."""
 
 _CACHE: dict[tuple[str, int], Lanes] = {}
+_DESTROYED: set[tuple[str, int]] = set()  # sub-group lanes that cannot be made again
 
 
 def group_ranks(group: dist.ProcessGroup | None) -> list[int]:
@@ -65,6 +66,12 @@ def get_lanes(
     lanes = _CACHE.get(key)
     if lanes is not None:
         return lanes
+    if key in _DESTROYED:
+        raise RuntimeError(
+            "the lanes of this sub-group were destroyed (destroy_lanes); torch would give new "
+            "ones the same names and their creation would hang, so they cannot be made again "
+            "in this process: call destroy_lanes only at shutdown"
+        )
     ranks = group_ranks(parent)
     backend = dist.get_backend(parent)
     whole_world = len(ranks) == dist.get_world_size()
@@ -94,6 +101,8 @@ def setup_lanes(group: dist.ProcessGroup | None = None) -> None:
 def destroy_lanes() -> None:
     """Destroy every lane process group this library created."""
     while _CACHE:
-        _, lanes = _CACHE.popitem()
+        key, lanes = _CACHE.popitem()
+        if len(lanes.global_ranks) != dist.get_world_size():
+            _DESTROYED.add(key)
         for pg in lanes.groups:
             dist.destroy_process_group(pg)

@@ -100,6 +100,8 @@ def _shape_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
         return f"head_dim mismatch: q has {q.shape[3]}, k has {k.shape[3]}"
     if v.shape[3] != q.shape[3]:
         return f"head_dim mismatch: q has {q.shape[3]}, v has {v.shape[3]}"
+    if k.shape[2] == 0:
+        return f"k must not be empty, got shape {tuple(k.shape)}"
     if q.shape[2] % k.shape[2]:
         return f"heads_q ({q.shape[2]}) must be a multiple of heads_kv ({k.shape[2]})"
     if q.shape[0] == 0 or q.shape[2] == 0 or q.shape[3] == 0:
@@ -140,7 +142,10 @@ def check_local(
         _enum_problem(Layout, layout, "layout"),
         _enum_problem(Strategy, strategy, "strategy"),
         ""
-        if scale is None or (isinstance(scale, (int, float)) and math.isfinite(scale))
+        if scale is None
+        or (
+            isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+        )
         else f"softmax_scale must be a finite number or None, got {scale!r}",
     ]
     if shapes_ok and _name(layout) == Layout.ZIGZAG.value and q.shape[1] % 2:
