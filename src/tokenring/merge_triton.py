@@ -24,10 +24,10 @@ def _merge_kernel(
     sp_b, sp_l, sp_h, spl_b, spl_h, spl_l,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # Every per-row quantity is kept as a [BLOCK_R, 1] tile, never a 1-D vector
-    # broadcast later: a 1-D -> 2-D layout conversion here miscompiled on H100
-    # with Triton 3.6 (wrong weights in the last rows of some tiles, 16-bit
-    # partials only; see benchmarks/merge_debug.py and RESULTS.md).
+    # Per-row quantities are [BLOCK_R, 1] tiles. Open problem: on the H100 with
+    # Triton 3.6 a few rows still come out wrong in some runs and configurations
+    # (the lse is right, the output row is not), which points at a race or a
+    # miscompile not yet found; benchmarks/merge_debug.py reproduces it. Opt-in only.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     row_ok = rows < n_rows
     b = rows // (seq * heads)
