@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from .comm import Lanes, get_lanes
+from .comm import Lanes, get_lanes, group_world
 from .executor import Problem, run_backward, run_forward
 from .kernels import BlockSpec, KernelBackend, select_kernel
 from .options import Layout, Pass, Strategy, parse_enum
@@ -75,22 +75,11 @@ class _Plan:
         return select_kernel(self.kernel_choice, spec)
 
 
-def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise ValueError("group was given but torch.distributed is not initialized")
-        return 1, 0
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this rank is not a member of the given group")
-    return dist.get_world_size(group), rank
-
-
 def _plan(
     q, k, v, *, strategy, causal, softmax_scale, layout, group, kernel, deterministic
 ) -> _Plan:
     """Check the call on every rank (same error everywhere) and decide how to run it."""
-    world, rank = _world(group)
+    world, rank = group_world(group)
     info = check_local(
         q, k, v, causal=causal, layout=layout, strategy=strategy, kernel=kernel, scale=softmax_scale
     )

@@ -22,13 +22,33 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT", "Lanes", "destroy_lanes", "get_lanes", "group_ranks", "setup_lanes"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Lanes",
+    "destroy_lanes",
+    "get_lanes",
+    "group_ranks",
+    "group_world",
+    "setup_lanes",
+]
 
 DEFAULT_TIMEOUT = timedelta(seconds=float(os.environ.get("TOKENRING_TIMEOUT_S", 300)))
 """How long a transfer may wait for its peer before raising (``TOKENRING_TIMEOUT_S`` overrides)."""
 
 _CACHE: dict[tuple[str, int], Lanes] = {}
 _DESTROYED: set[tuple[str, int]] = set()  # sub-group lanes that cannot be made again
+
+
+def group_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(world size, rank) of ``group``; (1, 0) when torch.distributed is not initialized."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("group was given but torch.distributed is not initialized")
+        return 1, 0
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this rank is not a member of the given group")
+    return dist.get_world_size(group), rank
 
 
 def group_ranks(group: dist.ProcessGroup | None) -> list[int]:

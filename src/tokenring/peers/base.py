@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..comm import group_world
 from ..layouts import chunk_ids
 from ..options import Layout
 
@@ -197,18 +198,6 @@ class PeerState:
         return self.order[self.rank * length : (self.rank + 1) * length]
 
 
-def process_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """(world size, rank) of ``group``; (1, 0) when torch.distributed is not initialized."""
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise ValueError("group was given but torch.distributed is not initialized")
-        return 1, 0
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this rank is not a member of the given group")
-    return dist.get_world_size(group), rank
-
-
 def require_distributed(name: str) -> None:
     """Raise a ValueError unless torch.distributed is initialized (peers are collective)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -270,7 +259,7 @@ class Peer(ABC):
         listing every reason if the peer cannot run this case, and ValueError for
         malformed inputs; the same on every rank.
         """
-        world, rank = process_world(group)
+        world, rank = group_world(group)
         case = PeerCase.from_tensors(
             q, k, v, causal=causal, backward=grad_out is not None, world=world
         )

@@ -36,12 +36,9 @@ def _span(elements: list[Element]) -> tuple[int, int]:
     return (rows[0], rows[-1] + 1)
 
 
-def _pieces(span: tuple[int, int], split: bool) -> list[tuple[int, int]]:
-    """The query sub-chunk ranges a block's result is sent in (one per sub-chunk if split)."""
-    lo, hi = span
-    if hi <= lo:
-        return []
-    return [(i, i + 1) for i in range(lo, hi)] if split else [span]
+def _pieces(span: tuple[int, int]) -> list[tuple[int, int]]:
+    """The query sub-chunks of ``span``: the pieces the last step's result is sent in."""
+    return [(i, i + 1) for i in range(*span)]
 
 
 def tokenring_schedule(
@@ -133,9 +130,10 @@ def tokenring_schedule(
         owner = b.peer(t)
         b.reset(f"part{t % 2}")
         mine = needed(owner, r)
-        if t < last:
+
+        def visit(elements, t=t, owner=owner):
             b.compute(
-                cover(mine),
+                cover(elements),
                 q_slot=f"q_in{t % 2}",
                 kv_slot="kv",
                 q_out=f"part{t % 2}",
@@ -144,6 +142,9 @@ def tokenring_schedule(
                 q_owner=owner,
                 kv_owner=r,
             )
+
+        if t < last:
+            visit(mine)
             continue
         # The last remote step streams its result back one query sub-chunk at a time:
         # the first piece travels while the second computes, so only the last piece's
@@ -152,20 +153,10 @@ def tokenring_schedule(
         # the same point (after its first piece): NCCL runs a lane's groups in order,
         # and a receive-only group queued ahead of a send the peer waits for would
         # deadlock (test_schedules checks this with NCCL's ordering).
-        out_pieces = _pieces(_span(mine), split=True)
-        in_pieces = _pieces(_span(needed(r, b.peer(-t))), split=True)
+        out_pieces = _pieces(_span(mine))
+        in_pieces = _pieces(_span(needed(r, b.peer(-t))))
         for n, (a, z) in enumerate(out_pieces or [(0, 0)]):
-            piece = [e for e in mine if a <= e[0] < z]
-            b.compute(
-                cover(piece),
-                q_slot=f"q_in{t % 2}",
-                kv_slot="kv",
-                q_out=f"part{t % 2}",
-                kv_out=kv_out,
-                step=t,
-                q_owner=owner,
-                kv_owner=r,
-            )
+            visit([e for e in mine if a <= e[0] < z])
             if n == 0:
                 early = [
                     Transfer(Rows(f"part{t % 2}", a0, z0), owner, send=True, lane=RESULT_LANE)
@@ -180,8 +171,8 @@ def tokenring_schedule(
 
     tail = P
     if P >= 2:
-        out_last = _pieces(_span(needed(b.peer(last), r)), split=True)[-1:] or [(0, 0)]
-        in_last = _pieces(_span(needed(r, b.peer(-last))), split=True)[-1:] or [(0, 0)]
+        out_last = _pieces(_span(needed(b.peer(last), r)))[-1:] or [(0, 0)]
+        in_last = _pieces(_span(needed(r, b.peer(-last))))[-1:] or [(0, 0)]
         result_wait[tail] = b.post(
             f"part@{tail}", tail, result_transfers(last, out_last[0], in_last[0])
         )
@@ -190,7 +181,7 @@ def tokenring_schedule(
         merge_partial(last - 1, tail)
     if P >= 2:
         b.wait(early_wait, tail)
-        for a, z in _pieces(_span(needed(r, b.peer(-last))), split=True)[:-1]:
+        for a, z in _pieces(_span(needed(r, b.peer(-last))))[:-1]:
             merge_partial(last, tail, (a, z))
         b.wait(result_wait.pop(tail), tail)
         merge_partial(last, tail, in_last[0])
