@@ -63,6 +63,7 @@ class Lanes:
     groups: list[dist.ProcessGroup]
     global_ranks: list[int]
     backend: str
+    timeout: timedelta
 
     def post(
         self, transfers: list[tuple[torch.Tensor, int, bool, int]]
@@ -108,7 +109,7 @@ def get_lanes(
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
     for pg in groups:  # initialise every communicator now, with all ranks present
         dist.all_reduce(torch.zeros(1, device=device), group=pg)
-    lanes = Lanes(groups, ranks, backend)
+    lanes = Lanes(groups, ranks, backend, timeout)
     _CACHE[key] = lanes
     return lanes
 

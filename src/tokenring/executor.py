@@ -39,7 +39,7 @@ from .options import Pass
 from .schedules.ir import Compute, Merge, Post, Precision, Rows, Schedule, SlotKind, Wait
 from .timeline import Recorder
 
-__all__ = ["Problem", "run_backward", "run_forward", "to_rowmajor"]
+__all__ = ["Problem", "TransferFailed", "run_backward", "run_forward", "to_rowmajor"]
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,8 @@ def _execute(
     recorder: Recorder | None,
 ) -> None:
     problem = slots.problem
-    pending: dict[str, list] = {}
+    pending: dict[str, dict] = {}
+    posts: dict[str, Post] = {}
     if recorder:
         recorder.phase = pass_.value
     for op in schedule.ops:
@@ -180,12 +181,11 @@ def _execute(
             token = recorder.comm_start(op, tensors, kinds) if recorder else None
             works = lanes.post(tensors)
             pending[op.handle] = works
+            posts[op.handle] = op
             if recorder:
                 recorder.comm_posted(token, works)
         elif isinstance(op, Wait):
-            for works in pending.pop(op.handle).values():
-                for work in works:
-                    work.wait()
+            _wait(schedule, pass_, posts.pop(op.handle), pending.pop(op.handle), lanes)
             if recorder:
                 recorder.comm_waited(op.handle)
         elif isinstance(op, Compute):
@@ -205,6 +205,34 @@ def _execute(
             _merge(slots, op, pass_)
     if pending:
         raise AssertionError(f"schedule left transfers unwaited: {sorted(pending)}")
+
+
+class TransferFailed(RuntimeError):
+    """A transfer with a peer failed or timed out; says which rank, step and peers."""
+
+
+def _wait(schedule: Schedule, pass_: Pass, post: Post, works: dict, lanes: Lanes) -> None:
+    """Wait for one Post's transfers; a failure names this rank, the step and the peers.
+
+    On gloo the host blocks here, bounded by the lanes' timeout (gloo's point-to-point
+    waits have none of their own). On NCCL ``wait()`` only orders the compute stream
+    after the transfer; NCCL's watchdog enforces the process group's timeout.
+    """
+    try:
+        for lane_works in works.values():
+            for work in lane_works:
+                if lanes.backend == "gloo":
+                    work.wait(lanes.timeout)
+                else:
+                    work.wait()
+    except RuntimeError as err:
+        peers = sorted({t.peer for t in post.transfers})
+        raise TransferFailed(
+            f"tokenring {schedule.strategy} {pass_.value}: rank {schedule.rank} of "
+            f"{schedule.world}, step {post.step}, transfer {post.handle!r} with group "
+            f"rank(s) {peers} failed (a peer died, or did not reach this step within the "
+            f"timeout, TOKENRING_TIMEOUT_S): {err}"
+        ) from err
 
 
 def _compute_forward(slots: _Slots, op: Compute, kernel: KernelBackend, problem: Problem) -> None:

@@ -1,0 +1,77 @@
+"""A rank that dies in the middle of a call: the others raise, naming the step and
+the peer, within the transfer timeout, and the processes exit cleanly."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+
+import pytest
+import torch
+
+from pool import free_port
+
+TIMEOUT_S = 10  # TOKENRING_TIMEOUT_S for this test's workers
+
+
+def _worker(rank: int, world: int, port: int, results) -> None:
+    os.environ["TOKENRING_TIMEOUT_S"] = str(TIMEOUT_S)
+    import torch.distributed as dist
+
+    import tokenring as tr
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    q = torch.randn(1, 64, 4, 16)
+    tr.token_ring_attn(q, q, q, causal=True, layout="zigzag")  # agreed: the next call skips checks
+    dist.barrier()
+    if rank == world - 1:
+        os._exit(17)  # dies instead of making its second call
+    start = time.monotonic()
+    try:
+        tr.token_ring_attn(q, q, q, causal=True, layout="zigzag")
+        results.put((rank, "no error", time.monotonic() - start))
+    except RuntimeError as err:
+        results.put((rank, f"{type(err).__name__}: {err}", time.monotonic() - start))
+    results.close()
+    results.join_thread()  # flush the report before leaving without teardown
+    os._exit(0)  # the process group cannot be torn down cleanly with a dead peer
+
+
+@pytest.mark.timeout(120)
+def test_survivors_raise_naming_step_and_peer_when_a_rank_dies():
+    world = 3
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, results), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    reports = {}
+    try:
+        while len(reports) < world - 1:
+            rank, message, seconds = results.get(timeout=TIMEOUT_S + 60)
+            reports[rank] = (message, seconds)
+    except queue.Empty:
+        pytest.fail(f"survivors did not report within the timeout; got {reports}")
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode is not None for p in procs), "a worker process was left running"
+    assert procs[-1].exitcode == 17
+    for rank, (message, seconds) in reports.items():
+        assert message.startswith("TransferFailed: tokenring tokenring forward"), message
+        assert f"rank {rank} of {world}, step " in message, message
+        assert "group rank(s) [" in message, message
+        assert seconds <= TIMEOUT_S + 5, f"rank {rank} took {seconds:.1f}s to notice"
+    # the rank that talks to the dead one directly must name it
+    assert any(f"{world - 1}]" in m or f", {world - 1}" in m for m, _ in reports.values()), reports
