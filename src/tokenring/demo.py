@@ -19,6 +19,7 @@ import torch.distributed as dist
 from .api import attention
 from .launch import WorkerContext
 from .layouts import shard
+from .metrics import max_over_ranks, rel_err
 from .options import Layout, Strategy
 from .timeline import Recorder
 
@@ -57,19 +58,6 @@ def _reference(q, k, v, causal: bool):
     return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), vx), lse
 
 
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, e = actual.double(), expected.double()
-    if torch.isnan(a).any():
-        return float("inf")
-    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
-
-
-def _max_over_ranks(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -100,8 +88,8 @@ def _run_case(
         ql, kl, vl, strategy=strategy, causal=causal, layout=layout, return_lse=True
     )
     grads = torch.autograd.grad(out, (ql, kl, vl), local(do))
-    out_err = max(_rel_err(out, local(ref_out.detach())), _rel_err(lse, local(ref_lse.detach(), 2)))
-    grad_err = max(_rel_err(gr, local(r)) for gr, r in zip(grads, ref_grads))
+    out_err = max(rel_err(out, local(ref_out.detach())), rel_err(lse, local(ref_lse.detach(), 2)))
+    grad_err = max(rel_err(gr, local(r)) for gr, r in zip(grads, ref_grads))
 
     times = []
     with torch.no_grad():
@@ -115,8 +103,8 @@ def _run_case(
         "strategy": strategy.value,
         "layout": layout.value,
         "causal": causal,
-        "out_err": _max_over_ranks(out_err, device),
-        "grad_err": _max_over_ranks(grad_err, device),
+        "out_err": max_over_ranks(out_err, device),
+        "grad_err": max_over_ranks(grad_err, device),
         "ms": 1e3 * statistics.median(times[1:]),
     }
 

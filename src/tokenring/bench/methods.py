@@ -10,7 +10,6 @@ sharding. Peers (other libraries) follow the same shape (``peers/``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -141,9 +140,6 @@ class SingleDevice:
     """The whole sequence on one device with the best local kernel: T1 of the efficiency."""
 
     name: str = "single-device"
-    choose: Callable[[BlockSpec], KernelBackend] = field(
-        default=lambda spec: select_kernel("auto", spec)
-    )
 
     def not_supported_reasons(self, case: Case, world: int, backward: bool) -> list[str]:
         return []
@@ -159,7 +155,7 @@ class SingleDevice:
             case.causal,
             backward=True,
         )
-        return self.choose(spec)
+        return select_kernel("auto", spec)
 
     def prepare(self, case: Case, inputs: GlobalInputs, backward: bool = True) -> _Single:
         device = inputs.sets[0][0].device

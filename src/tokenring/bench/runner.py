@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..launch import WorkerContext
+from ..metrics import max_over_ranks, rel_err
 from ..timeline import Recorder
 from .cases import PASSES, Case, cases_for, flops
 from .methods import GlobalInputs, Method, SingleDevice
@@ -82,18 +83,8 @@ def _peak_extra_gb(fn, device: torch.device) -> float:
 
 
 def _max_err(pieces, device) -> float:
-    worst = 0.0
-    for _, ours, expected in pieces:
-        a, e = ours.double(), expected.double()
-        err = (
-            float("inf")
-            if torch.isnan(a).any()
-            else ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
-        )
-        worst = max(worst, err)
-    t = torch.tensor([worst], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    """Worst relative error over every (name, ours, expected) piece and every rank."""
+    return max_over_ranks(max((rel_err(a, e) for _, a, e in pieces), default=0.0), device)
 
 
 def _inputs(case: Case, sets: int, device: torch.device, seed: int = 0) -> GlobalInputs:

@@ -67,11 +67,10 @@ class ScheduleBuilder:
         step: int,
         q_owner: int,
         kv_owner: int,
-        q_out_offset: int = 0,
     ) -> None:
-        """Emit one Compute per block. ``q_out_offset`` shifts the result rows."""
+        """Emit one Compute per block, writing results at the same rows of the out slots."""
         for b in blocks:
-            out_rows = Rows(q_out, b.q0 + q_out_offset, b.q1 + q_out_offset)
+            out_rows = Rows(q_out, b.q0, b.q1)
             kv_rows = Rows(kv_out, b.k0, b.k1) if kv_out is not None else None
             self.ops.append(
                 Compute(
@@ -95,9 +94,7 @@ class ScheduleBuilder:
             raise AssertionError(f"schedule bug: merge into unwritten rows {dst}")
         self.ops.append(Merge(src, dst, step))
 
-    def build(
-        self, query_result: str, kv_result: str | None, notes: tuple[str, ...] = ()
-    ) -> Schedule:
+    def build(self, query_result: str, kv_result: str | None) -> Schedule:
         if self._posted:
             raise AssertionError(f"schedule bug: handles never waited: {sorted(self._posted)}")
         return Schedule(
@@ -108,5 +105,4 @@ class ScheduleBuilder:
             ops=tuple(self.ops),
             query_result=query_result,
             kv_result=kv_result,
-            notes=notes,
         )

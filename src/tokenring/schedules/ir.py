@@ -22,7 +22,7 @@ timeline labels come from them and the executor runs them unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
 
@@ -149,8 +149,6 @@ class Schedule:
     ops: tuple[Op, ...]
     query_result: str
     kv_result: str | None = None
-    lanes: int = 2
-    notes: tuple[str, ...] = field(default=())
 
     @cached_property
     def used_slots(self) -> frozenset[str]:
@@ -167,7 +165,3 @@ class Schedule:
         if self.kv_result is not None:
             names.add(self.kv_result)
         return frozenset(names)
-
-    @property
-    def steps(self) -> int:
-        return 1 + max((op.step for op in self.ops), default=0)
