@@ -198,6 +198,15 @@ class PeerState:
         return self.order[self.rank * length : (self.rank + 1) * length]
 
 
+def ulysses_reasons(case: PeerCase) -> list[str]:
+    """Why a Ulysses (all-to-all over heads) peer cannot split this case's heads."""
+    return [
+        f"Ulysses needs {what} heads ({heads}) divisible by the world size ({case.world})"
+        for what, heads in (("query", case.heads_q), ("key/value", case.heads_kv))
+        if heads % case.world
+    ]
+
+
 def require_distributed(name: str) -> None:
     """Raise a ValueError unless torch.distributed is initialized (peers are collective)."""
     if not (dist.is_available() and dist.is_initialized()):

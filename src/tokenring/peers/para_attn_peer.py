@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..options import Layout
-from .base import Peer, PeerCase, Runner, divisibility_reasons, require_distributed
+from .base import Peer, PeerCase, Runner, divisibility_reasons, require_distributed, ulysses_reasons
 
 __all__ = ["PARA_ATTN_MODES", "ParaAttention"]
 
@@ -87,12 +87,7 @@ class ParaAttention(Peer):
                     "for para-attn's ring"
                 )
         else:
-            for what, heads in (("query", case.heads_q), ("key/value", case.heads_kv)):
-                if heads % case.world:
-                    reasons.append(
-                        f"Ulysses needs {what} heads ({heads}) divisible by the world size "
-                        f"({case.world})"
-                    )
+            reasons += ulysses_reasons(case)
         reasons += divisibility_reasons(self.layout(case), case)
         return reasons
 

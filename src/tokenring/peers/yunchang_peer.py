@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..options import Layout
-from .base import Peer, PeerCase, Runner, divisibility_reasons, require_distributed
+from .base import Peer, PeerCase, Runner, divisibility_reasons, require_distributed, ulysses_reasons
 
 __all__ = ["YUNCHANG_ATTN_TYPES", "YUNCHANG_MODES", "YunchangAttention"]
 
@@ -130,12 +130,7 @@ class YunchangAttention(Peer):
                 f"dtype {str(case.dtype).removeprefix('torch.')} not in {names} ({self.attn_type})"
             )
         if self.mode == "ulysses":
-            for what, heads in (("query", case.heads_q), ("key/value", case.heads_kv)):
-                if heads % case.world:
-                    reasons.append(
-                        f"Ulysses needs {what} heads ({heads}) divisible by the world size "
-                        f"({case.world})"
-                    )
+            reasons += ulysses_reasons(case)
         reasons += divisibility_reasons(self.layout(case), case)
         return reasons
 
