@@ -154,3 +154,18 @@ def traffic_case(w, *, world, strategy, layout, causal, heads, dtype, batch, seq
     )
     torch.autograd.grad(out, parts, tr.shard(do, layout=layout, group=group))
     return {f"{phase}/{kind}": n for (phase, kind), n in recorder.sent_bytes.items()}
+
+
+def timeline_case(w, *, world: int, strategy: str) -> list[dict]:
+    """One forward+backward recorded step by step; the spans as dicts."""
+    from tokenring.timeline import Recorder
+
+    group = w.group(world)
+    q, k, v, do = make_inputs(9, 1, 8 * world, (4, 2), 16, torch.float32)
+    parts = [tr.shard(t, layout="zigzag", group=group).requires_grad_() for t in (q, k, v)]
+    recorder = Recorder(w.rank, q.device)
+    out = tr.attention(
+        *parts, strategy=strategy, causal=True, layout="zigzag", group=group, recorder=recorder
+    )
+    torch.autograd.grad(out, parts, tr.shard(do, layout="zigzag", group=group))
+    return [s.as_dict() for s in recorder.spans()]

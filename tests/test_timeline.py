@@ -1,0 +1,34 @@
+"""The measured timeline: every compute block and transfer of both passes, in order."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_cases import timeline_case
+from tokenring.options import Layout, Pass, Strategy
+from tokenring.schedules import build_schedule
+from tokenring.schedules.ir import Compute, Post
+from tokenring.timeline import Span, plot_timelines
+
+
+@pytest.mark.parametrize("strategy", ["tokenring", "ring"])
+def test_spans_cover_every_compute_and_transfer_of_the_schedule(pool, strategy, tmp_path):
+    world = 3
+    per_rank = pool.run(timeline_case, [dict(world=world, strategy=strategy)])[0]
+    for rank, spans in enumerate(per_rank):
+        for phase, pass_ in (("forward", Pass.FORWARD), ("backward", Pass.BACKWARD)):
+            sched = build_schedule(Strategy(strategy), Layout.ZIGZAG, world, rank, True, pass_)
+            mine = [s for s in spans if s["phase"] == phase]
+            computes = [s for s in mine if s["track"] == "compute"]
+            transfers = [s for s in mine if s["track"].startswith("lane")]
+            assert len(computes) == sum(isinstance(op, Compute) for op in sched.ops)
+            lanes = sum(
+                len({t.lane for t in op.transfers}) for op in sched.ops if isinstance(op, Post)
+            )
+            assert len(transfers) == lanes
+            assert all(0 <= s["start_ms"] <= s["end_ms"] for s in mine)
+            starts = [s["start_ms"] for s in computes]
+            assert starts == sorted(starts), "compute blocks run in schedule order"
+    path = tmp_path / "t.png"
+    plot_timelines({"test": [Span(**s) for s in per_rank[0]]}, str(path))
+    assert path.stat().st_size > 1000
