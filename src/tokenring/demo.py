@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .api import attention
-from .launch import WorkerContext
+from .launch import WorkerContext, sync_ranks
 from .layouts import shard
 from .metrics import max_over_ranks, rel_err
 from .options import Layout, Strategy
@@ -58,12 +58,6 @@ def _reference(q, k, v, causal: bool):
     return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), vx), lse
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    dist.barrier()
-
-
 def _run_case(
     ctx: WorkerContext, cfg: DemoConfig, strategy: Strategy, layout: Layout, causal: bool
 ):
@@ -94,10 +88,10 @@ def _run_case(
     times = []
     with torch.no_grad():
         for _ in range(cfg.repeats + 1):
-            _sync(device)
+            sync_ranks(device)
             start = time.perf_counter()
             attention(ql, kl, vl, strategy=strategy, causal=causal, layout=layout)
-            _sync(device)
+            sync_ranks(device)
             times.append(time.perf_counter() - start)
     return {
         "strategy": strategy.value,
@@ -117,7 +111,7 @@ def _timeline(ctx: WorkerContext, cfg: DemoConfig, strategy: Strategy) -> list[d
     kv = torch.randn(1, length, cfg.heads_kv, cfg.head_dim, generator=g).to(device, dtype)
     with torch.no_grad():
         attention(q, kv, kv, strategy=strategy, causal=True, layout="zigzag")  # warm-up
-        _sync(device)
+        sync_ranks(device)
         recorder = Recorder(ctx.rank, device)
         attention(q, kv, kv, strategy=strategy, causal=True, layout="zigzag", recorder=recorder)
         spans = [s.as_dict() for s in recorder.spans()]

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["WorkerContext", "WorkerFailed", "default_world", "run_local"]
+__all__ = ["WorkerContext", "WorkerFailed", "default_world", "run_local", "sync_ranks"]
 
 # Never let NCCL or PyTorch use NVLink multicast (NVLS): see docs/gpu-machines.md.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
@@ -45,6 +46,13 @@ class WorkerContext:
             self._messages.put(("message", 0, message))
 
 
+def sync_ranks(device: torch.device) -> None:
+    """Wait for this rank's device work, then for every rank (before timing a call)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+
+
 def default_world(cpu_workers: int = 4) -> tuple[int, str]:
     """(process count, backend) for this machine: every GPU with NCCL, else CPUs with gloo."""
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
@@ -62,8 +70,6 @@ def _worker(rank, world, backend, port, fn, args, messages, timeout_s) -> None:
     os.environ.update(SAFE_ENV)
     os.environ.setdefault("TOKENRING_TIMEOUT_S", str(int(timeout_s)))
     from datetime import timedelta
-
-    import torch.distributed as dist
 
     import tokenring
 

@@ -11,7 +11,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from ..launch import WorkerContext
+from ..launch import WorkerContext, sync_ranks
 from ..metrics import max_over_ranks, rel_err
 from ..timeline import Recorder
 from .cases import PASSES, Case, cases_for, flops
@@ -39,19 +39,13 @@ def tolerance(dtype: str) -> float:
     return 1e-4 if dtype == "float32" else 3e-2
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    dist.barrier()
-
-
 def _time_ms(fn, reps: int, warmup: int, device: torch.device) -> float:
     """Median over ``reps`` calls of the slowest rank's time per call, in ms."""
     for i in range(warmup):
         fn(i)
     times = []
     for i in range(reps):
-        _sync(device)
+        sync_ranks(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -253,7 +247,7 @@ def _run(prepared, backward: bool, index: int) -> None:
 def _timeline(ctx: WorkerContext, prepared, backward: bool) -> list[dict]:
     """One call recorded step by step on every rank, gathered (rank 0 keeps it)."""
     recorder = Recorder(ctx.rank, ctx.device)
-    _sync(ctx.device)
+    sync_ranks(ctx.device)
     prepared.run(0, backward, recorder)
     spans = [s.as_dict() for s in recorder.spans()]
     gathered: list = [None] * ctx.world
