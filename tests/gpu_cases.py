@@ -106,3 +106,49 @@ def distributed_cases(ctx, cases: list[dict]) -> list[dict]:
             baselines[key] = kernel_errors(case["kernel"], q, k, v, do, case["causal"])
         out.append({"case": case, "errors": errs, "single": baselines[key]})
     return out
+
+
+def soak_case(ctx, strategies: list[str], calls: int, warmup: int, seq: int) -> list[dict]:
+    """``calls`` forward+backward calls per strategy (causal zigzag, bf16, 32 heads, dim 128,
+    global length ``seq``); CUDA memory after ``warmup`` calls and at the end.
+
+    ``memory_allocated`` counts live tensors only, so a leak of any size shows as growth;
+    the peak is reset after warm-up, so a peak that creeps up over the calls shows too.
+    The last call must still agree with the first (a soak that degrades quietly fails).
+    """
+    mib = 2.0**20
+    q, k, v, do = _inputs(7, 1, seq, (32, 32), 128, torch.bfloat16, ctx.device)
+    local = [tr.shard(t, layout="zigzag") for t in (q, k, v, do)]
+    results = []
+    for strategy in strategies:
+        ctx.report(("soak", strategy, calls))
+
+        def one_call(strategy: str = strategy) -> list[torch.Tensor]:
+            parts = [t.detach().requires_grad_() for t in local[:3]]
+            out = tr.attention(*parts, strategy=strategy, causal=True, layout="zigzag")
+            return [out.detach(), *torch.autograd.grad(out, parts, local[3])]
+
+        first = last = one_call()
+        for _ in range(warmup - 1):
+            last = one_call()
+        # from here on the live set is the inputs, `first` and one call's results
+        torch.cuda.synchronize(ctx.device)
+        warm_peak = torch.cuda.max_memory_allocated(ctx.device)
+        before = torch.cuda.memory_allocated(ctx.device)
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+        for _ in range(calls - warmup):
+            last = one_call()
+        torch.cuda.synchronize(ctx.device)
+        results.append(
+            {
+                "strategy": strategy,
+                "calls": calls,
+                "allocated_before_mib": before / mib,
+                "allocated_after_mib": torch.cuda.memory_allocated(ctx.device) / mib,
+                "peak_warmup_mib": warm_peak / mib,
+                "peak_soak_mib": torch.cuda.max_memory_allocated(ctx.device) / mib,
+                "max_diff_vs_first": max(rel_err(a, b) for a, b in zip(last, first)),
+            }
+        )
+        del first, last
+    return results

@@ -138,6 +138,7 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
         seqs=tuple(args.seq) if args.seq else None,
         passes=tuple(args.passes),
         repeats=args.repeats,
+        timing=args.timing,
         timeline_seq=args.timeline_seq if backend == "nccl" else 256,
     )
     peers = [PeerMethod(p) for p in default_peers()]
@@ -177,7 +178,7 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
         except WorkerFailed as err:
             console.print(f"[red]bench failed:[/red] {err}\nrows so far: {partial_path}")
             return 1
-    env = environment(world, backend)
+    env = {**environment(world, backend), "timing": cfg.timing}
     result = {"records": records, "timelines": results[0]["timelines"]}
     console.print(table(records, f"tokenring bench on {world} x {env['card']}"))
     for kind, path in write_outputs(result, env, out_dir).items():
@@ -236,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="our strategies and peers to run (default: every one there is)",
     )
     bench.add_argument("--repeats", type=_positive, default=20, help="timed calls per row")
+    bench.add_argument(
+        "--timing",
+        choices=["steady", "isolated"],
+        default="steady",
+        help="steady: calls back to back, as in a training loop (host time hidden where the "
+        "GPU is busier); isolated: each call from idle ranks (host time exposed)",
+    )
     bench.add_argument(
         "--timeline-seq",
         type=_positive,

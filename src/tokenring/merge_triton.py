@@ -1,6 +1,6 @@
 """The LSE merge as one fused Triton kernel for CUDA tensors.
 
-``merge.merge_into`` on CUDA is a dozen elementwise kernels, each a full pass
+``merge.merge_into_torch`` is several elementwise kernels, two of them full passes
 over the float32 accumulator; this kernel reads the accumulator, the partial
 and both LSEs once and writes the accumulator once. Same maths and the same
 -inf / NaN behaviour as the reference version in ``merge.py`` (tested
@@ -24,10 +24,12 @@ def _merge_kernel(
     sp_b, sp_l, sp_h, spl_b, spl_h, spl_l,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # Per-row quantities are [BLOCK_R, 1] tiles. Open problem: on the H100 with
-    # Triton 3.6 a few rows still come out wrong in some runs and configurations
-    # (the lse is right, the output row is not), which points at a race or a
-    # miscompile not yet found; benchmarks/merge_debug.py reproduces it. Opt-in only.
+    # Per-row quantities are [BLOCK_R, 1] tiles, which Triton replicates across
+    # threads of several warps. The LSE is updated in place, so every warp must have
+    # read the old value before any warp writes the new one: without the barrier
+    # below, a warp that ran ahead overwrote a row's LSE before a lagging warp
+    # loaded it, and the lagging warp scaled its part of the output row with the
+    # new LSE (found on the H100: a few rows wrong, lse right, run to run different).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     row_ok = rows < n_rows
     b = rows // (seq * heads)
@@ -42,6 +44,7 @@ def _merge_kernel(
     w_a = tl.exp(lse_a - peak)
     w_b = tl.exp(lse_b - peak)
     total = w_a + w_b
+    tl.debug_barrier()
     tl.store(lse_ptr + lse_off, peak + tl.log(total), mask=row_ok)
     total = tl.where(total == 0.0, 1.0, total)
     d = tl.arange(0, BLOCK_D)[None, :]

@@ -3,6 +3,7 @@ against the single-device result, and measure its peak memory."""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class BenchConfig:
     passes: tuple[str, ...] = PASSES
     repeats: int = 20
     warmup: int = 3
+    timing: str = "steady"  # or "isolated": see _time_ms
     input_sets: int = 2
     timeline_seq: int | None = None  # llama2-mha length whose per-step timeline is drawn
 
@@ -39,24 +41,43 @@ def tolerance(dtype: str) -> float:
     return 1e-4 if dtype == "float32" else 3e-2
 
 
-def _time_ms(fn, reps: int, warmup: int, device: torch.device) -> float:
-    """Median over ``reps`` calls of the slowest rank's time per call, in ms."""
+def _time_ms(fn, reps: int, warmup: int, device: torch.device, timing: str = "steady") -> float:
+    """Median over ``reps`` calls of the slowest rank's time per call, in ms.
+
+    ``steady``: the calls are enqueued back to back, as in a training or sampling
+    loop, with a CUDA event between consecutive calls; a call's time is the gap
+    between its two events, so the host's enqueue time counts only where the GPU
+    would have waited for it. ``isolated``: every call starts from idle ranks
+    (synchronised first), so the host time before its first kernel counts too.
+    On CPU both are wall-clock per call after a barrier.
+    """
     for i in range(warmup):
         fn(i)
-    times = []
-    for i in range(reps):
+    if device.type == "cuda" and timing == "steady":
         sync_ranks(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+        events[0].record()
+        for i in range(reps):
             fn(i)
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn(i)
-            times.append(1e3 * (time.perf_counter() - t0))
+            events[i + 1].record()
+        torch.cuda.synchronize(device)
+        times = [a.elapsed_time(b) for a, b in itertools.pairwise(events)]
+    else:
+        times = []
+        for i in range(reps):
+            sync_ranks(device)
+            if device.type == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(i)
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn(i)
+                times.append(1e3 * (time.perf_counter() - t0))
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return statistics.median(slowest.tolist())
@@ -128,7 +149,7 @@ def _method_row(ctx, cfg, case, pass_, method, inputs, full, t1) -> tuple[dict, 
     err = _max_err(prepared.local_results(backward, full), device)
     run = partial(_run, prepared, backward)
     with prepared.session():
-        ms = _time_ms(run, cfg.repeats, cfg.warmup, device)
+        ms = _time_ms(run, cfg.repeats, cfg.warmup, device, cfg.timing)
     work = flops(case, pass_)
     return _record(
         case,
@@ -170,7 +191,7 @@ def _case_rows(
         if key not in single_ms:
             ctx.report(("case", progress[0], progress[1], f"{case.label} {pass_} single-device"))
             run_single = partial(_run, reference, backward)
-            t1 = single_ms[key] = _time_ms(run_single, cfg.repeats, cfg.warmup, device)
+            t1 = single_ms[key] = _time_ms(run_single, cfg.repeats, cfg.warmup, device, cfg.timing)
             tflops = flops(case, pass_) / t1 / 1e9
             ctx.report(
                 (
