@@ -9,6 +9,7 @@ the naive formula is undefined (a row with no key).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -567,40 +568,16 @@ def _marked_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.timeout(360)
-def test_demo_exits_cleanly_and_leaves_no_process(tmp_path: Path) -> None:
-    """``tokenring demo`` on 2 CPU processes: exit status 0, a PNG written, and afterwards
-    no child of ours and no process started by it (found by an environment marker every
+def _run_and_check_no_process_left(command: list[str]) -> subprocess.CompletedProcess:
+    """Run a ``tokenring`` command; assert exit status 0 and that afterwards no child of
+    ours and no process started by it is left (found by an environment marker every
     descendant inherits, so orphans re-parented to init are found too)."""
     me = psutil.Process()
     children_before = {p.pid for p in me.children(recursive=True)}
     marker = uuid.uuid4().hex
-    png = tmp_path / "t.png"
-    command = [
-        sys.executable,
-        "-m",
-        "tokenring.cli",
-        "demo",
-        "--world-size",
-        "2",
-        "--seq-len",
-        "64",
-        "--heads",
-        "2",
-        "--head-dim",
-        "8",
-        "--repeats",
-        "1",
-        "--timeout",
-        "240",
-        "--output",
-        str(png),
-    ]
     env = {**os.environ, "TOKENRING_TEST_MARKER": marker}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "all 8 cases match float64 attention" in done.stdout
     deadline = time.monotonic() + 15  # helpers (e.g. multiprocessing's tracker) exit on EOF
     while True:
         leftover = _marked_processes(marker)
@@ -614,6 +591,45 @@ def test_demo_exits_cleanly_and_leaves_no_process(tmp_path: Path) -> None:
         proc.kill()
     assert not leftover, f"processes left behind: {[p.cmdline() for p in leftover]}"
     assert not new_children, f"children left behind: {new_children}"
+    return done
+
+
+def _is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(360)
+def test_demo_exits_cleanly_and_leaves_no_process(tmp_path: Path) -> None:
+    """``tokenring demo`` on 2 CPU processes: every case right, a PNG, nothing left running."""
+    png = tmp_path / "t.png"
+    command = [sys.executable, "-m", "tokenring.cli", "demo", "--world-size", "2"]
+    command += ["--seq-len", "64", "--heads", "2", "--head-dim", "8", "--repeats", "1"]
+    command += ["--timeout", "240", "--output", str(png)]
+    done = _run_and_check_no_process_left(command)
+    assert _is_png(png)
+    assert "all 8 cases match float64 attention" in done.stdout
+
+
+@pytest.mark.timeout(360)
+def test_bench_runs_end_to_end_on_cpu_and_leaves_no_process(tmp_path: Path) -> None:
+    """``tokenring bench`` on 2 CPU processes (one small case): every row of ours checked
+    and timed, every peer listed (run or with its reason), JSON and both PNGs written."""
+    command = [sys.executable, "-m", "tokenring.cli", "bench", "--cases", "llama2-mha"]
+    command += ["--seq", "256", "--repeats", "2", "--timeout", "240"]
+    command += ["--output-dir", str(tmp_path)]
+    _run_and_check_no_process_left(command)
+    records = json.loads((tmp_path / "bench.json").read_text())
+    ours = [r for r in records if r["method"] in ("tokenring", "ring")]
+    assert {(r["method"], r["pass"]) for r in ours} == {
+        (m, p) for m in ("tokenring", "ring") for p in ("forward", "forward_backward")
+    }
+    for r in ours:
+        assert r["status"] == "ok" and r["max_rel_err"] <= 1e-4 and r["ms"] > 0, r
+    peers = {r["method"] for r in records} - {"tokenring", "ring"}
+    assert {"torch-cp-allgather", "torch-cp-alltoall"} <= {p.split(" ")[0] for p in peers}
+    for r in records:
+        assert r["status"] == "ok" or r["status"].startswith("skipped: "), r
+    assert _is_png(tmp_path / "efficiency.png") and _is_png(tmp_path / "timelines.png")
 
 
 def test_a_bool_softmax_scale_is_rejected() -> None:

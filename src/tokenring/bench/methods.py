@@ -218,7 +218,8 @@ class PeerMethod:
 
     def prepare(self, case: Case, inputs: GlobalInputs, backward: bool = True) -> _PeerRun:
         states = [
-            self.peer.prepare(q, k, v, causal=case.causal, grad_out=do)
+            # grad_out asks the peer for its backward too: only where this row times one
+            self.peer.prepare(q, k, v, causal=case.causal, grad_out=do if backward else None)
             for q, k, v, do in inputs.sets
         ]
         return _PeerRun(self.peer, states, backward)
