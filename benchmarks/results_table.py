@@ -27,10 +27,15 @@ def render(path: str) -> str:
         lines.append("")
         lines.append("| method | " + " | ".join(f"S={s // 1024}K" for s in seqs) + " |")
         lines.append("|---|" + "---|" * len(seqs))
+        not_run = []
         for m in methods:
+            mine = [x for x in rows if x["method"] == m]
+            if all(x["status"].startswith("skipped") for x in mine):
+                not_run.append(f"{m} ({mine[0]['status'].removeprefix('skipped: ')})")
+                continue
             cells = []
             for s in seqs:
-                r = next((x for x in rows if x["method"] == m and x["seq"] == s), None)
+                r = next((x for x in mine if x["seq"] == s), None)
                 if r is None:
                     cells.append("")
                 elif r["status"] != "ok":
@@ -39,6 +44,8 @@ def render(path: str) -> str:
                     cells.append(f"{r['ms']:.2f} ({r['efficiency']:.3f})")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
+        if not_run:
+            lines += ["Not run: " + "; ".join(not_run), ""]
     return "\n".join(lines)
 
 
