@@ -70,25 +70,17 @@ class Lanes:
     ) -> dict[int, list[dist.Work]]:
         """Start ``(tensor, group_peer, is_send, lane)`` transfers; one batch per lane.
 
-        A lane with one transfer posts it directly: the same operation on the wire,
-        without the coalescing context that a batch opens (measurable host time per
-        call at short sequences).
+        Always a batch, even of one: on NCCL a lone ``isend``/``irecv`` runs on a
+        separate two-rank communicator that torch creates for the pair, outside
+        the lane's in-order stream that the schedules are checked against.
         """
-        by_lane: dict[int, list[tuple]] = {}
+        by_lane: dict[int, list[dist.P2POp]] = {}
         for tensor, peer, is_send, lane in transfers:
             op = dist.isend if is_send else dist.irecv
             by_lane.setdefault(lane, []).append(
-                (op, tensor, self.global_ranks[peer], self.groups[lane])
+                dist.P2POp(op, tensor, self.global_ranks[peer], self.groups[lane])
             )
-        return {lane: _start(by_lane[lane]) for lane in sorted(by_lane)}
-
-
-def _start(ops: list[tuple]) -> list[dist.Work]:
-    """Post ``(isend | irecv, tensor, global peer, group)`` operations of one lane."""
-    if len(ops) == 1:
-        op, tensor, peer, group = ops[0]
-        return [op(tensor, peer, group)]
-    return dist.batch_isend_irecv([dist.P2POp(*args) for args in ops])
+        return {lane: dist.batch_isend_irecv(by_lane[lane]) for lane in sorted(by_lane)}
 
 
 def get_lanes(

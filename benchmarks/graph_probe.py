@@ -1,0 +1,100 @@
+"""How fast is a sharded forward without host time? Capture one whole call in a CUDA graph.
+
+Below 16K every strategy is host-bound on the H100 machine (RESULTS.md). This
+probe captures one forward call of each strategy (causal zigzag, 32 heads,
+head dim 128, bf16), NCCL transfers included, in a CUDA graph. It checks that
+the replay gives the eager result, and times eager calls and replays back to
+back (steady timing, slowest rank) next to the single-device cuDNN kernel on
+the whole sequence. Run on the GPU machine with ``PYTHONPATH=src``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+import tokenring as tr
+from tokenring.kernels import select_kernel
+from tokenring.kernels.base import BlockSpec
+from tokenring.launch import run_local, sync_ranks
+from tokenring.metrics import rel_err
+
+
+def _steady_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:
+    """Median time per call of ``reps`` back-to-back calls, slowest rank."""
+    for _ in range(3):
+        fn()
+    sync_ranks(device)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+    events[0].record()
+    for i in range(reps):
+        fn()
+        events[i + 1].record()
+    torch.cuda.synchronize(device)
+    times = torch.tensor(
+        [a.elapsed_time(b) for a, b in itertools.pairwise(events)],
+        dtype=torch.float64,
+        device=device,
+    )
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    return statistics.median(times.tolist())
+
+
+def worker(ctx, seqs: list[int]) -> list[dict]:
+    device, rows = ctx.device, []
+    for seq in seqs:
+        g = torch.Generator(device=device).manual_seed(seq)
+        full = [
+            torch.randn(1, seq, 32, 128, device=device, dtype=torch.bfloat16, generator=g)
+            for _ in range(3)
+        ]
+        spec = BlockSpec("cuda", torch.bfloat16, 128, 32, 32, True)
+        kernel = select_kernel("cudnn", spec)
+        with torch.no_grad():
+            t1 = _steady_ms(lambda: kernel.forward(*full, True, 128**-0.5), device)
+        q, k, v = (tr.shard(x, layout="zigzag") for x in full)
+        for strategy in ("tokenring", "ring"):
+            row = {"seq": seq, "strategy": strategy, "t1_ms": t1}
+
+            def call(strategy=strategy):
+                return tr.attention(q, k, v, strategy=strategy, causal=True, layout="zigzag")
+
+            with torch.no_grad():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up off the default stream, as torch asks
+                    for _ in range(3):
+                        eager = call()
+                torch.cuda.current_stream().wait_stream(side)
+                sync_ranks(device)
+                try:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        captured = call()
+                    sync_ranks(device)
+                    graph.replay()
+                    torch.cuda.synchronize(device)
+                    row["replay_vs_eager"] = rel_err(captured, eager)
+                    row["eager_ms"] = _steady_ms(call, device)
+                    row["graph_ms"] = _steady_ms(graph.replay, device)
+                except Exception as err:  # report, do not hide: the probe's answer
+                    row["error"] = f"{type(err).__name__}: {err}"[:400]
+                    torch.cuda.synchronize(device)
+            for key in ("eager_ms", "graph_ms"):
+                if key in row:
+                    row[key.replace("ms", "eff")] = t1 / (ctx.world * row[key])
+            rows.append(row)
+            ctx.report(row)
+    return rows
+
+
+if __name__ == "__main__":
+    seqs = [int(s) for s in sys.argv[1:]] or [8192, 16384, 32768]
+    world = torch.cuda.device_count()
+    for row in run_local(worker, (seqs,), world=world, backend="nccl", timeout_s=300)[0]:
+        print(row)
