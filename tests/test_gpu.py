@@ -16,6 +16,7 @@ from gpu_cases import (
     STEP_ROUNDING,
     _inputs,
     distributed_cases,
+    graph_case,
     kernel_errors,
     soak_case,
 )
@@ -130,6 +131,29 @@ def test_soak_1000_calls_per_strategy_do_not_grow_cuda_memory():
                 failures.append(f"rank {rank} {r['strategy']}: peak grew {r}")
             if not r["max_diff_vs_first"] <= 2e-2:
                 failures.append(f"rank {rank} {r['strategy']}: results drifted {r}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_forward_can_be_captured_in_a_cuda_graph():
+    """A whole sharded forward, NCCL transfers included, captured once and replayed on new
+    inputs: right against float64 and bitwise equal to an eager call."""
+    from tokenring.launch import run_local
+
+    world = torch.cuda.device_count()
+    cases = [
+        dict(strategy=s, layout=layout, causal=causal, heads=h, seq=2048)
+        for s in ("tokenring", "ring")
+        for layout, causal in (("zigzag", True), ("contiguous", False))
+        for h in ("mha", "gqa")
+    ]
+    results = run_local(graph_case, (cases,), world=world, backend="nccl", timeout_s=300)
+    failures = []
+    for rank, per_rank in enumerate(results):
+        for r in per_rank:
+            _record("graph", {"rank": rank, "world": world, **r})
+            if not (r["err"] <= 2e-2 and r["bitwise_eager"] == 1.0):
+                failures.append(f"rank {rank}: {r}")
     assert not failures, "\n".join(failures)
 
 
