@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine, from the repository root: the stages named
+# on the command line, each under its own time limit, every output packed into
+# one archive (the device tool returns at most 8 files).
+#
+#   bash benchmarks/gpu_run.sh tests demo bench-llama2 bench-rest
+#
+# Stages and their rough time on 2 x H100: tests (gpu tests, ~80 s), peers
+# (peer correctness, needs .whl carried), demo (~20 s), bench-llama2 (every
+# method, ~150 s), bench-rest (llama3-gqa and dit-mha, every method, ~270 s),
+# graph (CUDA-graph probe, ~40 s), host (host-time profile, ~30 s).
+# Summaries go to stdout; $OUT/gpu-run.tgz holds the logs, JSON and pictures.
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="src:tests${PYTHONPATH:+:$PYTHONPATH}"
+out="${OUT:-gpu-run-out}"
+work="$(mktemp -d)"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi -L 2>/dev/null || echo "no nvidia-smi here"
+
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$work/$name.log" 2>&1
+    echo "   exit $?"
+    grep -E "passed|failed|FAILED|error|all [0-9]+ cases|row\(s\) failed" "$work/$name.log" | tail -5
+}
+
+for s in "$@"; do
+    case $s in
+        tests) stage tests 300 env TOKENRING_GPU_RECORD="$work/gpu-tests.jsonl" \
+            python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider ;;
+        peers) stage peers 300 python -m pytest -m gpu tests/test_peers.py -q -p no:cacheprovider ;;
+        demo) stage demo 120 python -m tokenring.cli demo --output "$work/demo-timeline.png" ;;
+        bench-llama2) stage bench-llama2 280 python -m tokenring.cli bench --cases llama2-mha \
+            --output-dir "$work/bench-llama2" --timeout 270 ;;
+        bench-rest) stage bench-rest 420 python -m tokenring.cli bench --cases llama3-gqa dit-mha \
+            --output-dir "$work/bench-rest" --timeout 410 ;;
+        graph) stage graph 120 python benchmarks/graph_probe.py ;;
+        host) stage host 90 python benchmarks/host_profile.py ;;
+        *) echo "unknown stage $s" ;;
+    esac
+done
+mkdir -p "$out"
+tar czf "$out/gpu-run.tgz" -C "$work" .
+echo "outputs: $out/gpu-run.tgz"
