@@ -4,45 +4,22 @@ Below 16K every strategy is host-bound on the H100 machine (RESULTS.md). This
 probe captures one forward call of each strategy (causal zigzag, 32 heads,
 head dim 128, bf16), NCCL transfers included, in a CUDA graph. It checks that
 the replay gives the eager result, and times eager calls and replays back to
-back (steady timing, slowest rank) next to the single-device cuDNN kernel on
+back (the bench's steady timing) next to the single-device cuDNN kernel on
 the whole sequence. Run on the GPU machine with ``PYTHONPATH=src``.
 """
 
 from __future__ import annotations
 
-import itertools
-import statistics
 import sys
-from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
 import tokenring as tr
+from tokenring.bench.runner import time_ms
 from tokenring.kernels import select_kernel
 from tokenring.kernels.base import BlockSpec
 from tokenring.launch import run_local, sync_ranks
 from tokenring.metrics import rel_err
-
-
-def _steady_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:
-    """Median time per call of ``reps`` back-to-back calls, slowest rank."""
-    for _ in range(3):
-        fn()
-    sync_ranks(device)
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
-    events[0].record()
-    for i in range(reps):
-        fn()
-        events[i + 1].record()
-    torch.cuda.synchronize(device)
-    times = torch.tensor(
-        [a.elapsed_time(b) for a, b in itertools.pairwise(events)],
-        dtype=torch.float64,
-        device=device,
-    )
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)
-    return statistics.median(times.tolist())
 
 
 def worker(ctx, seqs: list[int]) -> list[dict]:
@@ -56,7 +33,7 @@ def worker(ctx, seqs: list[int]) -> list[dict]:
         spec = BlockSpec("cuda", torch.bfloat16, 128, 32, 32, True)
         kernel = select_kernel("cudnn", spec)
         with torch.no_grad():
-            t1 = _steady_ms(lambda: kernel.forward(*full, True, 128**-0.5), device)
+            t1 = time_ms(lambda _: kernel.forward(*full, True, 128**-0.5), 20, 3, device)
         q, k, v = (tr.shard(x, layout="zigzag") for x in full)
         for strategy in ("tokenring", "ring"):
             row = {"seq": seq, "strategy": strategy, "t1_ms": t1}
@@ -80,8 +57,8 @@ def worker(ctx, seqs: list[int]) -> list[dict]:
                     graph.replay()
                     torch.cuda.synchronize(device)
                     row["replay_vs_eager"] = rel_err(captured, eager)
-                    row["eager_ms"] = _steady_ms(call, device)
-                    row["graph_ms"] = _steady_ms(graph.replay, device)
+                    row["eager_ms"] = time_ms(lambda _: call(), 20, 3, device)
+                    row["graph_ms"] = time_ms(lambda _: graph.replay(), 20, 3, device)
                 except Exception as err:  # report, do not hide: the probe's answer
                     row["error"] = f"{type(err).__name__}: {err}"[:400]
                     torch.cuda.synchronize(device)

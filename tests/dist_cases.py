@@ -27,6 +27,17 @@ def make_inputs(seed: int, batch: int, seq: int, heads: tuple[int, int], head_di
     return [t.to(dtype) for t in (q, k, v, do)]
 
 
+def run_sharded(q, k, v, do, *, strategy: str, causal: bool, layout: str, group):
+    """``tr.attention`` forward (with lse) and backward on this rank's shards of the
+    global ``q, k, v, do``: ``(out, lse, (dq, dk, dv))``, all local."""
+    parts = [tr.shard(x, layout=layout, group=group).requires_grad_() for x in (q, k, v)]
+    out, lse = tr.attention(
+        *parts, strategy=strategy, causal=causal, layout=layout, group=group, return_lse=True
+    )
+    grads = torch.autograd.grad(out, parts, tr.shard(do, layout=layout, group=group))
+    return out, lse, grads
+
+
 def single_device_errors(q, k, v, do, causal: bool) -> dict[str, float]:
     """Error of PyTorch's own CPU kernel on the whole sequence at the same precision:
     the yardstick for low-precision tolerances."""

@@ -26,6 +26,15 @@ def attention_reference(q, k, v, *, causal: bool, scale: float | None = None):
     return out, lse
 
 
+def reference_with_grads(q, k, v, do, *, causal: bool):
+    """Float64 ``(out, lse, (dq, dk, dv))`` on full tensors, the gradients of
+    ``sum(out * do)``; everything detached."""
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    out, lse = attention_reference(qr, kr, vr, causal=causal)
+    grads = torch.autograd.grad(out, (qr, kr, vr), do.double())
+    return out.detach(), lse.detach(), grads
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (NaN anywhere counts as infinite)."""
     actual, expected = actual.double(), expected.double()

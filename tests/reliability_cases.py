@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import tokenring as tr
-from dist_cases import make_inputs
-from reference import attention_reference, rel_err
+from dist_cases import make_inputs, run_sharded
+from reference import attention_reference, reference_with_grads, rel_err
 from tokenring.comm import get_lanes
 from tokenring.layouts import chunk_ids
 
@@ -199,9 +199,7 @@ def noncontiguous_case(
     group = w.group(world)
     seq = 8 * world
     q, k, v, do = make_inputs(11, 2, seq, heads, 16, torch.float32)
-    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = attention_reference(qr, kr, vr, causal=causal)
-    ref_grads = torch.autograd.grad(ref_out, (qr, kr, vr), do.double())
+    ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, do, causal=causal)
 
     def local(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return tr.shard(x, layout=layout, group=group, dim=dim)
@@ -214,8 +212,8 @@ def noncontiguous_case(
     grads = torch.autograd.grad(out, parts, local(do))
     errs = {
         "noncontiguous_inputs": float(layouts_ok),
-        "out": rel_err(out, local(ref_out.detach())),
-        "lse": rel_err(lse, local(ref_lse.detach(), dim=2)),
+        "out": rel_err(out, local(ref_out)),
+        "lse": rel_err(lse, local(ref_lse, dim=2)),
     }
     for name, g, r, p in zip(("dq", "dk", "dv"), grads, ref_grads, parts):
         errs[name] = rel_err(g, local(r)) if g.shape == p.shape else float("inf")
@@ -316,24 +314,18 @@ def nonfinite_case(
     reach_kv = torch.zeros_like(k, dtype=torch.bool)
     reach_kv[0, :, kv_head] = True
 
-    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
-    ref_out, ref_lse = attention_reference(qr, kr, vr, causal=causal)
-    ref_grads = torch.autograd.grad(ref_out, (qr, kr, vr), do.double())
-    must_dq, must_dkv = _must_nan_grads(
-        torch.isnan(ref_out.detach()).any(-1), causal, heads[1], head_dim
-    )
+    ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, do, causal=causal)
+    must_dq, must_dkv = _must_nan_grads(torch.isnan(ref_out).any(-1), causal, heads[1], head_dim)
 
     def local(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return tr.shard(x, layout=layout, group=group, dim=dim)
 
-    parts = [local(x).requires_grad_() for x in (q, k, v)]
-    out, lse = tr.attention(
-        *parts, strategy=strategy, causal=causal, layout=layout, group=group, return_lse=True
+    out, lse, grads = run_sharded(
+        q, k, v, do, strategy=strategy, causal=causal, layout=layout, group=group
     )
-    grads = torch.autograd.grad(out, parts, local(do))
     result = {
-        "out": _compare_nonfinite(out, local(ref_out.detach())),
-        "lse": _compare_nonfinite(lse, local(ref_lse.detach(), dim=2)),
+        "out": _compare_nonfinite(out, local(ref_out)),
+        "lse": _compare_nonfinite(lse, local(ref_lse, dim=2)),
     }
     for name, g, r, must, reach in zip(
         ("dq", "dk", "dv"),
@@ -419,9 +411,7 @@ def soak_case(w, *, world: int, strategy: str, calls: int, warmup: int) -> dict[
     group = w.group(world)
     layout = "zigzag"
     q, k, v, do = make_inputs(23, 1, 16, (2, 2), 8, torch.float32)
-    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
-    ref_out, _ = attention_reference(qr, kr, vr, causal=True)
-    ref_grads = torch.autograd.grad(ref_out, (qr, kr, vr), do.double())
+    ref_out, _, ref_grads = reference_with_grads(q, k, v, do, causal=True)
 
     def local(x: torch.Tensor) -> torch.Tensor:
         return tr.shard(x, layout=layout, group=group)
@@ -444,7 +434,7 @@ def soak_case(w, *, world: int, strategy: str, calls: int, warmup: int) -> dict[
         last = one_call()
     seconds = time.perf_counter() - start
     after = footprint()
-    errors = [rel_err(last[0], local(ref_out.detach()))]
+    errors = [rel_err(last[0], local(ref_out))]
     errors += [rel_err(g, local(r)) for g, r in zip(last[1:], ref_grads)]
     return {
         "before": before,
@@ -483,21 +473,17 @@ def global_error_case(
     """
     group = w.group(world)
     q, k, v, do = make_inputs(seed, batch, seq, heads, head_dim, torch.float32)
-    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
-    ref_out, ref_lse = attention_reference(qr, kr, vr, causal=causal)
-    ref_grads = torch.autograd.grad(ref_out, (qr, kr, vr), do.double())
+    ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, do, causal=causal)
 
     def local(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return tr.shard(x, layout=layout, group=group, dim=dim)
 
-    parts = [local(x).requires_grad_() for x in (q, k, v)]
-    out, lse = tr.attention(
-        *parts, strategy=strategy, causal=causal, layout=layout, group=group, return_lse=True
+    out, lse, grads = run_sharded(
+        q, k, v, do, strategy=strategy, causal=causal, layout=layout, group=group
     )
-    grads = torch.autograd.grad(out, parts, local(do))
     pairs = {
-        "out": (out, ref_out.detach(), 1),
-        "lse": (lse, ref_lse.detach(), 2),
+        "out": (out, ref_out, 1),
+        "lse": (lse, ref_lse, 2),
         **{n: (g, r, 1) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)},
     }
     result: dict[str, Any] = {

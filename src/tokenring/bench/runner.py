@@ -19,7 +19,7 @@ from .cases import PASSES, Case, cases_for, flops
 from .methods import GlobalInputs, Method, SingleDevice
 from .methods import Strategy as StrategyMethod
 
-__all__ = ["BenchConfig", "bench_worker", "tolerance"]
+__all__ = ["BenchConfig", "bench_worker", "time_ms", "tolerance"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class BenchConfig:
     passes: tuple[str, ...] = PASSES
     repeats: int = 20
     warmup: int = 3
-    timing: str = "steady"  # or "isolated": see _time_ms
+    timing: str = "steady"  # or "isolated": see time_ms
     input_sets: int = 2
     timeline_seq: int | None = None  # llama2-mha length whose per-step timeline is drawn
 
@@ -41,7 +41,7 @@ def tolerance(dtype: str) -> float:
     return 1e-4 if dtype == "float32" else 3e-2
 
 
-def _time_ms(fn, reps: int, warmup: int, device: torch.device, timing: str = "steady") -> float:
+def time_ms(fn, reps: int, warmup: int, device: torch.device, timing: str = "steady") -> float:
     """Median over ``reps`` calls of the slowest rank's time per call, in ms.
 
     ``steady``: the calls are enqueued back to back, as in a training or sampling
@@ -149,7 +149,7 @@ def _method_row(ctx, cfg, case, pass_, method, inputs, full, t1) -> tuple[dict, 
     err = _max_err(prepared.local_results(backward, full), device)
     run = partial(_run, prepared, backward)
     with prepared.session():
-        ms = _time_ms(run, cfg.repeats, cfg.warmup, device, cfg.timing)
+        ms = time_ms(run, cfg.repeats, cfg.warmup, device, cfg.timing)
     work = flops(case, pass_)
     return _record(
         case,
@@ -191,7 +191,7 @@ def _case_rows(
         if key not in single_ms:
             ctx.report(("case", progress[0], progress[1], f"{case.label} {pass_} single-device"))
             run_single = partial(_run, reference, backward)
-            t1 = single_ms[key] = _time_ms(run_single, cfg.repeats, cfg.warmup, device, cfg.timing)
+            t1 = single_ms[key] = time_ms(run_single, cfg.repeats, cfg.warmup, device, cfg.timing)
             tflops = flops(case, pass_) / t1 / 1e9
             ctx.report(
                 (
