@@ -35,10 +35,10 @@ for s in "$@"; do
         tests) stage tests 300 env TOKENRING_GPU_RECORD="$work/gpu-tests.jsonl" \
             python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider ;;
         peers) stage peers 300 python -m pytest -m gpu tests/test_peers.py -q -p no:cacheprovider ;;
-        demo) stage demo 120 python -m tokenring.cli demo --output "$work/demo-timeline.png" ;;
-        bench-llama2) stage bench-llama2 280 python -m tokenring.cli bench --cases llama2-mha \
+        demo) stage demo 120 python -m tokenring_bench.cli demo --output "$work/demo-timeline.png" ;;
+        bench-llama2) stage bench-llama2 280 python -m tokenring_bench.cli bench --cases llama2-mha \
             --output-dir "$work/bench-llama2" --timeout 270 ;;
-        bench-rest) stage bench-rest 420 python -m tokenring.cli bench --cases llama3-gqa dit-mha \
+        bench-rest) stage bench-rest 420 python -m tokenring_bench.cli bench --cases llama3-gqa dit-mha \
             --output-dir "$work/bench-rest" --timeout 410 ;;
         graph) stage graph 120 python benchmarks/graph_probe.py ;;
         host) stage host 90 python benchmarks/host_profile.py ;;

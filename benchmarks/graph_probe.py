@@ -15,11 +15,11 @@ import sys
 import torch
 
 import tokenring as tr
-from tokenring.bench.runner import time_ms
 from tokenring.kernels import select_kernel
 from tokenring.kernels.base import BlockSpec
-from tokenring.launch import run_local, sync_ranks
-from tokenring.metrics import rel_err
+from tokenring_bench.launch import run_local, sync_ranks
+from tokenring_bench.metrics import rel_err
+from tokenring_bench.runner import time_ms
 
 
 def worker(ctx, seqs: list[int]) -> list[dict]:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import tokenring as tr
-from tokenring.launch import run_local
+from tokenring_bench.launch import run_local
 
 
 def worker(ctx, seq: int):

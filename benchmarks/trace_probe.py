@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tokenring as tr
-from tokenring.launch import run_local, sync_ranks
+from tokenring_bench.launch import run_local, sync_ranks
 
 
 def worker(ctx, out_dir: str) -> str:

@@ -1,4 +1,4 @@
-"""Worker functions for the GPU tests (run in one process per GPU via tokenring.launch)."""
+"""Worker functions for the GPU tests (run in one process per GPU via tokenring_bench.launch)."""
 
 from __future__ import annotations
 

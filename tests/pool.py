@@ -14,7 +14,6 @@ within its timeout kills the pool, which the fixture then restarts.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue
 import socket
 import traceback
@@ -48,7 +47,8 @@ class CaseError(Exception):
 
 
 def _worker_main(rank: int, world: int, port: int, tasks, results) -> None:
-    os.environ.setdefault("TOKENRING_TIMEOUT_S", "60")
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
@@ -58,6 +58,7 @@ def _worker_main(rank: int, world: int, port: int, tasks, results) -> None:
     )
     import tokenring
 
+    tokenring.configure(timeout=timedelta(seconds=60))
     groups = {world: dist.group.WORLD}
     own = {world: dist.group.WORLD}  # this rank's group in each partition (leftovers included)
     for size in range(1, world):

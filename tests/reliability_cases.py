@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import tokenring as tr
 from dist_cases import make_inputs, run_sharded
 from reference import attention_reference, reference_with_grads, rel_err
-from tokenring.comm import get_lanes
+from tokenring.kernels.cpu_flash import CpuFlash
 from tokenring.layouts import chunk_ids
 
 Made = tuple[Any, Any, Any, dict[str, Any]]
@@ -264,23 +264,38 @@ def _compare_nonfinite(
 
 
 def _must_nan_grads(
-    nan_rows: torch.Tensor, causal: bool, heads_kv: int, head_dim: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient entries that a NaN output row must make NaN.
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    nan_rows: torch.Tensor,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient entries that a NaN output row must make NaN: masks like q, k, v.
 
     ``nan_rows``: bool ``[B, S, Hq]``, the rows of the output that are NaN. Such a row's
-    softmax weights are NaN, so its dq row is NaN, and so are dk and dv of every key the
-    row attends (all keys, or keys j <= i when causal) in its key/value head.
-    Returns masks shaped like q and like k.
+    dq row is NaN, and at most the dk and dv of every key the row attends (all keys, or
+    keys j <= i when causal) in its key/value head. Whether all of them are depends on
+    how the softmax meets an infinite score: with a NaN row LSE (blocks merged, or the
+    dense reference) every attended key gets a NaN weight; a single fused call gives
+    ``lse = inf`` and ``exp(s - inf) = 0`` to the finite scores. So dk, dv must be NaN
+    where the row attends *and* single-device attention (PyTorch's fused CPU kernel on
+    the whole sequence) makes them NaN.
     """
     b, s, hq = nan_rows.shape
-    dq = nan_rows.unsqueeze(-1).expand(b, s, hq, head_dim)
+    heads_kv, head_dim = k.shape[2], k.shape[3]
     allowed = torch.ones(s, s, dtype=torch.float64)
     if causal:
         allowed = allowed.tril()
     per_kv = nan_rows.view(b, s, heads_kv, hq // heads_kv).any(-1).double()
     attended = torch.einsum("bih,ij->bjh", per_kv, allowed) > 0
-    return dq, attended.unsqueeze(-1).expand(b, s, heads_kv, head_dim)
+    attended = attended.unsqueeze(-1).expand(b, s, heads_kv, head_dim)
+    kernel, scale = CpuFlash(), q.shape[-1] ** -0.5
+    out, lse = kernel.forward(q, k, v, causal, scale)
+    delta = (do * out).sum(-1).transpose(1, 2)
+    _, dk, dv = kernel.backward(do, q, k, v, out, lse, delta, causal, scale)
+    must_dq = nan_rows.unsqueeze(-1).expand_as(q)
+    return must_dq, attended & torch.isnan(dk), attended & torch.isnan(dv)
 
 
 def nonfinite_case(
@@ -315,7 +330,7 @@ def nonfinite_case(
     reach_kv[0, :, kv_head] = True
 
     ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, do, causal=causal)
-    must_dq, must_dkv = _must_nan_grads(torch.isnan(ref_out).any(-1), causal, heads[1], head_dim)
+    musts = _must_nan_grads(q, k, v, do, torch.isnan(ref_out).any(-1), causal)
 
     def local(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return tr.shard(x, layout=layout, group=group, dim=dim)
@@ -331,7 +346,7 @@ def nonfinite_case(
         ("dq", "dk", "dv"),
         grads,
         ref_grads,
-        (must_dq, must_dkv, must_dkv),
+        musts,
         (reach_q, reach_kv, reach_kv),
     ):
         result[name] = _compare_nonfinite(g, local(r), local(must), local(reach))
@@ -555,13 +570,13 @@ def lanes_recycle_case(w, *, world: int, cycles: int) -> dict[str, Any]:
     group = w.group(world)
     before = {s: _world_call(w, world, s) for s in ("tokenring", "ring")}
     errs = [err for _, err in before.values()]
-    previous = get_lanes(group).groups
+    previous = tr.runtime().lanes(group).groups
     same, renewed = True, True
     per_cycle = []
     for _ in range(cycles):
         tr.destroy_lanes()
         tr.setup_lanes(group)
-        current = get_lanes(group).groups
+        current = tr.runtime().lanes(group).groups
         renewed &= all(all(pg is not old for old in previous) for pg in current)
         previous = current
         for s, (out, _) in before.items():
@@ -576,3 +591,16 @@ def lanes_recycle_case(w, *, world: int, cycles: int) -> dict[str, Any]:
         "fds": [f["fds"] for f in per_cycle],
         "threads": [f["threads"] for f in per_cycle],
     }
+
+
+def stall_worker(ctx, stall_s: float) -> str:
+    """For ``run_local``: both ranks agree on a call, then the last rank stalls for
+    ``stall_s`` seconds while rank 0 calls again and waits on a transfer from it."""
+    q = torch.randn(1, 16, 2, 8)
+    tr.token_ring_attn(q, q, q)  # plans agreed: the next call goes straight to transfers
+    dist.barrier()
+    if ctx.rank == ctx.world - 1:
+        time.sleep(stall_s)
+        return "stalled"
+    tr.token_ring_attn(q, q, q)
+    return "no error"

@@ -1,5 +1,6 @@
-"""Every strategy x layout x causal x head grouping x dtype, forward and backward,
-against float64 attention on the gathered sequence, for world sizes 1 to 4."""
+"""Every strategy x layout x causal x head grouping (MHA, GQA 4:1, MQA) x dtype x batch
+x head_dim, forward and backward, against float64 attention on the gathered sequence,
+for world sizes 1 to 4."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import pytest
 from dist_cases import DTYPES, check_attention, make_inputs, single_device_errors
 
 HEADS = {"mha": (4, 4), "gqa": (8, 2), "mqa": (4, 1)}
+# Ulysses splits heads over the ranks: at P=3 the same groupings with heads divisible by 3
+ULYSSES_P3_HEADS = {"mha": (6, 6), "gqa": (12, 3), "mqa": (6, 1)}
+STRATEGIES = ["tokenring", "ring", "ulysses", "allgather"]
 FP32_TOL = 1e-5
 
 # bf16 rule (after flash-attention's tests): our error may be at most twice the
@@ -37,8 +41,9 @@ def _bf16_bounds(case: dict) -> dict[str, float]:
 
 def _cases(world: int, strategy: str, layout: str, causal: bool) -> list[dict]:
     cases = []
+    groupings = ULYSSES_P3_HEADS if strategy == "ulysses" and world == 3 else HEADS
     for (hname, heads), dtype, batch, head_dim in itertools.product(
-        HEADS.items(), ("float32", "bfloat16"), (1, 3), (64, 80)
+        groupings.items(), ("float32", "bfloat16"), (1, 3), (64, 80)
     ):
         cases.append(
             dict(
@@ -61,7 +66,7 @@ def _cases(world: int, strategy: str, layout: str, causal: bool) -> list[dict]:
                 strategy=strategy,
                 layout=layout,
                 causal=causal,
-                heads=(4, 2),
+                heads=(6, 3) if strategy == "ulysses" and world == 3 else (4, 2),
                 dtype="float32",
                 batch=2,
                 head_dim=64,
@@ -72,7 +77,7 @@ def _cases(world: int, strategy: str, layout: str, causal: bool) -> list[dict]:
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize("strategy", ["tokenring", "ring"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_matches_float64_reference(pool, world, strategy, layout, causal):

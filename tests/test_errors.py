@@ -109,3 +109,64 @@ def test_empty_sequence_is_rejected():
 def test_wrong_rank_count_for_a_shard():
     with pytest.raises(ValueError, match="not initialized"):
         tr.token_ring_attn(*_qkv(), group=object())
+
+
+def heads_6_6(rank, world):
+    return (*_qkv(heads=(6, 6)), {})
+
+
+def heads_6_3(rank, world):
+    return (*_qkv(heads=(6, 3)), {})
+
+
+def heads_4_4(rank, world):
+    return (*_qkv(heads=(4, 4)), {})
+
+
+ULYSSES_REFUSALS = [
+    (
+        2,
+        heads_6_3,
+        "strategy 'ulysses' cannot run heads 6/3 over 2 ranks: heads_kv (3) neither divides "
+        "nor is divisible by the Ulysses degree 2 (degrees that would work for heads 6/3: "
+        "1, 3, 6)",
+    ),
+    (
+        3,
+        heads_4_4,
+        "strategy 'ulysses' cannot run heads 4/4 over 3 ranks: heads_q (4) is not divisible "
+        "by the Ulysses degree 3 (degrees that would work for heads 4/4: 1, 2, 4)",
+    ),
+    (
+        4,
+        heads_6_6,
+        "strategy 'ulysses' cannot run heads 6/6 over 4 ranks: heads_q (6) is not divisible "
+        "by the Ulysses degree 4 (degrees that would work for heads 6/6: 1, 2, 3, 6)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "world,make,text", ULYSSES_REFUSALS, ids=lambda x: getattr(x, "__name__", x)
+)
+def test_a_strategy_refusal_names_the_reason_and_what_would_work_on_every_rank(
+    pool, world, make, text
+):
+    for call in ("ulysses_attn", "attention"):
+        extra = {"strategy": "ulysses"} if call == "attention" else {}
+        (messages,) = pool.run(expect_error, [dict(world=world, make=make, call=call, **extra)])
+        assert set(messages) == {f"rank 0: {text}"}, call
+        assert len(messages) == world * (4 // world), "every rank of every group raised"
+
+
+def test_generated_functions_share_the_signature_and_reject_unknown_options():
+    import inspect
+
+    expected = [
+        p for p in inspect.signature(tr.attention).parameters if p not in ("strategy", "recorder")
+    ]
+    for fn in (tr.token_ring_attn, tr.ring_attn, tr.ulysses_attn, tr.allgather_attn):
+        assert list(inspect.signature(fn).parameters) == expected, fn.__name__
+        assert fn.__doc__ and "tokenring.attention" in fn.__doc__
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
+            fn(*_qkv(), strategy="ring")

@@ -93,7 +93,7 @@ def _distributed_cases():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_every_strategy_on_all_gpus_matches_float64():
-    from tokenring.launch import run_local
+    from tokenring_bench.launch import run_local
 
     world = torch.cuda.device_count()
     cases = _distributed_cases()
@@ -116,7 +116,7 @@ def test_every_strategy_on_all_gpus_matches_float64():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_soak_1000_calls_per_strategy_do_not_grow_cuda_memory():
     """Issue 5's GPU soak: no growth of live CUDA memory or of the peak after warm-up."""
-    from tokenring.launch import run_local
+    from tokenring_bench.launch import run_local
 
     world = torch.cuda.device_count()
     args = (["tokenring", "ring"], 1000, 20, 8192 * world // 2)
@@ -138,7 +138,7 @@ def test_soak_1000_calls_per_strategy_do_not_grow_cuda_memory():
 def test_forward_can_be_captured_in_a_cuda_graph():
     """A whole sharded forward, NCCL transfers included, captured once and replayed on new
     inputs: right against float64 and bitwise equal to an eager call."""
-    from tokenring.launch import run_local
+    from tokenring_bench.launch import run_local
 
     world = torch.cuda.device_count()
     cases = [

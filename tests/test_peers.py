@@ -1,4 +1,4 @@
-"""Benchmark peers (tokenring.peers): capability tables, layouts, sharding round trips,
+"""Benchmark peers (tokenring_bench.peers): capability tables, layouts, sharding round trips,
 PyTorch context parallel's global switches, and end-to-end runs against float64.
 
 CPU tests run everywhere; the yunchang / para-attn ones skip unless those packages
@@ -19,7 +19,7 @@ import torch
 
 from reference import attention_reference, rel_err
 from tokenring.options import Layout
-from tokenring.peers import (
+from tokenring_bench.peers import (
     ParaAttention,
     Peer,
     PeerCase,
@@ -29,7 +29,7 @@ from tokenring.peers import (
     default_peers,
     layout_positions,
 )
-from tokenring.peers.torch_cp import cp_api, cp_switches
+from tokenring_bench.peers.torch_cp import cp_api, cp_switches
 
 HAS_YUNCHANG = importlib.util.find_spec("yunchang") is not None
 HAS_PARA_ATTN = importlib.util.find_spec("para_attn") is not None
@@ -610,7 +610,7 @@ def judge_gpu_results(cases: list[dict], results: list[list[dict]], world: int) 
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs"
 )
 def test_every_peer_on_two_gpus_matches_float64():
-    from tokenring.launch import run_local
+    from tokenring_bench.launch import run_local
 
     world = 2
     cases = _gpu_cases()

@@ -17,10 +17,12 @@ TIMEOUT_S = 10  # TOKENRING_TIMEOUT_S for this test's workers
 
 
 def _worker(rank: int, world: int, port: int, results) -> None:
-    os.environ["TOKENRING_TIMEOUT_S"] = str(TIMEOUT_S)
     import torch.distributed as dist
 
     import tokenring as tr
+
+    # read when the runtime is made (the first call), not when tokenring is imported
+    os.environ["TOKENRING_TIMEOUT_S"] = str(TIMEOUT_S)
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -72,6 +74,25 @@ def test_survivors_raise_naming_step_and_peer_when_a_rank_dies():
         assert message.startswith("TransferFailed: tokenring tokenring forward"), message
         assert f"rank {rank} of {world}, step " in message, message
         assert "group rank(s) [" in message, message
+        assert f"within the timeout of {TIMEOUT_S} s" in message, message
         assert seconds <= TIMEOUT_S + 5, f"rank {rank} took {seconds:.1f}s to notice"
     # the rank that talks to the dead one directly must name it
     assert any(f"{world - 1}]" in m or f", {world - 1}" in m for m, _ in reports.values()), reports
+
+
+@pytest.mark.timeout(120)
+def test_a_transfer_timeout_given_to_the_launcher_is_the_one_a_stalled_transfer_reports():
+    """``run_local(transfer_timeout_s=...)`` (the CLI's ``--transfer-timeout``) reaches the
+    lanes: a peer that stalls past it makes the waiting rank fail, naming that timeout."""
+    from reliability_cases import stall_worker
+    from tokenring_bench.launch import WorkerFailed, run_local
+
+    start = time.monotonic()
+    with pytest.raises(WorkerFailed) as info:
+        run_local(
+            stall_worker, (20.0,), world=2, backend="gloo", timeout_s=60, transfer_timeout_s=3
+        )
+    message = str(info.value)
+    assert "worker 0 failed" in message, message
+    assert "TransferFailed" in message and "within the timeout of 3 s" in message, message
+    assert time.monotonic() - start < 30, "the stall was noticed by the transfer timeout"

@@ -6,25 +6,25 @@ import pytest
 
 from dist_cases import timeline_case
 from tokenring.options import Layout, Pass, Strategy
-from tokenring.schedules import build_schedule
+from tokenring.schedules import ScheduleKey, build_schedule
 from tokenring.schedules.ir import Compute, Post
-from tokenring.timeline import Span, plot_timelines
+from tokenring.timeline import Span
+from tokenring_bench.plots import plot_timelines
 
 
-@pytest.mark.parametrize("strategy", ["tokenring", "ring"])
+@pytest.mark.parametrize("strategy", [s.value for s in Strategy])
 def test_spans_cover_every_compute_and_transfer_of_the_schedule(pool, strategy, tmp_path):
-    world = 3
-    per_rank = pool.run(timeline_case, [dict(world=world, strategy=strategy)])[0]
+    world, heads = 3, (6, 3)
+    per_rank = pool.run(timeline_case, [dict(world=world, strategy=strategy, heads=heads)])[0]
     for rank, spans in enumerate(per_rank):
         for phase, pass_ in (("forward", Pass.FORWARD), ("backward", Pass.BACKWARD)):
-            sched = build_schedule(Strategy(strategy), Layout.ZIGZAG, world, rank, True, pass_)
+            key = ScheduleKey(Strategy(strategy), Layout.ZIGZAG, world, rank, True, pass_, *heads)
+            sched = build_schedule(key)
             mine = [s for s in spans if s["phase"] == phase]
             computes = [s for s in mine if s["track"] == "compute"]
             transfers = [s for s in mine if s["track"].startswith("lane")]
             assert len(computes) == sum(isinstance(op, Compute) for op in sched.ops)
-            lanes = sum(
-                len({t.lane for t in op.transfers}) for op in sched.ops if isinstance(op, Post)
-            )
+            lanes = sum(len({m.lane for m in op.moves}) for op in sched.ops if isinstance(op, Post))
             assert len(transfers) == lanes
             assert all(0 <= s["start_ms"] <= s["end_ms"] for s in mine)
             starts = [s["start_ms"] for s in computes]

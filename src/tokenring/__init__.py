@@ -1,28 +1,36 @@
 """tokenring: exact attention over sequences sharded across GPUs.
 
 ``import tokenring as tr`` then ``tr.token_ring_attn(q, k, v, causal=True, layout="zigzag")``
-on each rank's shard (see ``tr.shard``). docs/ explains the algorithms.
+on each rank's shard (see ``tr.shard``); ``tr.attention(..., strategy=...)`` for any
+strategy. The library needs torch alone. docs/ explains the algorithms.
 """
 
 from __future__ import annotations
 
-from .api import attention, ring_attn, token_ring_attn
-from .comm import destroy_lanes, setup_lanes
+from .api import allgather_attn, attention, ring_attn, token_ring_attn, ulysses_attn
+from .executor import TransferFailed
 from .kernels import kernel_names
 from .layouts import shard, unshard
 from .options import Layout, Strategy
+from .runtime import Settings, configure, destroy_lanes, runtime, setup_lanes
 
 __all__ = [
     "Layout",
+    "Settings",
     "Strategy",
+    "TransferFailed",
+    "allgather_attn",
     "attention",
+    "configure",
     "destroy_lanes",
     "kernel_names",
     "ring_attn",
+    "runtime",
     "setup_lanes",
     "shard",
     "token_ring_attn",
+    "ulysses_attn",
     "unshard",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -21,29 +21,37 @@ rank's own block is the global diagonal::
        c3     ##  ##  ##  \\
 
 Works without torch.distributed (a single rank) and under any process group.
+``attention`` is the one definition; ``token_ring_attn``, ``ring_attn``,
+``ulysses_attn`` and ``allgather_attn`` are generated from it, one per
+strategy, with its signature less ``strategy``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
 
-from .comm import Lanes, get_lanes, group_world
-from .executor import Problem, run_backward, run_forward
+from .comm import group_world
+from .executor import Execution, run_backward, run_forward
 from .kernels import BlockSpec, KernelBackend, select_kernel
 from .options import Layout, Pass, Strategy, parse_enum
-from .schedules import build_schedule
+from .runtime import GroupRuntime, runtime
+from .schedules import STRATEGIES, Schedule, ScheduleKey, build_schedule
+from .slots import Problem
 from .timeline import Recorder
 from .validation import check_across_ranks, check_local, with_problem
 
-__all__ = ["attention", "ring_attn", "token_ring_attn"]
+__all__ = ["allgather_attn", "attention", "ring_attn", "token_ring_attn", "ulysses_attn"]
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     """Everything a call decided before running: shared by its forward and backward."""
 
     strategy: Strategy
@@ -55,11 +63,23 @@ class _Plan:
     forward_kernel: KernelBackend
     deterministic: bool
 
-    def schedule(self, pass_: Pass):
-        return build_schedule(
-            self.strategy, self.layout, self.world, self.rank, self.problem.causal, pass_
-        )
+    def _schedule(self, pass_: Pass) -> Schedule:
+        p = self.problem
+        key = ScheduleKey(
+            self.strategy, self.layout, self.world, self.rank, p.causal, pass_, p.heads_q,
+            p.heads_kv,
+        )  # fmt: skip
+        return build_schedule(key)
 
+    @cached_property
+    def forward(self) -> Schedule:
+        return self._schedule(Pass.FORWARD)
+
+    @cached_property
+    def backward(self) -> Schedule:
+        return self._schedule(Pass.BACKWARD)
+
+    @cached_property
     def backward_kernel(self) -> KernelBackend:
         p = self.problem
         spec = BlockSpec(
@@ -76,13 +96,15 @@ class _Plan:
 
 
 def _plan(
-    q, k, v, *, strategy, causal, softmax_scale, layout, group, kernel, deterministic
-) -> _Plan:
+    q, k, v, *, state: GroupRuntime, strategy, causal, softmax_scale, layout, group, kernel,
+    deterministic,
+) -> Plan:  # fmt: skip
     """Check the call on every rank (same error everywhere) and decide how to run it."""
     world, rank = group_world(group)
     info = check_local(
-        q, k, v, causal=causal, layout=layout, strategy=strategy, kernel=kernel, scale=softmax_scale
-    )
+        q, k, v, causal=causal, layout=layout, strategy=strategy, kernel=kernel,
+        scale=softmax_scale, world=world,
+    )  # fmt: skip
     chosen = None
     if not info.problem:
         spec = BlockSpec(q.device.type, q.dtype, q.shape[3], q.shape[2], k.shape[2], causal)
@@ -93,7 +115,7 @@ def _plan(
                 select_kernel(kernel, replace(spec, backward=True, deterministic=True))
         except ValueError as err:
             info = with_problem(info, str(err))
-    check_across_ranks(info, group, world)
+    check_across_ranks(info, group, world, state.agreed)
     if chosen is None:
         raise AssertionError("check_across_ranks let a failed call through")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
@@ -108,7 +130,7 @@ def _plan(
         causal=causal,
         scale=float(scale),
     )
-    return _Plan(
+    return Plan(
         parse_enum(Strategy, strategy, "strategy"),
         parse_enum(Layout, layout, "layout"),
         world,
@@ -120,19 +142,13 @@ def _plan(
     )
 
 
-_PLANS: dict[tuple, _Plan] = {}
-_MAX_PLANS = 256
-
-
-def _call_key(q, k, v, group, options: tuple) -> tuple | None:
+def _call_key(q, k, v, options: tuple) -> tuple | None:
     """What a plan depends on (None if the inputs cannot be keyed: validate every time)."""
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return None
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    group_key = None if group is None else getattr(group, "group_name", id(group))
     key = (
         *((t.shape, t.dtype, t.device, t.stride(-1)) for t in (q, k, v)),
-        group_key,
         dist.is_available() and dist.is_initialized(),
         wants_grad,
         *options,
@@ -144,18 +160,16 @@ def _call_key(q, k, v, group, options: tuple) -> tuple | None:
     return key
 
 
-def _cached_plan(q, k, v, group, **options) -> _Plan:
+def _cached_plan(q, k, v, state: GroupRuntime, group, **options) -> Plan:
     """``_plan`` for this call, reused for later calls with the same shapes and options
     (the checks and the cross-rank exchange then run once per distinct call)."""
     # keyed by type too: causal=1 must not reuse the plan of causal=True (1 == True)
-    key = _call_key(q, k, v, group, tuple((n, type(v_), v_) for n, v_ in sorted(options.items())))
-    plan = _PLANS.get(key) if key is not None else None
+    key = _call_key(q, k, v, tuple((n, type(v_), v_) for n, v_ in sorted(options.items())))
+    plan = state.plans.get_fresh(key) if key is not None else None
     if plan is None:
-        plan = _plan(q, k, v, group=group, **options)
+        plan = _plan(q, k, v, state=state, group=group, **options)
         if key is not None:
-            if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.pop(next(iter(_PLANS)))
-            _PLANS[key] = plan
+            state.plans.put(key, plan)
     return plan
 
 
@@ -163,20 +177,10 @@ class _ShardedAttention(torch.autograd.Function):
     """Thin autograd wrapper: forward and backward are schedules run by the executor."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: _Plan, lanes: Lanes | None, recorder: Recorder | None):
-        out, lse_rowmajor = run_forward(
-            plan.schedule(Pass.FORWARD),
-            plan.problem,
-            q,
-            k,
-            v,
-            plan.forward_kernel,
-            lanes,
-            recorder,
-        )
+    def forward(ctx, q, k, v, plan: Plan, ex: Execution):
+        out, lse_rowmajor = run_forward(plan.forward, plan.problem, q, k, v, ex)
         ctx.plan = plan
-        ctx.lanes = lanes
-        ctx.recorder = recorder
+        ctx.ex = ex
         ctx.save_for_backward(q, k, v, out, lse_rowmajor)
         lse = lse_rowmajor.permute(1, 2, 0).contiguous()
         ctx.mark_non_differentiable(lse)
@@ -186,16 +190,14 @@ class _ShardedAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         del grad_lse  # lse is returned for inspection; it is not differentiable
         q, k, v, out, lse = ctx.saved_tensors
-        plan: _Plan = ctx.plan
+        plan: Plan = ctx.plan
         dq, dk, dv = run_backward(
-            plan.schedule(Pass.BACKWARD),
+            plan.backward,
             plan.problem,
             {"q": q, "k": k, "v": v, "out": out, "do": grad_out, "lse": lse},
-            plan.backward_kernel(),
-            ctx.lanes,
-            ctx.recorder,
+            replace(ctx.ex, kernel=plan.backward_kernel),
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None
 
 
 def attention(
@@ -215,18 +217,29 @@ def attention(
 ):
     """Exact attention over a sequence sharded across the ranks of ``group``.
 
-    ``strategy``: ``"tokenring"`` (queries travel, K and V stay) or ``"ring"``
-    (K and V travel). ``kernel``: ``"auto"`` or a backend name (see
-    ``tokenring.kernels.kernel_names()``). ``deterministic`` refuses kernels
-    whose backward is not bitwise reproducible. ``recorder`` (optional)
-    collects a per-step timeline and byte counts of the forward and backward passes.
+    ``strategy``: ``"tokenring"`` (queries travel, K and V stay), ``"ring"`` (K and
+    V travel), ``"ulysses"`` (all-to-all to head shards of the whole sequence) or
+    ``"allgather"`` (K and V gathered whole); docs/algorithms.md says what each
+    moves. ``causal``: the global causal mask. ``softmax_scale``: default
+    ``1/sqrt(head_dim)``. ``layout``: how the sequence is sharded
+    (``tokenring.shard``). ``group``: the process group the sequence is sharded
+    over (default: the world). ``return_lse``: also return the float32 LSE
+    ``[batch, heads_q, seq_local]``. ``kernel``: ``"auto"`` or a backend name
+    (``tokenring.kernel_names()``). ``deterministic`` refuses kernels whose
+    backward is not bitwise reproducible. ``recorder`` (optional) collects a
+    per-step timeline and byte counts of the forward and backward passes.
 
-    Raises ``ValueError`` with the same message on every rank for bad input.
+    Raises ``ValueError`` with the same message on every rank for bad input,
+    including a strategy that cannot run the call (with the reason, and what
+    would work).
     """
+    rt = runtime()
+    state = rt.group(group)
     plan = _cached_plan(
         q,
         k,
         v,
+        state,
         group,
         strategy=strategy,
         causal=causal,
@@ -235,71 +248,44 @@ def attention(
         kernel=kernel,
         deterministic=deterministic,
     )
-    lanes = get_lanes(group) if plan.world > 1 else None
-    out, lse = _ShardedAttention.apply(q, k, v, plan, lanes, recorder)
+    lanes = rt.lanes(group) if plan.world > 1 else None
+    settings = rt.settings
+    ex = Execution(plan.forward_kernel, lanes, settings.timeout, settings.fused_merge, recorder)
+    out, lse = _ShardedAttention.apply(q, k, v, plan, ex)
     return (out, lse) if return_lse else out
 
 
-def token_ring_attn(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    softmax_scale: float | None = None,
-    layout: str | Layout = "contiguous",
-    group: dist.ProcessGroup | None = None,
-    return_lse: bool = False,
-    kernel: str = "auto",
-    deterministic: bool = False,
-):
-    """TokenRing attention: Q travels around the ring, each partial output goes
-    straight back to its owner on a second communicator, K and V never move.
+_PER_STRATEGY = inspect.signature(attention).replace(
+    parameters=[
+        p
+        for p in inspect.signature(attention).parameters.values()
+        if p.name not in ("strategy", "recorder")
+    ]
+)
+_OPTIONS = frozenset(_PER_STRATEGY.parameters) - {"q", "k", "v"}
 
-    See ``attention`` for arguments and shapes, docs/algorithms.md for the schedule.
-    """
-    return attention(
-        q,
-        k,
-        v,
-        strategy=Strategy.TOKENRING,
-        causal=causal,
-        softmax_scale=softmax_scale,
-        layout=layout,
-        group=group,
-        return_lse=return_lse,
-        kernel=kernel,
-        deterministic=deterministic,
+
+def _strategy_function(name: str, strategy: Strategy) -> Callable:
+    """``attention`` with ``strategy`` fixed: same signature (less ``strategy``), own summary."""
+
+    def call(q, k, v, **options):
+        unknown = options.keys() - _OPTIONS
+        if unknown:
+            raise TypeError(f"{name}() got unexpected keyword argument(s) {sorted(unknown)}")
+        return attention(q, k, v, strategy=strategy, **options)
+
+    call.__name__ = call.__qualname__ = name
+    call.__module__ = __name__
+    call.__signature__ = _PER_STRATEGY  # type: ignore[attr-defined]
+    call.__doc__ = (
+        f"{STRATEGIES[strategy].summary}\n\n"
+        f"``tokenring.attention(q, k, v, strategy={strategy.value!r}, ...)``: see ``attention``\n"
+        "for arguments and shapes, docs/algorithms.md for the schedule."
     )
+    return call
 
 
-def ring_attn(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    softmax_scale: float | None = None,
-    layout: str | Layout = "contiguous",
-    group: dist.ProcessGroup | None = None,
-    return_lse: bool = False,
-    kernel: str = "auto",
-    deterministic: bool = False,
-):
-    """Ring attention (pass-KV), the baseline: K and V travel, Q stays.
-
-    See ``attention`` for arguments and shapes, docs/algorithms.md for the schedule.
-    """
-    return attention(
-        q,
-        k,
-        v,
-        strategy=Strategy.RING,
-        causal=causal,
-        softmax_scale=softmax_scale,
-        layout=layout,
-        group=group,
-        return_lse=return_lse,
-        kernel=kernel,
-        deterministic=deterministic,
-    )
+token_ring_attn = _strategy_function("token_ring_attn", Strategy.TOKENRING)
+ring_attn = _strategy_function("ring_attn", Strategy.RING)
+ulysses_attn = _strategy_function("ulysses_attn", Strategy.ULYSSES)
+allgather_attn = _strategy_function("allgather_attn", Strategy.ALLGATHER)

@@ -1,42 +1,39 @@
-"""Point-to-point channels over torch.distributed, one communicator per lane.
+"""Lanes over torch.distributed: communicators of their own for a group's data movement.
 
-A *lane* is a process group over the same ranks as the user's group. Each
-strategy puts the transfers that must run concurrently on different lanes
-(TokenRing: queries on lane 0, returning partials on lane 1), so NCCL runs
-them on different streams and both directions of a link carry data at once.
-Lanes are created once per user group and cached; ``destroy_lanes`` releases
-them. For the default group they are made with ``new_group`` like any other
-group. For a sub-group only its members take part (torch's
+A *lane* is a process group over the same ranks as the user's group. Moves
+that must run concurrently go on different lanes (TokenRing: queries on lane
+0, returning partials on lane 1; all-gather: gathers on lane 0, reduce-scatters
+on lane 1), so NCCL runs them on different streams, both directions of a link
+carry data at once, and nothing queues behind the user's own collectives on
+the group. Lanes carry point-to-point batches and flat collectives (all-gather,
+all-to-all, reduce-scatter of one buffer: ``collectives.py`` packs them), each
+posted asynchronously.
+
+For the default group lanes are made with ``new_group`` like any other group.
+For a sub-group only its members take part (torch's
 ``use_local_synchronization``), which requires, as torch documents, that all
 ranks create their process groups in the same order; where ranks belong to
-different numbers of groups, call ``setup_lanes(group)`` on the members right
-after creating ``group``, before creating the next one.
+different numbers of groups, call ``tokenring.setup_lanes(group)`` on the
+members right after creating ``group``, before creating the next one. The
+runtime (``runtime.py``) owns the lanes of each group.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = [
-    "DEFAULT_TIMEOUT",
-    "Lanes",
-    "destroy_lanes",
-    "get_lanes",
-    "group_ranks",
-    "group_world",
-    "setup_lanes",
-]
+__all__ = ["LANE_COUNT", "Lanes", "Message", "group_ranks", "group_world", "make_lanes"]
 
-DEFAULT_TIMEOUT = timedelta(seconds=float(os.environ.get("TOKENRING_TIMEOUT_S", 300)))
-"""How long a transfer may wait for its peer before raising (``TOKENRING_TIMEOUT_S`` overrides)."""
+# torch 2.13 renamed the flat collectives (the old names warn); older releases have only those
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-_CACHE: dict[tuple[str, int], Lanes] = {}
-_DESTROYED: set[tuple[str, int]] = set()  # sub-group lanes that cannot be made again
+LANE_COUNT = 2
+"""Lanes made per group: enough for every strategy (a schedule declares the ones it uses)."""
 
 
 def group_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -56,48 +53,64 @@ def group_ranks(group: dist.ProcessGroup | None) -> list[int]:
     return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
 
 
+@dataclass(frozen=True)
+class Message:
+    """One point-to-point send or receive of ``tensor`` with group rank ``peer``."""
+
+    tensor: torch.Tensor
+    peer: int
+    send: bool
+    lane: int
+
+
 @dataclass
 class Lanes:
-    """The per-lane process groups of one user group."""
+    """The lane process groups of one user group."""
 
     groups: list[dist.ProcessGroup]
     global_ranks: list[int]
     backend: str
-    timeout: timedelta
 
-    def post(
-        self, transfers: list[tuple[torch.Tensor, int, bool, int]]
-    ) -> dict[int, list[dist.Work]]:
-        """Start ``(tensor, group_peer, is_send, lane)`` transfers; one batch per lane.
+    def post(self, messages: list[Message]) -> list[dist.Work]:
+        """Start point-to-point ``messages``, one batch per lane.
 
         Always a batch, even of one: on NCCL a lone ``isend``/``irecv`` runs on a
         separate two-rank communicator that torch creates for the pair, outside
         the lane's in-order stream that the schedules are checked against.
         """
         by_lane: dict[int, list[dist.P2POp]] = {}
-        for tensor, peer, is_send, lane in transfers:
-            op = dist.isend if is_send else dist.irecv
-            by_lane.setdefault(lane, []).append(
-                dist.P2POp(op, tensor, self.global_ranks[peer], self.groups[lane])
+        for m in messages:
+            op = dist.isend if m.send else dist.irecv
+            by_lane.setdefault(m.lane, []).append(
+                dist.P2POp(op, m.tensor, self.global_ranks[m.peer], self.groups[m.lane])
             )
-        return {lane: dist.batch_isend_irecv(by_lane[lane]) for lane in sorted(by_lane)}
+        return [work for lane in sorted(by_lane) for work in dist.batch_isend_irecv(by_lane[lane])]
 
+    def all_to_all_single(self, output: torch.Tensor, tensor: torch.Tensor, lane: int) -> dist.Work:
+        """Equal shares: share ``d`` of ``tensor`` goes to member ``d``; share ``s`` of
+        ``output`` comes from member ``s``."""
+        return dist.all_to_all_single(output, tensor, group=self.groups[lane], async_op=True)
 
-def get_lanes(
-    group: dist.ProcessGroup | None, count: int = 2, timeout: timedelta = DEFAULT_TIMEOUT
-) -> Lanes:
-    """The cached lanes of ``group``, creating them (collectively over its ranks) on first use."""
-    parent = group if group is not None else dist.group.WORLD
-    key = (parent.group_name, count)
-    lanes = _CACHE.get(key)
-    if lanes is not None:
-        return lanes
-    if key in _DESTROYED:
-        raise RuntimeError(
-            "the lanes of this sub-group were destroyed (destroy_lanes); torch would give new "
-            "ones the same names and their creation would hang, so they cannot be made again "
-            "in this process: call destroy_lanes only at shutdown"
+    def all_gather_single(self, output: torch.Tensor, tensor: torch.Tensor, lane: int) -> dist.Work:
+        """Share ``s`` of ``output`` receives member ``s``'s ``tensor``."""
+        return _ALL_GATHER(output, tensor, group=self.groups[lane], async_op=True)
+
+    def reduce_scatter_single(
+        self, output: torch.Tensor, tensor: torch.Tensor, lane: int
+    ) -> dist.Work:
+        """``output`` receives the sum over members of their share ``me`` of ``tensor``."""
+        return _REDUCE_SCATTER(
+            output, tensor, op=dist.ReduceOp.SUM, group=self.groups[lane], async_op=True
         )
+
+    def destroy(self) -> None:
+        for pg in self.groups:
+            dist.destroy_process_group(pg)
+
+
+def make_lanes(group: dist.ProcessGroup | None, timeout: timedelta) -> Lanes:
+    """Create the lanes of ``group`` (collective over its members)."""
+    parent = group if group is not None else dist.group.WORLD
     ranks = group_ranks(parent)
     backend = dist.get_backend(parent)
     whole_world = len(ranks) == dist.get_world_size()
@@ -109,26 +122,9 @@ def get_lanes(
             use_local_synchronization=not whole_world,
             group_desc=f"tokenring_lane{lane}",
         )
-        for lane in range(count)
+        for lane in range(LANE_COUNT)
     ]
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
     for pg in groups:  # initialise every communicator now, with all ranks present
         dist.all_reduce(torch.zeros(1, device=device), group=pg)
-    lanes = Lanes(groups, ranks, backend, timeout)
-    _CACHE[key] = lanes
-    return lanes
-
-
-def setup_lanes(group: dist.ProcessGroup | None = None) -> None:
-    """Create the lanes of ``group`` now (collective over its members; see the module docstring)."""
-    get_lanes(group)
-
-
-def destroy_lanes() -> None:
-    """Destroy every lane process group this library created."""
-    while _CACHE:
-        key, lanes = _CACHE.popitem()
-        if len(lanes.global_ranks) != dist.get_world_size():
-            _DESTROYED.add(key)
-        for pg in lanes.groups:
-            dist.destroy_process_group(pg)
+    return Lanes(groups, ranks, backend)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .options import Layout, parse_enum
 
-__all__ = ["check_global_length", "chunk_ids", "local_bounds", "shard", "unshard"]
+__all__ = ["cell_offset", "check_global_length", "chunk_ids", "local_bounds", "shard", "unshard"]
 
 
 def chunk_ids(layout: Layout, world: int, rank: int) -> tuple[int, int]:
@@ -31,6 +31,13 @@ def chunk_ids(layout: Layout, world: int, rank: int) -> tuple[int, int]:
 def local_bounds(length: int) -> tuple[int, int, int]:
     """Token offsets of the two sub-chunks inside a local shard of ``length`` tokens."""
     return (0, length // 2, length)
+
+
+def cell_offset(length: int, cell: int) -> int:
+    """Token offset of ``cell`` in a run of cells (a shard, or shards gathered in global
+    order), when every rank holds ``length`` tokens: cell ``i`` is as long as the
+    local sub-chunk ``i % 2``."""
+    return (cell // 2) * length + (cell % 2) * (length // 2)
 
 
 def check_global_length(layout: Layout, world: int, length: int, argument: str = "x") -> None:

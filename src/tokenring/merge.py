@@ -9,7 +9,6 @@ without NaN: two empty rows stay ``0`` with ``lse = -inf``.
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import torch
@@ -19,9 +18,8 @@ __all__ = ["merge_into", "merge_into_torch", "write_into"]
 
 @cache
 def _fused_merge():
-    """The fused CUDA merge where Triton is installed, unless ``TOKENRING_FUSED_MERGE=0``."""
-    if os.environ.get("TOKENRING_FUSED_MERGE", "1") == "0":
-        return None
+    """The fused CUDA merge, or None where Triton is not installed (a fact of the
+    installation, looked up once)."""
     try:
         from .merge_triton import merge_into_triton
     except ImportError:
@@ -35,25 +33,30 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
 
 
 def merge_into(
-    out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    *,
+    fused: bool = True,
 ) -> None:
     """Merge ``(out_b, lse_b)`` into the accumulator ``(out, lse)`` in place.
 
     ``out``: float32 ``[B, L, H, D]``; ``lse``: float32 ``[B, H, L]`` (or both float64); the
     partial may be any float dtype. NaN in either input propagates.
 
-    On CUDA with Triton installed this runs the fused kernel of ``merge_triton``
-    (one pass over the accumulator instead of several: 230 against 685 us for a
-    16K x 32-head block on the H100, benchmarks/RESULTS.md);
-    ``TOKENRING_FUSED_MERGE=0`` selects the torch version everywhere.
+    With ``fused`` (the runtime's ``fused_merge`` setting), on CUDA with Triton
+    installed, this runs the fused kernel of ``merge_triton`` (one pass over the
+    accumulator instead of several: 230 against 685 us for a 16K x 32-head
+    block on the H100, benchmarks/RESULTS.md); otherwise the torch version.
     """
-    fused = _fused_merge() if out.is_cuda else None
+    kernel = _fused_merge() if fused and out.is_cuda else None
     if (
-        fused is not None
+        kernel is not None
         and out_b.stride(-1) == 1
         and out.dtype == lse.dtype == lse_b.dtype == torch.float32
     ):
-        fused(out, lse, out_b, lse_b)
+        kernel(out, lse, out_b, lse_b)
     else:
         merge_into_torch(out, lse, out_b, lse_b)
 

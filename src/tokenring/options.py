@@ -26,10 +26,17 @@ class Layout(str, Enum):
 
 
 class Strategy(str, Enum):
-    """What moves between ranks (see docs/algorithms.md)."""
+    """What moves between ranks (see docs/algorithms.md).
+
+    ``tokenring``: queries travel, partial results return; ``ring``: keys and
+    values travel; ``ulysses``: all-to-all from sequence to head shards and back;
+    ``allgather``: keys and values are gathered whole, gradients reduce-scattered.
+    """
 
     TOKENRING = "tokenring"
     RING = "ring"
+    ULYSSES = "ulysses"
+    ALLGATHER = "allgather"
 
 
 class Pass(str, Enum):

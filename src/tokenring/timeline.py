@@ -1,12 +1,13 @@
-"""Measured per-step timelines: when each block computed and each lane's transfers ran.
+"""Measured per-step timelines: when each block computed and each lane's moves ran.
 
 On CUDA the spans come from CUDA events: a compute span brackets the kernel
-and its merge on the compute stream; a transfer span starts where the
-compute stream was when the transfer was posted (NCCL waits for it) and ends
-when the communicator's work completes, observed from a per-lane side stream
-that only waits on it. On CPU (gloo) spans are wall-clock times; gloo's
-point-to-point work has no completion callback, so a transfer's end is the
-moment ``wait()`` returned on this rank (an upper bound).
+and its merge on the compute stream; a move's span starts where the compute
+stream was when it was posted (NCCL waits for it) and ends when the
+communicator's work completes, observed from a per-lane side stream that only
+waits on it. On CPU (gloo) spans are wall-clock times; gloo's work has no
+completion callback, so a move's end is the moment ``wait()`` returned on this
+rank (an upper bound). Drawing them is the benchmark package's job
+(``tokenring_bench.plots``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from .schedules.ir import Compute, Post, SlotKind
 
-__all__ = ["Recorder", "Span", "plot_timelines"]
+__all__ = ["Recorder", "Sent", "Span"]
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,24 @@ class Span:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Sent:
+    """Bytes one posted move sends to other ranks, on one lane, from a slot of ``kind``."""
+
+    lane: int
+    nbytes: int
+    kind: SlotKind
+
+
+def _owner(rank: int | None) -> str:
+    return "*" if rank is None else str(rank)
+
+
 class Recorder:
     """Collects spans for one rank; ``spans()`` resolves them (after a device sync).
 
-    ``sent_bytes`` counts, per (phase, slot kind), the bytes this rank sent.
+    ``sent_bytes`` counts, per (phase, slot kind), the bytes this rank sent to
+    other ranks (for a collective: the data addressed to other members).
     """
 
     def __init__(self, rank: int, device: torch.device):
@@ -67,30 +82,25 @@ class Recorder:
 
     def compute_start(self, op: Compute):
         label = (
-            f"Q{op.q_owner}[{op.q.start}:{op.q.stop}]·KV{op.kv_owner}[{op.kv.start}:{op.kv.stop}]"
+            f"Q{_owner(op.q_owner)}[{op.q.start}:{op.q.stop}]"
+            f"·KV{_owner(op.kv_owner)}[{op.kv.start}:{op.kv.stop}]"
         )
+        if op.q.part.count > 1:
+            label += f" h{op.q.part.index}/{op.q.part.count}"
         return ("compute", op.step, label, self._mark(), 0)
 
     def compute_end(self, token) -> None:
         track, step, label, start, nbytes = token
         self._raw.append([track, step, label, start, self._mark(), nbytes, self.phase])
 
-    def comm_start(
-        self, op: Post, tensors: list[tuple[torch.Tensor, int, bool, int]], kinds: list[SlotKind]
-    ):
-        sizes: dict[int, int] = {}
-        for (tensor, _, is_send, lane), kind in zip(tensors, kinds):
-            sizes.setdefault(lane, 0)
-            if is_send:
-                nbytes = tensor.numel() * tensor.element_size()
-                sizes[lane] += nbytes
-                self.sent_bytes[(self.phase, kind.value)] += nbytes
-        return (op, sorted(sizes), sizes, self._mark())
-
-    def comm_posted(self, token, works: dict[int, list]) -> None:
-        """Note when the just-posted transfers complete, per lane (see the module docstring)."""
-        op, lanes, sizes, start = token
-        for lane in lanes:
+    def comm(self, op: Post, sent: list[Sent], works: dict[int, list]) -> None:
+        """Note a posted move: its bytes, and (CUDA) when each lane's part completes."""
+        start = self._mark()
+        sizes: Counter[int] = Counter()
+        for s in sent:
+            sizes[s.lane] += s.nbytes
+            self.sent_bytes[(self.phase, s.kind.value)] += s.nbytes
+        for lane in sorted(works):
             end = None
             if self.cuda:
                 side = self._side.setdefault(lane, torch.cuda.Stream())
@@ -104,7 +114,7 @@ class Recorder:
             )
 
     def comm_waited(self, handle: str) -> None:
-        """On CPU, a transfer's end is when this rank's wait on it returned."""
+        """On CPU, a move's end is when this rank's wait on it returned."""
         if self.cuda:
             return
         now = time.perf_counter()
@@ -129,62 +139,3 @@ class Recorder:
             )
             for track, step, label, start, end, nbytes, phase in self._raw
         ]
-
-
-def plot_timelines(panels: dict[str, list[Span]], path: str) -> None:
-    """One panel per title; in each, one row per (rank, track) and bars coloured by step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tracks = ["compute", "lane0", "lane1"]
-    layouts = []
-    for spans in panels.values():
-        ranks = sorted({s.rank for s in spans})
-        rows = [
-            (r, t)
-            for r in ranks
-            for t in tracks
-            if any(s.rank == r and s.track == t for s in spans)
-        ]
-        layouts.append(rows)
-    heights = [0.4 * len(rows) + 1.2 for rows in layouts]
-    fig, axes = plt.subplots(
-        len(panels),
-        1,
-        figsize=(12, sum(heights)),
-        squeeze=False,
-        gridspec_kw={"height_ratios": heights},
-    )
-    cmap = plt.get_cmap("tab10")
-    for ax, (title, spans), rows in zip(axes[:, 0], panels.items(), layouts):
-        for y, (rank, track) in enumerate(rows):
-            for s in spans:
-                if s.rank == rank and s.track == track:
-                    ax.barh(
-                        y,
-                        max(s.end_ms - s.start_ms, 1e-3),
-                        left=s.start_ms,
-                        height=0.7,
-                        color=cmap(s.step % 10),
-                        edgecolor="black",
-                        linewidth=0.3,
-                    )
-        ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels([f"rank {r} {t}" for r, t in rows], fontsize="small")
-        ax.invert_yaxis()
-        ax.set_title(title, fontsize="medium")
-        steps = max((s.step for s in spans), default=0) + 1
-        handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i % 10)) for i in range(steps)]
-        ax.legend(
-            handles,
-            [f"step {i}" for i in range(steps)],
-            loc="upper right",
-            fontsize="x-small",
-            ncol=min(steps, 8),
-        )
-    axes[-1, 0].set_xlabel("time since the call started (ms)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

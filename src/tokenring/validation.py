@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 
 from .options import Layout, Strategy
+from .runtime import BoundedCache
+from .schedules import STRATEGIES, CallShape
 
-__all__ = ["CallInfo", "check_across_ranks", "check_local", "with_problem"]
+__all__ = ["CallInfo", "check_across_ranks", "check_local", "strategy_problem", "with_problem"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,17 @@ def _name(value: object) -> str:
     return value.value if isinstance(value, Enum) else str(value)
 
 
+def strategy_problem(strategy: Strategy, shape: CallShape) -> str:
+    """Why ``strategy`` cannot run ``shape`` (every reason), or "" if it can."""
+    reasons = STRATEGIES[strategy].not_supported_reasons(shape)
+    if not reasons:
+        return ""
+    return (
+        f"strategy {strategy.value!r} cannot run heads {shape.heads_q}/{shape.heads_kv} "
+        f"over {shape.world} ranks: " + "; ".join(reasons)
+    )
+
+
 def check_local(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -132,6 +145,7 @@ def check_local(
     strategy: object,
     kernel: object,
     scale: object,
+    world: int,
 ) -> CallInfo:
     """Describe this rank's call; ``problem`` holds the first thing wrong with it, if any."""
     shape_problem = _shape_problem(q, k, v)
@@ -154,6 +168,9 @@ def check_local(
             f"got seq_local={q.shape[1]}; shard a sequence divisible by 2 * world_size"
         )
     problem = next((p for p in candidates if p), "")
+    if not problem:
+        shape = CallShape(world, Layout(_name(layout)), causal, q.shape[2], k.shape[2], q.shape[1])
+        problem = strategy_problem(Strategy(_name(strategy)), shape)
     return CallInfo(
         batch=q.shape[0] if shapes_ok else -1,
         length=q.shape[1] if shapes_ok else -1,
@@ -176,23 +193,21 @@ def with_problem(info: CallInfo, problem: str) -> CallInfo:
     return info if info.problem else replace(info, problem=problem)
 
 
-_AGREED: set[tuple] = set()
-
-
-def check_across_ranks(info: CallInfo, group: dist.ProcessGroup | None, world: int) -> None:
+def check_across_ranks(
+    info: CallInfo, group: dist.ProcessGroup | None, world: int, agreed: BoundedCache
+) -> None:
     """Raise the same ValueError on every rank if any rank's call is wrong or they disagree.
 
-    Exchanges ``info`` over ``group`` the first time this rank sees a given
-    (group, description); a description all ranks agreed on is remembered.
+    Exchanges ``info`` over ``group`` unless this description is in ``agreed``
+    (the group's memory of descriptions all ranks agreed on, which it joins).
     """
     if world == 1:
         if info.problem:
             raise ValueError(info.problem)
         return
-    parent = group if group is not None else dist.group.WORLD
-    key = (parent.group_name, info)
-    if key in _AGREED:
+    if info in agreed:
         return
+    parent = group if group is not None else dist.group.WORLD
     gathered: list[CallInfo | None] = [None] * world
     dist.all_gather_object(gathered, info, group=parent)
     for rank, other in enumerate(gathered):
@@ -207,4 +222,4 @@ def check_across_ranks(info: CallInfo, group: dist.ProcessGroup | None, world: i
                 if getattr(reference, f) != getattr(other, f)
             ]
             raise ValueError("inputs differ across ranks: " + "; ".join(diffs))
-    _AGREED.add(key)
+    agreed.put(info, True)

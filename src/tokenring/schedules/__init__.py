@@ -1,25 +1,27 @@
-"""Strategies as schedules: per rank, per step, what is computed and what moves."""
+"""Strategies as schedules: per rank, per step, what is computed and what moves.
+
+``STRATEGIES`` maps each ``Strategy`` to its declaration (``base.StrategyDef``):
+what it supports and the schedule it runs.
+"""
 
 from __future__ import annotations
 
-from functools import lru_cache
-
-from ..options import Layout, Pass, Strategy
+from ..options import Strategy
+from .allgather import AllGatherKV
+from .base import CallShape, StrategyDef
 from .ir import Schedule
-from .ring import ring_schedule
-from .tokenring import tokenring_schedule
+from .key import ScheduleKey
+from .ring import Ring
+from .tokenring import TokenRing
+from .ulysses import Ulysses
 
-__all__ = ["Schedule", "build_schedule"]
+__all__ = ["STRATEGIES", "CallShape", "Schedule", "ScheduleKey", "StrategyDef", "build_schedule"]
 
-_BUILDERS = {
-    Strategy.TOKENRING: tokenring_schedule,
-    Strategy.RING: ring_schedule,
+STRATEGIES: dict[Strategy, StrategyDef] = {
+    s.name: s for s in (TokenRing(), Ring(), Ulysses(), AllGatherKV())
 }
 
 
-@lru_cache(maxsize=512)
-def build_schedule(
-    strategy: Strategy, layout: Layout, world: int, rank: int, causal: bool, pass_: Pass
-) -> Schedule:
-    """The schedule one rank runs (pure and cached: schedules are immutable data)."""
-    return _BUILDERS[strategy](layout, world, rank, causal, pass_)
+def build_schedule(key: ScheduleKey) -> Schedule:
+    """The schedule one rank runs for one pass (pure: schedules are immutable data)."""
+    return STRATEGIES[key.strategy].schedule(key)

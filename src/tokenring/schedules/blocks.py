@@ -1,9 +1,11 @@
-"""Pure functions: which (query sub-chunk, key sub-chunk) pairs a mask allows, and
-how to cover them with as few rectangular kernel calls as possible.
+"""Pure functions: which (query cell, key cell) pairs a mask allows, and how to
+cover them with as few rectangular kernel calls as possible.
 
-A pair of global chunks (cq, ck) relates in one of three ways under a causal
-mask: ``FULL`` (every query sees every key, cq > ck), ``DIAG`` (the same chunk:
-a lower triangle) or ``NONE`` (cq < ck). Without a mask every pair is FULL.
+Cells are pieces of the global sequence, named by their global index (pieces
+are in increasing global order inside a shard or a gathered sequence). A pair
+of pieces (pq, pk) relates in one of three ways under a causal mask: ``FULL``
+(every query sees every key, pq > pk), ``DIAG`` (the same piece: a lower
+triangle) or ``NONE`` (pq < pk). Without a mask every pair is FULL.
 """
 
 from __future__ import annotations
@@ -11,10 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from ..layouts import chunk_ids
-from ..options import Layout
-
-__all__ = ["Block", "Rel", "cover", "pair_relation", "relations"]
+__all__ = ["Block", "Element", "Rel", "cover", "pair_relation", "relations"]
 
 
 class Rel(str, Enum):
@@ -23,26 +22,22 @@ class Rel(str, Enum):
     NONE = "none"
 
 
-def pair_relation(q_chunk: int, k_chunk: int, causal: bool) -> Rel:
-    """How queries of global chunk ``q_chunk`` see keys of global chunk ``k_chunk``."""
-    if not causal or q_chunk > k_chunk:
+def pair_relation(q_piece: int, k_piece: int, causal: bool) -> Rel:
+    """How queries of global piece ``q_piece`` see keys of global piece ``k_piece``."""
+    if not causal or q_piece > k_piece:
         return Rel.FULL
-    return Rel.DIAG if q_chunk == k_chunk else Rel.NONE
+    return Rel.DIAG if q_piece == k_piece else Rel.NONE
 
 
-Element = tuple[int, int, Rel]  # (local query sub-chunk, local key sub-chunk, relation)
+Element = tuple[int, int, Rel]  # (query cell, key cell, relation), cells as local indices
 
 
-def relations(
-    layout: Layout, world: int, q_owner: int, kv_owner: int, causal: bool
-) -> list[Element]:
-    """All non-empty (query sub-chunk, key sub-chunk) pairs between two shards."""
-    q_chunks = chunk_ids(layout, world, q_owner)
-    k_chunks = chunk_ids(layout, world, kv_owner)
+def relations(q_pieces: tuple[int, ...], kv_pieces: tuple[int, ...], causal: bool) -> list[Element]:
+    """All non-empty (query cell, key cell) pairs between two runs of cells."""
     out = []
-    for i, cq in enumerate(q_chunks):
-        for j, ck in enumerate(k_chunks):
-            rel = pair_relation(cq, ck, causal)
+    for i, pq in enumerate(q_pieces):
+        for j, pk in enumerate(kv_pieces):
+            rel = pair_relation(pq, pk, causal)
             if rel is not Rel.NONE:
                 out.append((i, j, rel))
     return out
@@ -50,7 +45,7 @@ def relations(
 
 @dataclass(frozen=True)
 class Block:
-    """One kernel call: query sub-chunks [q0, q1) against key sub-chunks [k0, k1)."""
+    """One kernel call: query cells [q0, q1) against key cells [k0, k1)."""
 
     q0: int
     q1: int
@@ -59,49 +54,57 @@ class Block:
     causal: bool
 
 
+def _causal_squares(pairs: dict[tuple[int, int], Rel]) -> list[Block]:
+    """Maximal square runs of diagonal cells, each one causal call: the cells of a run
+    are consecutive on both sides, DIAG on its diagonal, FULL below, absent above."""
+    squares = []
+    diagonals = sorted((i, j) for (i, j), rel in pairs.items() if rel is Rel.DIAG)
+    taken: set[tuple[int, int]] = set()
+    for i0, j0 in diagonals:
+        if (i0, j0) in taken:
+            continue
+        n = 1
+        while (i0 + n, j0 + n) in pairs and pairs[(i0 + n, j0 + n)] is Rel.DIAG:
+            grown = n + 1
+            ok = all(
+                pairs.get((i0 + a, j0 + b)) is Rel.FULL and (i0 + b, j0 + a) not in pairs
+                for a in range(grown)
+                for b in range(a)
+            )
+            if not ok:
+                break
+            n = grown
+        squares.append(Block(i0, i0 + n, j0, j0 + n, True))
+        taken.update((i0 + a, j0 + a) for a in range(n))
+    return squares
+
+
 def cover(elements: list[Element]) -> list[Block]:
-    """Cover exactly ``elements`` with few rectangular calls (each FULL or square causal)."""
-    if not elements:
-        return []
+    """Cover exactly ``elements`` with few rectangular calls (each FULL or square causal).
+
+    Diagonal runs first (one causal call each), then the FULL pairs left: per
+    query cell, runs of consecutive key cells, stacked where neighbouring query
+    cells have the same run.
+    """
     pairs = {(i, j): rel for i, j, rel in elements}
-    rows = sorted({i for i, _, _ in elements})
-    cols = sorted({j for _, j, _ in elements})
-    # A whole square with a causal diagonal and nothing above it is one causal call.
-    if rows == cols and rows == list(range(rows[0], rows[-1] + 1)):
-        square = all(
-            pairs.get((i, j)) == (Rel.DIAG if i == j else Rel.FULL if i > j else None)
-            for i in rows
-            for j in cols
-        )
-        if square:
-            return [Block(rows[0], rows[-1] + 1, cols[0], cols[-1] + 1, True)]
-    # Otherwise: per query row, runs of FULL key sub-chunks, and each DIAG alone.
+    squares = _causal_squares(pairs)
+    covered = {(i, j) for s in squares for i in range(s.q0, s.q1) for j in range(s.k0, s.k1)}
+    rest = sorted((i, j) for (i, j) in pairs if (i, j) not in covered)
     per_row: list[Block] = []
-    for i in rows:
-        run: list[int] = []
-        for j in sorted(j for (ii, j) in pairs if ii == i):
-            if pairs[(i, j)] is Rel.DIAG:
-                per_row.append(Block(i, i + 1, j, j + 1, True))
-            elif run and j == run[-1] + 1:
-                run.append(j)
-            else:
-                if run:
-                    per_row.append(Block(i, i + 1, run[0], run[-1] + 1, False))
-                run = [j]
-        if run:
-            per_row.append(Block(i, i + 1, run[0], run[-1] + 1, False))
-    # Stack vertically adjacent FULL blocks over the same key range.
-    merged: list[Block] = []
-    for b in per_row:
-        last = merged[-1] if merged else None
-        if (
-            last is not None
-            and not b.causal
-            and not last.causal
-            and (last.k0, last.k1) == (b.k0, b.k1)
-            and last.q1 == b.q0
-        ):
-            merged[-1] = Block(last.q0, b.q1, b.k0, b.k1, False)
+    for i, j in rest:
+        last = per_row[-1] if per_row else None
+        if last is not None and last.q0 == i and last.k1 == j:
+            per_row[-1] = Block(i, i + 1, last.k0, j + 1, False)
         else:
-            merged.append(b)
-    return merged
+            per_row.append(Block(i, i + 1, j, j + 1, False))
+    stacked: list[Block] = []
+    for b in per_row:
+        match = next(
+            (k for k, s in enumerate(stacked) if (s.k0, s.k1, s.q1) == (b.k0, b.k1, b.q0)), None
+        )
+        if match is None:
+            stacked.append(b)
+        else:
+            s = stacked[match]
+            stacked[match] = Block(s.q0, b.q1, s.k0, s.k1, False)
+    return sorted(squares + stacked, key=lambda b: (b.q0, b.k0))

@@ -1,53 +1,86 @@
 """A small helper that schedule functions use to emit operations.
 
-It tracks which rows of each result slot have been written so that the first
-write overwrites (``fresh``) and later ones accumulate, and it drops empty
-transfers, computes and merges so schedules can be written without guards.
+It tracks which cells (and head parts) of each result slot have been written
+so that the first write overwrites (``fresh``) and later ones accumulate, and
+it drops empty transfers, computes and merges so schedules can be written
+without guards.
 """
 
 from __future__ import annotations
 
 from .blocks import Block
-from .ir import Compute, Merge, Op, Post, Rows, Schedule, SlotSpec, Transfer, Wait
+from .ir import (
+    WHOLE,
+    Compute,
+    HeadPart,
+    Merge,
+    Move,
+    Op,
+    Post,
+    Rows,
+    Schedule,
+    SlotSpec,
+    Transfer,
+    Wait,
+)
 
 __all__ = ["ScheduleBuilder"]
 
 
 class ScheduleBuilder:
-    def __init__(self, strategy: str, rank: int, world: int, slots: dict[str, SlotSpec]):
+    def __init__(
+        self,
+        strategy: str,
+        rank: int,
+        world: int,
+        pieces: tuple[int, ...],
+        slots: dict[str, SlotSpec],
+    ):
         self.strategy = strategy
         self.rank = rank
         self.world = world
+        self.pieces = pieces
         self.slots = slots
         self.ops: list[Op] = []
-        self._written: dict[str, set[int]] = {}
+        self._written: dict[str, set[tuple[int, HeadPart]]] = {}
         self._posted: set[str] = set()
 
     def peer(self, offset: int) -> int:
-        """Group rank ``offset`` hops from this one around the ring."""
+        """Rank ``offset`` hops from this one around the ring."""
         return (self.rank + offset) % self.world
 
     def reset(self, slot: str) -> None:
         """Forget what ``slot`` holds: the next write to it overwrites."""
         self._written.pop(slot, None)
 
+    def _mark(self, rows: Rows) -> None:
+        self._written.setdefault(rows.slot, set()).update(
+            (i, rows.part) for i in range(rows.start, rows.stop)
+        )
+
     def _fresh(self, rows: Rows) -> tuple[bool, ...]:
-        """Per sub-chunk of ``rows``: True where this write is the first since the last reset."""
+        """Per cell of ``rows``: True where this write is the first since the last reset."""
         written = self._written.setdefault(rows.slot, set())
-        fresh = tuple(i not in written for i in range(rows.start, rows.stop))
-        written.update(range(rows.start, rows.stop))
+        counts = {part.count for _, part in written} | {rows.part.count}
+        if len(counts) > 1:
+            raise AssertionError(f"schedule bug: {rows.slot} written in head parts of {counts}")
+        fresh = tuple((i, rows.part) not in written for i in range(rows.start, rows.stop))
+        self._mark(rows)
         return fresh
 
-    def post(self, handle: str, step: int, transfers: list[Transfer]) -> str | None:
-        """Start the non-empty ``transfers``; return the handle, or None if nothing moves."""
-        transfers = [t for t in transfers if not t.rows.empty]
-        if not transfers:
+    def post(self, handle: str, step: int, moves: list[Move]) -> str | None:
+        """Start the non-empty ``moves``; return the handle, or None if nothing moves."""
+        moves = [m for m in moves if not (m.rows if isinstance(m, Transfer) else m.dst).empty]
+        if not moves:
             return None
-        for t in transfers:
-            if not t.send:  # a receive overwrites its rows
-                self.reset(t.rows.slot)
-                self._written[t.rows.slot] = set(range(t.rows.start, t.rows.stop))
-        self.ops.append(Post(handle, tuple(transfers), step))
+        if len(moves) > 1 and not all(isinstance(m, Transfer) for m in moves):
+            raise AssertionError("schedule bug: a collective is posted alone")
+        for m in moves:  # a receive overwrites its rows
+            if not isinstance(m, Transfer):
+                self._mark(m.dst)
+            elif not m.send:
+                self._mark(m.rows)
+        self.ops.append(Post(handle, tuple(moves), step))
         self._posted.add(handle)
         return handle
 
@@ -65,17 +98,21 @@ class ScheduleBuilder:
         q_out: str,
         kv_out: str | None,
         step: int,
-        q_owner: int,
-        kv_owner: int,
+        q_owner: int | None,
+        kv_owner: int | None,
+        q_part: HeadPart = WHOLE,
+        kv_part: HeadPart = WHOLE,
     ) -> None:
-        """Emit one Compute per block, writing results at the same rows of the out slots."""
+        """Emit one Compute per block, on head part ``q_part`` of the query slot and its
+        result and ``kv_part`` of the key/value slot and its result; results land at
+        the same cells of the out slots as their queries and keys."""
         for b in blocks:
-            out_rows = Rows(q_out, b.q0, b.q1)
-            kv_rows = Rows(kv_out, b.k0, b.k1) if kv_out is not None else None
+            out_rows = Rows(q_out, b.q0, b.q1, q_part)
+            kv_rows = Rows(kv_out, b.k0, b.k1, kv_part) if kv_out is not None else None
             self.ops.append(
                 Compute(
-                    q=Rows(q_slot, b.q0, b.q1),
-                    kv=Rows(kv_slot, b.k0, b.k1),
+                    q=Rows(q_slot, b.q0, b.q1, q_part),
+                    kv=Rows(kv_slot, b.k0, b.k1, kv_part),
                     causal=b.causal,
                     q_out=out_rows,
                     kv_out=kv_rows,
@@ -90,7 +127,8 @@ class ScheduleBuilder:
     def merge(self, src: Rows, dst: Rows, step: int) -> None:
         if src.empty:
             return
-        if not set(range(dst.start, dst.stop)) <= self._written.get(dst.slot, set()):
+        written = self._written.get(dst.slot, set())
+        if not all((i, dst.part) in written for i in range(dst.start, dst.stop)):
             raise AssertionError(f"schedule bug: merge into unwritten rows {dst}")
         self.ops.append(Merge(src, dst, step))
 
@@ -101,6 +139,7 @@ class ScheduleBuilder:
             strategy=self.strategy,
             rank=self.rank,
             world=self.world,
+            pieces=self.pieces,
             slots=dict(self.slots),
             ops=tuple(self.ops),
             query_result=query_result,

@@ -1,23 +1,38 @@
 """The schedule language: per rank, an ordered list of operations over named slots.
 
-A *slot* is a per-rank buffer holding one shard's worth of rows (two
-sub-chunks, see ``layouts``). Its *kind* says what it holds: a query bundle,
-a key/value bundle, or a result for either side. The executor decides what
-tensors a kind contains in each pass (forward: ``q`` / ``k, v`` / ``out, lse``;
-backward: ``q, do, lse, delta`` / ``k, v`` / ``dq`` / ``dk, dv``), so one
-schedule shape serves both passes where the data flow is the same.
+A *slot* is a per-rank buffer, declared with what it holds:
+
+- its *kind*: a query bundle, a key/value bundle, or a result for either side;
+  which tensors a kind holds in each pass is the table ``COMPONENTS`` below,
+  so one schedule shape serves both passes where the data flow is the same;
+- ``cells``: how many sequence pieces it holds. A shard has two (the
+  sub-chunks of the layout); a sequence gathered over an axis of ``P`` ranks
+  has ``2P``, in increasing global order. Cell ``i`` is as long as the local
+  sub-chunk ``i % 2`` (``layouts.local_bounds``);
+- ``head_parts``: it holds one of ``head_parts`` equal parts of its family's
+  heads (query heads for query slots, key/value heads for key/value slots);
+  which part is data that the operations filling it carry;
+- ``groups``: its storage is split into this many head groups, group-major,
+  so that every group is contiguous (collectives that move one head group);
+- ``zeroed``: it starts filled with zeros, so cells no operation writes
+  contribute nothing (a gathered gradient that is reduce-scattered, where the
+  mask leaves some keys unseen by this rank's queries).
 
 Operations run in order on one rank:
 
-- ``Post`` starts a set of point-to-point transfers (one communicator per
-  ``lane``) and names them with a handle;
-- ``Wait`` blocks until a handle's transfers have completed;
+- ``Post`` starts data movement and names it with a handle: point-to-point
+  ``Transfer``\\ s (one batch per lane), or one collective over an axis
+  (``AllGather``, ``AllToAll`` either way between sequence and heads,
+  ``ReduceScatter``);
+- ``Wait`` blocks until a handle's movement has completed;
 - ``Compute`` runs one block attention (forward or backward) and writes or
   accumulates its results;
 - ``Merge`` accumulates one result slot's rows into another's.
 
-Schedules are data: tests check them symbolically (``simulate``), the
-timeline labels come from them and the executor runs them unchanged.
+A *lane* is a communicator of its own on one axis (``Lane``); a schedule's
+lanes are the ones its moves name. Schedules are data: tests check them
+symbolically (``simulate``), timeline labels come from them and the executor
+runs them unchanged. See docs/algorithms.md and docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -26,12 +41,25 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
 
+from ..options import Pass
+
 __all__ = [
+    "COMPONENTS",
+    "FAMILY",
+    "GROUP_AXIS",
+    "AllGather",
+    "AllToAll",
+    "Collective",
     "Compute",
+    "Direction",
+    "HeadPart",
+    "Lane",
     "Merge",
+    "Move",
     "Op",
     "Post",
     "Precision",
+    "ReduceScatter",
     "Rows",
     "Schedule",
     "SlotKind",
@@ -40,14 +68,50 @@ __all__ = [
     "Wait",
 ]
 
+GROUP_AXIS = "group"
+"""The one axis of the 1-D strategies: the ranks of the caller's process group."""
+
 
 class SlotKind(str, Enum):
-    """What a slot holds."""
+    """What a slot holds (its tensors per pass: ``COMPONENTS``)."""
 
     QUERY = "query"
     KV = "kv"
     QUERY_RESULT = "query_result"
     KV_RESULT = "kv_result"
+
+
+COMPONENTS: dict[tuple[Pass, SlotKind], tuple[str, ...]] = {
+    (Pass.FORWARD, SlotKind.QUERY): ("q",),
+    (Pass.FORWARD, SlotKind.KV): ("k", "v"),
+    (Pass.FORWARD, SlotKind.QUERY_RESULT): ("out", "lse"),
+    (Pass.FORWARD, SlotKind.KV_RESULT): (),
+    (Pass.BACKWARD, SlotKind.QUERY): ("q", "do", "lse", "delta"),
+    (Pass.BACKWARD, SlotKind.KV): ("k", "v"),
+    (Pass.BACKWARD, SlotKind.QUERY_RESULT): ("dq",),
+    (Pass.BACKWARD, SlotKind.KV_RESULT): ("dk", "dv"),
+}
+"""The tensors a slot of each kind holds in each pass.
+
+``lse`` and ``delta = rowsum(do * out)`` are per row and head; every other
+component is per row, head and head_dim. ``delta`` travels instead of ``out``
+(docs/algorithms.md, "What travels in the backward pass").
+"""
+
+FAMILY: dict[str, str] = {
+    "q": "q",
+    "do": "q",
+    "out": "q",
+    "dq": "q",
+    "k": "kv",
+    "v": "kv",
+    "dk": "kv",
+    "dv": "kv",
+    "lse": "row",
+    "delta": "row",
+}
+"""Shape family of a component: query heads x head_dim, key/value heads x
+head_dim, or one value per query head (``row``)."""
 
 
 class Precision(str, Enum):
@@ -59,20 +123,37 @@ class Precision(str, Enum):
 
 @dataclass(frozen=True)
 class SlotSpec:
-    """Declaration of a slot. ``local`` slots are bound to the caller's tensors."""
+    """Declaration of a slot (see the module docstring). ``local`` slots are bound to
+    the caller's tensors."""
 
     kind: SlotKind
     precision: Precision = Precision.WIRE
     local: bool = False
+    cells: int = 2
+    head_parts: int = 1
+    groups: int = 1
+    zeroed: bool = False
+
+
+@dataclass(frozen=True)
+class HeadPart:
+    """Part ``index`` of ``count`` equal parts of the heads a slot holds."""
+
+    index: int = 0
+    count: int = 1
+
+
+WHOLE = HeadPart()
 
 
 @dataclass(frozen=True)
 class Rows:
-    """Sub-chunks ``[start, stop)`` of a slot (each shard has two sub-chunks)."""
+    """Cells ``[start, stop)`` of a slot, and which part of its heads."""
 
     slot: str
     start: int = 0
     stop: int = 2
+    part: HeadPart = WHOLE
 
     @property
     def empty(self) -> bool:
@@ -80,20 +161,96 @@ class Rows:
 
 
 @dataclass(frozen=True)
+class Lane:
+    """A communicator of its own on one axis: moves on different lanes run concurrently."""
+
+    axis: str
+    index: int
+
+
+@dataclass(frozen=True)
 class Transfer:
-    """One send or receive of ``rows`` to/from group rank ``peer`` on communicator ``lane``."""
+    """One send or receive of ``rows`` to/from rank ``peer`` of the axis, on lane ``lane``."""
 
     rows: Rows
     peer: int
     send: bool
     lane: int
+    axis: str = GROUP_AXIS
+
+
+@dataclass(frozen=True)
+class AllGather:
+    """Every member's ``src`` rows into ``dst`` on every member.
+
+    ``placement[s]`` gives, for each cell of member ``s``'s ``src``, the cell of
+    ``dst`` it lands in (global order; the same on every member).
+    """
+
+    src: Rows
+    dst: Rows
+    placement: tuple[tuple[int, ...], ...]
+    lane: int
+    axis: str = GROUP_AXIS
+
+
+class Direction(str, Enum):
+    """Which way an all-to-all reshards: sequence-sharded to head-sharded, or back."""
+
+    SEQ_TO_HEADS = "seq_to_heads"
+    HEADS_TO_SEQ = "heads_to_seq"
+
+
+@dataclass(frozen=True)
+class AllToAll:
+    """Reshard between sequence pieces and heads over an axis.
+
+    ``SEQ_TO_HEADS``: ``src`` holds this member's cells with every head; member
+    ``d`` receives into ``dst`` cell ``placement[s][i]`` the cell ``i`` of member
+    ``s``, restricted to head part ``parts[d]`` (of ``dst``'s ``head_parts``).
+    ``HEADS_TO_SEQ`` is its inverse: member ``r`` receives its own cells back,
+    with member ``s``'s head part ``parts[s]`` filled from it. Where several
+    members hold the same part (key/value heads replicated because there are
+    fewer than members), their contributions are summed.
+    """
+
+    src: Rows
+    dst: Rows
+    direction: Direction
+    placement: tuple[tuple[int, ...], ...]
+    parts: tuple[int, ...]
+    lane: int
+    axis: str = GROUP_AXIS
+
+
+@dataclass(frozen=True)
+class ReduceScatter:
+    """Sum over members of their gathered ``src``; member ``r`` keeps, in ``dst``,
+    the cells ``placement[r]`` (its own shard)."""
+
+    src: Rows
+    dst: Rows
+    placement: tuple[tuple[int, ...], ...]
+    lane: int
+    axis: str = GROUP_AXIS
+
+
+Collective = AllGather | AllToAll | ReduceScatter
+Move = Transfer | Collective
 
 
 @dataclass(frozen=True)
 class Post:
+    """Start ``moves``: point-to-point transfers (batched per lane), or one collective."""
+
     handle: str
-    transfers: tuple[Transfer, ...]
+    moves: tuple[Move, ...]
     step: int
+
+    @property
+    def collective(self) -> Collective | None:
+        first = self.moves[0]
+        return None if isinstance(first, Transfer) else first
 
 
 @dataclass(frozen=True)
@@ -106,12 +263,13 @@ class Wait:
 class Compute:
     """Block attention of ``q`` rows against ``kv`` rows.
 
-    ``causal`` is only used on square blocks whose rows are the same global
-    tokens on both sides (top-left and bottom-right alignment then agree).
+    ``causal`` is only used on square blocks whose cells are the same global
+    pieces on both sides (top-left and bottom-right alignment then agree).
     ``q_out`` receives the query-side result (forward: out, lse; backward: dq),
     ``kv_out`` the key/value-side result (backward only: dk, dv); ``fresh_*``
-    says per sub-chunk whether to overwrite instead of accumulate. ``q_owner``/``kv_owner`` are the
-    group ranks whose shards the rows come from (for labels and checks).
+    says per cell whether to overwrite instead of accumulate. ``q_owner`` /
+    ``kv_owner`` are the ranks whose shards the rows come from, ``None`` for a
+    gathered sequence (for labels).
     """
 
     q: Rows
@@ -122,8 +280,8 @@ class Compute:
     fresh_q: tuple[bool, ...]
     fresh_kv: tuple[bool, ...]
     step: int
-    q_owner: int
-    kv_owner: int
+    q_owner: int | None
+    kv_owner: int | None
 
 
 @dataclass(frozen=True)
@@ -140,11 +298,16 @@ Op = Post | Wait | Compute | Merge
 
 @dataclass(frozen=True)
 class Schedule:
-    """Everything one rank does for one pass of one strategy."""
+    """Everything one rank does for one pass of one strategy.
+
+    ``pieces`` are the global sequence pieces of this rank's shard (its local
+    query and key/value slots), in local order.
+    """
 
     strategy: str
     rank: int
     world: int
+    pieces: tuple[int, ...]
     slots: dict[str, SlotSpec]
     ops: tuple[Op, ...]
     query_result: str
@@ -153,15 +316,32 @@ class Schedule:
     @cached_property
     def used_slots(self) -> frozenset[str]:
         """Slots some operation touches (others need no buffer)."""
-        names: set[str] = set()
-        for op in self.ops:
-            if isinstance(op, Post):
-                names.update(t.rows.slot for t in op.transfers)
-            elif isinstance(op, Compute):
-                names.update(r.slot for r in (op.q, op.kv, op.q_out, op.kv_out) if r is not None)
-            elif isinstance(op, Merge):
-                names.update((op.src.slot, op.dst.slot))
-        names.add(self.query_result)
+        names: set[str] = {self.query_result}
         if self.kv_result is not None:
             names.add(self.kv_result)
+        for op in self.ops:
+            match op:
+                case Post(moves=moves):
+                    for move in moves:
+                        if isinstance(move, Transfer):
+                            names.add(move.rows.slot)
+                        else:
+                            names.update((move.src.slot, move.dst.slot))
+                case Compute():
+                    names.update(
+                        r.slot for r in (op.q, op.kv, op.q_out, op.kv_out) if r is not None
+                    )
+                case Merge():
+                    names.update((op.src.slot, op.dst.slot))
         return frozenset(names)
+
+    @cached_property
+    def lanes(self) -> tuple[Lane, ...]:
+        """The lanes this schedule moves data on (its declaration to the runtime)."""
+        found = {
+            Lane(move.axis, move.lane)
+            for op in self.ops
+            if isinstance(op, Post)
+            for move in op.moves
+        }
+        return tuple(sorted(found, key=lambda lane: (lane.axis, lane.index)))

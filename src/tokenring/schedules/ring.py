@@ -11,21 +11,24 @@ See docs/algorithms.md, "Ring".
 
 from __future__ import annotations
 
-from ..options import Layout, Pass
+from ..layouts import chunk_ids
+from ..options import Pass, Strategy
+from .base import StrategyDef
 from .blocks import cover, relations
 from .builder import ScheduleBuilder
 from .ir import Precision, Rows, Schedule, SlotKind, SlotSpec, Transfer
+from .key import ScheduleKey
 
-__all__ = ["ring_schedule"]
+__all__ = ["Ring", "ring_schedule"]
 
 KV_LANE = 0  # keys and values travel r-1 -> r
 GRAD_LANE = 1  # dk, dv accumulators travel r-1 -> r (backward)
 
 
-def ring_schedule(layout: Layout, world: int, rank: int, causal: bool, pass_: Pass) -> Schedule:
-    """The ring schedule of ``rank`` for one pass."""
-    P, r = world, rank
-    backward = pass_ is Pass.BACKWARD
+def ring_schedule(key: ScheduleKey) -> Schedule:
+    """The ring schedule of one rank for one pass."""
+    P, r, causal = key.world, key.rank, key.causal
+    backward = key.pass_ is Pass.BACKWARD
     slots = {
         "q": SlotSpec(SlotKind.QUERY, local=True),
         "kv": SlotSpec(SlotKind.KV, local=True),
@@ -37,10 +40,13 @@ def ring_schedule(layout: Layout, world: int, rank: int, causal: bool, pass_: Pa
         slots["dkv0"] = SlotSpec(SlotKind.KV_RESULT, Precision.ACCUM)
         slots["dkv1"] = SlotSpec(SlotKind.KV_RESULT, Precision.ACCUM)
         slots["dkv_block"] = SlotSpec(SlotKind.KV_RESULT)
-    b = ScheduleBuilder("ring", r, P, slots)
+    b = ScheduleBuilder("ring", r, P, chunk_ids(key.layout, P, r), slots)
+
+    def pieces(rank: int) -> tuple[int, ...]:
+        return chunk_ids(key.layout, P, rank)
 
     def needed(kv_owner: int):
-        return relations(layout, P, r, kv_owner, causal)
+        return relations(pieces(r), pieces(kv_owner), causal)
 
     def travelling_rows(owner: int, step: int) -> tuple[int, int]:
         """Key rows of KV_owner needed by the rank it visits at ``step`` or later."""
@@ -48,7 +54,7 @@ def ring_schedule(layout: Layout, world: int, rank: int, causal: bool, pass_: Pa
             {
                 j
                 for s in range(step, P)
-                for _, j, _ in relations(layout, P, (owner + s) % P, owner, causal)
+                for _, j, _ in relations(pieces((owner + s) % P), pieces(owner), causal)
             }
         )
         return (rows[0], rows[-1] + 1) if rows else (0, 0)
@@ -111,3 +117,11 @@ def ring_schedule(layout: Layout, world: int, rank: int, causal: bool, pass_: Pa
         b.wait(grad_wait, P)
     home = "dkv0" if P == 1 else f"dkv{P % 2}"  # where the full turn ends
     return b.build("acc", home if backward else None)
+
+
+class Ring(StrategyDef):
+    name = Strategy.RING
+    summary = "Ring attention (pass-KV), the baseline: K and V travel, Q stays."
+
+    def schedule(self, key: ScheduleKey) -> Schedule:
+        return ring_schedule(key)

@@ -1,19 +1,24 @@
 """Run the schedules of all ranks symbolically, without tensors.
 
-Every slot cell (one sub-chunk of one slot) carries a label: which shard's
-rows it holds and, for result slots, which (key chunk, relation) pairs have
-been accumulated into it. Transfers are matched send-to-receive in order per
-(source, destination, lane), as NCCL and gloo do. The simulation fails on:
+Every slot is a grid of cells: one per (sequence piece, head) it holds. A
+cell carries a label, which global piece and head its rows are, and for
+result slots which (other piece, relation, other head) triples have been
+accumulated into it. Point-to-point transfers are matched send-to-receive in
+order per (source, destination, lane), collectives in order per (axis group,
+lane), as NCCL and gloo do. The simulation fails on:
 
-- a deadlock (every rank waits on a transfer nobody posts);
-- mismatched transfer shapes between sender and receiver;
+- a deadlock (every rank waits on data nobody provides);
+- mismatched shapes between sender and receiver, or members of a collective
+  that disagree on what it is;
 - a read of a cell whose receive has not been waited for, or that was never written;
 - a write to a cell that an unfinished send is still reading;
-- a result merged into rows of a different owner.
+- a result merged into rows of another piece or head;
+- a query head meeting a key/value head it does not use (GQA mapping);
+- a move of rows that are not contiguous in storage.
 
-``coverage`` then says, for each rank's final results, which pairs were
-accumulated how many times: the test of "every pair the mask allows is
-computed exactly once, and nothing else".
+``coverage`` is then read off each rank's final result cells: the test of
+"every pair the mask allows is computed exactly once, and nothing else",
+per head. ``check_stream_order`` repeats the run under NCCL's stream rules.
 """
 
 from __future__ import annotations
@@ -21,240 +26,483 @@ from __future__ import annotations
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 
-from ..layouts import chunk_ids
-from ..options import Layout
 from .blocks import Rel, pair_relation
-from .ir import Compute, Merge, Post, Rows, Schedule, SlotKind, Transfer, Wait
+from .ir import (
+    GROUP_AXIS,
+    AllGather,
+    AllToAll,
+    Compute,
+    Direction,
+    Merge,
+    Move,
+    Post,
+    ReduceScatter,
+    Rows,
+    Schedule,
+    SlotKind,
+    Transfer,
+    Wait,
+)
 
-__all__ = ["ScheduleError", "Simulation", "expected_coverage", "simulate"]
+__all__ = [
+    "Axes",
+    "ScheduleError",
+    "Simulation",
+    "check_stream_order",
+    "expected_coverage",
+    "simulate",
+]
+
+Axes = dict[str, list[tuple[int, ...]]]
+"""Per axis, its groups: the global ranks of each, in axis order."""
 
 
 class ScheduleError(AssertionError):
     """A schedule violates a data-flow rule."""
 
 
+Label = tuple[int, int]  # (global piece, global head of the slot's family)
+
+
 @dataclass
 class Cell:
-    row: tuple[int, int] | None = None  # (owner group rank, sub-chunk)
-    contrib: Counter = field(default_factory=Counter)  # (global chunk, Rel) -> count
+    label: Label | None = None
+    contrib: Counter = field(default_factory=Counter)  # (piece, Rel, head) -> count
+    zero: bool = False  # holds zeros: contributes nothing
     pending_recv: bool = False
     sending: int = 0
 
-    def copy_content(self) -> Cell:
-        return Cell(self.row, Counter(self.contrib))
+    def content(self) -> Cell:
+        return Cell(self.label, Counter(self.contrib), self.zero)
 
 
 @dataclass
 class Simulation:
-    """Final cell contents of each rank's result slots, and bytes moved per lane."""
+    """Final result cells of every rank (``[cell][head]``) and what each rank sent."""
 
-    query_results: list[list[Cell]]
-    kv_results: list[list[Cell] | None]
-    sends: list[list[tuple[int, Transfer, SlotKind]]]
-
-
-def _cells(state: dict[str, list[Cell]], rows: Rows) -> list[Cell]:
-    return state[rows.slot][rows.start : rows.stop]
+    query_results: list[list[list[Cell]]]
+    kv_results: list[list[list[Cell]] | None]
+    sends: list[list[tuple[int, Move, SlotKind]]]
 
 
-def simulate(schedules: list[Schedule], layout: Layout) -> Simulation:
-    """Execute ``schedules`` (one per group rank) symbolically; raise ScheduleError on a hazard."""
-    world = len(schedules)
-    state: list[dict[str, list[Cell]]] = []
-    for rank, sched in enumerate(schedules):
-        slots = {name: [Cell(), Cell()] for name in sched.slots}
-        for name, spec in sched.slots.items():
-            if spec.local and spec.kind in (SlotKind.QUERY, SlotKind.KV):
-                slots[name] = [Cell((rank, 0)), Cell((rank, 1))]
-        state.append(slots)
+def _family_heads(kind: SlotKind, heads_q: int, heads_kv: int) -> int:
+    return heads_q if kind in (SlotKind.QUERY, SlotKind.QUERY_RESULT) else heads_kv
 
-    queues: dict[tuple[int, int, int], deque] = defaultdict(deque)  # (src, dst, lane)
-    handles: list[dict[str, list]] = [dict() for _ in range(world)]
-    pc = [0] * world
-    sends: list[list[tuple[int, Transfer, SlotKind]]] = [[] for _ in range(world)]
 
-    def chunk(label: tuple[int, int]) -> int:
-        return chunk_ids(layout, world, label[0])[label[1]]
+def default_axes(world: int) -> Axes:
+    return {GROUP_AXIS: [tuple(range(world))]}
 
-    def read(rank: int, rows: Rows) -> list[Cell]:
-        cells = _cells(state[rank], rows)
-        for c in cells:
-            if c.pending_recv:
-                raise ScheduleError(f"rank {rank}: reads {rows} before its receive was waited for")
-            if c.row is None:
-                raise ScheduleError(f"rank {rank}: reads {rows}, which was never written")
+
+class _Run:
+    """The state of one symbolic run over all ranks."""
+
+    def __init__(self, schedules: list[Schedule], heads_q: int, heads_kv: int, axes: Axes):
+        self.schedules = schedules
+        self.hq, self.hkv = heads_q, heads_kv
+        self.axes = axes
+        self.state: list[dict[str, list[list[Cell]]]] = []
+        for sched in schedules:
+            slots = {}
+            for name, spec in sched.slots.items():
+                heads = _family_heads(spec.kind, heads_q, heads_kv) // spec.head_parts
+                grid = [[Cell(zero=spec.zeroed) for _ in range(heads)] for _ in range(spec.cells)]
+                if spec.local and spec.kind in (SlotKind.QUERY, SlotKind.KV):
+                    for i, piece in enumerate(sched.pieces):
+                        for h in range(heads):
+                            grid[i][h] = Cell((piece, h))
+                slots[name] = grid
+            self.state.append(slots)
+        self.p2p: dict[tuple, deque] = defaultdict(deque)  # (src, dst, axis, lane) -> payloads
+        self.collectives: dict[tuple, list[dict[int, tuple]]] = defaultdict(list)
+        self.posted_collectives: dict[tuple[int, tuple], int] = Counter()
+        self.handles: list[dict[str, list]] = [dict() for _ in schedules]
+        self.sends: list[list[tuple[int, Move, SlotKind]]] = [[] for _ in schedules]
+
+    # -- addressing ---------------------------------------------------------
+    def members(self, axis: str, rank: int) -> tuple[int, ...]:
+        for group in self.axes[axis]:
+            if rank in group:
+                return group
+        raise ScheduleError(f"rank {rank} is in no group of axis {axis!r}")
+
+    def heads(self, rank: int, rows: Rows) -> range:
+        grid = self.state[rank][rows.slot]
+        held = len(grid[0])
+        if held % rows.part.count:
+            raise ScheduleError(f"rank {rank}: {rows} splits {held} heads unevenly")
+        size = held // rows.part.count
+        return range(rows.part.index * size, (rows.part.index + 1) * size)
+
+    def block(self, rank: int, rows: Rows) -> list[list[Cell]]:
+        grid = self.state[rank][rows.slot]
+        if rows.stop > len(grid):
+            raise ScheduleError(f"rank {rank}: {rows} is outside a slot of {len(grid)} cells")
+        heads = self.heads(rank, rows)
+        return [[grid[i][h] for h in heads] for i in range(rows.start, rows.stop)]
+
+    def contiguous(self, rank: int, rows: Rows) -> None:
+        spec = self.schedules[rank].slots[rows.slot]
+        if rows.part.count not in (1, spec.groups):
+            raise ScheduleError(f"rank {rank}: moves {rows}, not contiguous in its storage")
+
+    def read(self, rank: int, rows: Rows, *, zeros_ok: bool = True) -> list[list[Cell]]:
+        cells = self.block(rank, rows)
+        for row in cells:
+            for c in row:
+                if c.pending_recv:
+                    raise ScheduleError(f"rank {rank}: reads {rows} before its receive completed")
+                if c.label is None and not (c.zero and zeros_ok):
+                    raise ScheduleError(f"rank {rank}: reads {rows}, which was never written")
         return cells
 
-    def writable(rank: int, rows: Rows) -> list[Cell]:
-        cells = _cells(state[rank], rows)
-        for c in cells:
-            if c.sending:
-                raise ScheduleError(f"rank {rank}: overwrites {rows} while a send reads it")
+    def writable(self, rank: int, rows: Rows) -> list[list[Cell]]:
+        cells = self.block(rank, rows)
+        for row in cells:
+            for c in row:
+                if c.sending:
+                    raise ScheduleError(f"rank {rank}: overwrites {rows} while a send reads it")
         return cells
 
-    def post(rank: int, op: Post) -> None:
+    @staticmethod
+    def put(rank: int, cell: Cell, content: Cell, fresh: bool) -> None:
+        """Write (``fresh``) or accumulate ``content`` into ``cell``."""
+        if content.zero and content.label is None:
+            if fresh:
+                cell.label, cell.contrib, cell.zero = None, Counter(), True
+            return
+        if fresh or (cell.zero and cell.label is None):
+            cell.label, cell.contrib, cell.zero = content.label, Counter(content.contrib), False
+            return
+        if cell.label is None:
+            raise ScheduleError(
+                f"rank {rank}: accumulates {content.label} into a cell never written"
+            )
+        if cell.label != content.label:
+            raise ScheduleError(
+                f"rank {rank}: accumulates {content.label} into a cell holding {cell.label}"
+            )
+        cell.contrib.update(content.contrib)
+
+    # -- operations ---------------------------------------------------------
+    def post(self, rank: int, op: Post) -> None:
         entries = []
-        for t in op.transfers:
-            kind = schedules[rank].slots[t.rows.slot].kind
-            if t.send:
-                cells = read(rank, t.rows)
-                for c in cells:
+        for move in op.moves:
+            if isinstance(move, Transfer):
+                kind = self.schedules[rank].slots[move.rows.slot].kind
+                self.contiguous(rank, move.rows)
+                if move.send:
+                    cells = self.read(rank, move.rows)
+                    for row in cells:
+                        for c in row:
+                            c.sending += 1
+                    payload = [[c.content() for c in row] for row in cells]
+                    dst = self.members(move.axis, rank)[move.peer]
+                    self.p2p[(rank, dst, move.axis, move.lane)].append((move.rows, kind, payload))
+                    self.sends[rank].append((op.step, move, kind))
+                    entries.append(("send", move, cells))
+                else:
+                    for row in self.writable(rank, move.rows):
+                        for c in row:
+                            c.pending_recv = True
+                    entries.append(("recv", move, None))
+                continue
+            self.contiguous(rank, move.src)
+            self.contiguous(rank, move.dst)
+            cells = self.read(rank, move.src)
+            for row in cells:
+                for c in row:
                     c.sending += 1
-                payload = [c.copy_content() for c in cells]
-                sends[rank].append((op.step, t, kind))
-                queues[(rank, t.peer, t.lane)].append((t.rows, kind, payload))
-                entries.append(("send", t, cells))
-            else:
-                for c in writable(rank, t.rows):
+            for row in self.writable(rank, move.dst):
+                for c in row:
                     c.pending_recv = True
-                entries.append(("recv", t, None))
-        handles[rank][op.handle] = entries
+            group = self.members(move.axis, rank)
+            lane_key = (move.axis, group, move.lane)
+            index = self.posted_collectives[(rank, lane_key)]
+            self.posted_collectives[(rank, lane_key)] += 1
+            log = self.collectives[lane_key]
+            while len(log) <= index:
+                log.append({})
+            payload = [[c.content() for c in row] for row in cells]
+            log[index][rank] = (move, payload, len(self.block(rank, move.dst)[0]))
+            self.sends[rank].append((op.step, move, self.schedules[rank].slots[move.src.slot].kind))
+            entries.append(("collective", move, (cells, lane_key, index)))
+        self.handles[rank][op.handle] = entries
 
-    def try_wait(rank: int, op: Wait) -> bool:
-        entries = handles[rank].get(op.handle)
+    def try_wait(self, rank: int, op: Wait) -> bool:
+        entries = self.handles[rank].get(op.handle)
         if entries is None:
             raise ScheduleError(f"rank {rank}: waits on unknown handle {op.handle}")
-        # A receive completes once the matching send is queued; NCCL and gloo
-        # match in order per (source, destination, lane).
-        recvs = [t for kind, t, _ in entries if kind == "recv"]
-        need: Counter = Counter((t.peer, t.lane) for t in recvs)
-        for (peer, lane), n in need.items():
-            if len(queues[(peer, rank, lane)]) < n:
+        need: Counter = Counter(
+            (self.members(m.axis, rank)[m.peer], m.axis, m.lane)
+            for kind, m, _ in entries
+            if kind == "recv"
+        )
+        for (src, axis, lane), n in need.items():
+            if len(self.p2p[(src, rank, axis, lane)]) < n:
                 return False
-        for kind, t, cells in entries:
+        for kind, _, extra in entries:
+            if kind == "collective":
+                _, lane_key, index = extra
+                if len(self.collectives[lane_key][index]) < len(lane_key[1]):
+                    return False
+        for kind, move, extra in entries:
             if kind == "send":
-                for c in cells:
-                    c.sending -= 1
-                continue
-            rows, src_kind, payload = queues[(t.peer, rank, t.lane)].popleft()
-            dst_kind = schedules[rank].slots[t.rows.slot].kind
-            if (rows.start, rows.stop) != (t.rows.start, t.rows.stop) or src_kind != dst_kind:
-                raise ScheduleError(
-                    f"rank {rank}: receives {t.rows} ({dst_kind.value}) from rank {t.peer} "
-                    f"but it sent {rows} ({src_kind.value})"
-                )
-            for cell, content in zip(_cells(state[rank], t.rows), payload):
-                cell.row, cell.contrib, cell.pending_recv = content.row, content.contrib, False
-        del handles[rank][op.handle]
+                for row in extra:
+                    for c in row:
+                        c.sending -= 1
+            elif kind == "recv":
+                self.receive(rank, move)
+            else:
+                cells, lane_key, index = extra
+                for row in cells:
+                    for c in row:
+                        c.sending -= 1
+                self.complete(rank, move, lane_key, self.collectives[lane_key][index])
+        del self.handles[rank][op.handle]
         return True
 
-    def accumulate(
-        rank: int, rows: Rows, labels: list, adds: list[Counter], fresh: tuple[bool, ...]
-    ) -> None:
-        for cell, label, add, new in zip(writable(rank, rows), labels, adds, fresh):
-            if new:
-                cell.row, cell.contrib = label, Counter()
-            elif cell.row != label:
-                raise ScheduleError(
-                    f"rank {rank}: accumulates rows of {label} into {rows} holding {cell.row}"
-                )
-            cell.contrib.update(add)
+    def receive(self, rank: int, move: Transfer) -> None:
+        src = self.members(move.axis, rank)[move.peer]
+        rows, src_kind, payload = self.p2p[(src, rank, move.axis, move.lane)].popleft()
+        dst_kind = self.schedules[rank].slots[move.rows.slot].kind
+        cells = self.block(rank, move.rows)
+        if (rows.stop - rows.start, len(payload[0])) != (len(cells), len(cells[0])) or (
+            src_kind != dst_kind
+        ):
+            raise ScheduleError(
+                f"rank {rank}: receives {move.rows} ({dst_kind.value}) from rank {src} "
+                f"but it sent {rows} ({src_kind.value})"
+            )
+        for row, sent in zip(cells, payload):
+            for cell, content in zip(row, sent):
+                cell.pending_recv = False
+                self.put(rank, cell, content, fresh=True)
 
-    def compute(rank: int, op: Compute) -> None:
-        q_cells, kv_cells = read(rank, op.q), read(rank, op.kv)
+    def complete(self, rank: int, move, lane_key: tuple, posts: dict[int, tuple]) -> None:
+        """This rank's share of a collective every member has posted."""
+        group = lane_key[1]
+        mine = posts[rank][0]
+        for member in group:
+            other = posts[member][0]
+            same = (type(other), other.placement, getattr(other, "direction", None)) == (
+                type(mine),
+                mine.placement,
+                getattr(mine, "direction", None),
+            ) and getattr(other, "parts", None) == getattr(mine, "parts", None)
+            if not same:
+                raise ScheduleError(
+                    f"collective mismatch on {lane_key[0]} lane {lane_key[2]}: rank {rank} "
+                    f"posted {mine}, rank {member} posted {other}"
+                )
+        me = group.index(rank)
+        dst = self.block(rank, mine.dst)
+        for row in dst:
+            for c in row:
+                c.pending_recv = False
+        match mine:
+            case AllGather():
+                for s, member in enumerate(group):
+                    payload = posts[member][1]
+                    for i, target in enumerate(mine.placement[s]):
+                        self._fill(rank, dst[target], payload[i], fresh=True)
+            case AllToAll(direction=Direction.SEQ_TO_HEADS):
+                parts = self.state[rank][mine.dst.slot][0]
+                size = len(parts)
+                for s, member in enumerate(group):
+                    payload = posts[member][1]
+                    lo = mine.parts[me] * size
+                    for i, target in enumerate(mine.placement[s]):
+                        self._fill(rank, dst[target], payload[i][lo : lo + size], fresh=True)
+            case AllToAll(direction=Direction.HEADS_TO_SEQ):
+                written: set[int] = set()
+                for s, member in enumerate(group):
+                    payload = posts[member][1]
+                    size = len(payload[0])
+                    lo = mine.parts[s] * size
+                    fresh = mine.parts[s] not in written
+                    written.add(mine.parts[s])
+                    for i, source in enumerate(mine.placement[me]):
+                        self._fill(rank, dst[i][lo : lo + size], payload[source], fresh=fresh)
+            case ReduceScatter():
+                for s, member in enumerate(group):
+                    payload = posts[member][1]
+                    for i, source in enumerate(mine.placement[me]):
+                        self._fill(rank, dst[i], payload[source], fresh=s == 0)
+
+    def _fill(self, rank: int, cells: list[Cell], contents: list[Cell], fresh: bool) -> None:
+        if len(cells) != len(contents):
+            raise ScheduleError(
+                f"rank {rank}: a collective delivers {len(contents)} heads into {len(cells)}"
+            )
+        for cell, content in zip(cells, contents):
+            self.put(rank, cell, content, fresh)
+
+    def compute(self, rank: int, op: Compute) -> None:
+        q_cells = self.read(rank, op.q, zeros_ok=False)
+        kv_cells = self.read(rank, op.kv, zeros_ok=False)
         if op.causal and len(q_cells) != len(kv_cells):
             raise ScheduleError(f"rank {rank}: causal block {op.q} x {op.kv} is not square")
-        q_adds = [Counter() for _ in q_cells]
-        kv_adds = [Counter() for _ in kv_cells]
-        for i, qc in enumerate(q_cells):
-            for k, kc in enumerate(kv_cells):
+        nq, nkv = len(q_cells[0]), len(kv_cells[0])
+        if nq % nkv:
+            raise ScheduleError(f"rank {rank}: {nq} query heads against {nkv} key/value heads")
+        ratio, group = nq // nkv, self.hq // self.hkv
+        q_adds = [[Counter() for _ in row] for row in q_cells]
+        kv_adds = [[Counter() for _ in row] for row in kv_cells]
+        for i, q_row in enumerate(q_cells):
+            for k, kv_row in enumerate(kv_cells):
                 rel = Rel.FULL if not op.causal or i > k else Rel.DIAG if i == k else Rel.NONE
                 if rel is Rel.NONE:
                     continue
-                if rel is Rel.DIAG and qc.row != kc.row:
-                    raise ScheduleError(f"rank {rank}: causal diagonal pairs different chunks")
-                q_adds[i][(chunk(kc.row), rel)] += 1
-                kv_adds[k][(chunk(qc.row), rel)] += 1
-        accumulate(rank, op.q_out, [c.row for c in q_cells], q_adds, op.fresh_q)
+                for a, qc in enumerate(q_row):
+                    kc = kv_row[a // ratio]
+                    if rel is Rel.DIAG and qc.label[0] != kc.label[0]:
+                        raise ScheduleError(f"rank {rank}: causal diagonal pairs different pieces")
+                    if kc.label[1] != qc.label[1] // group:
+                        raise ScheduleError(
+                            f"rank {rank}: query head {qc.label[1]} meets key/value head "
+                            f"{kc.label[1]} in {op}"
+                        )
+                    q_adds[i][a][(kc.label[0], rel, kc.label[1])] += 1
+                    kv_adds[k][a // ratio][(qc.label[0], rel, qc.label[1])] += 1
+        self.accumulate(rank, op.q_out, q_cells, q_adds, op.fresh_q)
         if op.kv_out is not None:
-            accumulate(rank, op.kv_out, [c.row for c in kv_cells], kv_adds, op.fresh_kv)
+            self.accumulate(rank, op.kv_out, kv_cells, kv_adds, op.fresh_kv)
 
-    def merge(rank: int, op: Merge) -> None:
-        src = read(rank, op.src)
-        accumulate(
-            rank, op.dst, [c.row for c in src], [c.contrib for c in src], (False,) * len(src)
+    def accumulate(self, rank, rows: Rows, sources, adds, fresh: tuple[bool, ...]) -> None:
+        target = self.writable(rank, rows)
+        if len(target) != len(sources) or len(target[0]) != len(sources[0]):
+            raise ScheduleError(f"rank {rank}: result rows {rows} do not match their inputs")
+        for t_row, s_row, a_row, new in zip(target, sources, adds, fresh):
+            for cell, src, add in zip(t_row, s_row, a_row):
+                self.put(rank, cell, Cell(src.label, add), new)
+
+    def merge(self, rank: int, op: Merge) -> None:
+        src = self.read(rank, op.src)
+        dst = self.writable(rank, op.dst)
+        for d_row, s_row in zip(dst, src):
+            for cell, content in zip(d_row, s_row):
+                if cell.label is None and not cell.zero:
+                    raise ScheduleError(f"rank {rank}: merges into unwritten rows {op.dst}")
+                self.put(rank, cell, content, fresh=False)
+
+    def run(self) -> Simulation:
+        pc = [0] * len(self.schedules)
+        while any(pc[r] < len(s.ops) for r, s in enumerate(self.schedules)):
+            progressed = False
+            for rank, sched in enumerate(self.schedules):
+                while pc[rank] < len(sched.ops):
+                    op = sched.ops[pc[rank]]
+                    match op:
+                        case Wait():
+                            if not self.try_wait(rank, op):
+                                break
+                        case Post():
+                            self.post(rank, op)
+                        case Compute():
+                            self.compute(rank, op)
+                        case Merge():
+                            self.merge(rank, op)
+                    pc[rank] += 1
+                    progressed = True
+            if not progressed:
+                stuck = {
+                    r: s.ops[pc[r]] for r, s in enumerate(self.schedules) if pc[r] < len(s.ops)
+                }
+                raise ScheduleError(f"deadlock: ranks wait forever at {stuck}")
+        for rank, handles in enumerate(self.handles):
+            if handles:
+                raise ScheduleError(f"rank {rank}: moves never waited for: {sorted(handles)}")
+        leftovers = {k: len(v) for k, v in self.p2p.items() if v}
+        if leftovers:
+            raise ScheduleError(f"sends never received: {leftovers}")
+        for lane_key, log in self.collectives.items():
+            for index, posts in enumerate(log):
+                if len(posts) != len(lane_key[1]):
+                    raise ScheduleError(f"collective {index} on {lane_key} not posted by all")
+        return Simulation(
+            query_results=[self.state[r][s.query_result] for r, s in enumerate(self.schedules)],
+            kv_results=[
+                self.state[r][s.kv_result] if s.kv_result else None
+                for r, s in enumerate(self.schedules)
+            ],
+            sends=self.sends,
         )
 
-    while any(pc[r] < len(schedules[r].ops) for r in range(world)):
-        progressed = False
-        for rank, sched in enumerate(schedules):
-            while pc[rank] < len(sched.ops):
-                op = sched.ops[pc[rank]]
-                if isinstance(op, Wait):
-                    if not try_wait(rank, op):
-                        break
-                elif isinstance(op, Post):
-                    post(rank, op)
-                elif isinstance(op, Compute):
-                    compute(rank, op)
-                else:
-                    merge(rank, op)
-                pc[rank] += 1
-                progressed = True
-        if not progressed:
-            stuck = {
-                r: schedules[r].ops[pc[r]] for r in range(world) if pc[r] < len(schedules[r].ops)
-            }
-            raise ScheduleError(f"deadlock: ranks wait forever at {stuck}")
-    for rank in range(world):
-        if handles[rank]:
-            raise ScheduleError(f"rank {rank}: transfers never waited for: {sorted(handles[rank])}")
-    leftovers = {k: len(v) for k, v in queues.items() if v}
-    if leftovers:
-        raise ScheduleError(f"sends never received: {leftovers}")
-    return Simulation(
-        query_results=[state[r][s.query_result] for r, s in enumerate(schedules)],
-        kv_results=[
-            state[r][s.kv_result] if s.kv_result else None for r, s in enumerate(schedules)
-        ],
-        sends=sends,
-    )
+
+def simulate(
+    schedules: list[Schedule], heads_q: int = 2, heads_kv: int = 1, axes: Axes | None = None
+) -> Simulation:
+    """Execute ``schedules`` (one per rank) symbolically; raise ScheduleError on a hazard."""
+    axes = axes if axes is not None else default_axes(len(schedules))
+    return _Run(schedules, heads_q, heads_kv, axes).run()
 
 
-def expected_coverage(world: int, causal: bool, chunk: int, *, kv_side: bool = False) -> Counter:
-    """The (other chunk, relation) multiset a result row must hold: each allowed pair once.
+def expected_coverage(
+    pieces: int, causal: bool, piece: int, head: int, heads_q: int, heads_kv: int, *, kv_side=False
+) -> Counter:
+    """What a result cell must hold: every pair the mask allows, once.
 
-    On the query side (``kv_side=False``) ``chunk`` is a query chunk and the
-    others are key chunks; on the key side the roles swap.
+    Query side: cell (``piece``, query ``head``) holds (key piece, relation, its
+    key/value head) for every allowed key piece. Key side: cell (``piece``,
+    key/value ``head``) holds (query piece, relation, query head) for every
+    allowed query piece and every query head that uses this key/value head.
     """
+    group = heads_q // heads_kv
     out: Counter = Counter()
-    for other in range(2 * world):
+    for other in range(pieces):
         rel = (
-            pair_relation(other, chunk, causal) if kv_side else pair_relation(chunk, other, causal)
+            pair_relation(other, piece, causal) if kv_side else pair_relation(piece, other, causal)
         )
-        if rel is not Rel.NONE:
-            out[(other, rel)] += 1
+        if rel is Rel.NONE:
+            continue
+        if kv_side:
+            for h in range(head * group, (head + 1) * group):
+                out[(other, rel, h)] += 1
+        else:
+            out[(other, rel, head // group)] += 1
     return out
 
 
-def check_stream_order(schedules: list[Schedule]) -> None:
+def check_stream_order(schedules: list[Schedule], axes: Axes | None = None) -> None:
     """Raise ScheduleError if the schedules can deadlock under NCCL's execution model.
 
-    ``simulate`` treats transfers like gloo (posted operations progress on
-    their own). On NCCL each lane is a stream that runs its groups in order;
-    a group starts once the compute stream has reached the point where it was
-    posted, and its transfers complete only when every peer group holding
-    the matching operation has started too. A ``Wait`` makes the compute
-    stream wait for its groups. A receive-only group queued ahead of the send
-    its peer is waiting for deadlocks here although gloo would run it.
+    ``simulate`` treats moves like gloo (posted operations progress on their
+    own). On NCCL each lane is a stream that runs its groups in order; a group
+    starts once the compute stream has reached the point where it was posted,
+    and completes only when every peer holding the matching operation has
+    started it too (for a collective: every member of its axis group). A
+    ``Wait`` makes the compute stream wait for its groups. A receive-only group
+    queued ahead of the send its peer is waiting for deadlocks here although
+    gloo would run it.
     """
-    # Per rank: items on each stream. An item is a dict with its stream, its
-    # dependencies (item ids) and, for transfer groups, its operations.
+    axes = axes if axes is not None else default_axes(len(schedules))
+
+    def members(axis: str, rank: int) -> tuple[int, ...]:
+        return next(g for g in axes[axis] if rank in g)
+
+    # Per rank: items on each stream, with their dependencies (item ids) and, for
+    # transfer groups, their point-to-point operations or their collective.
     items: list[list[dict]] = []
-    for sched in schedules:
+    for rank, sched in enumerate(schedules):
         rank_items: list[dict] = []
         last_compute: int | None = None
         groups: dict[str, list[int]] = {}
         for op in sched.ops:
             if isinstance(op, Post):
-                for lane in sorted({t.lane for t in op.transfers}):
+                lanes = sorted({(m.axis, m.lane) for m in op.moves})
+                for axis, lane in lanes:
+                    moves = [m for m in op.moves if (m.axis, m.lane) == (axis, lane)]
                     rank_items.append(
                         {
-                            "stream": f"lane{lane}",
+                            "stream": (axis, lane),
                             "deps": [] if last_compute is None else [last_compute],
-                            "ops": [(t.peer, t.send) for t in op.transfers if t.lane == lane],
-                            "lane": lane,
-                            "label": f"{op.handle} (lane {lane})",
+                            "p2p": [
+                                (members(axis, rank)[m.peer], m.send)
+                                for m in moves
+                                if isinstance(m, Transfer)
+                            ],
+                            "collective": not isinstance(moves[0], Transfer),
+                            "label": f"{op.handle} ({axis} lane {lane})",
                         }
                     )
                     groups.setdefault(op.handle, []).append(len(rank_items) - 1)
@@ -262,29 +510,45 @@ def check_stream_order(schedules: list[Schedule]) -> None:
                 deps = groups.pop(op.handle, []) if isinstance(op, Wait) else []
                 if last_compute is not None:
                     deps = [*deps, last_compute]
-                rank_items.append({"stream": "compute", "deps": deps, "ops": [], "label": op})
+                rank_items.append(
+                    {"stream": "compute", "deps": deps, "p2p": [], "collective": False, "label": op}
+                )
                 last_compute = len(rank_items) - 1
         items.append(rank_items)
-    # Pair every send with its receive: the k-th send r -> p on a lane meets the
-    # k-th receive at p from r on that lane.
-    queues: dict[tuple[int, int, int, bool], deque] = defaultdict(deque)
+    partners: dict[tuple[int, int], set[tuple[int, int]]] = defaultdict(set)
+    # The k-th send r -> p on a lane meets the k-th receive at p from r on that lane.
+    queues: dict[tuple, deque] = defaultdict(deque)
+    collectives: dict[tuple, list[list[tuple[int, int]]]] = defaultdict(list)
+    counts: Counter = Counter()
     for rank, rank_items in enumerate(items):
         for idx, item in enumerate(rank_items):
-            for peer, is_send in item["ops"]:
+            for peer, is_send in item["p2p"]:
                 src, dst = (rank, peer) if is_send else (peer, rank)
-                queues[(src, dst, item["lane"], is_send)].append((rank, idx))
-    partners: dict[tuple[int, int], set[tuple[int, int]]] = defaultdict(set)
-    for (src, dst, lane, is_send), sends in list(queues.items()):
+                queues[(src, dst, item["stream"], is_send)].append((rank, idx))
+            if item["collective"]:
+                axis, lane = item["stream"]
+                key = (axis, members(axis, rank), lane)
+                k = counts[(rank, key)]
+                counts[(rank, key)] += 1
+                log = collectives[key]
+                while len(log) <= k:
+                    log.append([])
+                log[k].append((rank, idx))
+    for (src, dst, stream, is_send), sends in list(queues.items()):
         if not is_send:
             continue
-        recvs = queues.get((src, dst, lane, False), deque())
+        recvs = queues.get((src, dst, stream, False), deque())
         if len(recvs) != len(sends):
-            raise ScheduleError(
-                f"lane {lane}: {len(sends)} sends {src}->{dst}, {len(recvs)} receives"
-            )
+            raise ScheduleError(f"{stream}: {len(sends)} sends {src}->{dst}, {len(recvs)} receives")
         for s, r in zip(sends, recvs):
             partners[s].add(r)
             partners[r].add(s)
+    for key, log in collectives.items():
+        for k, posts in enumerate(log):
+            if len(posts) != len(key[1]):
+                raise ScheduleError(f"collective {k} on {key}: posted by {len(posts)} members")
+            for a in posts:
+                partners[a].update(p for p in posts if p != a)
     started: set[tuple[int, int]] = set()
     done: set[tuple[int, int]] = set()
     progress = True
@@ -310,7 +574,7 @@ def check_stream_order(schedules: list[Schedule]) -> None:
         f"rank {rank}: {item['label']}"
         for rank, rank_items in enumerate(items)
         for idx, item in enumerate(rank_items)
-        if (rank, idx) not in done and item["ops"]
+        if (rank, idx) not in done and (item["p2p"] or item["collective"])
     ]
     if stuck:
         raise ScheduleError("deadlock under NCCL stream order: " + "; ".join(stuck[:6]))

@@ -29,7 +29,8 @@ from types import ModuleType
 import torch
 import torch.distributed as dist
 
-from ..options import Layout
+from tokenring.options import Layout
+
 from .base import Peer, PeerCase, Runner, divisibility_reasons, require_distributed, ulysses_reasons
 
 __all__ = ["YUNCHANG_ATTN_TYPES", "YUNCHANG_MODES", "YunchangAttention"]

@@ -16,14 +16,16 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from .api import attention
-from .launch import WorkerContext, sync_ranks
-from .layouts import shard
-from .metrics import max_over_ranks, rel_err
-from .options import Layout, Strategy
-from .timeline import Recorder
+from tokenring.api import attention
+from tokenring.layouts import shard
+from tokenring.options import Layout, Strategy
+from tokenring.schedules import STRATEGIES, CallShape
+from tokenring.timeline import Recorder
 
-__all__ = ["DemoConfig", "demo_worker", "tolerance"]
+from .launch import WorkerContext, sync_ranks
+from .metrics import max_over_ranks, rel_err
+
+__all__ = ["DemoConfig", "demo_worker", "refusal", "tolerance"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,15 +122,36 @@ def _timeline(ctx: WorkerContext, cfg: DemoConfig, strategy: Strategy) -> list[d
     return [s for part in gathered for s in part]
 
 
+def refusal(cfg: DemoConfig, world: int, strategy: Strategy, layout: Layout, causal: bool) -> str:
+    """Why ``strategy`` cannot run this demo's shape ("" if it can)."""
+    shape = CallShape(world, layout, causal, cfg.heads, cfg.heads_kv, cfg.seq_len // world)
+    return "; ".join(STRATEGIES[strategy].not_supported_reasons(shape))
+
+
 def demo_worker(ctx: WorkerContext, cfg: DemoConfig) -> dict:
-    """Runs on every rank; rank 0's return value holds the table rows and timelines."""
+    """Runs on every rank; rank 0's return value holds the table rows and timelines.
+    A strategy that cannot run the shape (Ulysses with heads the ranks do not divide)
+    gets a row that says why instead."""
     cases = list(itertools.product(Strategy, Layout, (False, True)))
     rows = []
     for i, (strategy, layout, causal) in enumerate(cases):
         ctx.report(("case", i, len(cases), f"{strategy.value} {layout.value} causal={causal}"))
+        why = refusal(cfg, ctx.world, strategy, layout, causal)
+        if why:
+            rows.append(
+                {
+                    "strategy": strategy.value,
+                    "layout": layout.value,
+                    "causal": causal,
+                    "refused": why,
+                }
+            )
+            continue
         rows.append(_run_case(ctx, cfg, strategy, layout, causal))
     timelines = {}
     for strategy in Strategy:
+        if refusal(cfg, ctx.world, strategy, Layout.ZIGZAG, True):
+            continue
         ctx.report(("case", len(cases), len(cases), f"timeline {strategy.value}"))
         timelines[strategy.value] = _timeline(ctx, cfg, strategy)
     return {"rows": rows, "timelines": timelines, "config": asdict(cfg)}

@@ -16,6 +16,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -23,8 +24,12 @@ import torch.distributed as dist
 
 __all__ = ["WorkerContext", "WorkerFailed", "default_world", "run_local", "sync_ranks"]
 
-# Never let NCCL or PyTorch use NVLink multicast (NVLS): see docs/gpu-machines.md.
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+# Never let NCCL or PyTorch use NVLink multicast (NVLS): docs/benchmarking.md says why.
+SAFE_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 
 
 class WorkerFailed(RuntimeError):
@@ -66,13 +71,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, backend, port, fn, args, messages, timeout_s) -> None:
+def _worker(rank, world, backend, port, fn, args, messages, timeout_s, transfer_timeout_s):
     os.environ.update(SAFE_ENV)
-    os.environ.setdefault("TOKENRING_TIMEOUT_S", str(int(timeout_s)))
-    from datetime import timedelta
-
     import tokenring
 
+    tokenring.configure(timeout=timedelta(seconds=transfer_timeout_s))
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -104,9 +107,15 @@ def run_local(
     world: int,
     backend: str,
     timeout_s: float = 600.0,
+    transfer_timeout_s: float = 300.0,
     on_message: Callable[[Any], None] | None = None,
 ) -> list[Any]:
-    """Run ``fn(ctx, *args)`` in ``world`` processes; return their results by rank."""
+    """Run ``fn(ctx, *args)`` in ``world`` processes; return their results by rank.
+
+    ``timeout_s`` bounds the whole run (all workers are killed after it);
+    ``transfer_timeout_s`` is the workers' ``tokenring`` transfer timeout (how long a
+    transfer waits for a stalled peer before ``TransferFailed``).
+    """
     os.environ.update(SAFE_ENV)
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
@@ -114,7 +123,7 @@ def run_local(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(r, world, backend, port, fn, args, messages, timeout_s),
+            args=(r, world, backend, port, fn, args, messages, timeout_s, transfer_timeout_s),
             daemon=True,
         )
         for r in range(world)
@@ -145,8 +154,11 @@ def run_local(
             else:
                 results[rank] = payload
     finally:
+        # all results in: let the workers tear down; a failure: the others may be waiting
+        # on the failed one, so stop them now
+        grace = 10 if len(results) == world else 0
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=grace)
             if p.is_alive():
                 p.kill()
                 p.join()

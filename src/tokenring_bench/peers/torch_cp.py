@@ -35,7 +35,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..options import Layout
+from tokenring.options import Layout
+
 from .base import Peer, PeerCase, Runner, divisibility_reasons, require_distributed
 
 __all__ = ["ROTATE_METHODS", "TORCH_CP_KERNELS", "TorchContextParallel", "cp_api", "cp_switches"]
@@ -226,7 +227,7 @@ class TorchContextParallel(Peer):
         if not torch.equal(theirs, self.local_positions(case, rank)):
             raise RuntimeError(
                 f"torch {torch.__version__}'s head-tail load balancer no longer matches the "
-                "zigzag layout this adapter shards with; update tokenring.peers.torch_cp"
+                "zigzag layout this adapter shards with; update tokenring_bench.peers.torch_cp"
             )
 
     def build(self, case: PeerCase, group: dist.ProcessGroup | None, rank: int) -> Runner:

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..comm import group_world
-from ..layouts import chunk_ids
-from ..options import Layout
+from tokenring.comm import group_world
+from tokenring.layouts import chunk_ids
+from tokenring.options import Layout
 
 __all__ = ["Peer", "PeerCase", "PeerState", "Runner", "layout_positions"]
 
@@ -212,7 +212,7 @@ def require_distributed(name: str) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
             f"{name} needs torch.distributed to be initialized (one process per device, "
-            "for example through tokenring.launch.run_local)"
+            "for example through tokenring_bench.launch.run_local)"
         )
 
 

@@ -12,12 +12,13 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from ..launch import WorkerContext, sync_ranks
-from ..metrics import max_over_ranks, rel_err
-from ..timeline import Recorder
+from tokenring.timeline import Recorder
+
 from .cases import PASSES, Case, cases_for, flops
+from .launch import WorkerContext, sync_ranks
 from .methods import GlobalInputs, Method, SingleDevice
 from .methods import Strategy as StrategyMethod
+from .metrics import max_over_ranks, rel_err
 
 __all__ = ["BenchConfig", "bench_worker", "time_ms", "tolerance"]
 

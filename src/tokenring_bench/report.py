@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from ..timeline import Span, plot_timelines
+from tokenring.timeline import Span
+
+from .plots import plot_timelines
 
 __all__ = ["environment", "plot_efficiency", "table", "write_outputs"]
 

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..options import Layout
+from tokenring.options import Layout
+
 from .base import Peer, PeerCase, Runner, divisibility_reasons, require_distributed, ulysses_reasons
 
 __all__ = ["PARA_ATTN_MODES", "ParaAttention"]

@@ -16,12 +16,16 @@ from typing import Protocol
 
 import torch
 
-from ..api import attention
-from ..kernels import BlockSpec, KernelBackend, select_kernel
-from ..layouts import shard
-from ..peers import Peer, PeerCase, PeerState
-from ..timeline import Recorder
+from tokenring.api import attention
+from tokenring.kernels import BlockSpec, KernelBackend, select_kernel
+from tokenring.layouts import shard
+from tokenring.options import Layout
+from tokenring.options import Strategy as TrStrategy
+from tokenring.schedules import STRATEGIES, CallShape
+from tokenring.timeline import Recorder
+
 from .cases import Case
+from .peers import Peer, PeerCase, PeerState
 
 __all__ = ["GlobalInputs", "Method", "PeerMethod", "Prepared", "SingleDevice", "Strategy"]
 
@@ -93,12 +97,15 @@ class _Sharded:
 
 @dataclass
 class Strategy:
-    """One of our strategies ("tokenring", "ring")."""
+    """One of our strategies (a value of ``tokenring.Strategy``)."""
 
     name: str
 
     def not_supported_reasons(self, case: Case, world: int, backward: bool) -> list[str]:
-        return []
+        shape = CallShape(
+            world, Layout(case.layout), case.causal, case.heads_q, case.heads_kv, case.seq // world
+        )
+        return STRATEGIES[TrStrategy(self.name)].not_supported_reasons(shape)
 
     def prepare(self, case: Case, inputs: GlobalInputs, backward: bool) -> Prepared:
         shards = []
@@ -192,7 +199,7 @@ class _PeerRun:
 
 @dataclass
 class PeerMethod:
-    """A peer (another library, ``tokenring.peers``) in the benchmark's shape."""
+    """A peer (another library, ``tokenring_bench.peers``) in the benchmark's shape."""
 
     peer: Peer
 

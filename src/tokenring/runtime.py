@@ -1,0 +1,203 @@
+"""What the library keeps between calls, in one visible place.
+
+A ``Runtime`` holds the settings (``Settings``: transfer timeout, fused merge,
+cache sizes) and, per process group, a ``GroupRuntime``: that group's lanes,
+its plans (what each distinct call decided, reused by later identical calls)
+and the call descriptions all its ranks have agreed on. Nothing else in the
+library keeps state between calls.
+
+``tokenring.runtime()`` returns the default runtime, made on first use; the
+environment variables ``TOKENRING_TIMEOUT_S`` and ``TOKENRING_FUSED_MERGE``
+are read then, and only then. ``tokenring.configure(...)`` changes settings
+at run time (see docs/architecture.md, "Runtime").
+
+Plans and agreed checks are kept per group in call order, so that every
+member of a group, making the same calls, keeps and evicts the same entries
+(a rank that skipped the cross-rank check while another ran it would hang).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from .comm import Lanes, group_world, make_lanes
+
+__all__ = [
+    "BoundedCache",
+    "GroupRuntime",
+    "Runtime",
+    "Settings",
+    "configure",
+    "destroy_lanes",
+    "runtime",
+    "setup_lanes",
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Options of the whole library (change them with ``tokenring.configure``)."""
+
+    timeout: timedelta = timedelta(seconds=300)
+    """How long a transfer may wait for its peer before ``TransferFailed`` (gloo: every
+    wait; NCCL: the lanes' watchdog, fixed when a group's lanes are made)."""
+    fused_merge: bool = True
+    """Merge partial results with the fused Triton kernel on CUDA where Triton is installed."""
+    max_plans: int = 256
+    """Plans kept per group (least recently used dropped first)."""
+    max_agreed: int = 1024
+    """Cross-rank agreements remembered per group."""
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Defaults, overridden by ``TOKENRING_TIMEOUT_S`` and ``TOKENRING_FUSED_MERGE``."""
+        base = cls()
+        timeout = os.environ.get("TOKENRING_TIMEOUT_S")
+        fused = os.environ.get("TOKENRING_FUSED_MERGE")
+        return replace(
+            base,
+            timeout=timedelta(seconds=float(timeout)) if timeout else base.timeout,
+            fused_merge=fused != "0" if fused is not None else base.fused_merge,
+        )
+
+    def validated(self) -> Settings:
+        if not isinstance(self.timeout, timedelta) or self.timeout.total_seconds() <= 0:
+            raise ValueError(f"timeout must be a positive timedelta, got {self.timeout!r}")
+        if not isinstance(self.fused_merge, bool):
+            raise ValueError(f"fused_merge must be a bool, got {self.fused_merge!r}")
+        for name in ("max_plans", "max_agreed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        return self
+
+
+class BoundedCache(OrderedDict):
+    """A least-recently-used map with a size limit."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def get_fresh(self, key: Any) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+@dataclass
+class GroupRuntime:
+    """The state of one process group: lanes, plans, agreed call descriptions."""
+
+    name: str
+    plans: BoundedCache
+    agreed: BoundedCache
+    lanes: Lanes | None = None
+
+
+@dataclass
+class Runtime:
+    """Settings and per-group state (see the module docstring)."""
+
+    settings: Settings = field(default_factory=Settings.from_env)
+    groups: dict[str, GroupRuntime] = field(default_factory=dict)
+    destroyed: set[str] = field(default_factory=set)
+    """Sub-groups whose lanes were destroyed: torch would give new ones the same names
+    and their creation would hang, so they cannot be made again in this process."""
+
+    def configure(self, **changes: Any) -> Settings:
+        """Change settings (names of ``Settings``); returns the new settings."""
+        known = {f.name for f in fields(Settings)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+            )
+        self.settings = replace(self.settings, **changes).validated()
+        for state in self.groups.values():
+            state.plans.limit = self.settings.max_plans
+            state.agreed.limit = self.settings.max_agreed
+        return self.settings
+
+    def group(self, group: dist.ProcessGroup | None) -> GroupRuntime:
+        """The state of ``group`` (default: the world; made on first use)."""
+        name = _group_name(group)
+        state = self.groups.get(name)
+        if state is None:
+            state = GroupRuntime(
+                name, BoundedCache(self.settings.max_plans), BoundedCache(self.settings.max_agreed)
+            )
+            self.groups[name] = state
+        return state
+
+    def lanes(self, group: dist.ProcessGroup | None) -> Lanes:
+        """The lanes of ``group``, made (collectively over its members) on first use."""
+        state = self.group(group)
+        if state.lanes is None:
+            if state.name in self.destroyed:
+                raise RuntimeError(
+                    "the lanes of this sub-group were destroyed (destroy_lanes); torch would "
+                    "give new ones the same names and their creation would hang, so they "
+                    "cannot be made again in this process: call destroy_lanes only at shutdown"
+                )
+            state.lanes = make_lanes(group, self.settings.timeout)
+        return state.lanes
+
+    def destroy_lanes(self) -> None:
+        """Destroy every lane this runtime made (plans of those groups go with them)."""
+        for state in self.groups.values():
+            if state.lanes is None:
+                continue
+            if len(state.lanes.global_ranks) != dist.get_world_size():
+                self.destroyed.add(state.name)
+            state.lanes.destroy()
+        self.groups.clear()
+
+
+def _group_name(group: dist.ProcessGroup | None) -> str:
+    if not (dist.is_available() and dist.is_initialized()):
+        return "<single process>"
+    name = getattr(group if group is not None else dist.group.WORLD, "group_name", None)
+    if name is None:  # not a process group this rank is in (e.g. GroupMember.NON_GROUP_MEMBER)
+        group_world(group)  # raises the ValueError that says so
+        raise ValueError(f"group must be a torch.distributed ProcessGroup, got {group!r}")
+    return name
+
+
+_DEFAULT: list[Runtime] = []
+
+
+def runtime() -> Runtime:
+    """The default runtime (made on first use; environment variables are read then)."""
+    if not _DEFAULT:
+        _DEFAULT.append(Runtime())
+    return _DEFAULT[0]
+
+
+def configure(**changes: Any) -> Settings:
+    """Change the default runtime's settings, e.g. ``configure(timeout=timedelta(seconds=60))``
+    or ``configure(fused_merge=False)``; returns the new ``Settings``."""
+    return runtime().configure(**changes)
+
+
+def setup_lanes(group: dist.ProcessGroup | None = None) -> None:
+    """Create the lanes of ``group`` now (collective over its members; see ``comm``)."""
+    runtime().lanes(group)
+
+
+def destroy_lanes() -> None:
+    """Destroy every lane the default runtime made (at shutdown; see ``Runtime.destroy_lanes``)."""
+    runtime().destroy_lanes()

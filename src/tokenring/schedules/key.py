@@ -1,0 +1,28 @@
+"""What a schedule depends on: strategy, layout, world, rank, mask, pass and head counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..options import Layout, Pass, Strategy
+
+__all__ = ["ScheduleKey"]
+
+
+@dataclass(frozen=True)
+class ScheduleKey:
+    """Everything that decides one rank's schedule for one pass.
+
+    Head counts matter only to strategies that split heads (Ulysses replicates
+    key/value heads when there are fewer than ranks; all-gather moves keys and
+    values in head groups); TokenRing and ring ignore them.
+    """
+
+    strategy: Strategy
+    layout: Layout
+    world: int
+    rank: int
+    causal: bool
+    pass_: Pass
+    heads_q: int = 1
+    heads_kv: int = 1

@@ -1,0 +1,164 @@
+"""The tensors behind a schedule's slots for one call, and views of them.
+
+Storage is *row-major* (sequence outermost): ``[T, B, H, D]`` per component,
+``[T, B, H]`` for per-row values (lse, delta), so any run of cells is one
+contiguous piece of memory that can be moved as is. A slot declared with
+``groups = G`` is stored group-major, ``[G, T, B, H/G, D]``, so each head
+group is contiguous too. Kernels get ``[B, L, H, D]`` / ``[B, H, L]`` views.
+Precision: ``ACCUM`` result slots are float32 (float64 for float64 inputs,
+``kernels.accum_dtype``), ``WIRE`` ones the input dtype; lse and delta are
+always the accumulation dtype. All buffers are allocated once per call,
+before the first step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.base import accum_dtype
+from .layouts import cell_offset
+from .options import Pass
+from .schedules.ir import COMPONENTS, FAMILY, WHOLE, Precision, Rows, Schedule, SlotKind, SlotSpec
+
+__all__ = ["Problem", "SlotStore", "from_rowmajor", "to_rowmajor"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Shapes and options shared by every rank for one call."""
+
+    batch: int
+    length: int  # local sequence length
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    causal: bool
+    scale: float
+
+
+def to_rowmajor(x: torch.Tensor) -> torch.Tensor:
+    """``[B, L, ...] -> [L, B, ...]`` contiguous; a view when B == 1 and ``x`` is contiguous."""
+    return x.transpose(0, 1).contiguous()
+
+
+def from_rowmajor(phys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Row-major ``[T, B, H, D]`` (or group-major ``[G, T, B, H/G, D]``) storage to a fresh
+    contiguous ``[B, T, H, D]`` in ``dtype``."""
+    if phys.dim() == 5:
+        g, t, b, h, d = phys.shape
+        return phys.permute(2, 1, 0, 3, 4).reshape(b, t, g * h, d).to(dtype)
+    return phys.transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
+
+
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Row-major ``[T, B, H, ...]`` as group-major ``[G, T, B, H/G, ...]`` (a copy)."""
+    if groups == 1:
+        return x
+    t, b, h, *rest = x.shape
+    return x.view(t, b, groups, h // groups, *rest).movedim(2, 0).contiguous()
+
+
+class SlotStore:
+    """Tensors behind a schedule's slots for one call."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        pass_: Pass,
+        problem: Problem,
+        local: dict[str, dict[str, torch.Tensor]],
+    ):
+        self.schedule = schedule
+        self.pass_ = pass_
+        self.problem = problem
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        used = schedule.used_slots
+        for name, spec in schedule.slots.items():
+            if name not in used:
+                continue
+            if spec.local and name in local:
+                self.tensors[name] = {c: _grouped(t, spec.groups) for c, t in local[name].items()}
+                continue
+            comps = COMPONENTS[(pass_, spec.kind)]
+            self.tensors[name] = {c: self._alloc(c, spec) for c in comps}
+
+    def heads(self, component: str, spec: SlotSpec) -> int:
+        """Heads a slot holds of ``component``'s family."""
+        p = self.problem
+        family = p.heads_kv if FAMILY[component] == "kv" else p.heads_q
+        return family // spec.head_parts
+
+    def _alloc(self, component: str, spec: SlotSpec) -> torch.Tensor:
+        p = self.problem
+        tokens = cell_offset(p.length, spec.cells)
+        heads = self.heads(component, spec)
+        if FAMILY[component] == "row":
+            shape: tuple[int, ...] = (tokens, p.batch, heads)
+            dtype = accum_dtype(p.dtype)
+        else:
+            shape = (tokens, p.batch, heads, p.head_dim)
+            dtype = accum_dtype(p.dtype) if spec.precision is Precision.ACCUM else p.dtype
+        if spec.groups > 1:
+            shape = (spec.groups, shape[0], shape[1], shape[2] // spec.groups, *shape[3:])
+        make = torch.zeros if spec.zeroed else torch.empty
+        return make(shape, dtype=dtype, device=p.device)
+
+    def kind(self, rows: Rows) -> SlotKind:
+        return self.schedule.slots[rows.slot].kind
+
+    def components(self, rows: Rows) -> tuple[str, ...]:
+        """What ``rows`` hold by their slot's kind (a local query slot also keeps the
+        real ``out`` for its own blocks' backward, which never moves)."""
+        return COMPONENTS[(self.pass_, self.kind(rows))]
+
+    def span(self, rows: Rows) -> tuple[int, int]:
+        """Token range of ``rows`` inside its slot."""
+        length = self.problem.length
+        return cell_offset(length, rows.start), cell_offset(length, rows.stop)
+
+    def phys(self, rows: Rows, component: str) -> torch.Tensor:
+        """The storage of ``rows`` (row-major; contiguous unless a head part of an
+        ungrouped slot is asked for)."""
+        spec = self.schedule.slots[rows.slot]
+        a, b = self.span(rows)
+        full = self.tensors[rows.slot][component]
+        part = rows.part
+        if spec.groups > 1:
+            if part.count != spec.groups:
+                raise AssertionError(f"{rows} addresses a slot stored in {spec.groups} groups")
+            return full[part.index, a:b]
+        if part == WHOLE:
+            return full[a:b]
+        size = full.shape[2] // part.count
+        return full[a:b, :, part.index * size : (part.index + 1) * size]
+
+    def view(self, rows: Rows, component: str) -> torch.Tensor:
+        """Kernel-facing view of ``rows``: ``[B, L, H, D]`` or ``[B, H, L]``."""
+        phys = self.phys(rows, component)
+        return phys.permute(1, 0, 2, 3) if phys.dim() == 4 else phys.permute(1, 2, 0)
+
+    def has(self, rows: Rows, component: str) -> bool:
+        return component in self.tensors[rows.slot]
+
+    def sub_runs(self, rows: Rows, fresh: tuple[bool, ...]) -> list[tuple[Rows, bool, int, int]]:
+        """Split ``rows`` into runs of equal freshness, with token offsets relative to ``rows``."""
+        runs = []
+        base = self.span(rows)[0]
+        i = rows.start
+        while i < rows.stop:
+            j = i
+            while j + 1 < rows.stop and fresh[j + 1 - rows.start] == fresh[i - rows.start]:
+                j += 1
+            sub = Rows(rows.slot, i, j + 1, rows.part)
+            a, b = self.span(sub)
+            runs.append((sub, fresh[i - rows.start], a - base, b - base))
+            i = j + 1
+        return runs
+
+    def result(self, slot: str, component: str) -> torch.Tensor:
+        """A result slot's component as ``[B, L, H, D]`` in the input dtype."""
+        return from_rowmajor(self.tensors[slot][component], self.problem.dtype)
