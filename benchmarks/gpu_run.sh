@@ -11,7 +11,7 @@
 # graph (CUDA-graph probe, ~40 s), host (host-time profile, ~30 s).
 # Summaries go to stdout; $OUT/gpu-run.tgz holds the logs, JSON and pictures.
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="src:tests${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-gpu-run-out}"
 work="$(mktemp -d)"

@@ -8,7 +8,11 @@ so the rest of the library sees one contract (see ``base``):
   the strides of ``out`` and ``do`` from the first call into it, so both are
   always passed in q's memory layout here;
 - flash returns ``(B, H, L)``;
-- memory-efficient pads LSE to a multiple of 32 rows and needs a contiguous one back.
+- memory-efficient pads LSE to a multiple of 32 rows and needs a contiguous one back;
+  its backward misreads ``out`` unless it is contiguous ``[B, L, H, D]``: with the
+  row-major views the executor hands over (batch stride below sequence stride) dq
+  came out 34% off and dk 16% with no error raised (H200, torch 2.11,
+  ``benchmarks/efficient_layout_probe.py``), so ``out`` is made contiguous first.
 
 The ops take ``[B, H, L, D]`` views; our ``[B, L, H, D]`` tensors are passed
 as transposed views (unit last stride), which all three accept.
@@ -168,6 +172,7 @@ class EfficientAttention(_CudaBackend):
     def _backward(self, do, q, k, v, out, lse, delta, causal, scale):
         if out is None:
             out = delta_surrogate(do, delta)
+        out = out.contiguous()  # see the module docstring
         seed, offset = _scalar_seed(q.device)
         pad = (-q.shape[1]) % 32
         lse_padded = torch.nn.functional.pad(lse.float(), (0, pad)).contiguous()
