@@ -182,3 +182,27 @@ def timeline_case(w, *, world: int, strategy: str, heads: tuple[int, int]) -> li
     )
     torch.autograd.grad(out, parts, tr.shard(do, layout="zigzag", group=group))
     return [s.as_dict() for s in recorder.spans()]
+
+
+def merge_flags_case(w, *, world: int, fused: bool) -> list[bool]:
+    """The ``fused`` flag of every merge of one TokenRing forward, with the runtime's
+    ``fused_merge`` set to ``fused`` (restored afterwards)."""
+    import tokenring.executor as executor
+
+    group = w.group(world)
+    previous, real = tr.runtime().settings.fused_merge, executor.merge_into
+    flags: list[bool] = []
+
+    def spy(*args, fused):
+        flags.append(fused)
+        real(*args, fused=fused)
+
+    executor.merge_into = spy
+    try:
+        tr.configure(fused_merge=fused)
+        q = torch.randn(1, 8, 2, 8)
+        tr.attention(q, q, q, strategy="tokenring", group=group)
+    finally:
+        executor.merge_into = real
+        tr.configure(fused_merge=previous)
+    return flags

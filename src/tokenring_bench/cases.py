@@ -1,4 +1,4 @@
-"""The benchmark cases of BENCHMARK.md, and their arithmetic.
+"""The benchmark cases of docs/benchmarking.md, and their arithmetic.
 
 GPU cases use head_dim 128 and bf16; on CPU (gloo) the same cases run at a
 reduced size (fewer heads, smaller head_dim, shorter sequences, float32) so

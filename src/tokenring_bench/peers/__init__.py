@@ -36,7 +36,7 @@ __all__ = [
 def default_peers() -> list[Peer]:
     """The peers ``tokenring bench`` lists, in table order.
 
-    Includes configurations that cannot run on the benchmark machine (for
+    Includes configurations that cannot run where flash_attn is missing (for
     example yunchang with flash_attn), so the table shows them with the reason.
     """
     return [

@@ -34,7 +34,7 @@ from .base import Peer, PeerCase, Runner, divisibility_reasons, require_distribu
 __all__ = ["PARA_ATTN_MODES", "ParaAttention"]
 
 PARA_ATTN_MODES = ("ulysses", "ring")
-_WHEEL_HINT = "pip install --no-deps .whl/para_attn-0.3.38-py2.py3-none-any.whl"
+_INSTALL_HINT = "pip install para-attn (docs/peers.md, 'Installing the peers without internet')"
 
 
 def _para_attn() -> tuple[ModuleType | None, str | None]:
@@ -42,7 +42,7 @@ def _para_attn() -> tuple[ModuleType | None, str | None]:
     try:
         return importlib.import_module("para_attn.para_attn_interface"), None
     except ImportError as err:
-        return None, f"para-attn is not installed ({err}; {_WHEEL_HINT})"
+        return None, f"para-attn is not installed ({err}; {_INSTALL_HINT})"
 
 
 class ParaAttention(Peer):

@@ -2,7 +2,7 @@
 
 yunchang's fast paths call the ``flash_attn`` package, which publishes no
 wheel on PyPI (only a source distribution that compiles CUDA code), so it
-cannot be installed on a GPU machine without internet and a CUDA toolkit.
+cannot be installed where there is no internet or no CUDA toolkit.
 Its fallbacks run PyTorch's own SDPA kernels (``AttnType.TORCH_*``), forward
 only: ``yunchang.kernels.attention.pytorch_attn_backward`` raises "Not
 implemented backward for PyTorch attention types". Modes:
@@ -39,11 +39,11 @@ YUNCHANG_MODES = ("ulysses", "ring", "zigzag")
 YUNCHANG_ATTN_TYPES = ("torch_flash", "torch_efficient", "torch_cudnn", "torch_math", "fa")
 """``AttnType`` values this adapter knows (``"fa"`` needs the flash_attn package)."""
 
-_WHEEL_HINT = "pip install --no-deps .whl/yunchang-0.6.4-py3-none-any.whl"
+_INSTALL_HINT = "pip install yunchang (docs/peers.md, 'Installing the peers without internet')"
 _NO_FLASH_ATTN = (
-    "AttnType.FA needs the flash_attn package, which is not installed: flash-attn "
+    "AttnType.FA needs the flash_attn package, which is not installed (flash-attn "
     "publishes no wheel on PyPI, only a source distribution that compiles CUDA code "
-    "(needs nvcc and the CUDA toolkit matching torch), and the GPU machine has no internet"
+    "with nvcc and the CUDA toolkit matching torch)"
 )
 _NO_BACKWARD = (
     "yunchang has no backward for its torch attention types "
@@ -56,7 +56,7 @@ def _yunchang() -> tuple[ModuleType | None, str | None]:
     try:
         return importlib.import_module("yunchang"), None
     except ImportError as err:
-        return None, f"yunchang is not installed ({err}; {_WHEEL_HINT})"
+        return None, f"yunchang is not installed ({err}; {_INSTALL_HINT})"
 
 
 def _has_flash_attn() -> bool:

@@ -1,0 +1,97 @@
+"""The runtime: settings that are validated and reach the code that uses them, and
+bounded per-group state."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+
+import tokenring as tr
+from tokenring.runtime import Runtime, Settings
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (
+            {"timout": timedelta(seconds=1)},
+            "unknown setting(s) timout; valid: fused_merge, max_agreed, max_plans, timeout",
+        ),
+        ({"timeout": 30}, "timeout must be a positive timedelta, got 30"),
+        ({"timeout": timedelta(0)}, "timeout must be a positive timedelta"),
+        ({"fused_merge": 1}, "fused_merge must be a bool, got 1"),
+        ({"max_plans": 0}, "max_plans must be a positive int, got 0"),
+        ({"max_agreed": True}, "max_agreed must be a positive int, got True"),
+    ],
+)
+def test_configure_rejects_unknown_and_invalid_settings(changes, message):
+    runtime = Runtime(Settings())
+    with pytest.raises(ValueError) as info:
+        runtime.configure(**changes)
+    assert str(info.value).startswith(message)
+    assert runtime.settings == Settings(), "a refused change leaves the settings as they were"
+
+
+def test_environment_is_read_when_a_runtime_is_made(monkeypatch):
+    monkeypatch.setenv("TOKENRING_TIMEOUT_S", "12.5")
+    monkeypatch.setenv("TOKENRING_FUSED_MERGE", "0")
+    made = Runtime()
+    assert made.settings.timeout == timedelta(seconds=12.5)
+    assert made.settings.fused_merge is False
+    monkeypatch.delenv("TOKENRING_TIMEOUT_S")
+    monkeypatch.delenv("TOKENRING_FUSED_MERGE")
+    assert made.settings.timeout == timedelta(seconds=12.5), "read once, when made"
+    assert Runtime().settings == Settings()
+
+
+def test_plans_are_kept_per_group_and_bounded():
+    """Distinct calls beyond ``max_plans`` evict the least recently used plan."""
+    runtime = tr.runtime()
+    before = runtime.settings
+    state = runtime.group(None)
+    try:
+        runtime.configure(max_plans=3)
+        for length in (2, 4, 6, 8, 10):
+            q = torch.randn(1, length, 2, 8)
+            tr.attention(q, q, q)
+        assert len(state.plans) == 3
+        lengths = sorted(key[0][0][1] for key in state.plans)
+        assert lengths == [6, 8, 10], "the oldest plans went first"
+    finally:
+        runtime.configure(max_plans=before.max_plans)
+
+
+def test_settings_reach_the_executor(monkeypatch):
+    """What ``configure`` set is what the next call runs with."""
+    import tokenring.api as api
+
+    seen = []
+    real = api.run_forward
+
+    def spy(schedule, problem, q, k, v, ex):
+        seen.append((ex.timeout, ex.fused_merge))
+        return real(schedule, problem, q, k, v, ex)
+
+    monkeypatch.setattr(api, "run_forward", spy)
+    previous = tr.runtime().settings
+    q = torch.randn(1, 8, 2, 8)
+    try:
+        tr.configure(timeout=timedelta(seconds=7), fused_merge=False)
+        tr.attention(q, q, q)
+        tr.configure(timeout=timedelta(seconds=9), fused_merge=True)
+        tr.attention(q, q, q)
+    finally:
+        tr.configure(timeout=previous.timeout, fused_merge=previous.fused_merge)
+    assert seen == [(timedelta(seconds=7), False), (timedelta(seconds=9), True)]
+
+
+def test_every_merge_gets_the_fused_merge_setting(pool):
+    """On 2 ranks TokenRing merges partials: each merge is told the runtime's setting."""
+    from dist_cases import merge_flags_case
+
+    for fused in (False, True):
+        (per_rank,) = pool.run(merge_flags_case, [dict(world=2, fused=fused)])
+        for flags in per_rank:
+            assert flags and set(flags) == {fused}, flags
