@@ -62,16 +62,7 @@ def allgather_schedule(key: ScheduleKey) -> Schedule:
     b = ScheduleBuilder("allgather", r, P, chunk_ids(key.layout, P, r), _slots(backward, P, G))
     kv_res = "dkv" if backward else None
     if P == 1:
-        b.compute(
-            cover(relations(b.pieces, b.pieces, key.causal)),
-            q_slot="q",
-            kv_slot="kv",
-            q_out="acc",
-            kv_out=kv_res,
-            step=0,
-            q_owner=r,
-            kv_owner=r,
-        )
+        b.own_block(key.causal, q_out="acc", kv_out=kv_res)
         return b.build("acc", kv_res)
 
     placement = tuple(chunk_ids(key.layout, P, s) for s in range(P))

@@ -8,7 +8,7 @@ without guards.
 
 from __future__ import annotations
 
-from .blocks import Block
+from .blocks import Block, cover, relations
 from .ir import (
     WHOLE,
     Compute,
@@ -123,6 +123,19 @@ class ScheduleBuilder:
                     kv_owner=kv_owner,
                 )
             )
+
+    def own_block(self, causal: bool, *, q_out: str, kv_out: str | None, step: int = 0) -> None:
+        """This rank's queries against its own keys and values (slots ``q`` and ``kv``)."""
+        self.compute(
+            cover(relations(self.pieces, self.pieces, causal)),
+            q_slot="q",
+            kv_slot="kv",
+            q_out=q_out,
+            kv_out=kv_out,
+            step=step,
+            q_owner=self.rank,
+            kv_owner=self.rank,
+        )
 
     def merge(self, src: Rows, dst: Rows, step: int) -> None:
         if src.empty:

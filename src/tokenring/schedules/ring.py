@@ -78,16 +78,7 @@ def ring_schedule(key: ScheduleKey) -> Schedule:
         ]
 
     kv_wait = b.post("kv@1", 0, kv_transfers(1, "kv"))
-    b.compute(
-        cover(needed(r)),
-        q_slot="q",
-        kv_slot="kv",
-        q_out="acc",
-        kv_out="dkv0" if backward else None,
-        step=0,
-        q_owner=r,
-        kv_owner=r,
-    )
+    b.own_block(causal, q_out="acc", kv_out="dkv0" if backward else None)
     grad_wait = b.post("dkv@1", 0, grad_transfers(1)) if backward and P > 1 else None
 
     for t in range(1, P):

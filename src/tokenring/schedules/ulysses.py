@@ -80,16 +80,7 @@ def ulysses_schedule(key: ScheduleKey) -> Schedule:
     )
     kv_res = "kvres" if backward else None
     if P == 1:
-        b.compute(
-            cover(relations(b.pieces, b.pieces, key.causal)),
-            q_slot="q",
-            kv_slot="kv",
-            q_out="res",
-            kv_out=kv_res,
-            step=0,
-            q_owner=r,
-            kv_owner=r,
-        )
+        b.own_block(key.causal, q_out="res", kv_out=kv_res)
         return b.build("res", kv_res)
 
     placement = tuple(chunk_ids(key.layout, P, s) for s in range(P))
