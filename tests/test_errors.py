@@ -160,13 +160,109 @@ def test_a_strategy_refusal_names_the_reason_and_what_would_work_on_every_rank(
 
 
 def test_generated_functions_share_the_signature_and_reject_unknown_options():
+    """One signature for every per-strategy function: ``attention``'s, less the options
+    that choose the strategy (and the mesh only ``usp`` takes, and the recorder)."""
     import inspect
 
-    expected = [
-        p for p in inspect.signature(tr.attention).parameters if p not in ("strategy", "recorder")
-    ]
+    hidden = ("strategy", "mesh", "ring_impl", "recorder")
+    expected = [p for p in inspect.signature(tr.attention).parameters if p not in hidden]
+    assert expected[:10] == [
+        "q", "k", "v", "causal", "softmax_scale", "layout", "group", "return_lse", "kernel",
+        "deterministic",
+    ]  # fmt: skip
     for fn in (tr.token_ring_attn, tr.ring_attn, tr.ulysses_attn, tr.allgather_attn):
         assert list(inspect.signature(fn).parameters) == expected, fn.__name__
         assert fn.__doc__ and "tokenring.attention" in fn.__doc__
         with pytest.raises(TypeError, match="unexpected keyword argument"):
             fn(*_qkv(), strategy="ring")
+
+
+def _joint(heads=(4, 4), length=3, dim=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    jq = torch.randn(1, length, heads[0], dim, generator=g, dtype=dtype)
+    jk = torch.randn(1, length, heads[1], dim, generator=g, dtype=dtype)
+    return jq, jk, jk.clone()
+
+
+def joint_with_causal(rank, world):
+    jq, jk, jv = _joint()
+    extra = dict(causal=True, joint_q=jq, joint_k=jk, joint_v=jv, joint_strategy="front")
+    return (*_qkv(), extra)
+
+
+def joint_with_strategy_none(rank, world):
+    _, jk, jv = _joint()
+    return (*_qkv(), dict(joint_k=jk, joint_v=jv))
+
+
+def joint_strategy_without_tensors(rank, world):
+    return (*_qkv(), dict(joint_strategy="rear"))
+
+
+def joint_k_without_v(rank, world):
+    _, jk, _ = _joint()
+    return (*_qkv(), dict(joint_k=jk, joint_strategy="front"))
+
+
+def joint_k_wrong_heads(rank, world):
+    _, jk, jv = _joint(heads=(4, 2))
+    return (*_qkv(), dict(joint_k=jk, joint_v=jv, joint_strategy="front"))
+
+
+def joint_q_wrong_length(rank, world):
+    jq, jk, jv = _joint()
+    return (*_qkv(), dict(joint_q=jq[:, :2], joint_k=jk, joint_v=jv, joint_strategy="front"))
+
+
+def joint_wrong_dtype(rank, world):
+    _, jk, jv = _joint(dtype=torch.float64)
+    return (*_qkv(), dict(joint_k=jk, joint_v=jv, joint_strategy="front"))
+
+
+def unknown_joint_strategy(rank, world):
+    _, jk, jv = _joint()
+    return (*_qkv(), dict(joint_k=jk, joint_v=jv, joint_strategy="middle"))
+
+
+JOINT_ERRORS = [
+    (
+        joint_with_causal,
+        "joint tokens need causal=False (joint attention has no mask), got causal=True",
+    ),
+    (
+        joint_with_strategy_none,
+        "joint_k, joint_v given with joint_strategy='none'; say where the joint tokens go: "
+        "joint_strategy='front' or 'rear'",
+    ),
+    (
+        joint_strategy_without_tensors,
+        "joint_strategy='rear' needs joint_k and joint_v (joint_q optional)",
+    ),
+    (joint_k_without_v, "joint_k and joint_v must be given together (joint_q is optional)"),
+    (
+        joint_k_wrong_heads,
+        "joint_k must be [batch, joint_len > 0, heads_kv, head_dim] = [1, J, 4, 16], "
+        "got (1, 3, 2, 16)",
+    ),
+    (
+        joint_q_wrong_length,
+        "joint_q must be [batch, joint_len, heads_q, head_dim] = [1, 3, 4, 16], got (1, 2, 4, 16)",
+    ),
+    (
+        joint_wrong_dtype,
+        "joint_k must match q's dtype and device (torch.float32, cpu), got torch.float64, cpu",
+    ),
+    (
+        unknown_joint_strategy,
+        "unknown joint_strategy 'middle'; valid values are 'none', 'front', 'rear'",
+    ),
+]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_joint_token_errors_are_the_same_on_every_rank(pool, world):
+    cases = [dict(world=world, make=make, call="attention") for make, _ in JOINT_ERRORS]
+    expected = {make.__name__: text for make, text in JOINT_ERRORS}
+    prefix = "rank 0: " if world > 1 else ""
+    for case, messages in zip(cases, pool.run(expect_error, cases)):
+        assert set(messages) == {prefix + expected[case["make"].__name__]}, messages

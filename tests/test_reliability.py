@@ -100,7 +100,8 @@ BAD_INPUTS: list[tuple[Any, str, str, str]] = [
         rc.unknown_strategy,
         "attention",
         "exact",
-        "unknown strategy 'spiral'; valid values are 'tokenring', 'ring', 'ulysses', 'allgather'",
+        "unknown strategy 'spiral'; valid values are 'tokenring', 'ring', 'ulysses', "
+        "'allgather', 'usp'",
     ),
     (
         rc.no_kernel_fits,
@@ -618,7 +619,8 @@ def test_demo_exits_cleanly_and_leaves_no_process(tmp_path: Path) -> None:
     command += ["--timeout", "240", "--output", str(png)]
     done = _run_and_check_no_process_left(command)
     assert _is_png(png)
-    assert "all 16 cases run match float64 attention" in done.stdout
+    assert "all 20 cases run match float64 attention" in done.stdout
+    assert "usp 2x1" in done.stdout
 
 
 @pytest.mark.timeout(360)

@@ -70,9 +70,9 @@ def test_settings_reach_the_executor(monkeypatch):
     seen = []
     real = api.run_forward
 
-    def spy(schedule, problem, q, k, v, ex):
+    def spy(schedule, problem, q, k, v, ex, **kwargs):
         seen.append((ex.timeout, ex.fused_merge))
-        return real(schedule, problem, q, k, v, ex)
+        return real(schedule, problem, q, k, v, ex, **kwargs)
 
     monkeypatch.setattr(api, "run_forward", spy)
     previous = tr.runtime().settings

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from functools import partial
 
 import pytest
 
-from tokenring.layouts import chunk_ids
+from tokenring.layouts import chunk_ids, mesh_pieces
 from tokenring.options import Layout, Pass, Strategy
 from tokenring.schedules import ScheduleKey, build_schedule
 from tokenring.schedules.allgather import head_groups
@@ -31,7 +32,8 @@ from tokenring.schedules.simulate import (
     simulate,
 )
 
-STRATEGY_CASES = list(itertools.product(Strategy, Layout, (False, True), Pass))
+ONE_D = [s for s in Strategy if s is not Strategy.USP]
+STRATEGY_CASES = list(itertools.product(ONE_D, Layout, (False, True), Pass))
 
 
 def head_configs(strategy: Strategy, world: int) -> list[tuple[int, int]]:
@@ -52,16 +54,18 @@ def schedules(strategy, layout, causal, pass_, world, heads=(2, 1)):
     ]
 
 
-def assert_full_coverage(sim, layout, causal, pass_, world, heads) -> None:
-    """Every (query piece, key piece) pair the mask allows, once per head, on both sides."""
+def assert_full_coverage(sim, layout, causal, pass_, world, heads, pieces_of=None) -> None:
+    """Every (query piece, key piece) pair the mask allows, once per head, on both sides;
+    ``pieces_of(rank)``: the pieces each rank holds (default: the 1-D layout)."""
     hq, hkv = heads
+    pieces_of = pieces_of or (lambda rank: chunk_ids(layout, world, rank))
     for rank in range(world):
         sides = [(sim.query_results[rank], False)]
         if pass_ is Pass.BACKWARD:
             sides.append((sim.kv_results[rank], True))
         for cells, kv_side in sides:
             for i, row in enumerate(cells):
-                piece = chunk_ids(layout, world, rank)[i]
+                piece = pieces_of(rank)[i]
                 for head, cell in enumerate(row):
                     assert cell.label == (piece, head), "result rows hold another piece or head"
                     expected = expected_coverage(
@@ -80,6 +84,60 @@ def test_every_allowed_pair_is_computed_exactly_once(strategy, layout, causal, p
         check_stream_order(scheds)  # no deadlock when each lane runs its groups in order (NCCL)
         sim = simulate(scheds, *heads)
         assert_full_coverage(sim, layout, causal, pass_, world, heads)
+
+
+MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 2), (2, 3), (4, 2), (2, 4), (8, 1), (1, 8)]
+
+
+def mesh_axes(ring: int, ulysses: int) -> dict:
+    """Logical rank r * ulysses + u: its ring group (fixed u) and Ulysses group (fixed r)."""
+    return {
+        "ring": [tuple(r * ulysses + u for r in range(ring)) for u in range(ulysses)],
+        "ulysses": [tuple(r * ulysses + u for u in range(ulysses)) for r in range(ring)],
+    }
+
+
+@pytest.mark.parametrize("ring,ulysses", MESHES, ids=lambda x: str(x))
+@pytest.mark.parametrize("ring_impl", [Strategy.TOKENRING, Strategy.RING], ids=lambda s: s.value)
+def test_usp_computes_every_allowed_pair_exactly_once_on_every_mesh(ring, ulysses, ring_impl):
+    """USP up to 8 ranks, both rings, both layouts, causal or not, both passes; heads
+    split evenly and (one key/value head) replicated over the Ulysses axis."""
+    world = ring * ulysses
+    axes = mesh_axes(ring, ulysses)
+    for layout, causal, pass_ in itertools.product(Layout, (False, True), Pass):
+        for heads in ((2 * ulysses, 2 * ulysses), (2 * ulysses, 1)):
+            scheds = [
+                build_schedule(
+                    ScheduleKey(
+                        Strategy.USP, layout, world, g, causal, pass_, *heads, ulysses, ring_impl
+                    )
+                )
+                for g in range(world)
+            ]
+            check_stream_order(scheds, axes)
+            sim = simulate(scheds, *heads, axes)
+
+            pieces = partial(
+                lambda lay, g: mesh_pieces(lay, ring, ulysses, *divmod(g, ulysses)), layout
+            )
+            assert_full_coverage(sim, layout, causal, pass_, world, heads, pieces)
+
+
+@pytest.mark.parametrize("ring,ulysses", [(2, 2), (4, 2)], ids=lambda x: str(x))
+def test_usp_tokenring_never_moves_keys_values_across_the_ring(ring, ulysses):
+    """Across the ring axis only queries and partials travel; K, V move only in the
+    all-to-all inside a Ulysses group."""
+    world = ring * ulysses
+    for layout, causal, pass_ in itertools.product(Layout, (False, True), Pass):
+        scheds = [
+            build_schedule(
+                ScheduleKey(Strategy.USP, layout, world, g, causal, pass_, 4, 4, ulysses)
+            )
+            for g in range(world)
+        ]
+        sim = simulate(scheds, 4, 4, mesh_axes(ring, ulysses))
+        across = {kind for sends in sim.sends for _, m, kind in sends if m.axis == "ring"}
+        assert across <= {SlotKind.QUERY, SlotKind.QUERY_RESULT}, across
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from tokenring.timeline import Span
 from tokenring_bench.plots import plot_timelines
 
 
-@pytest.mark.parametrize("strategy", [s.value for s in Strategy])
+@pytest.mark.parametrize("strategy", [s.value for s in Strategy if s is not Strategy.USP])
 def test_spans_cover_every_compute_and_transfer_of_the_schedule(pool, strategy, tmp_path):
     world, heads = 3, (6, 3)
     per_rank = pool.run(timeline_case, [dict(world=world, strategy=strategy, heads=heads)])[0]

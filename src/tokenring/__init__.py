@@ -10,12 +10,17 @@ from __future__ import annotations
 from .api import allgather_attn, attention, ring_attn, token_ring_attn, ulysses_attn
 from .executor import TransferFailed
 from .kernels import kernel_names
+from .layer import SequenceParallelAttention
 from .layouts import shard, unshard
-from .options import Layout, Strategy
+from .mesh import sp_mesh
+from .options import JointStrategy, Layout, RingImpl, Strategy
 from .runtime import Settings, configure, destroy_lanes, runtime, setup_lanes
 
 __all__ = [
+    "JointStrategy",
     "Layout",
+    "RingImpl",
+    "SequenceParallelAttention",
     "Settings",
     "Strategy",
     "TransferFailed",
@@ -28,6 +33,7 @@ __all__ = [
     "runtime",
     "setup_lanes",
     "shard",
+    "sp_mesh",
     "token_ring_attn",
     "ulysses_attn",
     "unshard",

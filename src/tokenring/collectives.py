@@ -71,15 +71,17 @@ class _Share:
         return torch.empty(members * self.size, dtype=self.typed or torch.uint8, device=device)
 
 
-def _share(store: SlotStore, rows: Rows, heads: int, source: str, typed: bool) -> _Share:
+def _share(store: SlotStore, rows: Rows, heads: int, move, typed: bool) -> _Share:
     """Layout of one member's share: every component of ``rows``'s kind, every shard
-    cell of ``rows``, with ``heads`` heads (of its family) each, in the dtypes of the
-    ``source`` slot (what is sent). ``typed``: elements of one dtype (for a reduction)
-    instead of bytes."""
+    cell of ``rows``, with ``heads`` heads (of its family) each, each in the narrower
+    of its dtypes in the move's source and destination slots (an fp32 accumulator
+    bound for a result in the input dtype travels in the input dtype). ``typed``:
+    elements of one dtype (for a reduction) instead of bytes."""
     p = store.problem
     pieces, offset, dtypes = [], 0, set()
     for comp in store.components(rows):
-        dtype = store.tensors[source][comp].dtype
+        ends = (store.tensors[move.src.slot][comp].dtype, store.tensors[move.dst.slot][comp].dtype)
+        dtype = min(ends, key=lambda d: d.itemsize)
         dtypes.add(dtype)
         per_row = (p.batch, heads) if FAMILY[comp] == "row" else (p.batch, heads, p.head_dim)
         for cell in range(rows.start, rows.stop):
@@ -109,12 +111,12 @@ def _cell_rows(rows: Rows, cell: int) -> Rows:
     return Rows(rows.slot, cell, cell + 1, rows.part)
 
 
-def _post_all_to_all(store: SlotStore, move: AllToAll, lanes: Lanes, me: int):
+def _post_all_to_all(store: SlotStore, move: AllToAll, lanes: Lanes):
     to_heads = move.direction is Direction.SEQ_TO_HEADS
     shard, whole = (move.src, move.dst) if to_heads else (move.dst, move.src)
     members = len(move.parts)
     size = _heads_of(store, whole)  # heads per member
-    share = _share(store, shard, size, move.src.slot, typed=False)
+    share = _share(store, shard, size, move, typed=False)
     device = store.problem.device
     send, recv = share.alloc(members, device), share.alloc(members, device)
     for m in range(members):
@@ -152,9 +154,9 @@ def _post_all_to_all(store: SlotStore, move: AllToAll, lanes: Lanes, me: int):
     return work, unpack, _nbytes(share) * (members - 1)
 
 
-def _post_all_gather(store: SlotStore, move: AllGather, lanes: Lanes, me: int):
+def _post_all_gather(store: SlotStore, move: AllGather, lanes: Lanes):
     members = len(move.placement)
-    share = _share(store, move.src, _heads_of(store, move.src), move.src.slot, typed=False)
+    share = _share(store, move.src, _heads_of(store, move.src), move, typed=False)
     device = store.problem.device
     send, recv = share.alloc(1, device), share.alloc(members, device)
     for piece in share.pieces:
@@ -173,9 +175,9 @@ def _post_all_gather(store: SlotStore, move: AllGather, lanes: Lanes, me: int):
     return work, unpack, _nbytes(share) * (members - 1)
 
 
-def _post_reduce_scatter(store: SlotStore, move: ReduceScatter, lanes: Lanes, me: int):
+def _post_reduce_scatter(store: SlotStore, move: ReduceScatter, lanes: Lanes):
     members = len(move.placement)
-    share = _share(store, move.dst, _heads_of(store, move.dst), move.src.slot, typed=True)
+    share = _share(store, move.dst, _heads_of(store, move.dst), move, typed=True)
     device = store.problem.device
     send, recv = share.alloc(members, device), share.alloc(1, device)
     for m in range(members):
@@ -194,14 +196,14 @@ def _post_reduce_scatter(store: SlotStore, move: ReduceScatter, lanes: Lanes, me
 
 
 def post_collective(
-    store: SlotStore, move: AllGather | AllToAll | ReduceScatter, lanes: Lanes, me: int
+    store: SlotStore, move: AllGather | AllToAll | ReduceScatter, lanes: Lanes
 ) -> tuple[dist.Work, Finish, list[Sent]]:
     """Start ``move``: returns its work, what to do once it completes, and what it sends."""
     match move:
         case AllToAll():
-            work, finish, nbytes = _post_all_to_all(store, move, lanes, me)
+            work, finish, nbytes = _post_all_to_all(store, move, lanes)
         case AllGather():
-            work, finish, nbytes = _post_all_gather(store, move, lanes, me)
+            work, finish, nbytes = _post_all_gather(store, move, lanes)
         case ReduceScatter():
-            work, finish, nbytes = _post_reduce_scatter(store, move, lanes, me)
+            work, finish, nbytes = _post_reduce_scatter(store, move, lanes)
     return work, finish, [Sent(move.lane, nbytes, store.kind(move.src))]

@@ -103,6 +103,10 @@ class Lanes:
             output, tensor, op=dist.ReduceOp.SUM, group=self.groups[lane], async_op=True
         )
 
+    def all_reduce(self, tensor: torch.Tensor, lane: int) -> dist.Work:
+        """``tensor`` becomes the sum over members, in place."""
+        return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.groups[lane], async_op=True)
+
     def destroy(self) -> None:
         for pg in self.groups:
             dist.destroy_process_group(pg)

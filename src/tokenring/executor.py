@@ -18,7 +18,7 @@ Slot storage and views live in ``slots.py``; what each slot kind holds is
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -32,7 +32,7 @@ from .kernels.base import accum_dtype
 from .merge import merge_into, write_into
 from .options import Pass
 from .schedules.ir import Compute, Merge, Post, Rows, Schedule, Transfer, Wait
-from .slots import Problem, SlotStore, to_rowmajor
+from .slots import Problem, SlotStore, from_rowmajor, to_rowmajor
 from .timeline import Recorder, Sent
 
 __all__ = ["Execution", "TransferFailed", "run_backward", "run_forward"]
@@ -40,10 +40,11 @@ __all__ = ["Execution", "TransferFailed", "run_backward", "run_forward"]
 
 @dataclass(frozen=True)
 class Execution:
-    """How one call runs: its kernel, lanes (None on one rank), settings and recorder."""
+    """How one call runs: its kernel, the lanes of each axis its schedule moves data on
+    (none on one rank), settings and recorder."""
 
     kernel: KernelBackend
-    lanes: Lanes | None
+    lanes: Mapping[str, Lanes]
     timeout: timedelta
     fused_merge: bool
     recorder: Recorder | None = None
@@ -68,6 +69,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _post_transfers(store: SlotStore, op: Post, lanes: Lanes) -> tuple[_Pending, list[Sent]]:
+    """Point-to-point moves of one axis (a Post's transfers share their axis)."""
     messages, sent = [], []
     for t in op.moves:
         assert isinstance(t, Transfer)
@@ -82,14 +84,16 @@ def _post_transfers(store: SlotStore, op: Post, lanes: Lanes) -> tuple[_Pending,
     return _Pending(op, works), sent
 
 
-def _post(store: SlotStore, op: Post, ex: Execution, rank: int) -> _Pending:
-    if ex.lanes is None:
-        raise AssertionError("a schedule that moves data needs lanes")
+def _post(store: SlotStore, op: Post, ex: Execution) -> _Pending:
+    axis = op.moves[0].axis
+    lanes = ex.lanes.get(axis)
+    if lanes is None:
+        raise AssertionError(f"a schedule that moves data on axis {axis!r} needs its lanes")
     move = op.collective
     if move is None:
-        pending, sent = _post_transfers(store, op, ex.lanes)
+        pending, sent = _post_transfers(store, op, lanes)
     else:
-        work, finish, sent = post_collective(store, move, ex.lanes, rank)
+        work, finish, sent = post_collective(store, move, lanes)
         pending = _Pending(op, {move.lane: [work]}, finish)
     if ex.recorder is not None:
         ex.recorder.comm(op, sent, pending.works)
@@ -104,19 +108,21 @@ def _complete(schedule: Schedule, pass_: Pass, pending: _Pending, ex: Execution)
     after the work; NCCL's watchdog enforces the lanes' timeout.
     """
     post = pending.post
+    axis = post.moves[0].axis
+    gloo = ex.lanes[axis].backend == "gloo"
     try:
         for works in pending.works.values():
             for work in works:
-                if ex.lanes.backend == "gloo":
+                if gloo:
                     work.wait(ex.timeout)
                 else:
                     work.wait()
     except RuntimeError as err:
         if post.collective is None:
             peers = sorted({t.peer for t in post.moves})
-            what = f"transfer {post.handle!r} with group rank(s) {peers}"
+            what = f"transfer {post.handle!r} with {axis} rank(s) {peers}"
         else:
-            what = f"{type(post.collective).__name__} {post.handle!r} over the group"
+            what = f"{type(post.collective).__name__} {post.handle!r} over the {axis} axis"
         raise TransferFailed(
             f"tokenring {schedule.strategy} {pass_.value}: rank {schedule.rank} of "
             f"{schedule.world}, step {post.step}, {what} failed (a peer died, or did not "
@@ -187,14 +193,13 @@ def _merge(store: SlotStore, op: Merge, pass_: Pass, ex: Execution) -> None:
 def _execute(schedule: Schedule, pass_: Pass, store: SlotStore, ex: Execution) -> None:
     problem = store.problem
     pending: dict[str, _Pending] = {}
-    rank = schedule.rank
     recorder = ex.recorder
     if recorder is not None:
         recorder.phase = pass_.value
     for op in schedule.ops:
         match op:
             case Post():
-                pending[op.handle] = _post(store, op, ex, rank)
+                pending[op.handle] = _post(store, op, ex)
             case Wait():
                 _complete(schedule, pass_, pending.pop(op.handle), ex)
             case Compute():
@@ -222,13 +227,19 @@ def run_forward(
     k: torch.Tensor,
     v: torch.Tensor,
     ex: Execution,
+    *,
+    keep_accum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass of one rank: returns ``out`` ``[B, L, H, D]`` (input dtype) and
-    ``lse`` in row-major storage ``[L, B, H]`` (float32)."""
+    """Forward pass of one rank: returns ``out`` ``[B, L, H, D]`` (input dtype, or with
+    ``keep_accum`` the accumulation dtype, for more merging) and ``lse`` in row-major
+    storage ``[L, B, H]`` (float32)."""
     local = {"q": {"q": to_rowmajor(q)}, "kv": {"k": to_rowmajor(k), "v": to_rowmajor(v)}}
     store = SlotStore(schedule, Pass.FORWARD, problem, local)
     _execute(schedule, Pass.FORWARD, store, ex)
     result = schedule.query_result
+    out = store.tensors[result]["out"]
+    if keep_accum:
+        return from_rowmajor(out, accum_dtype(problem.dtype)), store.tensors[result]["lse"]
     return store.result(result, "out"), store.tensors[result]["lse"]
 
 

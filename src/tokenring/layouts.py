@@ -13,19 +13,46 @@ only into P equal shards (the halves of a shard may then differ by one token).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from .options import Layout, parse_enum
+from .runtime import runtime
 
-__all__ = ["cell_offset", "check_global_length", "chunk_ids", "local_bounds", "shard", "unshard"]
+__all__ = [
+    "cell_offset",
+    "check_global_length",
+    "chunk_ids",
+    "local_bounds",
+    "mesh_pieces",
+    "shard",
+    "unshard",
+]
 
 
 def chunk_ids(layout: Layout, world: int, rank: int) -> tuple[int, int]:
     """Global chunk indices (out of 2*world) held by ``rank``, in local order."""
+    return mesh_pieces(layout, world, 1, rank, 0)
+
+
+def mesh_pieces(layout: Layout, ring: int, ulysses: int, r: int, u: int) -> tuple[int, int]:
+    """Global pieces (out of ``2 * ring * ulysses``) held by rank (``r``, ``u``) of a
+    ring x ulysses mesh, in local order.
+
+    The sequence is cut into ``2 ring`` *ring chunks*, each into ``ulysses``
+    pieces. ``contiguous``: rank (r, u) holds shard ``r * ulysses + u``, pieces
+    ``2 (r ulysses + u)`` and the next. ``zigzag``: ring rank r's Ulysses group
+    holds ring chunks r and ``2 ring - 1 - r`` (balanced causal work across
+    the ring); its member u holds piece u of the first and piece
+    ``ulysses - 1 - u`` of the second. With ``ulysses = 1`` or ``ring = 1`` this
+    is the 1-D layout over the other axis.
+    """
     if layout is Layout.CONTIGUOUS:
-        return (2 * rank, 2 * rank + 1)
-    return (rank, 2 * world - 1 - rank)
+        shard = r * ulysses + u
+        return (2 * shard, 2 * shard + 1)
+    return (r * ulysses + u, (2 * ring - 1 - r) * ulysses + (ulysses - 1 - u))
 
 
 def local_bounds(length: int) -> tuple[int, int, int]:
@@ -50,12 +77,47 @@ def check_global_length(layout: Layout, world: int, length: int, argument: str =
         )
 
 
-def _group_info(group: dist.ProcessGroup | None) -> tuple[int, int]:
+@dataclass(frozen=True)
+class _Sharding:
+    """Who holds what: the layout over ``world`` shards, this rank's pieces, and the
+    pieces of each rank of the group that gathers them (in its rank order)."""
+
+    layout: Layout
+    world: int
+    mine: tuple[int, int]
+    pieces: tuple[tuple[int, int], ...]
+    group: dist.ProcessGroup | None
+
+
+def _sharding(layout: Layout, group: dist.ProcessGroup | None, mesh: object) -> _Sharding:
+    if mesh is not None:
+        if group is not None:
+            raise ValueError("give group= or mesh=, not both")
+        return _mesh_sharding(layout, mesh)
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
             raise ValueError("group was given but torch.distributed is not initialized")
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
+        return _Sharding(layout, 1, chunk_ids(layout, 1, 0), (chunk_ids(layout, 1, 0),), None)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    pieces = tuple(chunk_ids(layout, world, r) for r in range(world))
+    return _Sharding(layout, world, pieces[rank], pieces, group)
+
+
+def _mesh_sharding(layout: Layout, mesh: object) -> _Sharding:
+    """The ring x ulysses sub-mesh of ``mesh`` this rank is in (``mesh_pieces``)."""
+    rt = runtime()
+    sp = rt.sp_mesh(mesh)
+    group = rt.sp_group(sp.members)
+
+    def of(global_rank: int) -> tuple[int, int]:
+        r, u = sp.coords(sp.members.index(global_rank))
+        return mesh_pieces(layout, sp.ring, sp.ulysses, r, u)
+
+    order = sorted(sp.members)  # group ranks follow the sorted global ranks
+    return _Sharding(
+        layout, sp.size, mesh_pieces(layout, sp.ring, sp.ulysses, sp.r, sp.u),
+        tuple(of(g) for g in order), group,
+    )  # fmt: skip
 
 
 def _global_chunks(x: torch.Tensor, layout: Layout, world: int, dim: int) -> list[torch.Tensor]:
@@ -69,26 +131,23 @@ def _global_chunks(x: torch.Tensor, layout: Layout, world: int, dim: int) -> lis
     return list(x.split(sizes, dim=dim))
 
 
-def _take(x: torch.Tensor, layout: Layout, world: int, rank: int, dim: int) -> torch.Tensor:
+def _take(x: torch.Tensor, how: _Sharding, dim: int) -> torch.Tensor:
     """This rank's shard of a global tensor (a contiguous copy)."""
-    chunks = _global_chunks(x, layout, world, dim)
-    first, second = chunk_ids(layout, world, rank)
+    chunks = _global_chunks(x, how.layout, how.world, dim)
+    first, second = how.mine
     return torch.cat([chunks[first], chunks[second]], dim=dim).contiguous()
 
 
-def _gather(
-    x_local: torch.Tensor, layout: Layout, world: int, group: dist.ProcessGroup | None, dim: int
-) -> torch.Tensor:
-    """Every rank's shard, in global order (an all-gather over ``group``)."""
+def _gather(x_local: torch.Tensor, how: _Sharding, dim: int) -> torch.Tensor:
+    """Every rank's shard, in global order (an all-gather over the sharding's group)."""
     local = x_local.contiguous()
-    if world == 1:
+    if how.world == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local, group=group)
-    chunks: list[torch.Tensor] = [local] * (2 * world)
-    for rank, part in enumerate(parts):
+    parts = [torch.empty_like(local) for _ in how.pieces]
+    dist.all_gather(parts, local, group=how.group)
+    chunks: list[torch.Tensor] = [local] * (2 * how.world)
+    for (first, second), part in zip(how.pieces, parts):
         lo, mid, hi = local_bounds(part.shape[dim])
-        first, second = chunk_ids(layout, world, rank)
         chunks[first] = part.narrow(dim, lo, mid - lo)
         chunks[second] = part.narrow(dim, mid, hi - mid)
     return torch.cat(chunks, dim=dim)
@@ -99,14 +158,14 @@ class _Shard(torch.autograd.Function):
     rank's contribution, so the backward gathers the shards' gradients."""
 
     @staticmethod
-    def forward(ctx, x, layout, world, rank, group, dim):
-        ctx.args = (layout, world, group, dim)
-        return _take(x, layout, world, rank, dim)
+    def forward(ctx, x, how, dim):
+        ctx.args = (how, dim)
+        return _take(x, how, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        layout, world, group, dim = ctx.args
-        return _gather(grad, layout, world, group, dim), None, None, None, None, None
+        how, dim = ctx.args
+        return _gather(grad, how, dim), None, None
 
 
 class _Unshard(torch.autograd.Function):
@@ -114,31 +173,39 @@ class _Unshard(torch.autograd.Function):
     of it, so each shard's gradient is its own slice (no sum over ranks)."""
 
     @staticmethod
-    def forward(ctx, x_local, layout, world, rank, group, dim):
-        ctx.args = (layout, world, rank, dim)
-        return _gather(x_local, layout, world, group, dim)
+    def forward(ctx, x_local, how, dim):
+        ctx.args = (how, dim)
+        return _gather(x_local, how, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        layout, world, rank, dim = ctx.args
-        return _take(grad, layout, world, rank, dim), None, None, None, None, None
+        how, dim = ctx.args
+        return _take(grad, how, dim), None, None
 
 
 def shard(
-    x: torch.Tensor, *, layout: str | Layout, group: dist.ProcessGroup | None = None, dim: int = 1
+    x: torch.Tensor,
+    *,
+    layout: str | Layout,
+    group: dist.ProcessGroup | None = None,
+    mesh: object = None,
+    dim: int = 1,
 ) -> torch.Tensor:
     """Return this rank's part of the global tensor ``x`` (a contiguous copy).
 
     ``x`` is the full tensor, identical on every rank; ``dim`` is its sequence
-    dimension (1 for ``[batch, seq, heads, head_dim]``). Differentiable: the
-    gradient of ``x`` is gathered from every rank's shard (a collective in the
-    backward pass), as befits a replicated tensor.
+    dimension (1 for ``[batch, seq, heads, head_dim]``). ``group``: the ranks the
+    sequence is sharded over (1-D strategies); ``mesh``: a DeviceMesh with dims
+    ``"ring"`` and ``"ulysses"`` (``strategy="usp"``), where rank (r, u) holds
+    ``mesh_pieces(layout, ring, ulysses, r, u)``. Differentiable: the gradient of
+    ``x`` is gathered from every rank's shard (a collective in the backward
+    pass), as befits a replicated tensor.
     """
     layout = parse_enum(Layout, layout, "layout")
-    world, rank = _group_info(group)
+    how = _sharding(layout, group, mesh)
     dim = dim % x.dim()
-    check_global_length(layout, world, x.shape[dim])
-    return _Shard.apply(x, layout, world, rank, group, dim)
+    check_global_length(layout, how.world, x.shape[dim])
+    return _Shard.apply(x, how, dim)
 
 
 def unshard(
@@ -146,14 +213,16 @@ def unshard(
     *,
     layout: str | Layout,
     group: dist.ProcessGroup | None = None,
+    mesh: object = None,
     dim: int = 1,
 ) -> torch.Tensor:
     """Gather every rank's shard and return the full tensor, in global order, on every rank.
 
-    Differentiable: every rank is assumed to hold the same gradient of the
-    full result (a replicated loss), and each shard receives its own slice.
+    ``group`` or ``mesh`` as for ``shard``. Differentiable: every rank is assumed
+    to hold the same gradient of the full result (a replicated loss), and each
+    shard receives its own slice.
     """
     layout = parse_enum(Layout, layout, "layout")
-    world, rank = _group_info(group)
+    how = _sharding(layout, group, mesh)
     dim = dim % x_local.dim()
-    return _Unshard.apply(x_local, layout, world, rank, group, dim)
+    return _Unshard.apply(x_local, how, dim)

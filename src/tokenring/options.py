@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import TypeVar
 
-__all__ = ["Layout", "Pass", "Strategy", "parse_enum"]
+__all__ = ["JointStrategy", "Layout", "Pass", "RingImpl", "Strategy", "parse_enum"]
 
 
 class Layout(str, Enum):
@@ -30,13 +30,32 @@ class Strategy(str, Enum):
 
     ``tokenring``: queries travel, partial results return; ``ring``: keys and
     values travel; ``ulysses``: all-to-all from sequence to head shards and back;
-    ``allgather``: keys and values are gathered whole, gradients reduce-scattered.
+    ``allgather``: keys and values are gathered whole, gradients reduce-scattered;
+    ``usp``: Ulysses over a mesh's ``ulysses`` axis x TokenRing (or ring) over its
+    ``ring`` axis.
     """
 
     TOKENRING = "tokenring"
     RING = "ring"
     ULYSSES = "ulysses"
     ALLGATHER = "allgather"
+    USP = "usp"
+
+
+class RingImpl(str, Enum):
+    """Which ring runs across the ``ring`` axis of ``strategy="usp"``."""
+
+    TOKENRING = "tokenring"
+    RING = "ring"
+
+
+class JointStrategy(str, Enum):
+    """Where joint (text) tokens sit in the concatenated sequence: ``none`` (no joint
+    tokens), in ``front`` of the image tokens, or at the ``rear``."""
+
+    NONE = "none"
+    FRONT = "front"
+    REAR = "rear"
 
 
 class Pass(str, Enum):

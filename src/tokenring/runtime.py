@@ -27,6 +27,7 @@ from typing import Any
 import torch.distributed as dist
 
 from .comm import Lanes, group_world, make_lanes
+from .mesh import SpMesh
 
 __all__ = [
     "BoundedCache",
@@ -117,6 +118,10 @@ class Runtime:
     destroyed: set[str] = field(default_factory=set)
     """Sub-groups whose lanes were destroyed: torch would give new ones the same names
     and their creation would hang, so they cannot be made again in this process."""
+    sp_groups: dict[tuple[int, ...], dist.ProcessGroup] = field(default_factory=dict)
+    """One process group per sequence-parallel sub-mesh (its sorted global ranks)."""
+    meshes: dict[object, SpMesh] = field(default_factory=dict)
+    """What each mesh a call named says about this rank (read once per mesh)."""
 
     def configure(self, **changes: Any) -> Settings:
         """Change settings (names of ``Settings``); returns the new settings."""
@@ -156,6 +161,33 @@ class Runtime:
             state.lanes = make_lanes(group, self.settings.timeout)
         return state.lanes
 
+    def sp_mesh(self, mesh: object) -> SpMesh:
+        """``SpMesh.of(mesh)``, read once per mesh."""
+        try:
+            found = self.meshes.get(mesh)
+        except TypeError:  # not hashable: not a DeviceMesh; let SpMesh say so
+            return SpMesh.of(mesh)
+        if found is None:
+            found = self.meshes[mesh] = SpMesh.of(mesh)
+        return found
+
+    def sp_group(self, members: tuple[int, ...]) -> dist.ProcessGroup:
+        """The process group of a mesh's ring x ulysses sub-mesh (``members``: its global
+        ranks), for the cross-rank checks, plans and joint tokens of ``usp`` calls: the
+        default group when it is the whole world, else made (collectively over the
+        members) on first use."""
+        ranks = tuple(sorted(members))
+        if ranks == tuple(range(dist.get_world_size())):
+            return dist.group.WORLD
+        group = self.sp_groups.get(ranks)
+        if group is None:
+            group = dist.new_group(
+                list(ranks), timeout=self.settings.timeout, use_local_synchronization=True,
+                group_desc="tokenring_sp",
+            )  # fmt: skip
+            self.sp_groups[ranks] = group
+        return group
+
     def destroy_lanes(self) -> None:
         """Destroy every lane this runtime made (plans of those groups go with them)."""
         for state in self.groups.values():
@@ -165,6 +197,7 @@ class Runtime:
                 self.destroyed.add(state.name)
             state.lanes.destroy()
         self.groups.clear()
+        self.meshes.clear()
 
 
 def _group_name(group: dist.ProcessGroup | None) -> str:

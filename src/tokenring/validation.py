@@ -11,13 +11,13 @@ waiting in a transfer that never comes. See docs/errors.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from enum import Enum
 
 import torch
 import torch.distributed as dist
 
-from .options import Layout, Strategy
+from .options import JointStrategy, Layout, RingImpl, Strategy
 from .runtime import BoundedCache
 from .schedules import STRATEGIES, CallShape
 
@@ -38,41 +38,17 @@ class CallInfo:
     causal: bool
     layout: str
     strategy: str
+    ring_impl: str
     kernel: str
     scale: float | None
+    joint: str  # the joint tensors' shapes and where they go, or "none"
     problem: str = ""
 
     def agreement_key(self) -> tuple:
-        return (
-            self.batch,
-            self.length,
-            self.heads_q,
-            self.heads_kv,
-            self.head_dim,
-            self.dtype,
-            self.device_type,
-            self.causal,
-            self.layout,
-            self.strategy,
-            self.kernel,
-            self.scale,
-        )
+        return tuple(getattr(self, f) for f in _FIELDS)
 
 
-_FIELDS = (
-    "batch",
-    "length",
-    "heads_q",
-    "heads_kv",
-    "head_dim",
-    "dtype",
-    "device_type",
-    "causal",
-    "layout",
-    "strategy",
-    "kernel",
-    "scale",
-)
+_FIELDS = tuple(f.name for f in fields(CallInfo) if f.name != "problem")
 
 
 def _shape_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
@@ -129,10 +105,73 @@ def strategy_problem(strategy: Strategy, shape: CallShape) -> str:
     reasons = STRATEGIES[strategy].not_supported_reasons(shape)
     if not reasons:
         return ""
+    where = (
+        f"a mesh of {shape.world // shape.ulysses} x {shape.ulysses} (ring x ulysses)"
+        if strategy is Strategy.USP
+        else f"{shape.world} ranks"
+    )
     return (
         f"strategy {strategy.value!r} cannot run heads {shape.heads_q}/{shape.heads_kv} "
-        f"over {shape.world} ranks: " + "; ".join(reasons)
+        f"over {where}: " + "; ".join(reasons)
     )
+
+
+def _joint_problem(
+    q: torch.Tensor, k: torch.Tensor, joint: tuple, joint_strategy: object, causal: object
+) -> str:
+    """The first thing wrong with the joint tensors ``(joint_q, joint_k, joint_v)``."""
+    jq, jk, jv = joint
+    strategy = _name(joint_strategy)
+    given = [n for n, t in zip(("joint_q", "joint_k", "joint_v"), joint) if t is not None]
+    if not given:
+        if strategy != JointStrategy.NONE.value:
+            return f"joint_strategy={strategy!r} needs joint_k and joint_v (joint_q optional)"
+        return ""
+    if strategy == JointStrategy.NONE.value:
+        return (
+            f"{', '.join(given)} given with joint_strategy='none'; say where the joint "
+            "tokens go: joint_strategy='front' or 'rear'"
+        )
+    if causal is True:
+        return "joint tokens need causal=False (joint attention has no mask), got causal=True"
+    if jk is None or jv is None:
+        return "joint_k and joint_v must be given together (joint_q is optional)"
+    for name, t in zip(("joint_q", "joint_k", "joint_v"), joint):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"{name} must be a 4-D tensor [batch, joint_len, heads, head_dim], got {shape}"
+        if t.dtype != q.dtype or t.device != q.device:
+            return (
+                f"{name} must match q's dtype and device ({q.dtype}, {q.device}), "
+                f"got {t.dtype}, {t.device}"
+            )
+        if t.stride(-1) != 1:
+            return f"{name} must have unit stride in head_dim (last dim), got strides {t.stride()}"
+    if jk.shape != jv.shape:
+        return f"joint_k and joint_v shapes differ: {tuple(jk.shape)}, {tuple(jv.shape)}"
+    want_kv = (q.shape[0], jk.shape[1], k.shape[2], q.shape[3])
+    if jk.shape[1] == 0 or tuple(jk.shape) != want_kv:
+        return (
+            f"joint_k must be [batch, joint_len > 0, heads_kv, head_dim] = "
+            f"[{q.shape[0]}, J, {k.shape[2]}, {q.shape[3]}], got {tuple(jk.shape)}"
+        )
+    if jq is not None and tuple(jq.shape) != (q.shape[0], jk.shape[1], q.shape[2], q.shape[3]):
+        return (
+            f"joint_q must be [batch, joint_len, heads_q, head_dim] = "
+            f"[{q.shape[0]}, {jk.shape[1]}, {q.shape[2]}, {q.shape[3]}], got {tuple(jq.shape)}"
+        )
+    return ""
+
+
+def _joint_description(joint: tuple, joint_strategy: object) -> str:
+    shapes = [
+        f"{name}{tuple(t.shape)}"
+        for name, t in zip(("joint_q", "joint_k", "joint_v"), joint)
+        if isinstance(t, torch.Tensor)
+    ]
+    return f"{_name(joint_strategy)}: " + ", ".join(shapes) if shapes else _name(joint_strategy)
 
 
 def check_local(
@@ -143,9 +182,13 @@ def check_local(
     causal: object,
     layout: object,
     strategy: object,
+    ring_impl: object,
     kernel: object,
     scale: object,
     world: int,
+    ulysses: int = 1,
+    joint: tuple = (None, None, None),
+    joint_strategy: object = "none",
 ) -> CallInfo:
     """Describe this rank's call; ``problem`` holds the first thing wrong with it, if any."""
     shape_problem = _shape_problem(q, k, v)
@@ -155,6 +198,8 @@ def check_local(
         "" if isinstance(causal, bool) else f"causal must be a bool, got {causal!r}",
         _enum_problem(Layout, layout, "layout"),
         _enum_problem(Strategy, strategy, "strategy"),
+        _enum_problem(RingImpl, ring_impl, "ring_impl"),
+        _enum_problem(JointStrategy, joint_strategy, "joint_strategy"),
         ""
         if scale is None
         or (
@@ -169,7 +214,11 @@ def check_local(
         )
     problem = next((p for p in candidates if p), "")
     if not problem:
-        shape = CallShape(world, Layout(_name(layout)), causal, q.shape[2], k.shape[2], q.shape[1])
+        problem = _joint_problem(q, k, joint, joint_strategy, causal)
+    if not problem:
+        shape = CallShape(
+            world, Layout(_name(layout)), causal, q.shape[2], k.shape[2], q.shape[1], ulysses
+        )
         problem = strategy_problem(Strategy(_name(strategy)), shape)
     return CallInfo(
         batch=q.shape[0] if shapes_ok else -1,
@@ -182,8 +231,10 @@ def check_local(
         causal=bool(causal) if isinstance(causal, bool) else False,
         layout=_name(layout),
         strategy=_name(strategy),
+        ring_impl=_name(ring_impl),
         kernel=str(kernel),
         scale=float(scale) if isinstance(scale, (int, float)) else None,
+        joint=_joint_description(joint, joint_strategy),
         problem=problem,
     )
 

@@ -112,6 +112,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
             "[green]ok[/green]" if ok else "[red]FAILED[/red]",
         )
     console.print(table)
+    console.print("usp UxR: Ulysses over U ranks inside each of R groups, TokenRing across them")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     panels = {
@@ -144,7 +145,7 @@ def _progress(console: Console) -> Progress:
 def _bench(args: argparse.Namespace, console: Console) -> int:
     from tokenring.options import Strategy as TrStrategy
 
-    from .methods import PeerMethod, Strategy
+    from .methods import PeerMethod, Strategy, usp_splits
     from .peers import default_peers
     from .report import environment, table, write_outputs
     from .runner import BenchConfig, bench_worker
@@ -161,9 +162,12 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
         timeline_seq=args.timeline_seq if backend == "nccl" else 256,
     )
     peers = [PeerMethod(p) for p in default_peers()]
-    ours = [s.value for s in TrStrategy]
+    one_d = [s.value for s in TrStrategy if s is not TrStrategy.USP]
+    hybrids = usp_splits(world)
+    ours = [*one_d, *(h.name for h in hybrids)]
     wanted = args.methods or [*ours, *(p.name for p in peers)]
-    methods = [Strategy(name) for name in wanted if name in ours]
+    methods = [Strategy(name) for name in wanted if name in one_d]
+    methods += [h for h in hybrids if h.name in wanted]
     peers = [p for p in peers if p.name in wanted]
     console.print(
         f"tokenring bench: {world} {'GPU' if backend == 'nccl' else 'CPU'} "

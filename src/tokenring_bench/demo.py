@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from tokenring.api import attention
 from tokenring.layouts import shard
+from tokenring.mesh import sp_mesh
 from tokenring.options import Layout, Strategy
 from tokenring.schedules import STRATEGIES, CallShape
 from tokenring.timeline import Recorder
@@ -25,7 +26,7 @@ from tokenring.timeline import Recorder
 from .launch import WorkerContext, sync_ranks
 from .metrics import max_over_ranks, rel_err
 
-__all__ = ["DemoConfig", "demo_worker", "refusal", "tolerance"]
+__all__ = ["DemoConfig", "demo_worker", "refusal", "tolerance", "usp_split"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,8 +61,17 @@ def _reference(q, k, v, causal: bool):
     return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), vx), lse
 
 
+def usp_split(world: int, heads: int) -> tuple[int, int]:
+    """(ulysses, ring) for the demo's hybrid: the most even split of the world whose
+    Ulysses degree divides the heads."""
+    return max(
+        ((u, world // u) for u in range(1, world + 1) if world % u == 0 and heads % u == 0),
+        key=lambda split: (min(split), split[0]),
+    )
+
+
 def _run_case(
-    ctx: WorkerContext, cfg: DemoConfig, strategy: Strategy, layout: Layout, causal: bool
+    ctx: WorkerContext, cfg: DemoConfig, strategy: Strategy, layout: Layout, causal: bool, mesh
 ):
     device, dtype = ctx.device, DTYPES[cfg.dtype]
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -76,12 +86,14 @@ def _run_case(
     ref_out, ref_lse = _reference(*ref_in, causal)
     ref_grads = torch.autograd.grad(ref_out, ref_in, do.double())
 
+    where = {"mesh": mesh} if strategy is Strategy.USP else {}
+
     def local(x, dim=1):
-        return shard(x, layout=layout, dim=dim)
+        return shard(x, layout=layout, dim=dim, **where)
 
     ql, kl, vl = (local(t).requires_grad_() for t in (q, k, v))
     out, lse = attention(
-        ql, kl, vl, strategy=strategy, causal=causal, layout=layout, return_lse=True
+        ql, kl, vl, strategy=strategy, causal=causal, layout=layout, return_lse=True, **where
     )
     grads = torch.autograd.grad(out, (ql, kl, vl), local(do))
     out_err = max(rel_err(out, local(ref_out.detach())), rel_err(lse, local(ref_lse.detach(), 2)))
@@ -92,7 +104,7 @@ def _run_case(
         for _ in range(cfg.repeats + 1):
             sync_ranks(device)
             start = time.perf_counter()
-            attention(ql, kl, vl, strategy=strategy, causal=causal, layout=layout)
+            attention(ql, kl, vl, strategy=strategy, causal=causal, layout=layout, **where)
             sync_ranks(device)
             times.append(time.perf_counter() - start)
     return {
@@ -105,17 +117,20 @@ def _run_case(
     }
 
 
-def _timeline(ctx: WorkerContext, cfg: DemoConfig, strategy: Strategy) -> list[dict]:
+def _timeline(ctx: WorkerContext, cfg: DemoConfig, strategy: Strategy, mesh) -> list[dict]:
     device, dtype = ctx.device, DTYPES[cfg.dtype]
     length = cfg.seq_len // ctx.world
     g = torch.Generator(device="cpu").manual_seed(cfg.seed + ctx.rank)
     q = torch.randn(1, length, cfg.heads, cfg.head_dim, generator=g).to(device, dtype)
     kv = torch.randn(1, length, cfg.heads_kv, cfg.head_dim, generator=g).to(device, dtype)
+    where = {"mesh": mesh} if strategy is Strategy.USP else {}
     with torch.no_grad():
-        attention(q, kv, kv, strategy=strategy, causal=True, layout="zigzag")  # warm-up
+        attention(q, kv, kv, strategy=strategy, causal=True, layout="zigzag", **where)  # warm-up
         sync_ranks(device)
         recorder = Recorder(ctx.rank, device)
-        attention(q, kv, kv, strategy=strategy, causal=True, layout="zigzag", recorder=recorder)
+        attention(
+            q, kv, kv, strategy=strategy, causal=True, layout="zigzag", recorder=recorder, **where
+        )
         spans = [s.as_dict() for s in recorder.spans()]
     gathered: list = [None] * ctx.world
     dist.all_gather_object(gathered, spans)
@@ -124,34 +139,34 @@ def _timeline(ctx: WorkerContext, cfg: DemoConfig, strategy: Strategy) -> list[d
 
 def refusal(cfg: DemoConfig, world: int, strategy: Strategy, layout: Layout, causal: bool) -> str:
     """Why ``strategy`` cannot run this demo's shape ("" if it can)."""
-    shape = CallShape(world, layout, causal, cfg.heads, cfg.heads_kv, cfg.seq_len // world)
+    ulysses = usp_split(world, cfg.heads)[0] if strategy is Strategy.USP else 1
+    local = cfg.seq_len // world
+    shape = CallShape(world, layout, causal, cfg.heads, cfg.heads_kv, local, ulysses)
     return "; ".join(STRATEGIES[strategy].not_supported_reasons(shape))
 
 
 def demo_worker(ctx: WorkerContext, cfg: DemoConfig) -> dict:
     """Runs on every rank; rank 0's return value holds the table rows and timelines.
+    The hybrid runs on the most even ulysses x ring split of the ranks (``usp_split``).
     A strategy that cannot run the shape (Ulysses with heads the ranks do not divide)
     gets a row that says why instead."""
     cases = list(itertools.product(Strategy, Layout, (False, True)))
+    ulysses, ring = usp_split(ctx.world, cfg.heads)
+    mesh = sp_mesh(ulysses=ulysses, ring=ring)
+    names = {s: s.value for s in Strategy} | {Strategy.USP: f"usp {ulysses}x{ring}"}
     rows = []
     for i, (strategy, layout, causal) in enumerate(cases):
         ctx.report(("case", i, len(cases), f"{strategy.value} {layout.value} causal={causal}"))
         why = refusal(cfg, ctx.world, strategy, layout, causal)
+        row = {"strategy": names[strategy], "layout": layout.value, "causal": causal}
         if why:
-            rows.append(
-                {
-                    "strategy": strategy.value,
-                    "layout": layout.value,
-                    "causal": causal,
-                    "refused": why,
-                }
-            )
+            rows.append({**row, "refused": why})
             continue
-        rows.append(_run_case(ctx, cfg, strategy, layout, causal))
+        rows.append({**_run_case(ctx, cfg, strategy, layout, causal, mesh), **row})
     timelines = {}
     for strategy in Strategy:
         if refusal(cfg, ctx.world, strategy, Layout.ZIGZAG, True):
             continue
-        ctx.report(("case", len(cases), len(cases), f"timeline {strategy.value}"))
-        timelines[strategy.value] = _timeline(ctx, cfg, strategy)
+        ctx.report(("case", len(cases), len(cases), f"timeline {names[strategy]}"))
+        timelines[names[strategy]] = _timeline(ctx, cfg, strategy, mesh)
     return {"rows": rows, "timelines": timelines, "config": asdict(cfg)}

@@ -19,6 +19,7 @@ import torch
 from tokenring.api import attention
 from tokenring.kernels import BlockSpec, KernelBackend, select_kernel
 from tokenring.layouts import shard
+from tokenring.mesh import sp_mesh
 from tokenring.options import Layout
 from tokenring.options import Strategy as TrStrategy
 from tokenring.schedules import STRATEGIES, CallShape
@@ -27,7 +28,16 @@ from tokenring.timeline import Recorder
 from .cases import Case
 from .peers import Peer, PeerCase, PeerState
 
-__all__ = ["GlobalInputs", "Method", "PeerMethod", "Prepared", "SingleDevice", "Strategy"]
+__all__ = [
+    "GlobalInputs",
+    "Method",
+    "PeerMethod",
+    "Prepared",
+    "SingleDevice",
+    "Strategy",
+    "Usp",
+    "usp_splits",
+]
 
 
 @dataclass
@@ -61,9 +71,10 @@ class Method(Protocol):
 
 @dataclass
 class _Sharded:
-    """A tokenring strategy on this rank's shards of every input set."""
+    """One of our strategies on this rank's shards of every input set."""
 
-    strategy: str
+    options: dict  # strategy, and for usp its mesh and ring_impl
+    sharding: dict  # group/mesh keywords of tokenring.shard
     case: Case
     shards: list[tuple[torch.Tensor, ...]]
     last: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -71,10 +82,7 @@ class _Sharded:
     def run(self, index: int, backward: bool, recorder: Recorder | None = None) -> None:
         q, k, v, do = self.shards[index % len(self.shards)]
         kwargs = dict(
-            strategy=self.strategy,
-            causal=self.case.causal,
-            layout=self.case.layout,
-            recorder=recorder,
+            causal=self.case.causal, layout=self.case.layout, recorder=recorder, **self.options
         )
         if not backward:
             with torch.no_grad():
@@ -90,14 +98,22 @@ class _Sharded:
     def local_results(self, backward, full):
         self.run(0, backward)
         return [
-            (name, value, shard(full[name], layout=self.case.layout))
+            (name, value, shard(full[name], layout=self.case.layout, **self.sharding))
             for name, value in self.last.items()
         ]
 
 
+def _shards(inputs: GlobalInputs, layout: str, sharding: dict) -> list[tuple[torch.Tensor, ...]]:
+    shards = []
+    for q, k, v, do in inputs.sets:
+        parts = [shard(t, layout=layout, **sharding).requires_grad_() for t in (q, k, v)]
+        shards.append((*parts, shard(do, layout=layout, **sharding)))
+    return shards
+
+
 @dataclass
 class Strategy:
-    """One of our strategies (a value of ``tokenring.Strategy``)."""
+    """One of our 1-D strategies (a value of ``tokenring.Strategy``) over every rank."""
 
     name: str
 
@@ -108,11 +124,44 @@ class Strategy:
         return STRATEGIES[TrStrategy(self.name)].not_supported_reasons(shape)
 
     def prepare(self, case: Case, inputs: GlobalInputs, backward: bool) -> Prepared:
-        shards = []
-        for q, k, v, do in inputs.sets:
-            parts = [shard(t, layout=case.layout).requires_grad_() for t in (q, k, v)]
-            shards.append((*parts, shard(do, layout=case.layout)))
-        return _Sharded(self.name, case, shards)
+        options = {"strategy": self.name}
+        return _Sharded(options, {}, case, _shards(inputs, case.layout, {}))
+
+
+@dataclass
+class Usp:
+    """The hybrid on a ``ulysses`` x ``ring`` mesh of every rank (named ``usp-UxR``)."""
+
+    ulysses: int
+    ring: int
+    ring_impl: str = "tokenring"
+    _mesh: object = None
+
+    @property
+    def name(self) -> str:
+        suffix = "" if self.ring_impl == "tokenring" else "-ring"
+        return f"usp-{self.ulysses}x{self.ring}{suffix}"
+
+    def not_supported_reasons(self, case: Case, world: int, backward: bool) -> list[str]:
+        if world != self.ulysses * self.ring:
+            return [f"needs {self.ulysses * self.ring} ranks, the run has {world}"]
+        shape = CallShape(
+            world, Layout(case.layout), case.causal, case.heads_q, case.heads_kv,
+            case.seq // world, self.ulysses,
+        )  # fmt: skip
+        return STRATEGIES[TrStrategy.USP].not_supported_reasons(shape)
+
+    def prepare(self, case: Case, inputs: GlobalInputs, backward: bool) -> Prepared:
+        if self._mesh is None:  # collective: every rank prepares the same method
+            self._mesh = sp_mesh(ulysses=self.ulysses, ring=self.ring)
+        options = {"strategy": "usp", "mesh": self._mesh, "ring_impl": self.ring_impl}
+        sharding = {"mesh": self._mesh}
+        return _Sharded(options, sharding, case, _shards(inputs, case.layout, sharding))
+
+
+def usp_splits(world: int) -> list[Usp]:
+    """Every true hybrid split of ``world`` ranks (both axes larger than one)."""
+    return [Usp(u, world // u) for u in range(2, world // 2 + 1) if world % u == 0]
 
 
 @dataclass

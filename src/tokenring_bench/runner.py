@@ -16,7 +16,7 @@ from tokenring.timeline import Recorder
 
 from .cases import PASSES, Case, cases_for, flops
 from .launch import WorkerContext, sync_ranks
-from .methods import GlobalInputs, Method, SingleDevice
+from .methods import GlobalInputs, Method, SingleDevice, Usp
 from .methods import Strategy as StrategyMethod
 from .metrics import max_over_ranks, rel_err
 
@@ -251,7 +251,7 @@ def _case_rows(
                 prepared is not None
                 and case.name == "llama2-mha"
                 and case.seq == cfg.timeline_seq
-                and isinstance(method, StrategyMethod)
+                and isinstance(method, (StrategyMethod, Usp))
             ):
                 timelines[f"{method.name} {pass_} {case.label}"] = _timeline(
                     ctx, prepared, backward

@@ -14,11 +14,12 @@ from .key import ScheduleKey
 from .ring import Ring
 from .tokenring import TokenRing
 from .ulysses import Ulysses
+from .usp import USP
 
 __all__ = ["STRATEGIES", "CallShape", "Schedule", "ScheduleKey", "StrategyDef", "build_schedule"]
 
 STRATEGIES: dict[Strategy, StrategyDef] = {
-    s.name: s for s in (TokenRing(), Ring(), Ulysses(), AllGatherKV())
+    s.name: s for s in (TokenRing(), Ring(), Ulysses(), AllGatherKV(), USP())
 }
 
 

@@ -27,6 +27,7 @@ class CallShape:
     heads_q: int
     heads_kv: int
     length: int  # local sequence length
+    ulysses: int = 1  # the size of the Ulysses axis (usp)
 
 
 class StrategyDef(ABC):

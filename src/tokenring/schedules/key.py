@@ -15,7 +15,11 @@ class ScheduleKey:
 
     Head counts matter only to strategies that split heads (Ulysses replicates
     key/value heads when there are fewer than ranks; all-gather moves keys and
-    values in head groups); TokenRing and ring ignore them.
+    values in head groups); TokenRing and ring ignore them. For the Ulysses x
+    ring hybrid (``usp``) ``world`` is the size of the sequence-parallel mesh,
+    ``ulysses`` the size of its Ulysses axis (the ring axis has
+    ``world // ulysses`` members), ``rank`` is ``ring_rank * ulysses +
+    ulysses_rank``, and ``ring_impl`` says which ring runs across.
     """
 
     strategy: Strategy
@@ -26,3 +30,5 @@ class ScheduleKey:
     pass_: Pass
     heads_q: int = 1
     heads_kv: int = 1
+    ulysses: int = 1
+    ring_impl: Strategy = Strategy.TOKENRING

@@ -5,48 +5,50 @@ ring (r-1 -> r), and accumulates into its own output. In the backward pass
 the dk, dv accumulator of each K, V shard travels one hop behind it and
 arrives home after a full turn (as in ring-flash-attention). Only the rows
 some later visitor needs are forwarded, and with the zigzag layout each
-block computes only the half of the square the mask allows.
-See docs/algorithms.md, "Ring".
+block computes only the half of the square the mask allows. It runs over a
+``RingAxis``: the caller's group, or the ring axis of the Ulysses x ring
+hybrid (``usp.py``). See docs/algorithms.md, "Ring".
 """
 
 from __future__ import annotations
 
-from ..layouts import chunk_ids
 from ..options import Pass, Strategy
 from .base import StrategyDef
 from .blocks import cover, relations
 from .builder import ScheduleBuilder
 from .ir import Precision, Rows, Schedule, SlotKind, SlotSpec, Transfer
 from .key import ScheduleKey
+from .ring_axis import RingAxis
 
-__all__ = ["Ring", "ring_schedule"]
+__all__ = ["Ring", "emit_ring", "ring_schedule", "ring_slots"]
 
 KV_LANE = 0  # keys and values travel r-1 -> r
 GRAD_LANE = 1  # dk, dv accumulators travel r-1 -> r (backward)
 
 
-def ring_schedule(key: ScheduleKey) -> Schedule:
-    """The ring schedule of one rank for one pass."""
-    P, r, causal = key.world, key.rank, key.causal
-    backward = key.pass_ is Pass.BACKWARD
+def ring_slots(ring: RingAxis, backward: bool) -> dict[str, SlotSpec]:
+    """The buffers ring attention adds to the ring's query and key/value slots."""
     slots = {
-        "q": SlotSpec(SlotKind.QUERY, local=True),
-        "kv": SlotSpec(SlotKind.KV, local=True),
-        "acc": SlotSpec(SlotKind.QUERY_RESULT, Precision.ACCUM),
-        "kv_in0": SlotSpec(SlotKind.KV),
-        "kv_in1": SlotSpec(SlotKind.KV),
+        "acc": ring.slot(SlotKind.QUERY_RESULT, Precision.ACCUM),
+        "kv_in0": ring.slot(SlotKind.KV),
+        "kv_in1": ring.slot(SlotKind.KV),
     }
     if backward:
-        slots["dkv0"] = SlotSpec(SlotKind.KV_RESULT, Precision.ACCUM)
-        slots["dkv1"] = SlotSpec(SlotKind.KV_RESULT, Precision.ACCUM)
-        slots["dkv_block"] = SlotSpec(SlotKind.KV_RESULT)
-    b = ScheduleBuilder("ring", r, P, chunk_ids(key.layout, P, r), slots)
+        slots["dkv0"] = ring.slot(SlotKind.KV_RESULT, Precision.ACCUM)
+        slots["dkv1"] = ring.slot(SlotKind.KV_RESULT, Precision.ACCUM)
+        slots["dkv_block"] = ring.slot(SlotKind.KV_RESULT)
+    return slots
 
-    def pieces(rank: int) -> tuple[int, ...]:
-        return chunk_ids(key.layout, P, rank)
+
+def emit_ring(
+    b: ScheduleBuilder, ring: RingAxis, causal: bool, backward: bool
+) -> tuple[str, str | None]:
+    """Emit one ring pass over ``ring`` (its slots from ``ring_slots``); returns the query
+    result slot and, backward, the key/value result slot."""
+    P, r, cells = ring.world, ring.rank, ring.cells
 
     def needed(kv_owner: int):
-        return relations(pieces(r), pieces(kv_owner), causal)
+        return relations(ring.pieces, ring.shards[kv_owner], causal)
 
     def travelling_rows(owner: int, step: int) -> tuple[int, int]:
         """Key rows of KV_owner needed by the rank it visits at ``step`` or later."""
@@ -54,49 +56,55 @@ def ring_schedule(key: ScheduleKey) -> Schedule:
             {
                 j
                 for s in range(step, P)
-                for _, j, _ in relations(pieces((owner + s) % P), pieces(owner), causal)
+                for _, j, _ in relations(ring.shards[(owner + s) % P], ring.shards[owner], causal)
             }
         )
         return (rows[0], rows[-1] + 1) if rows else (0, 0)
 
+    def move(slot: str, rows: tuple[int, int], peer: int, send: bool, lane: int) -> Transfer:
+        return Transfer(Rows(slot, *rows), peer, send, lane, ring.axis)
+
     def kv_transfers(step: int, send_slot: str) -> list[Transfer]:
         if step >= P:
             return []
-        sent_owner, recv_owner = b.peer(-(step - 1)), b.peer(-step)
-        s0, s1 = travelling_rows(sent_owner, step)
-        r0, r1 = travelling_rows(recv_owner, step)
+        sent_owner, recv_owner = ring.peer(-(step - 1)), ring.peer(-step)
         return [
-            Transfer(Rows(send_slot, s0, s1), b.peer(1), send=True, lane=KV_LANE),
-            Transfer(Rows(f"kv_in{step % 2}", r0, r1), b.peer(-1), send=False, lane=KV_LANE),
+            move(send_slot, travelling_rows(sent_owner, step), ring.peer(1), True, KV_LANE),
+            move(
+                f"kv_in{step % 2}", travelling_rows(recv_owner, step), ring.peer(-1), False, KV_LANE
+            ),
         ]
 
     def grad_transfers(step: int) -> list[Transfer]:
         """Pass the dk, dv accumulator of the shard held at ``step - 1`` on by one hop."""
         return [
-            Transfer(Rows(f"dkv{(step - 1) % 2}"), b.peer(1), send=True, lane=GRAD_LANE),
-            Transfer(Rows(f"dkv{step % 2}"), b.peer(-1), send=False, lane=GRAD_LANE),
+            move(f"dkv{(step - 1) % 2}", (0, cells), ring.peer(1), True, GRAD_LANE),
+            move(f"dkv{step % 2}", (0, cells), ring.peer(-1), False, GRAD_LANE),
         ]
 
-    kv_wait = b.post("kv@1", 0, kv_transfers(1, "kv"))
-    b.own_block(causal, q_out="acc", kv_out="dkv0" if backward else None)
+    def visit(step: int, owner: int, kv_slot: str, kv_out: str | None) -> None:
+        b.compute(
+            cover(needed(owner)),
+            q_slot=ring.q,
+            kv_slot=kv_slot,
+            q_out="acc",
+            kv_out=kv_out,
+            step=step,
+            q_owner=r,
+            kv_owner=owner,
+        )
+
+    kv_wait = b.post("kv@1", 0, kv_transfers(1, ring.kv))
+    visit(0, r, ring.kv, "dkv0" if backward else None)
     grad_wait = b.post("dkv@1", 0, grad_transfers(1)) if backward and P > 1 else None
 
     for t in range(1, P):
-        owner = b.peer(-t)
+        owner = ring.peer(-t)
         b.wait(kv_wait, t)
         kv_wait = b.post(f"kv@{t + 1}", t, kv_transfers(t + 1, f"kv_in{t % 2}"))
         if backward:
             b.reset("dkv_block")
-        b.compute(
-            cover(needed(owner)),
-            q_slot="q",
-            kv_slot=f"kv_in{t % 2}",
-            q_out="acc",
-            kv_out="dkv_block" if backward else None,
-            step=t,
-            q_owner=r,
-            kv_owner=owner,
-        )
+        visit(t, owner, f"kv_in{t % 2}", "dkv_block" if backward else None)
         if backward:
             b.wait(grad_wait, t)
             touched = sorted({j for _, j, _ in needed(owner)})
@@ -107,7 +115,20 @@ def ring_schedule(key: ScheduleKey) -> Schedule:
     if backward and P > 1:
         b.wait(grad_wait, P)
     home = "dkv0" if P == 1 else f"dkv{P % 2}"  # where the full turn ends
-    return b.build("acc", home if backward else None)
+    return "acc", home if backward else None
+
+
+def ring_schedule(key: ScheduleKey) -> Schedule:
+    """The ring schedule of one rank for one pass."""
+    ring = RingAxis.of_group(key)
+    backward = key.pass_ is Pass.BACKWARD
+    slots = {
+        "q": SlotSpec(SlotKind.QUERY, local=True),
+        "kv": SlotSpec(SlotKind.KV, local=True),
+        **ring_slots(ring, backward),
+    }
+    b = ScheduleBuilder("ring", key.rank, key.world, ring.pieces, slots)
+    return b.build(*emit_ring(b, ring, key.causal, backward))
 
 
 class Ring(StrategyDef):

@@ -9,9 +9,11 @@ half of Q and only that half is forwarded.
 
 The schedule is built in two stages: ``plan_visits`` computes, as values,
 what each step does (whose queries, which pairs, which rows travel and
-return); ``tokenring_schedule`` then emits operations from that plan. The
+return); the emitter then emits operations from that plan. The
 optimisation that hides the tail, streaming the last step's result back half
-a shard at a time, is a step of its own (``_streamed_last_visit``).
+a shard at a time, is a step of its own (``streamed_last_visit``). It runs
+over a ``RingAxis``: the caller's group, or the ring axis of the Ulysses x
+TokenRing hybrid (``usp.py``).
 
 The backward pass is the same schedule: the query bundle (q, do, lse, delta)
 travels, dq partials return to their owner, dk and dv accumulate where K and
@@ -22,15 +24,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..layouts import chunk_ids
 from ..options import Pass, Strategy
 from .base import StrategyDef
 from .blocks import Element, cover, relations
 from .builder import ScheduleBuilder
 from .ir import Precision, Rows, Schedule, SlotKind, SlotSpec, Transfer
 from .key import ScheduleKey
+from .ring_axis import RingAxis
 
-__all__ = ["TokenRing", "Visit", "plan_visits", "tokenring_schedule"]
+__all__ = [
+    "TokenRing",
+    "Visit",
+    "emit_tokenring",
+    "plan_visits",
+    "tokenring_schedule",
+    "tokenring_slots",
+]
 
 Q_LANE = 0  # queries travel r+1 -> r
 RESULT_LANE = 1  # partial results travel visitor -> owner
@@ -85,15 +94,12 @@ class Visit:
     home: Span
 
 
-def plan_visits(key: ScheduleKey) -> list[Visit]:
+def plan_visits(ring: RingAxis, causal: bool) -> list[Visit]:
     """Step by step, which queries meet this rank's keys and what moves (step 0: its own)."""
-    P, r = key.world, key.rank
-
-    def pieces(rank: int) -> tuple[int, ...]:
-        return chunk_ids(key.layout, P, rank)
+    P, r = ring.world, ring.rank
 
     def needed(owner: int, visitor: int) -> tuple[Element, ...]:
-        return tuple(relations(pieces(owner), pieces(visitor), key.causal))
+        return tuple(relations(ring.shards[owner], ring.shards[visitor], causal))
 
     def travelling(owner: int, step: int) -> Span:
         """Rows of Q_owner that must reach the rank it visits at ``step``: what that
@@ -118,148 +124,173 @@ def plan_visits(key: ScheduleKey) -> list[Visit]:
     return visits
 
 
-def _slots(backward: bool) -> dict[str, SlotSpec]:
+def tokenring_slots(ring: RingAxis, backward: bool) -> dict[str, SlotSpec]:
+    """The buffers TokenRing adds to the ring's query and key/value slots."""
     slots = {
-        "q": SlotSpec(SlotKind.QUERY, local=True),
-        "kv": SlotSpec(SlotKind.KV, local=True),
-        "acc": SlotSpec(SlotKind.QUERY_RESULT, Precision.ACCUM),
-        "q_in0": SlotSpec(SlotKind.QUERY),
-        "q_in1": SlotSpec(SlotKind.QUERY),
-        "part0": SlotSpec(SlotKind.QUERY_RESULT),
-        "part1": SlotSpec(SlotKind.QUERY_RESULT),
-        "part_in0": SlotSpec(SlotKind.QUERY_RESULT),
-        "part_in1": SlotSpec(SlotKind.QUERY_RESULT),
+        "acc": ring.slot(SlotKind.QUERY_RESULT, Precision.ACCUM),
+        "q_in0": ring.slot(SlotKind.QUERY),
+        "q_in1": ring.slot(SlotKind.QUERY),
+        "part0": ring.slot(SlotKind.QUERY_RESULT),
+        "part1": ring.slot(SlotKind.QUERY_RESULT),
+        "part_in0": ring.slot(SlotKind.QUERY_RESULT),
+        "part_in1": ring.slot(SlotKind.QUERY_RESULT),
     }
     if backward:
-        slots["kvacc"] = SlotSpec(SlotKind.KV_RESULT, Precision.ACCUM)
+        slots["kvacc"] = ring.slot(SlotKind.KV_RESULT, Precision.ACCUM)
     return slots
 
 
-def _query_slot(step: int) -> str:
-    return "q" if step == 0 else f"q_in{step % 2}"
+@dataclass(frozen=True)
+class _Emitter:
+    """Emits one TokenRing pass onto a builder (the ring's slot names and lanes)."""
+
+    b: ScheduleBuilder
+    ring: RingAxis
+    kv_out: str | None
+
+    def query_slot(self, step: int) -> str:
+        return self.ring.q if step == 0 else f"q_in{step % 2}"
+
+    def transfer(self, slot: str, rows: Span, peer: int, send: bool, lane: int) -> Transfer:
+        return Transfer(Rows(slot, *rows), peer, send, lane, self.ring.axis)
+
+    def rotate_queries(self, visits: list[Visit], step: int) -> str | None:
+        """Post the move of queries for ``step``: pass the held ones down, receive the next."""
+        if step >= len(visits):
+            return None
+        held, coming = visits[step - 1], visits[step]
+        ring = self.ring
+        return self.b.post(
+            f"q@{step}",
+            step - 1,
+            [
+                self.transfer(self.query_slot(step - 1), held.forward, ring.peer(-1), True, Q_LANE),
+                self.transfer(self.query_slot(step), coming.arrives, ring.peer(1), False, Q_LANE),
+            ],
+        )
+
+    def send_partial(self, visit: Visit, rows: Span) -> Transfer:
+        """Rows of the partial computed at ``visit``, sent to the queries' owner."""
+        return self.transfer(f"part{visit.step % 2}", rows, visit.owner, True, RESULT_LANE)
+
+    def receive_home(self, visit: Visit, rows: Span) -> Transfer:
+        """Rows of this rank's own partial of ``visit``'s step, from the rank that computed it."""
+        return self.transfer(f"part_in{visit.step % 2}", rows, visit.visitor, False, RESULT_LANE)
+
+    def merge_home(self, visit: Visit, rows: Span, at_step: int) -> None:
+        """Merge the returned rows of this rank's partial from ``visit`` into the accumulator."""
+        self.b.merge(Rows(f"part_in{visit.step % 2}", *rows), Rows("acc", *rows), at_step)
+
+    def compute(self, visit: Visit, elements) -> None:
+        local = visit.step == 0
+        self.b.compute(
+            cover(list(elements)),
+            q_slot=self.query_slot(visit.step),
+            kv_slot=self.ring.kv,
+            q_out="acc" if local else f"part{visit.step % 2}",
+            kv_out=self.kv_out,
+            step=visit.step,
+            q_owner=visit.owner,
+            kv_owner=self.ring.rank,
+        )
+
+    def streamed_last_visit(self, visit: Visit) -> str | None:
+        """The last remote step, computed and returned half a shard at a time: the first
+        half travels home while the second computes, so only the second half's return
+        is left after the final block (the hidden tail).
+
+        The first half's send and the receive of this rank's own first half go in one
+        group, posted on every rank at the same point (after its first half): NCCL runs
+        a lane's groups in order, and a receive-only group queued ahead of a send the
+        peer waits for would deadlock (``simulate.check_stream_order`` checks this).
+        """
+        cells = self.ring.cells
+        out_pieces, home_pieces = _halves(visit.result, cells), _halves(visit.home, cells)
+        self.b.reset(f"part{visit.step % 2}")
+        early = None
+        for n, (a, z) in enumerate(out_pieces or (EMPTY,)):
+            self.compute(visit, [e for e in visit.elements if a <= e[0] < z])
+            if n == 0:
+                moves = [self.send_partial(visit, out) for out in out_pieces[:-1]]
+                moves += [self.receive_home(visit, home) for home in home_pieces[:-1]]
+                early = self.b.post(f"part@{visit.step}.early", visit.step, moves)
+        return early
+
+    def run(self, causal: bool) -> None:
+        b, ring = self.b, self.ring
+        P = ring.world
+        visits = plan_visits(ring, causal)
+        last = P - 1
+
+        # Step 0: the whole local block, one call, while the queries leave.
+        q_wait = self.rotate_queries(visits, 1)
+        self.compute(visits[0], visits[0].elements)
+
+        returns: dict[int, str | None] = {}  # step whose partial travels -> handle
+        early = None
+        for t in range(1, P):
+            b.wait(q_wait, t)
+            q_wait = self.rotate_queries(visits, t + 1)
+            if t >= 2:  # the partial of step t-1 goes home
+                prev = visits[t - 1]
+                returns[t - 1] = b.post(
+                    f"part@{t}",
+                    t,
+                    [self.send_partial(prev, prev.result), self.receive_home(prev, prev.home)],
+                )
+            if t >= 3:  # frees part{t%2} for this step and delivers step t-2's partial
+                b.wait(returns.pop(t - 2), t)
+                self.merge_home(visits[t - 2], visits[t - 2].home, t)
+            if t < last:
+                b.reset(f"part{t % 2}")
+                self.compute(visits[t], visits[t].elements)
+            else:
+                early = self.streamed_last_visit(visits[t])
+
+        # The tail: the second half of the last partial, and every partial still out.
+        tail = P
+        cells = ring.cells
+        if P >= 2:
+            final = visits[last]
+            out_last = _halves(final.result, cells)[-1:] or (EMPTY,)
+            home_last = _halves(final.home, cells)[-1:] or (EMPTY,)
+            returns[last] = b.post(
+                f"part@{tail}",
+                tail,
+                [self.send_partial(final, out_last[0]), self.receive_home(final, home_last[0])],
+            )
+        if P >= 3:
+            b.wait(returns.pop(last - 1), tail)
+            self.merge_home(visits[last - 1], visits[last - 1].home, tail)
+        if P >= 2:
+            b.wait(early, tail)
+            for rows in _halves(visits[last].home, cells)[:-1]:
+                self.merge_home(visits[last], rows, tail)
+            b.wait(returns.pop(last), tail)
+            self.merge_home(visits[last], home_last[0], tail)
 
 
-def _rotate_queries(b: ScheduleBuilder, visits: list[Visit], step: int) -> str | None:
-    """Post the move of queries for ``step``: pass the held ones down, receive the next."""
-    if step >= len(visits):
-        return None
-    held, coming = visits[step - 1], visits[step]
-    return b.post(
-        f"q@{step}",
-        step - 1,
-        [
-            Transfer(Rows(_query_slot(step - 1), *held.forward), b.peer(-1), True, Q_LANE),
-            Transfer(Rows(_query_slot(step), *coming.arrives), b.peer(1), False, Q_LANE),
-        ],
-    )
-
-
-def _send_partial(visit: Visit, rows: Span) -> Transfer:
-    """Rows of the partial computed at ``visit``, sent to the queries' owner."""
-    return Transfer(Rows(f"part{visit.step % 2}", *rows), visit.owner, True, RESULT_LANE)
-
-
-def _receive_home(visit: Visit, rows: Span) -> Transfer:
-    """Rows of this rank's own partial of ``visit``'s step, from the rank that computed it."""
-    return Transfer(Rows(f"part_in{visit.step % 2}", *rows), visit.visitor, False, RESULT_LANE)
-
-
-def _merge_home(b: ScheduleBuilder, visit: Visit, rows: Span, at_step: int) -> None:
-    """Merge the returned rows of this rank's partial from ``visit`` into the accumulator."""
-    b.merge(Rows(f"part_in{visit.step % 2}", *rows), Rows("acc", *rows), at_step)
-
-
-def _compute(b: ScheduleBuilder, visit: Visit, elements, kv_out: str | None) -> None:
-    local = visit.step == 0
-    b.compute(
-        cover(list(elements)),
-        q_slot=_query_slot(visit.step),
-        kv_slot="kv",
-        q_out="acc" if local else f"part{visit.step % 2}",
-        kv_out=kv_out,
-        step=visit.step,
-        q_owner=visit.owner,
-        kv_owner=b.rank,
-    )
-
-
-def _streamed_last_visit(b: ScheduleBuilder, visit: Visit, kv_out: str | None) -> str | None:
-    """The last remote step, computed and returned half a shard at a time: the first
-    half travels home while the second computes, so only the second half's return is
-    left after the final block (the hidden tail).
-
-    The first half's send and the receive of this rank's own first half go in one
-    group, posted on every rank at the same point (after its first half): NCCL runs
-    a lane's groups in order, and a receive-only group queued ahead of a send the
-    peer waits for would deadlock (``simulate.check_stream_order`` checks this).
-    """
-    cells = len(b.pieces)
-    out_pieces, home_pieces = _halves(visit.result, cells), _halves(visit.home, cells)
-    b.reset(f"part{visit.step % 2}")
-    early = None
-    for n, (a, z) in enumerate(out_pieces or (EMPTY,)):
-        _compute(b, visit, [e for e in visit.elements if a <= e[0] < z], kv_out)
-        if n == 0:
-            moves = [_send_partial(visit, out) for out in out_pieces[:-1]]
-            moves += [_receive_home(visit, home) for home in home_pieces[:-1]]
-            early = b.post(f"part@{visit.step}.early", visit.step, moves)
-    return early
+def emit_tokenring(
+    b: ScheduleBuilder, ring: RingAxis, causal: bool, backward: bool
+) -> tuple[str, str | None]:
+    """Emit one TokenRing pass over ``ring`` (its slots from ``tokenring_slots``); returns
+    the query result slot and, backward, the key/value result slot."""
+    kv_out = "kvacc" if backward else None
+    _Emitter(b, ring, kv_out).run(causal)
+    return "acc", kv_out
 
 
 def tokenring_schedule(key: ScheduleKey) -> Schedule:
     """The TokenRing schedule of one rank for one pass (forward and backward share it)."""
-    P, r = key.world, key.rank
+    ring = RingAxis.of_group(key)
     backward = key.pass_ is Pass.BACKWARD
-    kv_out = "kvacc" if backward else None
-    b = ScheduleBuilder("tokenring", r, P, chunk_ids(key.layout, P, r), _slots(backward))
-    visits = plan_visits(key)
-    last = P - 1
-
-    # Step 0: the whole local block, one call, while the queries leave.
-    q_wait = _rotate_queries(b, visits, 1)
-    _compute(b, visits[0], visits[0].elements, kv_out)
-
-    returns: dict[int, str | None] = {}  # step whose partial travels -> handle
-    early = None
-    for t in range(1, P):
-        b.wait(q_wait, t)
-        q_wait = _rotate_queries(b, visits, t + 1)
-        if t >= 2:  # the partial of step t-1 goes home
-            prev = visits[t - 1]
-            returns[t - 1] = b.post(
-                f"part@{t}", t, [_send_partial(prev, prev.result), _receive_home(prev, prev.home)]
-            )
-        if t >= 3:  # frees part{t%2} for this step and delivers step t-2's partial
-            b.wait(returns.pop(t - 2), t)
-            _merge_home(b, visits[t - 2], visits[t - 2].home, t)
-        if t < last:
-            b.reset(f"part{t % 2}")
-            _compute(b, visits[t], visits[t].elements, kv_out)
-        else:
-            early = _streamed_last_visit(b, visits[t], kv_out)
-
-    # The tail: the second half of the last partial, and every partial still out.
-    tail = P
-    if P >= 2:
-        final = visits[last]
-        cells = len(b.pieces)
-        out_last = _halves(final.result, cells)[-1:] or (EMPTY,)
-        home_last = _halves(final.home, cells)[-1:] or (EMPTY,)
-        returns[last] = b.post(
-            f"part@{tail}",
-            tail,
-            [_send_partial(final, out_last[0]), _receive_home(final, home_last[0])],
-        )
-    if P >= 3:
-        b.wait(returns.pop(last - 1), tail)
-        _merge_home(b, visits[last - 1], visits[last - 1].home, tail)
-    if P >= 2:
-        b.wait(early, tail)
-        for rows in _halves(visits[last].home, len(b.pieces))[:-1]:
-            _merge_home(b, visits[last], rows, tail)
-        b.wait(returns.pop(last), tail)
-        _merge_home(b, visits[last], home_last[0], tail)
-    return b.build("acc", kv_out)
+    slots = {
+        "q": SlotSpec(SlotKind.QUERY, local=True),
+        "kv": SlotSpec(SlotKind.KV, local=True),
+        **tokenring_slots(ring, backward),
+    }
+    b = ScheduleBuilder("tokenring", key.rank, key.world, ring.pieces, slots)
+    return b.build(*emit_tokenring(b, ring, key.causal, backward))
 
 
 class TokenRing(StrategyDef):

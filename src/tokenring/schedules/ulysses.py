@@ -16,6 +16,7 @@ docs/algorithms.md, "Ulysses".
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import gcd
 
 from ..layouts import chunk_ids
@@ -23,10 +24,18 @@ from ..options import Pass, Strategy
 from .base import CallShape, StrategyDef
 from .blocks import cover, relations
 from .builder import ScheduleBuilder
-from .ir import AllToAll, Direction, Precision, Rows, Schedule, SlotKind, SlotSpec
+from .ir import GROUP_AXIS, AllToAll, Direction, Precision, Rows, Schedule, SlotKind, SlotSpec
 from .key import ScheduleKey
 
-__all__ = ["Ulysses", "kv_head_parts", "ulysses_degrees", "ulysses_schedule"]
+__all__ = [
+    "Ulysses",
+    "UlyssesAxis",
+    "emit_to_heads",
+    "emit_to_seq",
+    "kv_head_parts",
+    "ulysses_degrees",
+    "ulysses_schedule",
+]
 
 LANE = 0
 
@@ -46,22 +55,81 @@ def ulysses_degrees(heads_q: int, heads_kv: int) -> list[int]:
     ]
 
 
-def _slots(backward: bool, world: int, kv_parts: int, replicated: bool) -> dict[str, SlotSpec]:
-    cells = 2 * world
+@dataclass(frozen=True)
+class UlyssesAxis:
+    """The axis Ulysses reshards over: its members, and where each member's pieces land
+    in the gathered sequence (``placement``, in global order)."""
 
-    def gathered(kind: SlotKind, parts: int) -> SlotSpec:
-        return SlotSpec(kind, cells=cells, head_parts=parts)
+    axis: str
+    degree: int
+    rank: int
+    placement: tuple[tuple[int, ...], ...]
+    heads_kv: int
 
+    @classmethod
+    def of_group(cls, key: ScheduleKey) -> UlyssesAxis:
+        """The caller's whole group: the gathered sequence is every piece (cell = piece)."""
+        placement = tuple(chunk_ids(key.layout, key.world, s) for s in range(key.world))
+        return cls(GROUP_AXIS, key.world, key.rank, placement, key.heads_kv)
+
+    @property
+    def cells(self) -> int:
+        return sum(len(p) for p in self.placement)
+
+    @property
+    def kv_parts(self) -> int:
+        return kv_head_parts(self.degree, self.heads_kv)
+
+    @property
+    def replicated(self) -> bool:
+        """Fewer key/value heads than members: each is held by several."""
+        return self.kv_parts < self.degree
+
+    def parts(self, kind: SlotKind) -> tuple[int, ...]:
+        """The head part each member gets, of its family's heads."""
+        if kind in (SlotKind.QUERY, SlotKind.QUERY_RESULT):
+            return tuple(range(self.degree))
+        share = self.degree // self.kv_parts
+        return tuple(d // share for d in range(self.degree))
+
+    def gathered(self, kind: SlotKind, precision: Precision = Precision.WIRE) -> SlotSpec:
+        """A buffer of the gathered sequence for this member's heads."""
+        is_q = kind in (SlotKind.QUERY, SlotKind.QUERY_RESULT)
+        parts = self.degree if is_q else self.kv_parts
+        return SlotSpec(kind, precision, cells=self.cells, head_parts=parts)
+
+    def reshard(self, src: str, dst: str, kind: SlotKind, direction: Direction) -> AllToAll:
+        shard, whole = (2, self.cells)
+        src_cells, dst_cells = (
+            (shard, whole) if direction is Direction.SEQ_TO_HEADS else (whole, shard)
+        )
+        return AllToAll(
+            Rows(src, 0, src_cells), Rows(dst, 0, dst_cells), direction, self.placement,
+            self.parts(kind), LANE, self.axis,
+        )  # fmt: skip
+
+    def slots(
+        self, backward: bool, *, q: str, kv: str, res: str, kvres: str
+    ) -> dict[str, SlotSpec]:
+        """The gathered buffers for the queries, keys and values ``q``, ``kv`` and the
+        results ``res``, ``kvres`` of a pass."""
+        slots = {
+            q: self.gathered(SlotKind.QUERY),
+            kv: self.gathered(SlotKind.KV),
+            res: self.gathered(SlotKind.QUERY_RESULT),
+        }
+        if backward:
+            slots[kvres] = self.gathered(SlotKind.KV_RESULT)
+        return slots
+
+
+def _local_slots(backward: bool, replicated: bool) -> dict[str, SlotSpec]:
     slots = {
         "q": SlotSpec(SlotKind.QUERY, local=True),
         "kv": SlotSpec(SlotKind.KV, local=True),
-        "q_heads": gathered(SlotKind.QUERY, world),
-        "kv_heads": gathered(SlotKind.KV, kv_parts),
-        "res_heads": gathered(SlotKind.QUERY_RESULT, world),
         "res": SlotSpec(SlotKind.QUERY_RESULT),
     }
     if backward:
-        slots["kvres_heads"] = gathered(SlotKind.KV_RESULT, kv_parts)
         # summed over the ranks that share a replicated key/value head: accumulate in fp32
         slots["kvres"] = SlotSpec(
             SlotKind.KV_RESULT, Precision.ACCUM if replicated else Precision.WIRE
@@ -69,36 +137,52 @@ def _slots(backward: bool, world: int, kv_parts: int, replicated: bool) -> dict[
     return slots
 
 
+def emit_to_heads(b: ScheduleBuilder, ua: UlyssesAxis, q: str, kv: str, step: int) -> None:
+    """Reshard this rank's queries and keys/values into the gathered slots ``q_heads`` and
+    ``kv_heads``, and wait for both."""
+    q_in = b.post(
+        "q>heads", step, [ua.reshard(q, "q_heads", SlotKind.QUERY, Direction.SEQ_TO_HEADS)]
+    )
+    kv_in = b.post(
+        "kv>heads", step, [ua.reshard(kv, "kv_heads", SlotKind.KV, Direction.SEQ_TO_HEADS)]
+    )
+    b.wait(q_in, step + 1)
+    b.wait(kv_in, step + 1)
+
+
+def emit_to_seq(
+    b: ScheduleBuilder, ua: UlyssesAxis, res: str, kvres: str | None, step: int
+) -> None:
+    """Reshard the gathered results ``res`` (and ``kvres``) back into this rank's result
+    slots ``res`` and ``kvres``, and wait."""
+    back = b.post(
+        "res>seq", step, [ua.reshard(res, "res", SlotKind.QUERY_RESULT, Direction.HEADS_TO_SEQ)]
+    )
+    kv_back = None
+    if kvres is not None:
+        move = ua.reshard(kvres, "kvres", SlotKind.KV_RESULT, Direction.HEADS_TO_SEQ)
+        kv_back = b.post("kvres>seq", step, [move])
+    b.wait(back, step + 1)
+    b.wait(kv_back, step + 1)
+
+
 def ulysses_schedule(key: ScheduleKey) -> Schedule:
     """The Ulysses schedule of one rank for one pass."""
     P, r = key.world, key.rank
     backward = key.pass_ is Pass.BACKWARD
-    kv_parts = kv_head_parts(P, key.heads_kv)
-    replicated = kv_parts < P
-    b = ScheduleBuilder(
-        "ulysses", r, P, chunk_ids(key.layout, P, r), _slots(backward, P, kv_parts, replicated)
-    )
+    ua = UlyssesAxis.of_group(key)
+    slots = _local_slots(backward, ua.replicated)
+    if P > 1:
+        slots |= ua.slots(
+            backward, q="q_heads", kv="kv_heads", res="res_heads", kvres="kvres_heads"
+        )
+    b = ScheduleBuilder("ulysses", r, P, chunk_ids(key.layout, P, r), slots)
     kv_res = "kvres" if backward else None
     if P == 1:
         b.own_block(key.causal, q_out="res", kv_out=kv_res)
         return b.build("res", kv_res)
-
-    placement = tuple(chunk_ids(key.layout, P, s) for s in range(P))
-    q_parts = tuple(range(P))
-    kv_parts_of = tuple(d // (P // kv_parts) for d in range(P))
-
-    def reshard(src: str, dst: str, direction: Direction, parts: tuple[int, ...]) -> AllToAll:
-        cells = 2 * P
-        src_cells, dst_cells = (2, cells) if direction is Direction.SEQ_TO_HEADS else (cells, 2)
-        return AllToAll(
-            Rows(src, 0, src_cells), Rows(dst, 0, dst_cells), direction, placement, parts, LANE
-        )
-
-    q_in = b.post("q>heads", 0, [reshard("q", "q_heads", Direction.SEQ_TO_HEADS, q_parts)])
-    kv_in = b.post("kv>heads", 0, [reshard("kv", "kv_heads", Direction.SEQ_TO_HEADS, kv_parts_of)])
-    b.wait(q_in, 1)
-    b.wait(kv_in, 1)
-    everything = tuple(range(2 * P))
+    emit_to_heads(b, ua, "q", "kv", 0)
+    everything = tuple(range(ua.cells))
     b.compute(
         cover(relations(everything, everything, key.causal)),
         q_slot="q_heads",
@@ -109,14 +193,7 @@ def ulysses_schedule(key: ScheduleKey) -> Schedule:
         q_owner=None,
         kv_owner=None,
     )
-    res_out = b.post("res>seq", 1, [reshard("res_heads", "res", Direction.HEADS_TO_SEQ, q_parts)])
-    kv_out = None
-    if backward:
-        kv_out = b.post(
-            "kvres>seq", 1, [reshard("kvres_heads", "kvres", Direction.HEADS_TO_SEQ, kv_parts_of)]
-        )
-    b.wait(res_out, 2)
-    b.wait(kv_out, 2)
+    emit_to_seq(b, ua, "res_heads", "kvres_heads" if backward else None, 1)
     return b.build("res", kv_res)
 
 

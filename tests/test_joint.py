@@ -1,0 +1,53 @@
+"""Joint (text) tokens for every strategy: replicated, attended with the sharded image
+tokens, against float64 attention over the concatenated sequence, gradients included
+under the documented convention."""
+
+from __future__ import annotations
+
+import pytest
+
+from usp_cases import joint_case
+
+FP32_TOL = 1e-5
+ONE_D = ["tokenring", "ring", "ulysses", "allgather"]
+KEYS = ("out", "lse", "joint_out", "joint_lse", "dq", "dk", "dv", "djq", "djk", "djv")
+
+
+def _check(cases, results):
+    failures = []
+    for case, per_rank in zip(cases, results):
+        for rank, errs in enumerate(per_rank):
+            if errs.get("joint_out_identical", 1.0) != 1.0:
+                failures.append(f"{case} rank {rank}: joint_out differs between ranks")
+            for key in KEYS:
+                if key in errs and not errs[key] <= FP32_TOL:
+                    failures.append(f"{case} rank {rank}: {key} error {errs[key]:.3g}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("strategy", ONE_D)
+def test_joint_tokens_match_attention_over_the_concatenated_sequence(pool, strategy):
+    """Front and rear, world sizes 1-4 (Ulysses where its heads divide), MHA and GQA,
+    both layouts; with and without joint queries."""
+    cases = []
+    for world in (1, 2, 3, 4):
+        heads = [(6, 3), (6, 6)] if strategy == "ulysses" and world == 3 else [(4, 2), (4, 4)]
+        for joint_strategy in ("front", "rear"):
+            layout = "zigzag" if world % 2 else "contiguous"
+            for h in heads:
+                case = dict(world=world, strategy=strategy, heads=h, layout=layout)
+                cases.append(dict(case, joint_strategy=joint_strategy))
+        no_q = dict(world=world, strategy=strategy, heads=heads[0], joint_strategy="front")
+        cases.append(dict(no_q, with_q=False))
+    _check(cases, pool.run(joint_case, cases, timeout=300))
+
+
+def test_joint_tokens_with_usp(pool):
+    cases = [
+        dict(world=4, strategy="usp", ulysses=u, ring=r, joint_strategy=js, heads=h, layout=lay)
+        for u, r in ((2, 2), (4, 1), (1, 4))
+        for js in ("front", "rear")
+        for h in ((4, 2), (4, 4))
+        for lay in ("zigzag", "contiguous")
+    ]
+    _check(cases, pool.run(joint_case, cases, timeout=300))
