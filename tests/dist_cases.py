@@ -70,8 +70,21 @@ def check_attention(
     seed: int = 0,
     backward: bool = True,
     kernel: str = "auto",
+    stream_tail: bool = False,
 ) -> dict[str, float]:
-    """Run one strategy on this rank's shard and return its errors against float64 attention."""
+    """Run one strategy on this rank's shard and return its errors against float64 attention.
+    ``stream_tail``: make TokenRing stream its last partial even at these small sizes."""
+    if stream_tail:
+        previous = tr.runtime().settings.stream_tail_min
+        tr.configure(stream_tail_min=0)
+        try:
+            return check_attention(
+                w, world=world, strategy=strategy, layout=layout, causal=causal, heads=heads,
+                dtype=dtype, batch=batch, head_dim=head_dim, seq=seq, seed=seed,
+                backward=backward, kernel=kernel,
+            )  # fmt: skip
+        finally:
+            tr.configure(stream_tail_min=previous)
     group = w.group(world)
     dt = DTYPES[dtype]
     q, k, v, do = make_inputs(seed, batch, seq, heads, head_dim, dt)

@@ -96,3 +96,29 @@ def test_matches_float64_reference(pool, world, strategy, layout, causal):
             if not worst[key] <= bound:
                 failures.append(f"{key} error {worst[key]:.3g} > {bound:.3g} in {case}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_tokenring_streaming_its_last_partial_matches_float64(pool, world):
+    """The streamed last step (the hidden tail, used above ``stream_tail_min``) at small
+    sizes: both layouts, causal or not, MHA and GQA, forward and backward."""
+    cases = [
+        dict(
+            world=world,
+            strategy="tokenring",
+            layout=layout,
+            causal=causal,
+            heads=heads,
+            dtype="float32",
+            batch=2,
+            head_dim=16,
+            seq=8 * world,
+            stream_tail=True,
+        )
+        for layout in ("contiguous", "zigzag")
+        for causal in (False, True)
+        for heads in HEADS.values()
+    ]
+    for case, per_rank in zip(cases, pool.run(check_attention, cases)):
+        worst = max(r[key] for r in per_rank for key in ("out", "lse", "dq", "dk", "dv"))
+        assert worst <= FP32_TOL, (case, worst)

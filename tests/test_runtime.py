@@ -17,7 +17,8 @@ from tokenring.runtime import Runtime, Settings
     [
         (
             {"timout": timedelta(seconds=1)},
-            "unknown setting(s) timout; valid: fused_merge, max_agreed, max_plans, timeout",
+            "unknown setting(s) timout; valid: fused_merge, max_agreed, max_plans, "
+            "stream_tail_min, timeout",
         ),
         ({"timeout": 30}, "timeout must be a positive timedelta, got 30"),
         ({"timeout": timedelta(0)}, "timeout must be a positive timedelta"),
@@ -56,8 +57,8 @@ def test_plans_are_kept_per_group_and_bounded():
         for length in (2, 4, 6, 8, 10):
             q = torch.randn(1, length, 2, 8)
             tr.attention(q, q, q)
-        assert len(state.plans) == 3
-        lengths = sorted(key[0][0][1] for key in state.plans)
+        assert len(state.calls) == 3
+        lengths = sorted(call.plan.problem.length for call in state.calls.values())
         assert lengths == [6, 8, 10], "the oldest plans went first"
     finally:
         runtime.configure(max_plans=before.max_plans)
@@ -68,13 +69,13 @@ def test_settings_reach_the_executor(monkeypatch):
     import tokenring.api as api
 
     seen = []
-    real = api.run_forward
+    real = api.forward_pass
 
-    def spy(schedule, problem, q, k, v, ex, **kwargs):
-        seen.append((ex.timeout, ex.fused_merge))
-        return real(schedule, problem, q, k, v, ex, **kwargs)
+    def spy(call, *args):
+        seen.append((call.ex.timeout, call.ex.fused_merge))
+        return real(call, *args)
 
-    monkeypatch.setattr(api, "run_forward", spy)
+    monkeypatch.setattr(api, "forward_pass", spy)
     previous = tr.runtime().settings
     q = torch.randn(1, 8, 2, 8)
     try:

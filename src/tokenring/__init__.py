@@ -7,6 +7,7 @@ strategy. The library needs torch alone. docs/ explains the algorithms.
 
 from __future__ import annotations
 
+from . import ops  # noqa: F401  (registers the custom ops that torch.compile calls)
 from .api import allgather_attn, attention, ring_attn, token_ring_attn, ulysses_attn
 from .executor import TransferFailed
 from .kernels import kernel_names

@@ -32,7 +32,7 @@ from .kernels.base import accum_dtype
 from .merge import merge_into, write_into
 from .options import Pass
 from .schedules.ir import Compute, Merge, Post, Rows, Schedule, Transfer, Wait
-from .slots import Problem, SlotStore, from_rowmajor, to_rowmajor
+from .slots import Problem, SlotGeometry, SlotStore, from_rowmajor, to_rowmajor
 from .timeline import Recorder, Sent
 
 __all__ = ["Execution", "TransferFailed", "run_backward", "run_forward"]
@@ -68,20 +68,52 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _packed(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Several tensors as one byte buffer (a copy), for one message."""
+    return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
+
+
+def _unpack(buffer: torch.Tensor, targets: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in targets:
+        n = t.numel() * t.element_size()
+        t.copy_(buffer[offset : offset + n].view(t.dtype).view(t.shape))
+        offset += n
+
+
 def _post_transfers(store: SlotStore, op: Post, lanes: Lanes) -> tuple[_Pending, list[Sent]]:
-    """Point-to-point moves of one axis (a Post's transfers share their axis)."""
-    messages, sent = [], []
+    """Point-to-point moves of one axis (a Post's transfers share their axis).
+
+    On gloo every message costs a round of latency, so a transfer of several
+    components (k and v; out and lse; the query bundle) goes as one packed message,
+    unpacked when its ``Wait`` completes; NCCL runs a batch's messages as one group,
+    so there they go as they are, without the copies.
+    """
+    pack = lanes.backend == "gloo"
+    messages, sent, unpacks = [], [], []
     for t in op.moves:
         assert isinstance(t, Transfer)
-        for comp in store.components(t.rows):
-            tensor = store.phys(t.rows, comp)
-            messages.append(Message(tensor, t.peer, t.send, t.lane))
+        tensors = [store.phys(t.rows, comp) for comp in store.components(t.rows)]
+        if t.send:
+            sent.append(Sent(t.lane, sum(_nbytes(x) for x in tensors), store.kind(t.rows)))
+        if pack and len(tensors) > 1:
             if t.send:
-                sent.append(Sent(t.lane, _nbytes(tensor), store.kind(t.rows)))
+                tensors = [_packed(tensors)]
+            else:
+                nbytes = sum(_nbytes(x) for x in tensors)
+                staging = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
+                unpacks.append((staging, tensors))
+                tensors = [staging]
+        messages += [Message(x, t.peer, t.send, t.lane) for x in tensors]
     works: dict[int, list[dist.Work]] = {}
     for lane in sorted({m.lane for m in messages}):
         works[lane] = lanes.post([m for m in messages if m.lane == lane])
-    return _Pending(op, works), sent
+
+    def unpack() -> None:
+        for staging, targets in unpacks:
+            _unpack(staging, targets)
+
+    return _Pending(op, works, unpack if unpacks else None), sent
 
 
 def _post(store: SlotStore, op: Post, ex: Execution) -> _Pending:
@@ -221,8 +253,7 @@ def _execute(schedule: Schedule, pass_: Pass, store: SlotStore, ex: Execution) -
 
 
 def run_forward(
-    schedule: Schedule,
-    problem: Problem,
+    geometry: SlotGeometry,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -230,11 +261,12 @@ def run_forward(
     *,
     keep_accum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass of one rank: returns ``out`` ``[B, L, H, D]`` (input dtype, or with
-    ``keep_accum`` the accumulation dtype, for more merging) and ``lse`` in row-major
-    storage ``[L, B, H]`` (float32)."""
+    """Forward pass of one rank (``geometry``: its schedule and problem): returns ``out``
+    ``[B, L, H, D]`` (input dtype, or with ``keep_accum`` the accumulation dtype, for more
+    merging) and ``lse`` in row-major storage ``[L, B, H]`` (float32)."""
+    schedule, problem = geometry.schedule, geometry.problem
     local = {"q": {"q": to_rowmajor(q)}, "kv": {"k": to_rowmajor(k), "v": to_rowmajor(v)}}
-    store = SlotStore(schedule, Pass.FORWARD, problem, local)
+    store = SlotStore(geometry, local)
     _execute(schedule, Pass.FORWARD, store, ex)
     result = schedule.query_result
     out = store.tensors[result]["out"]
@@ -244,8 +276,7 @@ def run_forward(
 
 
 def run_backward(
-    schedule: Schedule,
-    problem: Problem,
+    geometry: SlotGeometry,
     tensors: dict[str, torch.Tensor],
     ex: Execution,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -255,6 +286,7 @@ def run_backward(
     row-major storage ``[L, B, H]`` (as ``run_forward`` returned it). Returns
     ``dq, dk, dv`` in the input dtype.
     """
+    schedule, problem = geometry.schedule, geometry.problem
     out = to_rowmajor(tensors["out"])
     do = to_rowmajor(tensors["do"])
     wide = accum_dtype(problem.dtype)
@@ -266,7 +298,7 @@ def run_backward(
         "out": out,
     }
     local = {"q": query, "kv": {"k": to_rowmajor(tensors["k"]), "v": to_rowmajor(tensors["v"])}}
-    store = SlotStore(schedule, Pass.BACKWARD, problem, local)
+    store = SlotStore(geometry, local)
     _execute(schedule, Pass.BACKWARD, store, ex)
     if schedule.kv_result is None:
         raise AssertionError("a backward schedule must name its key/value result slot")

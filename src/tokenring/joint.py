@@ -83,11 +83,6 @@ class JointComm:
         return tensor
 
 
-def _rows(lse: torch.Tensor) -> torch.Tensor:
-    """Row-major ``[L, B, H]`` LSE storage as ``[B, H, L]``."""
-    return lse.permute(1, 2, 0)
-
-
 def joint_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -101,11 +96,11 @@ def joint_forward(
     fused: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Merge the image queries' joint block into ``out`` (``[B, L, H, D]``, fp32) and
-    ``lse`` (row-major ``[L, B, H]``) in place; return ``(joint_out, joint_lse)``
+    ``lse`` (``[B, H, L]``) in place; return ``(joint_out, joint_lse)``
     (``joint_out`` fp32 ``[B, J, H, D]``, ``joint_lse`` ``[B, H, J]``), or Nones without
     joint queries."""
     part, part_lse = kernel.forward(q, joint.k, joint.v, False, scale)
-    merge_into(out, _rows(lse), part, part_lse, fused=fused)
+    merge_into(out, lse, part, part_lse, fused=fused)
     if joint.q is None:
         return None, None
     mine = kernel.forward(joint.q, k, v, False, scale)

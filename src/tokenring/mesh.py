@@ -53,6 +53,8 @@ def sp_mesh(
         )
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    from .runtime import runtime  # the runtime reads meshes; made here, this one is known
+
     dp = world // size
     ranks = torch.arange(world)
     if ulysses_inner:
@@ -60,8 +62,11 @@ def sp_mesh(
     else:
         grid = ranks.view(dp, ulysses, ring).transpose(1, 2).contiguous()
     if dp == 1:
-        return DeviceMesh(device_type, grid[0], mesh_dim_names=(RING_DIM, ULYSSES_DIM))
-    return DeviceMesh(device_type, grid, mesh_dim_names=("dp", RING_DIM, ULYSSES_DIM))
+        mesh = DeviceMesh(device_type, grid[0], mesh_dim_names=(RING_DIM, ULYSSES_DIM))
+    else:
+        mesh = DeviceMesh(device_type, grid, mesh_dim_names=("dp", RING_DIM, ULYSSES_DIM))
+    runtime().sp_mesh(mesh)
+    return mesh
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,14 @@ class Settings:
     fused_merge: bool = True
     """Merge partial results with the fused Triton kernel on CUDA where Triton is installed."""
     max_plans: int = 256
-    """Plans kept per group (least recently used dropped first)."""
+    """Prepared calls (plans) kept per group (least recently used dropped first)."""
     max_agreed: int = 1024
     """Cross-rank agreements remembered per group."""
+    stream_tail_min: int = 1 << 20
+    """TokenRing returns its last step's partial in halves, so that the first half's
+    return hides behind the second half's compute, when a rank's query shard has at least
+    this many elements (batch x tokens x heads x head_dim; 0: always). Smaller blocks
+    compute too fast for it to pay, and the extra message costs a round of latency."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -76,6 +81,9 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        value = self.stream_tail_min
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"stream_tail_min must be a non-negative int, got {value!r}")
         return self
 
 
@@ -101,10 +109,11 @@ class BoundedCache(OrderedDict):
 
 @dataclass
 class GroupRuntime:
-    """The state of one process group: lanes, plans, agreed call descriptions."""
+    """The state of one process group: lanes, prepared calls (their plans and how they
+    run), agreed call descriptions."""
 
     name: str
-    plans: BoundedCache
+    calls: BoundedCache
     agreed: BoundedCache
     lanes: Lanes | None = None
 
@@ -122,6 +131,12 @@ class Runtime:
     """One process group per sequence-parallel sub-mesh (its sorted global ranks)."""
     meshes: dict[object, SpMesh] = field(default_factory=dict)
     """What each mesh a call named says about this rank (read once per mesh)."""
+    named: dict[str, dist.ProcessGroup] = field(default_factory=dict)
+    """Groups by name, for compiled calls (which can only pass names)."""
+    named_meshes: dict[tuple[str, str], object] = field(default_factory=dict)
+    """Meshes by the names of their ring and ulysses groups, likewise."""
+    sites: dict[tuple, tuple] = field(default_factory=dict)
+    """Where calls run, by (strategy, group, mesh, ring_impl): the site and its group's state."""
 
     def configure(self, **changes: Any) -> Settings:
         """Change settings (names of ``Settings``); returns the new settings."""
@@ -133,8 +148,9 @@ class Runtime:
             )
         self.settings = replace(self.settings, **changes).validated()
         for state in self.groups.values():
-            state.plans.limit = self.settings.max_plans
+            state.calls.limit = self.settings.max_plans
             state.agreed.limit = self.settings.max_agreed
+            state.calls.clear()  # prepared calls carry the settings they were made with
         return self.settings
 
     def group(self, group: dist.ProcessGroup | None) -> GroupRuntime:
@@ -162,14 +178,43 @@ class Runtime:
         return state.lanes
 
     def sp_mesh(self, mesh: object) -> SpMesh:
-        """``SpMesh.of(mesh)``, read once per mesh."""
+        """``SpMesh.of(mesh)``, read once per mesh (which also makes it known by name)."""
         try:
             found = self.meshes.get(mesh)
         except TypeError:  # not hashable: not a DeviceMesh; let SpMesh say so
             return SpMesh.of(mesh)
         if found is None:
             found = self.meshes[mesh] = SpMesh.of(mesh)
+            names = (found.ring_group.group_name, found.ulysses_group.group_name)
+            self.named_meshes[names] = mesh
         return found
+
+    def remember(self, group: dist.ProcessGroup | None) -> None:
+        """Make ``group`` known by name (for compiled calls)."""
+        if group is not None:
+            self.named[group.group_name] = group
+
+    def named_group(self, name: str) -> dist.ProcessGroup | None:
+        """The group a compiled call named (None: the default group, or no distributed)."""
+        if not name or name == dist.group.WORLD.group_name:
+            return None
+        group = self.named.get(name)
+        if group is None:
+            raise RuntimeError(
+                f"tokenring does not know process group {name!r}: before compiling, make one "
+                "eager call with it or call tokenring.setup_lanes(group)"
+            )
+        return group
+
+    def named_mesh(self, ring: str, ulysses: str) -> object:
+        """The mesh a compiled call named by its groups."""
+        mesh = self.named_meshes.get((ring, ulysses))
+        if mesh is None:
+            raise RuntimeError(
+                "tokenring does not know this mesh: make it with tokenring.sp_mesh, or make "
+                "one eager call with it or call tokenring.setup_lanes(mesh=mesh) before compiling"
+            )
+        return mesh
 
     def sp_group(self, members: tuple[int, ...]) -> dist.ProcessGroup:
         """The process group of a mesh's ring x ulysses sub-mesh (``members``: its global
@@ -198,6 +243,8 @@ class Runtime:
             state.lanes.destroy()
         self.groups.clear()
         self.meshes.clear()
+        self.named_meshes.clear()
+        self.sites.clear()
 
 
 def _group_name(group: dist.ProcessGroup | None) -> str:
@@ -226,9 +273,17 @@ def configure(**changes: Any) -> Settings:
     return runtime().configure(**changes)
 
 
-def setup_lanes(group: dist.ProcessGroup | None = None) -> None:
-    """Create the lanes of ``group`` now (collective over its members; see ``comm``)."""
-    runtime().lanes(group)
+def setup_lanes(group: dist.ProcessGroup | None = None, *, mesh: object = None) -> None:
+    """Create the lanes of ``group`` now (collective over its members; see ``comm``), or of
+    both dims of ``mesh``, and make them known for compiled calls."""
+    rt = runtime()
+    if mesh is not None:
+        sp = rt.sp_mesh(mesh)
+        for dim_group in (sp.ring_group, sp.ulysses_group):
+            rt.lanes(dim_group)
+        return
+    rt.remember(group)
+    rt.lanes(group)
 
 
 def destroy_lanes() -> None:

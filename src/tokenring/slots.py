@@ -22,7 +22,7 @@ from .layouts import cell_offset
 from .options import Pass
 from .schedules.ir import COMPONENTS, FAMILY, WHOLE, Precision, Rows, Schedule, SlotKind, SlotSpec
 
-__all__ = ["Problem", "SlotStore", "from_rowmajor", "to_rowmajor"]
+__all__ = ["Problem", "SlotGeometry", "SlotStore", "from_rowmajor", "to_rowmajor"]
 
 
 @dataclass(frozen=True)
@@ -62,29 +62,24 @@ def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(t, b, groups, h // groups, *rest).movedim(2, 0).contiguous()
 
 
-class SlotStore:
-    """Tensors behind a schedule's slots for one call."""
+class SlotGeometry:
+    """What the buffers of one schedule look like for one problem: worked out once per
+    plan, so a call only allocates and indexes (no span arithmetic per operation)."""
 
-    def __init__(
-        self,
-        schedule: Schedule,
-        pass_: Pass,
-        problem: Problem,
-        local: dict[str, dict[str, torch.Tensor]],
-    ):
+    def __init__(self, schedule: Schedule, pass_: Pass, problem: Problem):
         self.schedule = schedule
         self.pass_ = pass_
         self.problem = problem
-        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self.allocations: list[tuple[str, str, tuple[int, ...], torch.dtype, bool]] = []
         used = schedule.used_slots
         for name, spec in schedule.slots.items():
-            if name not in used:
+            if name not in used or spec.local:
                 continue
-            if spec.local and name in local:
-                self.tensors[name] = {c: _grouped(t, spec.groups) for c, t in local[name].items()}
-                continue
-            comps = COMPONENTS[(pass_, spec.kind)]
-            self.tensors[name] = {c: self._alloc(c, spec) for c in comps}
+            for comp in COMPONENTS[(pass_, spec.kind)]:
+                shape, dtype = self._shape(comp, spec)
+                self.allocations.append((name, comp, shape, dtype, spec.zeroed))
+        self._index: dict[tuple[Rows, str], tuple] = {}
+        self._runs: dict[tuple[Rows, tuple[bool, ...]], list] = {}
 
     def heads(self, component: str, spec: SlotSpec) -> int:
         """Heads a slot holds of ``component``'s family."""
@@ -92,7 +87,7 @@ class SlotStore:
         family = p.heads_kv if FAMILY[component] == "kv" else p.heads_q
         return family // spec.head_parts
 
-    def _alloc(self, component: str, spec: SlotSpec) -> torch.Tensor:
+    def _shape(self, component: str, spec: SlotSpec) -> tuple[tuple[int, ...], torch.dtype]:
         p = self.problem
         tokens = cell_offset(p.length, spec.cells)
         heads = self.heads(component, spec)
@@ -104,48 +99,41 @@ class SlotStore:
             dtype = accum_dtype(p.dtype) if spec.precision is Precision.ACCUM else p.dtype
         if spec.groups > 1:
             shape = (spec.groups, shape[0], shape[1], shape[2] // spec.groups, *shape[3:])
-        make = torch.zeros if spec.zeroed else torch.empty
-        return make(shape, dtype=dtype, device=p.device)
-
-    def kind(self, rows: Rows) -> SlotKind:
-        return self.schedule.slots[rows.slot].kind
-
-    def components(self, rows: Rows) -> tuple[str, ...]:
-        """What ``rows`` hold by their slot's kind (a local query slot also keeps the
-        real ``out`` for its own blocks' backward, which never moves)."""
-        return COMPONENTS[(self.pass_, self.kind(rows))]
+        return shape, dtype
 
     def span(self, rows: Rows) -> tuple[int, int]:
         """Token range of ``rows`` inside its slot."""
         length = self.problem.length
         return cell_offset(length, rows.start), cell_offset(length, rows.stop)
 
-    def phys(self, rows: Rows, component: str) -> torch.Tensor:
-        """The storage of ``rows`` (row-major; contiguous unless a head part of an
-        ungrouped slot is asked for)."""
+    def index(self, rows: Rows, component: str, heads: int) -> tuple:
+        """How to index a slot's component storage for ``rows`` (``heads``: its size on
+        dim 2, the heads of an ungrouped slot)."""
+        key = (rows, component)
+        found = self._index.get(key)
+        if found is not None:
+            return found
         spec = self.schedule.slots[rows.slot]
         a, b = self.span(rows)
-        full = self.tensors[rows.slot][component]
         part = rows.part
         if spec.groups > 1:
             if part.count != spec.groups:
                 raise AssertionError(f"{rows} addresses a slot stored in {spec.groups} groups")
-            return full[part.index, a:b]
-        if part == WHOLE:
-            return full[a:b]
-        size = full.shape[2] // part.count
-        return full[a:b, :, part.index * size : (part.index + 1) * size]
-
-    def view(self, rows: Rows, component: str) -> torch.Tensor:
-        """Kernel-facing view of ``rows``: ``[B, L, H, D]`` or ``[B, H, L]``."""
-        phys = self.phys(rows, component)
-        return phys.permute(1, 0, 2, 3) if phys.dim() == 4 else phys.permute(1, 2, 0)
-
-    def has(self, rows: Rows, component: str) -> bool:
-        return component in self.tensors[rows.slot]
+            found = (part.index, slice(a, b))
+        elif part == WHOLE:
+            found = (slice(a, b),)
+        else:
+            size = heads // part.count
+            found = (slice(a, b), slice(None), slice(part.index * size, (part.index + 1) * size))
+        self._index[key] = found
+        return found
 
     def sub_runs(self, rows: Rows, fresh: tuple[bool, ...]) -> list[tuple[Rows, bool, int, int]]:
         """Split ``rows`` into runs of equal freshness, with token offsets relative to ``rows``."""
+        key = (rows, fresh)
+        runs = self._runs.get(key)
+        if runs is not None:
+            return runs
         runs = []
         base = self.span(rows)[0]
         i = rows.start
@@ -157,7 +145,57 @@ class SlotStore:
             a, b = self.span(sub)
             runs.append((sub, fresh[i - rows.start], a - base, b - base))
             i = j + 1
+        self._runs[key] = runs
         return runs
+
+
+class SlotStore:
+    """Tensors behind a schedule's slots for one call."""
+
+    def __init__(self, geometry: SlotGeometry, local: dict[str, dict[str, torch.Tensor]]):
+        self.geometry = geometry
+        self.schedule = geometry.schedule
+        self.pass_ = geometry.pass_
+        self.problem = geometry.problem
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        slots = self.schedule.slots
+        for name, comps in local.items():
+            if name in slots:
+                groups = slots[name].groups
+                self.tensors[name] = {c: _grouped(t, groups) for c, t in comps.items()}
+        device = self.problem.device
+        for name, comp, shape, dtype, zeroed in geometry.allocations:
+            make = torch.zeros if zeroed else torch.empty
+            self.tensors.setdefault(name, {})[comp] = make(shape, dtype=dtype, device=device)
+
+    def kind(self, rows: Rows) -> SlotKind:
+        return self.schedule.slots[rows.slot].kind
+
+    def components(self, rows: Rows) -> tuple[str, ...]:
+        """What ``rows`` hold by their slot's kind (a local query slot also keeps the
+        real ``out`` for its own blocks' backward, which never moves)."""
+        return COMPONENTS[(self.pass_, self.kind(rows))]
+
+    def span(self, rows: Rows) -> tuple[int, int]:
+        """Token range of ``rows`` inside its slot."""
+        return self.geometry.span(rows)
+
+    def phys(self, rows: Rows, component: str) -> torch.Tensor:
+        """The storage of ``rows`` (row-major; contiguous unless a head part of an
+        ungrouped slot is asked for)."""
+        full = self.tensors[rows.slot][component]
+        return full[self.geometry.index(rows, component, full.shape[2])]
+
+    def view(self, rows: Rows, component: str) -> torch.Tensor:
+        """Kernel-facing view of ``rows``: ``[B, L, H, D]`` or ``[B, H, L]``."""
+        phys = self.phys(rows, component)
+        return phys.permute(1, 0, 2, 3) if phys.dim() == 4 else phys.permute(1, 2, 0)
+
+    def has(self, rows: Rows, component: str) -> bool:
+        return component in self.tensors[rows.slot]
+
+    def sub_runs(self, rows: Rows, fresh: tuple[bool, ...]) -> list[tuple[Rows, bool, int, int]]:
+        return self.geometry.sub_runs(rows, fresh)
 
     def result(self, slot: str, component: str) -> torch.Tensor:
         """A result slot's component as ``[B, L, H, D]`` in the input dtype."""

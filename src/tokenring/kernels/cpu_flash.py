@@ -24,7 +24,9 @@ class CpuFlash(KernelBackend):
     native_gqa = True
 
     def _forward(self, q, k, v, causal, scale):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        # the torch-namespace binding of the aten op: a few microseconds less host time
+        # per call than going through torch.ops.aten (the same op)
+        out, lse = torch._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale
         )
         return out.transpose(1, 2), lse

@@ -15,7 +15,9 @@ so the rest of the library sees one contract (see ``base``):
   ``benchmarks/efficient_layout_probe.py``), so ``out`` is made contiguous first.
 
 The ops take ``[B, H, L, D]`` views; our ``[B, L, H, D]`` tensors are passed
-as transposed views (unit last stride), which all three accept.
+as transposed views (unit last stride), which all three accept. Forward ops are
+called through their ``torch._*`` bindings, which cost less host time per call
+than ``torch.ops.aten`` (backward ops have only the latter).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class CudnnAttention(_CudaBackend):
         return reasons
 
     def _forward(self, q, k, v, causal, scale):
-        out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
+        out, lse, *_ = torch._scaled_dot_product_cudnn_attention(
             _t(q), _t(k), _t(v), None, True, 0.0, causal, False, scale=scale
         )
         return _t(out), lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2])
@@ -121,7 +123,7 @@ class FlashAttention(_CudaBackend):
     deterministic_backward = False
 
     def _forward(self, q, k, v, causal, scale):
-        out, lse, *_ = aten._scaled_dot_product_flash_attention(
+        out, lse, *_ = torch._scaled_dot_product_flash_attention(
             _t(q), _t(k), _t(v), 0.0, causal, False, scale=scale
         )
         return _t(out), lse
@@ -164,7 +166,7 @@ class EfficientAttention(_CudaBackend):
     deterministic_backward = False
 
     def _forward(self, q, k, v, causal, scale):
-        out, lse, *_ = aten._scaled_dot_product_efficient_attention(
+        out, lse, *_ = torch._scaled_dot_product_efficient_attention(
             _t(q), _t(k), _t(v), None, True, 0.0, causal, scale=scale
         )
         return _t(out), lse[:, :, : q.shape[1]]

@@ -32,3 +32,5 @@ class ScheduleKey:
     heads_kv: int = 1
     ulysses: int = 1
     ring_impl: Strategy = Strategy.TOKENRING
+    stream_tail: bool = True
+    """TokenRing: return the last step's partial in halves (see ``tokenring.py``)."""

@@ -147,6 +147,13 @@ class _Emitter:
     b: ScheduleBuilder
     ring: RingAxis
     kv_out: str | None
+    stream: bool = True
+
+    def pieces(self, span: Span) -> tuple[Span, ...]:
+        """How the last step's result goes home: in halves when streaming, else whole."""
+        if self.stream:
+            return _halves(span, self.ring.cells)
+        return (span,) if span[1] > span[0] else ()
 
     def query_slot(self, step: int) -> str:
         return self.ring.q if step == 0 else f"q_in{step % 2}"
@@ -204,8 +211,7 @@ class _Emitter:
         a lane's groups in order, and a receive-only group queued ahead of a send the
         peer waits for would deadlock (``simulate.check_stream_order`` checks this).
         """
-        cells = self.ring.cells
-        out_pieces, home_pieces = _halves(visit.result, cells), _halves(visit.home, cells)
+        out_pieces, home_pieces = self.pieces(visit.result), self.pieces(visit.home)
         self.b.reset(f"part{visit.step % 2}")
         early = None
         for n, (a, z) in enumerate(out_pieces or (EMPTY,)):
@@ -249,11 +255,10 @@ class _Emitter:
 
         # The tail: the second half of the last partial, and every partial still out.
         tail = P
-        cells = ring.cells
         if P >= 2:
             final = visits[last]
-            out_last = _halves(final.result, cells)[-1:] or (EMPTY,)
-            home_last = _halves(final.home, cells)[-1:] or (EMPTY,)
+            out_last = self.pieces(final.result)[-1:] or (EMPTY,)
+            home_last = self.pieces(final.home)[-1:] or (EMPTY,)
             returns[last] = b.post(
                 f"part@{tail}",
                 tail,
@@ -264,19 +269,21 @@ class _Emitter:
             self.merge_home(visits[last - 1], visits[last - 1].home, tail)
         if P >= 2:
             b.wait(early, tail)
-            for rows in _halves(visits[last].home, cells)[:-1]:
+            for rows in self.pieces(visits[last].home)[:-1]:
                 self.merge_home(visits[last], rows, tail)
             b.wait(returns.pop(last), tail)
             self.merge_home(visits[last], home_last[0], tail)
 
 
 def emit_tokenring(
-    b: ScheduleBuilder, ring: RingAxis, causal: bool, backward: bool
+    b: ScheduleBuilder, ring: RingAxis, causal: bool, backward: bool, stream: bool = True
 ) -> tuple[str, str | None]:
     """Emit one TokenRing pass over ``ring`` (its slots from ``tokenring_slots``); returns
-    the query result slot and, backward, the key/value result slot."""
+    the query result slot and, backward, the key/value result slot. ``stream``: return the
+    last step's result in halves (the hidden tail), or whole (for blocks too small for
+    the first half's return to hide behind the second half's compute)."""
     kv_out = "kvacc" if backward else None
-    _Emitter(b, ring, kv_out).run(causal)
+    _Emitter(b, ring, kv_out, stream).run(causal)
     return "acc", kv_out
 
 
@@ -290,7 +297,7 @@ def tokenring_schedule(key: ScheduleKey) -> Schedule:
         **tokenring_slots(ring, backward),
     }
     b = ScheduleBuilder("tokenring", key.rank, key.world, ring.pieces, slots)
-    return b.build(*emit_tokenring(b, ring, key.causal, backward))
+    return b.build(*emit_tokenring(b, ring, key.causal, backward, key.stream_tail))
 
 
 class TokenRing(StrategyDef):

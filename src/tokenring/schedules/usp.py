@@ -32,9 +32,18 @@ __all__ = ["RING_AXIS", "ULYSSES_AXIS", "USP", "usp_axes", "usp_schedule"]
 RING_AXIS = "ring"
 ULYSSES_AXIS = "ulysses"
 
+
+def _emit_tokenring(b, ring, causal, backward, key: ScheduleKey):
+    return emit_tokenring(b, ring, causal, backward, key.stream_tail)
+
+
+def _emit_ring(b, ring, causal, backward, key: ScheduleKey):
+    return emit_ring(b, ring, causal, backward)
+
+
 _RINGS = {
-    Strategy.TOKENRING: (tokenring_slots, emit_tokenring),
-    Strategy.RING: (ring_slots, emit_ring),
+    Strategy.TOKENRING: (tokenring_slots, _emit_tokenring),
+    Strategy.RING: (ring_slots, _emit_ring),
 }
 
 
@@ -81,9 +90,9 @@ def usp_schedule(key: ScheduleKey) -> Schedule:
     pieces = mesh_pieces(key.layout, key.world // U, U, r, u)
     b = ScheduleBuilder("usp", key.rank, key.world, pieces, slots)
     if U == 1:
-        return b.build(*emit(b, ring, key.causal, backward))
+        return b.build(*emit(b, ring, key.causal, backward, key))
     emit_to_heads(b, ua, "q", "kv", 0)
-    res, kvres = emit(b, ring, key.causal, backward)
+    res, kvres = emit(b, ring, key.causal, backward, key)
     emit_to_seq(b, ua, res, kvres, ring.world + 1)
     return b.build("res", "kvres" if backward else None)
 

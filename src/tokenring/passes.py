@@ -1,0 +1,112 @@
+"""The forward and backward passes of one call, and the autograd function around them.
+
+Both are shared by eager calls (``_ShardedAttention``) and compiled ones (the
+custom ops of ``ops.py``). A call on one rank is one kernel call each way: its
+schedule would be a single block, so the executor is skipped (same maths, no
+slot buffers, the host time of the kernel call alone). Joint tokens' blocks
+(``joint.py``) run on top of the strategy's result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .executor import Execution, run_backward, run_forward
+from .joint import Joint, JointComm, joint_backward, joint_forward
+from .kernels.base import accum_dtype
+from .plan import Plan
+
+__all__ = ["Call", "ShardedAttention", "backward_pass", "forward_pass"]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call's plan and how it runs (its joint-token collectives, when it has some)."""
+
+    plan: Plan
+    ex: Execution
+    comm: JointComm | None = None
+
+
+def forward_pass(call: Call, q, k, v, joint: Joint | None):
+    """``(out, lse, joint_out, joint_lse)``: ``lse`` float32 ``[B, H, L]`` contiguous; the
+    joint results None without joint queries."""
+    plan, ex = call.plan, call.ex
+    p = plan.problem
+    if plan.site.world == 1:
+        out, lse = ex.kernel.forward(q, k, v, p.causal, p.scale)
+    else:
+        out, rowmajor = run_forward(
+            plan.forward_geometry, q, k, v, ex, keep_accum=joint is not None
+        )
+        lse = rowmajor.permute(1, 2, 0)
+    jo = jlse = None
+    if joint is not None:
+        out, lse = out.to(accum_dtype(p.dtype)), lse.contiguous()
+        jo, jlse = joint_forward(
+            q, k, v, out, lse, joint, ex.kernel, p.scale, call.comm, ex.fused_merge
+        )
+        out = out.to(p.dtype)
+        jo = jo.to(p.dtype) if jo is not None else None
+    return out, lse.contiguous(), jo, jlse
+
+
+def backward_pass(call: Call, grad_out, grad_jo, q, k, v, out, lse, joint: Joint | None, jo, jlse):
+    """``(dq, dk, dv)`` and, with joint tokens, this rank's shares ``(djq, djk, djv)``
+    (``djq`` None without joint queries); ``lse`` as ``forward_pass`` returned it."""
+    plan = call.plan
+    p = plan.problem
+    kernel = plan.backward_kernel
+    if plan.site.world == 1:
+        wide = accum_dtype(p.dtype)
+        delta = (grad_out.to(wide) * out.to(wide)).sum(-1).transpose(1, 2)
+        dq, dk, dv = kernel.backward(grad_out, q, k, v, out, lse, delta, p.causal, p.scale)
+    else:
+        dq, dk, dv = run_backward(
+            plan.backward_geometry,
+            {
+                "q": q,
+                "k": k,
+                "v": v,
+                "out": out,
+                "do": grad_out,
+                "lse": lse.permute(2, 0, 1).contiguous(),
+            },
+            replace(call.ex, kernel=kernel),
+        )
+    shares = (None, None, None)
+    if joint is not None:
+        (aq, ak, av), shares = joint_backward(
+            grad_out, grad_jo, q, k, v, out, lse, joint, jo, jlse, kernel, p.scale, call.comm
+        )
+        dq, dk, dv = dq + aq, dk + ak.to(dk.dtype), dv + av.to(dv.dtype)
+    return (dq, dk, dv), shares
+
+
+class ShardedAttention(torch.autograd.Function):
+    """Thin autograd wrapper for eager calls that need gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, jq, jk, jv, call: Call):
+        joint = Joint(jq, jk, jv) if jk is not None else None
+        out, lse, jo, jlse = forward_pass(call, q, k, v, joint)
+        ctx.call = call
+        ctx.has = (jq is not None, joint is not None)
+        ctx.save_for_backward(q, k, v, out, lse, jq, jk, jv, jo, jlse)
+        ctx.mark_non_differentiable(lse)
+        if jlse is not None:
+            ctx.mark_non_differentiable(jlse)
+        return out, lse, jo, jlse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, grad_jo, grad_jlse):
+        del grad_lse, grad_jlse  # LSEs are returned for inspection; not differentiable
+        q, k, v, out, lse, jq, jk, jv, jo, jlse = ctx.saved_tensors
+        has_q, has_joint = ctx.has
+        joint = Joint(jq if has_q else None, jk, jv) if has_joint else None
+        (dq, dk, dv), (djq, djk, djv) = backward_pass(
+            ctx.call, grad_out, grad_jo, q, k, v, out, lse, joint, jo, jlse
+        )
+        return dq, dk, dv, djq, djk, djv, None
