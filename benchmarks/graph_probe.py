@@ -38,30 +38,21 @@ def worker(ctx, seqs: list[int]) -> list[dict]:
         for strategy in ("tokenring", "ring"):
             row = {"seq": seq, "strategy": strategy, "t1_ms": t1}
 
-            def call(strategy=strategy):
+            def call(q, k, v, strategy=strategy):
                 return tr.attention(q, k, v, strategy=strategy, causal=True, layout="zigzag")
 
-            with torch.no_grad():
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up off the default stream, as torch asks
-                    for _ in range(3):
-                        eager = call()
-                torch.cuda.current_stream().wait_stream(side)
+            try:
+                graph = tr.CapturedCall(call, q, k, v, warmup=3, clone_outputs=False)
                 sync_ranks(device)
-                try:
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        captured = call()
-                    sync_ranks(device)
-                    graph.replay()
-                    torch.cuda.synchronize(device)
+                captured = graph.replay()
+                with torch.no_grad():
+                    eager = call(q, k, v)
                     row["replay_vs_eager"] = rel_err(captured, eager)
-                    row["eager_ms"] = time_ms(lambda _: call(), 20, 3, device)
-                    row["graph_ms"] = time_ms(lambda _: graph.replay(), 20, 3, device)
-                except Exception as err:  # report, do not hide: the probe's answer
-                    row["error"] = f"{type(err).__name__}: {err}"[:400]
-                    torch.cuda.synchronize(device)
+                    row["eager_ms"] = time_ms(lambda _: call(q, k, v), 20, 3, device)
+                row["graph_ms"] = time_ms(lambda _: graph.replay(), 20, 3, device)
+            except Exception as err:  # report, do not hide: the probe's answer
+                row["error"] = f"{type(err).__name__}: {err}"[:400]
+                torch.cuda.synchronize(device)
             for key in ("eager_ms", "graph_ms"):
                 if key in row:
                     row[key.replace("ms", "eff")] = t1 / (ctx.world * row[key])

@@ -172,29 +172,16 @@ def graph_case(ctx, cases: list[dict]) -> list[dict]:
             return tr.shard(x, layout=layout)
 
         first = [local(t) for t in _inputs(1, 1, seq, heads, 128, torch.bfloat16, ctx.device)[:3]]
-        static = [t.clone() for t in first]
 
-        def call(static=static, causal=causal, layout=layout, strategy=case["strategy"]):
-            return tr.attention(*static, strategy=strategy, causal=causal, layout=layout)
+        def call(q, k, v, causal=causal, layout=layout, strategy=case["strategy"]):
+            return tr.attention(q, k, v, strategy=strategy, causal=causal, layout=layout)
 
+        graph = tr.CapturedCall(call, *first)
+        q, k, v, _ = _inputs(2, 1, seq, heads, 128, torch.bfloat16, ctx.device)
+        new = [local(t) for t in (q, k, v)]
+        replayed = graph(*new)
         with torch.no_grad():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the default stream, as torch asks
-                for _ in range(2):
-                    call()
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize(ctx.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                captured = call()
-            q, k, v, _ = _inputs(2, 1, seq, heads, 128, torch.bfloat16, ctx.device)
-            for dst, src in zip(static, (q, k, v)):
-                dst.copy_(local(src))
-            graph.replay()
-            torch.cuda.synchronize(ctx.device)
-            replayed = captured.clone()
-            eager = call()
+            eager = call(*new)
         ref, _ = attention_reference(q.double(), k.double(), v.double(), causal=causal)
         results.append(
             {

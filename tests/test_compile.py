@@ -12,10 +12,10 @@ STRATEGIES = ["tokenring", "ring", "ulysses", "allgather", "usp"]
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_compiled_calls_equal_eager_calls(pool, strategy):
-    """Both layouts, causal or not, GQA; 2 and 4 processes (USP: a 2 x 2 mesh), through
+    """Both layouts, causal or not, GQA; 1, 2 and 4 processes (USP: a 2 x 2 mesh), through
     Dynamo and AOT autograd with ``fullgraph=True``: one graph, no break, and the same
     outputs and gradients as eager, to fp32 rounding."""
-    worlds = (4,) if strategy == "usp" else (2, 4)
+    worlds = (4,) if strategy == "usp" else (1, 2, 4)
     cases = [
         dict(world=world, strategy=strategy, layout=layout, causal=causal, heads=(4, 2))
         for world in worlds

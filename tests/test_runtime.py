@@ -96,3 +96,8 @@ def test_every_merge_gets_the_fused_merge_setting(pool):
         (per_rank,) = pool.run(merge_flags_case, [dict(world=2, fused=fused)])
         for flags in per_rank:
             assert flags and set(flags) == {fused}, flags
+
+
+def test_captured_call_needs_cuda_tensors():
+    with pytest.raises(ValueError, match="CapturedCall needs CUDA tensors"):
+        tr.CapturedCall(lambda q: q, torch.zeros(1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import ops  # noqa: F401  (registers the custom ops that torch.compile calls)
 from .api import allgather_attn, attention, ring_attn, token_ring_attn, ulysses_attn
 from .executor import TransferFailed
+from .graphs import CapturedCall
 from .kernels import kernel_names
 from .layer import SequenceParallelAttention
 from .layouts import shard, unshard
@@ -18,6 +19,7 @@ from .options import JointStrategy, Layout, RingImpl, Strategy
 from .runtime import Settings, configure, destroy_lanes, runtime, setup_lanes
 
 __all__ = [
+    "CapturedCall",
     "JointStrategy",
     "Layout",
     "RingImpl",
