@@ -8,7 +8,8 @@
 # Stages and their rough time on 2 x H100: tests (gpu tests, ~80 s), peers
 # (peer correctness, needs .whl carried), demo (~20 s), bench-llama2 (every
 # method, ~150 s), bench-rest (llama3-gqa and dit-mha, every method, ~270 s),
-# graph (CUDA-graph probe, ~40 s), host (host-time profile, ~30 s).
+# graph (CUDA-graph probe, ~40 s), host (host-time profile, ~30 s), overhead (host time
+# per call against SDPA and a minimal ring, benchmarks/host_overhead.py, ~90 s).
 # Summaries go to stdout; $OUT/gpu-run.tgz holds the logs, JSON and pictures.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -27,7 +28,7 @@ stage() {  # stage NAME SECONDS COMMAND...
     echo "== $name (limit ${limit}s)"
     timeout "$limit" "$@" > "$work/$name.log" 2>&1
     echo "   exit $?"
-    grep -E "passed|failed|FAILED|error|all [0-9]+ cases|row\(s\) failed" "$work/$name.log" | tail -5
+    grep -E "passed|failed|FAILED|error|all [0-9]+ cases|row\(s\) failed|x  met|MISSED" "$work/$name.log" | tail -30
 }
 
 for s in "$@"; do
@@ -42,6 +43,7 @@ for s in "$@"; do
             --output-dir "$work/bench-rest" --timeout 410 ;;
         graph) stage graph 120 python benchmarks/graph_probe.py ;;
         host) stage host 90 python benchmarks/host_profile.py ;;
+        overhead) stage overhead 240 python benchmarks/host_overhead.py --json "$work/host-overhead.json" ;;
         *) echo "unknown stage $s" ;;
     esac
 done
