@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 import tokenring as tr
 from dist_cases import make_inputs
 from reference import rel_err
+from tokenring.timeline import Recorder
 from usp_cases import mesh_of
 
 
@@ -113,3 +115,41 @@ def training_case(w, *, world: int, strategy: str, steps: int = 3) -> dict[str, 
         "weight_diff": max((a - b).abs().max().item() for a, b in zip(eager_weights, comp_weights)),
         "loss_moved": (eager_losses[0] - eager_losses[-1]).abs().item(),
     }
+
+
+def compile_refusals_case(w, *, world: int) -> dict[str, str]:
+    """What a compiled call says when it cannot run: a group or a mesh tokenring has not
+    seen yet (then known after ``setup_lanes``), and a recorder (eager only)."""
+    fresh = dist.new_group(list(range(world)))  # collective: every rank makes it
+    q, k, v, _ = make_inputs(19, 1, 4 * world, (2, 2), 8, torch.float32)
+    q, k, v = (tr.shard(t, layout="contiguous", group=fresh) for t in (q, k, v))
+    said = {}
+    torch._dynamo.reset()
+    try:
+        torch.compile(lambda q, k, v: tr.attention(q, k, v, group=fresh), fullgraph=True)(q, k, v)
+    except RuntimeError as error:
+        said["unknown_group"] = str(error)
+    tr.setup_lanes(fresh)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: tr.attention(q, k, v, group=fresh), fullgraph=True)
+    said["known_after_setup"] = str(rel_err(compiled(q, k, v), tr.attention(q, k, v, group=fresh)))
+    torch._dynamo.reset()
+    recorder = Recorder(w.rank, q.device)
+    try:
+        torch.compile(lambda q: tr.attention(q, k, v, recorder=recorder), fullgraph=True)(q)
+    except Exception as error:  # Dynamo reports the refusal in its own exception type
+        said["recorder"] = f"{type(error).__name__}: {error}"
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("ring", "ulysses"))
+
+    def usp(q, k, v):
+        return tr.attention(q, k, v, strategy="usp", mesh=mesh)
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(usp, fullgraph=True)(q, k, v)
+    except RuntimeError as error:
+        said["unknown_mesh"] = str(error)
+    tr.setup_lanes(mesh=mesh)
+    torch._dynamo.reset()
+    said["mesh_known_after_setup"] = str(rel_err(torch.compile(usp)(q, k, v), usp(q, k, v)))
+    return said

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from compile_cases import compiled_vs_eager_case, training_case
+from compile_cases import compile_refusals_case, compiled_vs_eager_case, training_case
 
 STRATEGIES = ["tokenring", "ring", "ulysses", "allgather", "usp"]
 
@@ -51,3 +51,16 @@ def test_a_compiled_model_trains_like_the_eager_one(pool):
     for r in per_rank:
         assert r["loss_moved"] > 0, "the model did not train"
         assert r["loss_diff"] <= 1e-5 and r["weight_diff"] <= 1e-5, r
+
+
+def test_compiled_calls_refuse_unknown_groups_and_recorders(pool):
+    """A group or mesh made after start-up is unknown until ``setup_lanes`` (a clear
+    RuntimeError, raised by every rank, no hang); a recorder is refused under compile."""
+    (per_rank,) = pool.run(compile_refusals_case, [dict(world=4)], timeout=600)
+    for said in per_rank:
+        assert "does not know process group" in said["unknown_group"], said
+        assert "setup_lanes" in said["unknown_group"], said
+        assert float(said["known_after_setup"]) <= 1e-6, said
+        assert "recorder= records eager calls" in said["recorder"], said
+        assert "does not know this mesh" in said["unknown_mesh"], said
+        assert float(said["mesh_known_after_setup"]) <= 1e-6, said
