@@ -139,6 +139,10 @@ def compile_refusals_case(w, *, world: int) -> dict[str, str]:
         torch.compile(lambda q: tr.attention(q, k, v, recorder=recorder), fullgraph=True)(q)
     except Exception as error:  # Dynamo reports the refusal in its own exception type
         said["recorder"] = f"{type(error).__name__}: {error}"
+    # A twin mesh (same ranks and names, so equal as DeviceMeshes, other groups) called
+    # eagerly first must not stand in for the mesh the compiled call names.
+    twin = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("ring", "ulysses"))
+    tr.attention(q, k, v, strategy="usp", mesh=twin)
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("ring", "ulysses"))
 
     def usp(q, k, v):

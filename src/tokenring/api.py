@@ -114,8 +114,9 @@ def prepared_call(rt: Runtime, site: Site, state: GroupRuntime, q, k, v, joint: 
 
 
 def _site(rt: Runtime, strategy, group, mesh, ring_impl) -> tuple[Site, GroupRuntime]:
-    """Where a call runs, and its group's state (read once per group or mesh)."""
-    key = (strategy, group, mesh, ring_impl)
+    """Where a call runs, and its group's state (read once per group or mesh). Meshes
+    count by identity (``Runtime.meshes`` says why and keeps them alive)."""
+    key = (strategy, group, None if mesh is None else id(mesh), ring_impl)
     try:
         found = rt.sites.get(key)
     except TypeError:  # unhashable: let site_of say what is wrong

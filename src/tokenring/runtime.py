@@ -129,8 +129,10 @@ class Runtime:
     and their creation would hang, so they cannot be made again in this process."""
     sp_groups: dict[tuple[int, ...], dist.ProcessGroup] = field(default_factory=dict)
     """One process group per sequence-parallel sub-mesh (its sorted global ranks)."""
-    meshes: dict[object, SpMesh] = field(default_factory=dict)
-    """What each mesh a call named says about this rank (read once per mesh)."""
+    meshes: dict[int, tuple[object, SpMesh]] = field(default_factory=dict)
+    """What each mesh a call named says about this rank (read once per mesh), by the
+    mesh's identity: DeviceMesh equality ignores its groups, and two meshes over the same
+    ranks and names hold different groups (the mesh is kept, so its id is never reused)."""
     named: dict[str, dist.ProcessGroup] = field(default_factory=dict)
     """Groups by name, for compiled calls (which can only pass names)."""
     named_meshes: dict[tuple[str, str], object] = field(default_factory=dict)
@@ -179,14 +181,12 @@ class Runtime:
 
     def sp_mesh(self, mesh: object) -> SpMesh:
         """``SpMesh.of(mesh)``, read once per mesh (which also makes it known by name)."""
-        try:
-            found = self.meshes.get(mesh)
-        except TypeError:  # not hashable: not a DeviceMesh; let SpMesh say so
-            return SpMesh.of(mesh)
-        if found is None:
-            found = self.meshes[mesh] = SpMesh.of(mesh)
-            names = (found.ring_group.group_name, found.ulysses_group.group_name)
-            self.named_meshes[names] = mesh
+        known = self.meshes.get(id(mesh))
+        if known is not None:
+            return known[1]
+        found = SpMesh.of(mesh)
+        self.meshes[id(mesh)] = (mesh, found)
+        self.named_meshes[(found.ring_group.group_name, found.ulysses_group.group_name)] = mesh
         return found
 
     def remember(self, group: dist.ProcessGroup | None) -> None:
