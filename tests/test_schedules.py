@@ -31,6 +31,7 @@ from tokenring.schedules.simulate import (
     expected_coverage,
     simulate,
 )
+from tokenring.schedules.usp import mesh_axes
 
 ONE_D = [s for s in Strategy if s is not Strategy.USP]
 STRATEGY_CASES = list(itertools.product(ONE_D, Layout, (False, True), Pass))
@@ -91,14 +92,6 @@ def test_every_allowed_pair_is_computed_exactly_once(strategy, layout, causal, p
 
 
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 2), (2, 3), (4, 2), (2, 4), (8, 1), (1, 8)]
-
-
-def mesh_axes(ring: int, ulysses: int) -> dict:
-    """Logical rank r * ulysses + u: its ring group (fixed u) and Ulysses group (fixed r)."""
-    return {
-        "ring": [tuple(r * ulysses + u for r in range(ring)) for u in range(ulysses)],
-        "ulysses": [tuple(r * ulysses + u for u in range(ulysses)) for r in range(ring)],
-    }
 
 
 @pytest.mark.parametrize("ring,ulysses", MESHES, ids=lambda x: str(x))

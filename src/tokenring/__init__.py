@@ -2,7 +2,8 @@
 
 ``import tokenring as tr`` then ``tr.token_ring_attn(q, k, v, causal=True, layout="zigzag")``
 on each rank's shard (see ``tr.shard``); ``tr.attention(..., strategy=...)`` for any
-strategy. The library needs torch alone. docs/ explains the algorithms.
+strategy, or ``strategy="auto"`` for the planner's pick (``tr.plan`` says why). The
+library needs torch alone. docs/ explains the algorithms.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from .layer import SequenceParallelAttention
 from .layouts import shard, unshard
 from .mesh import sp_mesh
 from .options import JointStrategy, Layout, RingImpl, Strategy
+from .planner import PlanReport, plan
 from .runtime import Settings, configure, destroy_lanes, runtime, setup_lanes
 
 __all__ = [
     "CapturedCall",
     "JointStrategy",
     "Layout",
+    "PlanReport",
     "RingImpl",
     "SequenceParallelAttention",
     "Settings",
@@ -32,6 +35,7 @@ __all__ = [
     "configure",
     "destroy_lanes",
     "kernel_names",
+    "plan",
     "ring_attn",
     "runtime",
     "setup_lanes",

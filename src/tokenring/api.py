@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from .auto import AUTO, resolve_auto
 from .comm import Lanes
 from .executor import Execution
 from .joint import Joint, JointComm
@@ -133,10 +134,15 @@ def call_by_names(q, k, v, joint: tuple, *, group: str, ring_group: str, ulysses
                   wants_grad: bool, **options) -> Call:  # fmt: skip
     """``prepared_call`` for a compiled call, whose groups come as names (``ops.py``)."""
     rt = runtime()
-    if options["strategy"] == Strategy.USP.value:
+    if ring_group:  # usp, or auto over a mesh
         where = (None, rt.named_mesh(ring_group, ulysses_group))
     else:
         where = (rt.named_group(group), None)
+    if options["strategy"] == AUTO:
+        choice = resolve_auto(rt, q, k, causal=options["causal"], layout=options["layout"],
+                              group=where[0], mesh=where[1], wants_grad=wants_grad)  # fmt: skip
+        options = {**options, "strategy": choice.strategy.value,
+                   "ring_impl": choice.ring_impl.value}  # fmt: skip
     site, state = _site(rt, options["strategy"], *where, options["ring_impl"])
     values = tuple(options[name] for name in OPTION_NAMES)
     return prepared_call(rt, site, state, q, k, v, joint, wants_grad, None, values)
@@ -191,7 +197,9 @@ def attention(
 ):
     """Exact attention over a sequence sharded across the ranks of ``group`` (or ``mesh``).
 
-    ``strategy``: ``"tokenring"`` (queries travel, K and V stay), ``"ring"`` (K and
+    ``strategy``: ``"auto"`` (the planner's pick for this machine and shape, decided
+    once per call shape: docs/scaling.md; over ``mesh``, TokenRing or ring across),
+    ``"tokenring"`` (queries travel, K and V stay), ``"ring"`` (K and
     V travel), ``"ulysses"`` (all-to-all to head shards of the whole sequence),
     ``"allgather"`` (K and V gathered whole) or ``"usp"`` (Ulysses over ``mesh``'s
     ``"ulysses"`` dim x ``ring_impl``, TokenRing or ring, over its ``"ring"`` dim;
@@ -233,7 +241,6 @@ def attention(
         )  # fmt: skip
     else:
         rt = runtime()
-        site, state = _site(rt, strategy, group, mesh, ring_impl)
         try:
             wants_grad = torch.is_grad_enabled() and (
                 q.requires_grad or k.requires_grad or v.requires_grad
@@ -241,6 +248,11 @@ def attention(
             )  # fmt: skip
         except AttributeError:  # not tensors: the checks say so
             wants_grad = False
+        if strategy == AUTO:
+            choice = resolve_auto(rt, q, k, causal=causal, layout=layout, group=group,
+                                  mesh=mesh, wants_grad=wants_grad)  # fmt: skip
+            strategy, ring_impl = choice.strategy, choice.ring_impl
+        site, state = _site(rt, strategy, group, mesh, ring_impl)
         options = (strategy, ring_impl, causal, softmax_scale, layout, kernel, deterministic,
                    joint_strategy)  # fmt: skip
         call = prepared_call(rt, site, state, q, k, v, joint, wants_grad, recorder, options)

@@ -7,8 +7,8 @@ and the call descriptions all its ranks have agreed on. Nothing else in the
 library keeps state between calls.
 
 ``tokenring.runtime()`` returns the default runtime, made on first use; the
-environment variables ``TOKENRING_TIMEOUT_S`` and ``TOKENRING_FUSED_MERGE``
-are read then, and only then. ``tokenring.configure(...)`` changes settings
+environment variables ``TOKENRING_TIMEOUT_S``, ``TOKENRING_FUSED_MERGE`` and
+``TOKENRING_TOPOLOGY`` are read then, and only then. ``tokenring.configure(...)`` changes settings
 at run time (see docs/architecture.md, "Runtime").
 
 Plans and agreed checks are kept per group in call order, so that every
@@ -59,10 +59,14 @@ class Settings:
     return hides behind the second half's compute, when a rank's query shard has at least
     this many elements (batch x tokens x heads x head_dim; 0: always). Smaller blocks
     compute too fast for it to pay, and the extra message costs a round of latency."""
+    topology: str | None = None
+    """What ``strategy="auto"`` plans for: a preset name or a topology file (``tokenring
+    calibrate`` writes one); default: the preset matched to the devices (docs/scaling.md)."""
 
     @classmethod
     def from_env(cls) -> Settings:
-        """Defaults, overridden by ``TOKENRING_TIMEOUT_S`` and ``TOKENRING_FUSED_MERGE``."""
+        """Defaults, overridden by ``TOKENRING_TIMEOUT_S``, ``TOKENRING_FUSED_MERGE`` and
+        ``TOKENRING_TOPOLOGY``."""
         base = cls()
         timeout = os.environ.get("TOKENRING_TIMEOUT_S")
         fused = os.environ.get("TOKENRING_FUSED_MERGE")
@@ -70,6 +74,7 @@ class Settings:
             base,
             timeout=timedelta(seconds=float(timeout)) if timeout else base.timeout,
             fused_merge=fused != "0" if fused is not None else base.fused_merge,
+            topology=os.environ.get("TOKENRING_TOPOLOGY") or None,
         )
 
     def validated(self) -> Settings:
@@ -84,6 +89,10 @@ class Settings:
         value = self.stream_tail_min
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"stream_tail_min must be a non-negative int, got {value!r}")
+        if self.topology is not None and not isinstance(self.topology, str):
+            raise ValueError(
+                f"topology must be a preset name or a file path, got {self.topology!r}"
+            )
         return self
 
 
@@ -137,6 +146,8 @@ class Runtime:
     """Groups by name, for compiled calls (which can only pass names)."""
     named_meshes: dict[tuple[str, str], object] = field(default_factory=dict)
     """Meshes by the names of their ring and ulysses groups, likewise."""
+    auto: BoundedCache = field(default_factory=lambda: BoundedCache(256))
+    """What ``strategy="auto"`` chose per call shape (``auto.AutoChoice``, with the report)."""
     sites: dict[tuple, tuple] = field(default_factory=dict)
     """Where calls run, by (strategy, group, mesh, ring_impl): the site and its group's state."""
 

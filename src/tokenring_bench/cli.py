@@ -1,5 +1,7 @@
-"""The ``tokenring`` command: ``demo`` (check and draw every strategy) and ``bench``
-(the cases of docs/benchmarking.md, side by side with the single-device ideal and the peers)."""
+"""The ``tokenring`` command: ``demo`` (check and draw every strategy), ``bench`` (the
+cases of docs/benchmarking.md, side by side with the single-device ideal and the peers),
+``plan`` (rank the strategies by predicted time) and ``calibrate`` (measure this machine
+for the planner): docs/scaling.md."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from tokenring.timeline import Span
 
 from .demo import DTYPES, DemoConfig, demo_worker, tolerance
 from .launch import WorkerFailed, default_world, run_local
+from .plan_cli import add_calibrate_parser, add_plan_parser, run_calibrate, run_plan
 from .plots import plot_timelines
 
 __all__ = ["main"]
@@ -295,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds a transfer waits for a stalled peer before failing (TransferFailed)",
     )
+    add_plan_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 
@@ -303,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     if args.command == "demo":
         return _demo(args, console)
+    if args.command == "plan":
+        return run_plan(args, console)
+    if args.command == "calibrate":
+        return run_calibrate(args, console)
     return _bench(args, console)
 
 

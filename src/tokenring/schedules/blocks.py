@@ -64,16 +64,13 @@ def _causal_squares(pairs: dict[tuple[int, int], Rel]) -> list[Block]:
         if (i0, j0) in taken:
             continue
         n = 1
-        while (i0 + n, j0 + n) in pairs and pairs[(i0 + n, j0 + n)] is Rel.DIAG:
-            grown = n + 1
-            ok = all(
-                pairs.get((i0 + a, j0 + b)) is Rel.FULL and (i0 + b, j0 + a) not in pairs
-                for a in range(grown)
-                for b in range(a)
-            )
-            if not ok:
-                break
-            n = grown
+        # Growing the square by one cell adds one row below the diagonal (FULL) and one
+        # column above it (absent); what is inside was checked already.
+        while pairs.get((i0 + n, j0 + n)) is Rel.DIAG and all(
+            pairs.get((i0 + n, j0 + b)) is Rel.FULL and (i0 + b, j0 + n) not in pairs
+            for b in range(n)
+        ):
+            n += 1
         squares.append(Block(i0, i0 + n, j0, j0 + n, True))
         taken.update((i0 + a, j0 + a) for a in range(n))
     return squares
@@ -98,13 +95,14 @@ def cover(elements: list[Element]) -> list[Block]:
         else:
             per_row.append(Block(i, i + 1, j, j + 1, False))
     stacked: list[Block] = []
+    open_at: dict[tuple[int, int, int], int] = {}  # (k0, k1, q1) of a block -> its index
     for b in per_row:
-        match = next(
-            (k for k, s in enumerate(stacked) if (s.k0, s.k1, s.q1) == (b.k0, b.k1, b.q0)), None
-        )
+        match = open_at.pop((b.k0, b.k1, b.q0), None)
         if match is None:
+            match = len(stacked)
             stacked.append(b)
         else:
             s = stacked[match]
             stacked[match] = Block(s.q0, b.q1, s.k0, s.k1, False)
+        open_at[(b.k0, b.k1, stacked[match].q1)] = match
     return sorted(squares + stacked, key=lambda b: (b.q0, b.k0))

@@ -27,7 +27,7 @@ from .ring_axis import RingAxis
 from .tokenring import emit_tokenring, tokenring_slots
 from .ulysses import Ulysses, UlyssesAxis, emit_to_heads, emit_to_seq
 
-__all__ = ["RING_AXIS", "ULYSSES_AXIS", "USP", "usp_axes", "usp_schedule"]
+__all__ = ["RING_AXIS", "ULYSSES_AXIS", "USP", "mesh_axes", "usp_axes", "usp_schedule"]
 
 RING_AXIS = "ring"
 ULYSSES_AXIS = "ulysses"
@@ -45,6 +45,15 @@ _RINGS = {
     Strategy.TOKENRING: (tokenring_slots, _emit_tokenring),
     Strategy.RING: (ring_slots, _emit_ring),
 }
+
+
+def mesh_axes(ring: int, ulysses: int) -> dict[str, list[tuple[int, ...]]]:
+    """The groups of each axis over logical ranks ``r * ulysses + u`` (how ``usp``
+    schedules number ranks): a ring group per ``u``, a Ulysses group per ``r``."""
+    return {
+        RING_AXIS: [tuple(r * ulysses + u for r in range(ring)) for u in range(ulysses)],
+        ULYSSES_AXIS: [tuple(r * ulysses + u for u in range(ulysses)) for r in range(ring)],
+    }
 
 
 def usp_axes(key: ScheduleKey) -> tuple[UlyssesAxis, RingAxis]:

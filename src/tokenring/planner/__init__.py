@@ -1,0 +1,108 @@
+"""The planner: predicts, from the schedules the executor runs, how long each strategy
+takes on a machine, and picks the fastest (docs/scaling.md).
+
+``tokenring.plan(...)`` prices one call; ``strategy="auto"`` in ``tokenring.attention``
+asks it once per call shape; ``tokenring plan`` is the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..options import Layout, parse_enum
+from .choose import Candidate, PlanReport, candidate_names, plan_call
+from .costs import Shape
+from .machine import topology_for
+from .presets import PRESETS, preset, preset_names
+from .timing import Prediction, StepCost, simulate_timing
+from .topology import Topology
+
+__all__ = [
+    "PRESETS",
+    "Candidate",
+    "PlanReport",
+    "Prediction",
+    "Shape",
+    "StepCost",
+    "Topology",
+    "candidate_names",
+    "load_topology",
+    "plan",
+    "preset",
+    "preset_names",
+    "simulate_timing",
+    "topology_for",
+]
+
+DTYPE_BYTES = {
+    "bf16": 2,
+    "fp16": 2,
+    "fp32": 4,
+    torch.bfloat16: 2,
+    torch.float16: 2,
+    torch.float32: 4,
+}
+
+
+def load_topology(name_or_path: str | Path | Topology, gpus: int) -> Topology:
+    """A preset by name, a topology file, or a ``Topology``, with ``gpus`` devices."""
+    if isinstance(name_or_path, Topology):
+        return name_or_path.first(gpus)
+    if str(name_or_path) in PRESETS:
+        return preset(str(name_or_path), gpus)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(
+            f"topology {str(name_or_path)!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
+        )
+    return Topology.load(path).first(gpus)
+
+
+def plan(
+    *,
+    topology: str | Path | Topology,
+    gpus: int,
+    seq: int,
+    heads_q: int,
+    heads_kv: int | None = None,
+    head_dim: int,
+    batch: int = 1,
+    causal: bool = False,
+    backward: bool = False,
+    dtype: str | torch.dtype = "bf16",
+    layout: str | Layout | None = None,
+    usp: bool = True,
+) -> PlanReport:
+    """Rank every strategy (and USP split, with ``usp``) for one attention call of ``seq``
+    tokens over ``gpus`` devices of ``topology`` (a preset name, a file, or a Topology);
+    ``backward``: forward plus backward. ``layout`` defaults to zigzag when causal (what
+    balances the work), else contiguous. ``.choice`` is the fastest, ``.explain()`` says
+    why, ``.to_dict()`` is what ``tokenring plan --json`` prints."""
+    for name, value in (
+        ("gpus", gpus),
+        ("seq", seq),
+        ("heads_q", heads_q),
+        ("head_dim", head_dim),
+        ("batch", batch),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    heads_kv = heads_q if heads_kv is None else heads_kv
+    if heads_kv < 1 or heads_q % heads_kv:
+        raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid values are 'bf16', 'fp16', 'fp32'")
+    if layout is None:
+        layout = Layout.ZIGZAG if causal else Layout.CONTIGUOUS
+    shape = Shape(seq, batch, heads_q, heads_kv, head_dim, DTYPE_BYTES[dtype])
+    return plan_call(
+        load_topology(topology, gpus),
+        gpus,
+        shape,
+        causal=bool(causal),
+        layout=parse_enum(Layout, layout, "layout"),
+        backward=bool(backward),
+        with_usp=usp,
+    )

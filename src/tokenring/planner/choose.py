@@ -1,0 +1,241 @@
+"""``plan``: price every strategy that can run a call, and pick the fastest.
+
+Candidates are the 1-D strategies over the whole group (``tokenring``, ``ring``,
+``ulysses``, ``allgather``) and, over a group without a fixed mesh, every USP
+split ``usp-UxR`` (Ulysses degree ``U`` inside, a ring of ``R`` across; ``-ring``:
+pass-KV ring across instead of TokenRing). Each is refused with the reasons its
+``StrategyDef`` gives, or priced by simulating its schedules (``timing.py``) for
+the pass(es) asked. Forward and backward are simulated separately and added (the
+backward pass starts after the forward one has finished on every rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from ..options import Layout, Pass, Strategy
+from ..schedules import STRATEGIES, CallShape, ScheduleKey, build_schedule
+from ..schedules.usp import mesh_axes
+from .costs import Shape
+from .timing import Prediction, simulate_timing
+from .topology import Topology
+
+__all__ = ["Candidate", "PlanReport", "candidate_names", "plan_call"]
+
+ONE_D = (Strategy.TOKENRING, Strategy.RING, Strategy.ULYSSES, Strategy.ALLGATHER)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run the call: its name, and its prediction per pass or why it cannot."""
+
+    name: str
+    strategy: Strategy
+    ulysses: int = 1
+    ring_impl: Strategy = Strategy.TOKENRING
+    refused: str | None = None
+    passes: tuple[tuple[Pass, Prediction], ...] = ()
+
+    @property
+    def predicted_ms(self) -> float | None:
+        return None if self.refused else sum(p.ms for _, p in self.passes)
+
+    def term_ms(self, term: str) -> float:
+        """Total compute, exposed communication or host time over the passes."""
+        return sum(getattr(p, f"{term}_ms") for _, p in self.passes)
+
+    @property
+    def dominant(self) -> str | None:
+        if self.refused:
+            return None
+        if all(p.dominant == "host" for _, p in self.passes):
+            return "host"
+        return "compute" if self.term_ms("compute") >= self.term_ms("comm") else "communication"
+
+    def to_dict(self) -> dict[str, Any]:
+        steps = [
+            {
+                "step": s.step,
+                "ms": s.ms,
+                "compute_ms": s.compute_ms,
+                "comm_ms": s.comm_ms,
+                "pass": pass_.value,
+            }
+            for pass_, p in self.passes
+            for s in p.steps
+        ]
+        return {
+            "strategy": self.name,
+            "predicted_ms": self.predicted_ms,
+            "steps": steps,
+            "refused": self.refused,
+            "dominant": self.dominant,
+            "compute_ms": None if self.refused else self.term_ms("compute"),
+            "comm_ms": None if self.refused else self.term_ms("comm"),
+            "host_ms": None if self.refused else self.term_ms("host"),
+            "slowest_rank": [p.slowest_rank for _, p in self.passes] or None,
+        }
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """Every candidate, fastest first, the refused ones last; ``choice`` is the fastest."""
+
+    topology: str
+    world: int
+    shape: Shape
+    causal: bool
+    layout: Layout
+    backward: bool
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def priced(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.refused is None]
+
+    @property
+    def best(self) -> Candidate:
+        if not self.priced:
+            reasons = "; ".join(f"{c.name}: {c.refused}" for c in self.candidates)
+            raise ValueError(f"no strategy can run this call: {reasons}")
+        return self.priced[0]
+
+    @property
+    def choice(self) -> str:
+        return self.best.name
+
+    def explain(self) -> str:
+        """Why the choice: its time and what dominates it, against the runner-up."""
+        best = self.best
+        what = (
+            f"{self.shape.seq} tokens over {self.world} ranks on {self.topology} "
+            f"({'forward+backward' if self.backward else 'forward'}, "
+            f"{'causal ' if self.causal else ''}{self.layout.value})"
+        )
+        lines = [
+            f"{best.name}: {best.predicted_ms:.3f} ms predicted for {what}; "
+            f"{best.dominant} dominates (compute {best.term_ms('compute'):.3f} ms, exposed "
+            f"communication {best.term_ms('comm'):.3f} ms, host {best.term_ms('host'):.3f} ms)"
+        ]
+        if len(self.priced) > 1:
+            second = self.priced[1]
+            lines.append(
+                f"runner-up {second.name}: {second.predicted_ms:.3f} ms "
+                f"({second.predicted_ms / best.predicted_ms:.2f}x), {second.dominant} dominates"
+            )
+        lines += [f"refused {c.name}: {c.refused}" for c in self.candidates if c.refused]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "choice": self.choice if self.priced else None,
+            "topology": self.topology,
+            "world": self.world,
+            "seq": self.shape.seq,
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(2, n) if n % d == 0]
+
+
+def candidate_names(world: int, *, with_usp: bool = True) -> list[str]:
+    """Names ``plan_call`` prices for a group of ``world`` ranks."""
+    names = [s.value for s in ONE_D]
+    if with_usp:
+        for u in _divisors(world):
+            names += [f"usp-{u}x{world // u}", f"usp-{u}x{world // u}-ring"]
+    return names
+
+
+def _candidates(world: int, with_usp: bool, mesh_ulysses: int | None) -> list[Candidate]:
+    if mesh_ulysses is not None:  # a fixed mesh: only its split, either ring across
+        r = world // mesh_ulysses
+        return [
+            Candidate(f"usp-{mesh_ulysses}x{r}", Strategy.USP, mesh_ulysses, Strategy.TOKENRING),
+            Candidate(f"usp-{mesh_ulysses}x{r}-ring", Strategy.USP, mesh_ulysses, Strategy.RING),
+        ]
+    found = [Candidate(s.value, s) for s in ONE_D]
+    if with_usp:
+        for u in _divisors(world):
+            r = world // u
+            found.append(Candidate(f"usp-{u}x{r}", Strategy.USP, u, Strategy.TOKENRING))
+            found.append(Candidate(f"usp-{u}x{r}-ring", Strategy.USP, u, Strategy.RING))
+    return found
+
+
+@lru_cache(maxsize=256)
+def _schedules(
+    strategy: Strategy,
+    layout: Layout,
+    world: int,
+    causal: bool,
+    pass_: Pass,
+    heads_q: int,
+    heads_kv: int,
+    ulysses: int,
+    ring_impl: Strategy,
+) -> tuple:
+    return tuple(
+        build_schedule(
+            ScheduleKey(
+                strategy, layout, world, r, causal, pass_, heads_q, heads_kv, ulysses, ring_impl
+            )
+        )
+        for r in range(world)
+    )
+
+
+def _refusal(c: Candidate, world: int, shape: Shape, causal: bool, layout: Layout) -> str | None:
+    if shape.seq % (2 * world):
+        return f"the sequence ({shape.seq}) is not divisible by 2 x {world} ranks"
+    call = CallShape(
+        world, layout, causal, shape.heads_q, shape.heads_kv, shape.seq // world, c.ulysses
+    )
+    reasons = STRATEGIES[c.strategy].not_supported_reasons(call)
+    return "; ".join(reasons) if reasons else None
+
+
+def plan_call(
+    topology: Topology,
+    world: int,
+    shape: Shape,
+    *,
+    causal: bool,
+    layout: Layout,
+    backward: bool = False,
+    with_usp: bool = True,
+    mesh_ulysses: int | None = None,
+) -> PlanReport:
+    """Price every candidate for ``world`` ranks of ``topology`` (its first devices)."""
+    if world < 1:
+        raise ValueError(f"world must be at least 1, got {world}")
+    topo = topology.first(world)
+    passes = (Pass.FORWARD, Pass.BACKWARD) if backward else (Pass.FORWARD,)
+    priced: list[Candidate] = []
+    for c in _candidates(world, with_usp, mesh_ulysses):
+        refused = _refusal(c, world, shape, causal, layout)
+        if refused:
+            priced.append(Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, refused))
+            continue
+        axes = mesh_axes(world // c.ulysses, c.ulysses) if c.strategy is Strategy.USP else None
+        results = []
+        for pass_ in passes:
+            scheds = _schedules(
+                c.strategy,
+                layout,
+                world,
+                causal,
+                pass_,
+                shape.heads_q,
+                shape.heads_kv,
+                c.ulysses,
+                c.ring_impl,
+            )
+            results.append((pass_, simulate_timing(list(scheds), pass_, shape, topo, axes)))
+        priced.append(Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, None, tuple(results)))
+    order = sorted(priced, key=lambda c: (c.refused is not None, c.predicted_ms or 0.0))
+    return PlanReport(topology.name, world, shape, causal, layout, backward, tuple(order))

@@ -1,0 +1,127 @@
+"""What each operation of a schedule costs for one shape: bytes moved, device time, host time.
+
+Sizes follow the schedule language (``schedules/ir.py``): a slot holds ``cells``
+pieces of ``L / 2`` tokens each (``L``: the local sequence length), one of
+``head_parts`` parts of its family's heads, and per pass the components of
+``COMPONENTS``. Inputs (q, k, v, do) travel in the input dtype; results in the
+slot's precision (float32 when it accumulates, the input dtype on the wire);
+``lse`` and ``delta`` are float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..options import Pass
+from ..schedules.ir import (
+    COMPONENTS,
+    FAMILY,
+    AllGather,
+    AllToAll,
+    Compute,
+    Direction,
+    Merge,
+    Precision,
+    ReduceScatter,
+    Rows,
+    Schedule,
+    SlotKind,
+)
+from .topology import DeviceModel
+
+__all__ = ["Shape", "collective_pair_bytes", "compute_seconds", "merge_seconds", "rows_bytes"]
+
+RESULT_KINDS = (SlotKind.QUERY_RESULT, SlotKind.KV_RESULT)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attention call as the planner sees it: global sequence ``seq`` over ``world``
+    ranks, ``dtype_bytes`` per element of the inputs (2: bf16/fp16, 4: fp32)."""
+
+    seq: int
+    batch: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype_bytes: int = 2
+
+    def local(self, world: int) -> float:
+        return self.seq / world
+
+    @property
+    def float32(self) -> bool:
+        return self.dtype_bytes >= 4
+
+
+def _heads(shape: Shape, family: str, head_parts: int, part_count: int) -> int:
+    total = shape.heads_kv if family == "kv" else shape.heads_q
+    return max(total // head_parts, 1) // part_count or 1
+
+
+def rows_bytes(
+    sched: Schedule, rows: Rows, pass_: Pass, shape: Shape, cells: int | None = None
+) -> float:
+    """Bytes of ``rows`` of one of ``sched``'s slots (``cells`` overrides their count)."""
+    spec = sched.slots[rows.slot]
+    count = rows.stop - rows.start if cells is None else cells
+    tokens = count * shape.local(sched.world) / 2
+    total = 0.0
+    for component in COMPONENTS[(pass_, spec.kind)]:
+        family = FAMILY[component]
+        heads = _heads(shape, "kv" if family == "kv" else "q", spec.head_parts, rows.part.count)
+        if family == "row":
+            width, size = 1, 4
+        elif spec.kind in RESULT_KINDS and spec.precision is Precision.ACCUM:
+            width, size = shape.head_dim, 4
+        else:
+            width, size = shape.head_dim, shape.dtype_bytes
+        total += shape.batch * tokens * heads * width * size
+    return total
+
+
+def collective_pair_bytes(sched: Schedule, move, pass_: Pass, shape: Shape) -> float:
+    """Bytes one member sends to each other member in collective ``move``."""
+    match move:
+        case AllGather():
+            return rows_bytes(sched, move.src, pass_, shape)
+        case AllToAll(direction=Direction.SEQ_TO_HEADS):
+            # the sender's cells, with the head part the receiver holds
+            return rows_bytes(sched, move.dst, pass_, shape, cells=move.src.stop - move.src.start)
+        case AllToAll():
+            # the receiver's cells, with the head part the sender holds
+            return rows_bytes(sched, move.src, pass_, shape, cells=move.dst.stop - move.dst.start)
+        case ReduceScatter():
+            return rows_bytes(sched, move.dst, pass_, shape)
+    raise TypeError(f"not a collective: {move!r}")
+
+
+def compute_seconds(
+    sched: Schedule, op: Compute, pass_: Pass, shape: Shape, device: DeviceModel
+) -> float:
+    """Device time of one block kernel call and the accumulations it implies."""
+    spec = sched.slots[op.q.slot]
+    heads = _heads(shape, "q", spec.head_parts, op.q.part.count)
+    local = shape.local(sched.world)
+    lq = (op.q.stop - op.q.start) * local / 2
+    lk = (op.kv.stop - op.kv.start) * local / 2
+    seconds = device.kernel.seconds(
+        pass_, lq, lk, op.causal, shape.batch * heads, shape.head_dim, shape.float32
+    )
+    # Cells that accumulate instead of overwrite add one merge pass over their rows.
+    if not all(op.fresh_q):
+        seconds += _stream_seconds(rows_bytes(sched, op.q_out, pass_, shape), device)
+    if op.kv_out is not None and not all(op.fresh_kv):
+        seconds += _stream_seconds(rows_bytes(sched, op.kv_out, pass_, shape), device)
+    return seconds
+
+
+def merge_seconds(
+    sched: Schedule, op: Merge, pass_: Pass, shape: Shape, device: DeviceModel
+) -> float:
+    """Device time of one merge (read the partial, read and write the accumulator)."""
+    return _stream_seconds(rows_bytes(sched, op.src, pass_, shape), device)
+
+
+def _stream_seconds(nbytes: float, device: DeviceModel) -> float:
+    return 3 * nbytes / (device.memory_gbps * 1e9) + device.kernel.launch_us * 1e-6

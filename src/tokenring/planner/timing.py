@@ -1,0 +1,534 @@
+"""Run every rank's schedule against a topology in simulated time.
+
+Each rank has a compute stream and one stream per lane, as the executor does
+on CUDA (docs/architecture.md):
+
+- the compute stream runs, in program order, block kernels and merges, and the
+  ``Wait`` of each handle (it stalls until that movement has completed);
+- a ``Post`` is issued where it stands in program order: its lane's stream
+  waits for the compute stream's work issued before it (the data it sends),
+  and for the lane's previous post (NCCL runs a communicator's work in order);
+- with ``comm_yields_to_compute`` a post whose stream becomes ready while a
+  block kernel runs, or as one starts, waits for that kernel to end (the
+  kernel holds the SMs its NCCL kernel needs), and then goes first;
+- point-to-point transfers are matched k-th send to k-th receive per
+  (source, destination, lane); a transfer flows once both sides have started;
+  a collective flows once every member has started, as one flow per ordered
+  pair of members;
+- a kernel runs ``1 + overlap_slowdown`` times slower while its device moves
+  data (NCCL's kernels take SMs and memory bandwidth from it);
+- flows share every resource of their routes max-min fairly (``Links``), a
+  point-to-point flow is capped at its route's ``p2p_cap_gbps``, and a flow
+  completes its route's latency after its last byte.
+
+Host time is not simulated on asynchronous devices: there the host queues work
+ahead of the GPU in steady state, so a call takes the longer of the simulated
+device time and its host time (``Prediction.ms``). On a synchronous device
+(CPU) every operation's host cost sits on the compute stream, and waits block.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from ..options import Pass
+from ..schedules.ir import Compute, Merge, Post, Schedule, Transfer, Wait
+from ..timeline import Span
+from .costs import Shape, collective_pair_bytes, compute_seconds, merge_seconds, rows_bytes
+from .topology import Topology
+
+__all__ = ["Prediction", "StepCost", "simulate_timing"]
+
+Axes = dict[str, list[tuple[int, ...]]]
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One step of one rank: its wall time, the compute in it, the exposed wait."""
+
+    step: int
+    ms: float
+    compute_ms: float
+    comm_ms: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A simulated call: ``ms`` = the longer of device time and host time."""
+
+    ms: float
+    device_ms: float
+    host_ms: float
+    slowest_rank: int
+    steps: tuple[StepCost, ...]
+    spans: tuple[Span, ...]
+
+    @property
+    def compute_ms(self) -> float:
+        return sum(s.compute_ms for s in self.steps)
+
+    @property
+    def comm_ms(self) -> float:
+        return sum(s.comm_ms for s in self.steps)
+
+    @property
+    def dominant(self) -> str:
+        """Which term decides the time: ``host``, ``compute`` or ``communication``."""
+        if self.host_ms >= self.device_ms:
+            return "host"
+        return "compute" if self.compute_ms >= self.comm_ms else "communication"
+
+
+@dataclass(eq=False)
+class _Item:
+    """One entry of a compute stream: a kernel (``seconds``), a wait, or a post marker."""
+
+    kind: str  # "kernel", "wait", "post"
+    step: int
+    seconds: float = 0.0
+    label: str = ""
+    handle: str = ""
+    post: _Post | None = None
+    start: float = -1.0
+    end: float = -1.0
+    remaining: float = 0.0  # seconds of work left at full speed (a running kernel)
+
+
+@dataclass(eq=False)
+class _Post:
+    rank: int
+    handle: str
+    lane: tuple[str, int]
+    step: int
+    ready: float | None = None  # when its stream may start (compute work before it done)
+    behind: _Item | None = None  # the kernel it yielded to
+    start: float | None = None
+    moves: tuple = ()
+    pending: int = 0  # flows (and collectives) not yet complete
+    done: float | None = None
+    nbytes: float = 0.0
+
+
+@dataclass(eq=False)
+class _Flow:
+    """Bytes on their way; each byte loads resource ``r`` by ``load[r]`` (1 on every hop
+    of a point-to-point route; a collective member's sends to all others are one flow
+    whose bytes spread over the routes to each)."""
+
+    ends: tuple[int, ...]  # the ranks whose devices move its data
+    load: dict[str, float]
+    cap: float | None
+    remaining: float
+    latency: float
+    owners: list  # posts, or a collective record, completed when the flow is
+    rate: float = 0.0
+    arrives: float | None = None
+
+
+@dataclass(eq=False)
+class _Collective:
+    members: tuple[int, ...]
+    posts: dict[int, _Post] = field(default_factory=dict)
+    moves: dict[int, object] = field(default_factory=dict)
+    pending: int = 0
+
+
+class _Sim:
+    def __init__(
+        self,
+        schedules: list[Schedule],
+        axes: Axes,
+        pass_: Pass,
+        shape: Shape,
+        topo: Topology,
+        placement: list[int],
+    ) -> None:
+        self.schedules, self.axes, self.pass_, self.shape = schedules, axes, pass_, shape
+        self.topo, self.device, self.placement = topo, topo.device, placement
+        self.sync = topo.device.synchronous
+        self.host = topo.device.host
+        self.now = 0.0
+        self.streams: list[list[_Item]] = []
+        self.cursor: list[int] = [0] * len(schedules)
+        self.running: list[_Item | None] = [None] * len(schedules)
+        self.lanes: list[dict[tuple[str, int], list[_Post]]] = [{} for _ in schedules]
+        self.lane_cursor: list[dict[tuple[str, int], int]] = [{} for _ in schedules]
+        self.handles: list[dict[str, list[_Post]]] = [{} for _ in schedules]
+        self.p2p: dict[tuple, tuple[list, list]] = {}  # (src, dst, axis, lane) -> sends, recvs
+        self.collectives: dict[tuple, list[_Collective]] = defaultdict(list)
+        self.coll_count: dict[tuple, int] = defaultdict(int)
+        self.flows: list[_Flow] = []
+        self.dirty = False  # flows changed since their rates were set
+        self.wake: set[int] = set(range(len(schedules)))  # ranks to look at now
+        self.arriving: list[_Flow] = []
+        self.host_seconds = [0.0] * len(schedules)
+        self.spans: list[Span] = []
+        for rank, sched in enumerate(schedules):
+            self.streams.append(self._stream(rank, sched))
+
+    # -- building ------------------------------------------------------------
+    def _stream(self, rank: int, sched: Schedule) -> list[_Item]:
+        h, items = self.host, []
+        host = h.call_us * 1e-6
+        for op in sched.ops:
+            match op:
+                case Compute():
+                    seconds = compute_seconds(sched, op, self.pass_, self.shape, self.device)
+                    cost = h.compute_us * 1e-6
+                    label = f"{op.q_owner if op.q_owner is not None else '*'}x" + (
+                        f"{op.kv_owner if op.kv_owner is not None else '*'}"
+                    )
+                    items.append(
+                        _Item("kernel", op.step, seconds + (cost if self.sync else 0), label)
+                    )
+                case Merge():
+                    seconds = merge_seconds(sched, op, self.pass_, self.shape, self.device)
+                    cost = h.merge_us * 1e-6
+                    items.append(
+                        _Item("kernel", op.step, seconds + (cost if self.sync else 0), "merge")
+                    )
+                case Post():
+                    lanes = {(m.axis, m.lane) for m in op.moves}
+                    cost = (h.post_us * len(lanes) + h.transfer_us * len(op.moves)) * 1e-6
+                    if self.sync:
+                        items.append(_Item("kernel", op.step, cost, "post"))
+                    for lane in sorted(lanes):
+                        moves = tuple(m for m in op.moves if (m.axis, m.lane) == lane)
+                        post = _Post(rank, op.handle, lane, op.step, moves=moves)
+                        self.lanes[rank].setdefault(lane, []).append(post)
+                        self.lane_cursor[rank][lane] = 0
+                        self.handles[rank].setdefault(op.handle, []).append(post)
+                        items.append(_Item("post", op.step, post=post))
+                case Wait():
+                    cost = h.wait_us * 1e-6
+                    if self.sync:
+                        items.append(_Item("kernel", op.step, cost, "wait"))
+                    items.append(_Item("wait", op.step, handle=op.handle))
+            host += cost
+        self.host_seconds[rank] = host
+        return items
+
+    def _global(self, rank: int, axis: str, peer: int) -> int:
+        for group in self.axes[axis]:
+            if rank in group:
+                return group[peer]
+        raise ValueError(f"rank {rank} is in no group of axis {axis!r}")
+
+    def _members(self, rank: int, axis: str) -> tuple[int, ...]:
+        return next(g for g in self.axes[axis] if rank in g)
+
+    # -- posts and flows ------------------------------------------------------
+    def _start_post(self, post: _Post) -> None:
+        post.start = self.now
+        sched = self.schedules[post.rank]
+        for move in post.moves:
+            if isinstance(move, Transfer):
+                peer = self._global(post.rank, move.axis, move.peer)
+                src, dst = (post.rank, peer) if move.send else (peer, post.rank)
+                key = (src, dst, move.axis, move.lane)
+                sends, recvs = self.p2p.setdefault(key, ([], []))
+                post.pending += 1
+                if move.send:
+                    nbytes = rows_bytes(sched, move.rows, self.pass_, self.shape)
+                    post.nbytes += nbytes
+                    sends.append((post, nbytes))
+                else:
+                    recvs.append(post)
+                if sends and recvs:
+                    (sender, nbytes), receiver = sends.pop(0), recvs.pop(0)
+                    self._flow(src, dst, nbytes, [sender, receiver])
+            else:
+                members = self._members(post.rank, move.axis)
+                key = (members, move.axis, move.lane)
+                index = self.coll_count[(post.rank, key)]
+                self.coll_count[(post.rank, key)] += 1
+                records = self.collectives[key]
+                while len(records) <= index:
+                    records.append(_Collective(members))
+                coll = records[index]
+                coll.posts[post.rank], coll.moves[post.rank] = post, move
+                post.pending += 1
+                if len(coll.posts) == len(members):
+                    self._start_collective(coll)
+
+    def _start_collective(self, coll: _Collective) -> None:
+        n = len(coll.members)
+        for a in coll.members:
+            move, sched = coll.moves[a], self.schedules[a]
+            nbytes = collective_pair_bytes(sched, move, self.pass_, self.shape)
+            coll.posts[a].nbytes += nbytes * (n - 1)
+            if nbytes <= 0 or n == 1:
+                continue
+            load: dict[str, float] = defaultdict(float)
+            latency = 0.0
+            for b in coll.members:
+                if a != b:
+                    route = self.topo.links.route(self.placement[a], self.placement[b])
+                    latency = max(latency, route.latency_us * 1e-6)
+                    for r in route.via:
+                        load[r] += 1.0 / (n - 1)
+            coll.pending += 1
+            self._add(_Flow((a,), dict(load), None, nbytes * (n - 1), latency, [coll]))
+        if coll.pending == 0:
+            for post in coll.posts.values():
+                self._finish(post)
+
+    def _flow(self, src: int, dst: int, nbytes: float, owners: list) -> None:
+        route = self.topo.links.route(self.placement[src], self.placement[dst])
+        cap = route.p2p_cap_gbps * 1e9 if route.p2p_cap_gbps else None
+        load = dict.fromkeys(route.via, 1.0)
+        self._add(_Flow((src, dst), load, cap, nbytes, route.latency_us * 1e-6, owners))
+
+    def _add(self, flow: _Flow) -> None:
+        if flow.remaining <= 0:
+            flow.arrives = self.now + flow.latency
+            self.arriving.append(flow)
+        else:
+            self.flows.append(flow)
+            self.dirty = True
+
+    def _finish(self, owner) -> None:
+        if isinstance(owner, _Collective):
+            owner.pending -= 1
+            if owner.pending == 0:
+                for post in owner.posts.values():
+                    self._finish(post)
+            return
+        owner.pending -= 1
+        if owner.pending == 0:
+            owner.done = self.now
+            self.wake.add(owner.rank)
+            track = (
+                f"{owner.lane[0]}:{owner.lane[1]}"
+                if owner.lane[0] != "group"
+                else f"lane{owner.lane[1]}"
+            )
+            self.spans.append(
+                Span(
+                    owner.rank,
+                    owner.step,
+                    track,
+                    owner.handle,
+                    owner.start * 1e3,
+                    self.now * 1e3,
+                    int(owner.nbytes),
+                    self.pass_.value,
+                )
+            )
+
+    def _rates(self) -> None:
+        """Max-min fair rates of the active flows (progressive filling, weighted by load)."""
+        self.dirty = False
+        links = self.topo.links
+        left: dict[str, float] = {}
+        weight: dict[str, float] = defaultdict(float)
+        users: dict[str, list[_Flow]] = defaultdict(list)
+        for f in self.flows:
+            f.rate = -1.0
+            for r, w in f.load.items():
+                users[r].append(f)
+                weight[r] += w
+                if r not in left:
+                    left[r] = links.capacity(r) * 1e9
+        capped = sorted((f for f in self.flows if f.cap is not None), key=lambda f: f.cap)
+        # Resources by their fair share now; entries go stale as flows are fixed.
+        heap = [(left[r] / w, r) for r, w in weight.items() if w > EPS]
+        heapq.heapify(heap)
+        unfixed, next_capped = len(self.flows), 0
+        while unfixed:
+            share, bottleneck = float("inf"), None
+            while heap:
+                value, r = heap[0]
+                if weight[r] > EPS and abs(value - left[r] / weight[r]) <= 1e-9 * (1 + value):
+                    share, bottleneck = value, r
+                    break
+                heapq.heappop(heap)
+            while next_capped < len(capped) and capped[next_capped].rate >= 0:
+                next_capped += 1
+            if next_capped < len(capped) and capped[next_capped].cap <= share:
+                fixed, rate = [capped[next_capped]], capped[next_capped].cap
+            elif bottleneck is None:  # rounding left only weightless flows
+                fixed, rate = [f for f in self.flows if f.rate < 0], float("inf")
+            else:
+                fixed, rate = [f for f in users[bottleneck] if f.rate < 0], share
+            touched = set()
+            for f in fixed:
+                f.rate = rate
+                unfixed -= 1
+                for r, w in f.load.items():
+                    left[r] = max(left[r] - rate * w, 0.0)
+                    weight[r] -= w
+                    touched.add(r)
+            for r in touched:
+                if weight[r] > EPS:
+                    heapq.heappush(heap, (left[r] / weight[r], r))
+
+    # -- the event loop -------------------------------------------------------
+    def _step_streams(self) -> None:
+        """Start what can start now on the ranks something happened to (``wake``)."""
+        while self.wake:
+            ranks, self.wake = sorted(self.wake), set()
+            for rank in ranks:
+                self._step_rank(rank)
+
+    def _step_rank(self, rank: int) -> None:
+        stream = self.streams[rank]
+        moved = self._step_lanes(rank, deferred_only=True)  # posts that yielded go first
+        while self.running[rank] is None and self.cursor[rank] < len(stream):
+            item = stream[self.cursor[rank]]
+            if item.kind == "wait":
+                posts = self.handles[rank].get(item.handle, [])
+                if any(p.done is None or p.done > self.now + EPS for p in posts):
+                    break
+                item.start = item.end = self.now
+            elif item.kind == "post":
+                item.post.ready = self.now
+                item.start = item.end = self.now
+            else:
+                item.start, item.remaining = self.now, item.seconds
+                self.running[rank] = item
+            self.cursor[rank] += 1
+            moved = True
+        moved |= self._step_lanes(rank, deferred_only=False)
+        if moved:
+            self.wake.add(rank)
+
+    def _step_lanes(self, rank: int, *, deferred_only: bool) -> bool:
+        moved = False
+        for lane, posts in self.lanes[rank].items():
+            i = self.lane_cursor[rank][lane]
+            while i < len(posts):
+                post = posts[i]
+                previous_done = i == 0 or posts[i - 1].done is not None
+                if post.ready is None or not previous_done:
+                    break
+                if post.behind is not None:
+                    if post.behind.end < 0:
+                        break
+                elif deferred_only:
+                    break
+                elif self._yields(rank):
+                    post.behind = self.running[rank]
+                    break
+                self._start_post(post)
+                i += 1
+                moved = True
+                if post.done is None:
+                    break
+            self.lane_cursor[rank][lane] = i
+        return moved
+
+    def _slowdowns(self) -> list[float]:
+        """Per rank, how much slower its kernel runs now (1: no data moving there)."""
+        slow = [1.0] * len(self.schedules)
+        factor = 1.0 + self.device.overlap_slowdown
+        for f in self.flows:
+            for rank in f.ends:
+                slow[rank] = factor
+        return slow
+
+    def _yields(self, rank: int) -> bool:
+        kernel = self.running[rank]
+        return self.device.comm_yields_to_compute and not self.sync and kernel is not None
+
+    def run(self) -> None:
+        while True:
+            self._step_streams()
+            if self.dirty:
+                self._rates()
+            slow = self._slowdowns()
+            times = [self.now + k.remaining * slow[r] for r, k in enumerate(self.running) if k]
+            times += [f.arrives for f in self.arriving]
+            times += [self.now + f.remaining / f.rate for f in self.flows if f.rate > 0]
+            times = [t for t in times if t > self.now + EPS]
+            if not times:
+                break
+            until = min(times)
+            for f in self.flows:
+                f.remaining -= f.rate * (until - self.now)
+            for rank, kernel in enumerate(self.running):
+                if kernel is not None:
+                    kernel.remaining -= (until - self.now) / slow[rank]
+            self.now = until
+            done = [f for f in self.flows if f.remaining <= f.rate * EPS + 1e-3]
+            for f in done:
+                self.flows.remove(f)
+                f.arrives = self.now + f.latency
+                self.arriving.append(f)
+            self.dirty |= bool(done)
+            for f in [f for f in self.arriving if f.arrives <= self.now + EPS]:
+                self.arriving.remove(f)
+                for owner in f.owners:
+                    self._finish(owner)
+            for rank, item in enumerate(self.running):
+                if item is not None and item.remaining <= EPS:
+                    item.end = self.now
+                    self.running[rank] = None
+                    self.wake.add(rank)
+        stuck = [r for r, s in enumerate(self.streams) if self.cursor[r] < len(s)]
+        if stuck:
+            raise RuntimeError(f"simulated schedules deadlock: ranks {stuck} never finish")
+
+    # -- results --------------------------------------------------------------
+    def prediction(self) -> Prediction:
+        ends = []
+        for rank, stream in enumerate(self.streams):
+            end = max((i.end for i in stream), default=0.0)
+            posts = [p.done for ps in self.lanes[rank].values() for p in ps]
+            ends.append(max([end, *[d for d in posts if d is not None]]))
+        slowest = max(range(len(ends)), key=lambda r: ends[r])
+        steps: dict[int, list[float]] = {}
+        last = 0.0
+        for item in self.streams[slowest]:
+            entry = steps.setdefault(item.step, [0.0, 0.0])
+            if item.kind == "kernel":
+                entry[1] += item.end - item.start
+            entry[0] += max(item.end - last, 0.0)
+            last = max(last, item.end)
+        tail = ends[slowest] - last
+        if tail > 0 and steps:
+            steps[max(steps)][0] += tail
+        costs = tuple(
+            StepCost(s, ms * 1e3, c * 1e3, max(ms - c, 0.0) * 1e3)
+            for s, (ms, c) in sorted(steps.items())
+        )
+        spans = self.spans + [
+            Span(rank, i.step, "compute", i.label, i.start * 1e3, i.end * 1e3, 0, self.pass_.value)
+            for rank, stream in enumerate(self.streams)
+            for i in stream
+            if i.kind == "kernel"
+        ]
+        device_ms = ends[slowest] * 1e3
+        host_ms = 0.0 if self.sync else max(self.host_seconds) * 1e3
+        return Prediction(
+            max(device_ms, host_ms),
+            device_ms,
+            host_ms,
+            slowest,
+            costs,
+            tuple(sorted(spans, key=lambda s: (s.rank, s.start_ms))),
+        )
+
+
+def simulate_timing(
+    schedules: list[Schedule],
+    pass_: Pass,
+    shape: Shape,
+    topology: Topology,
+    axes: Axes | None = None,
+    placement: list[int] | None = None,
+) -> Prediction:
+    """Simulate one pass of ``schedules`` (one per rank of the sequence-parallel group)
+    on ``topology``; rank ``i`` runs on device ``placement[i]`` (default: device ``i``)."""
+    world = len(schedules)
+    if world > topology.devices:
+        raise ValueError(
+            f"{world} ranks but topology {topology.name!r} has {topology.devices} devices"
+        )
+    axes = axes if axes is not None else {"group": [tuple(range(world))]}
+    sim = _Sim(schedules, axes, pass_, shape, topology, placement or list(range(world)))
+    sim.run()
+    return sim.prediction()

@@ -1,0 +1,56 @@
+"""Case functions for tests/test_planner.py: ``strategy="auto"`` on the pool."""
+
+from __future__ import annotations
+
+import torch
+
+import tokenring as tr
+from dist_cases import check_attention, make_inputs
+from reference import rel_err
+
+
+def auto_case(w, *, world: int, layout: str, causal: bool) -> dict:
+    """Errors of an ``auto`` call against float64 attention; compiled against eager; the
+    choice made and whether it was kept (one entry for the repeated shape)."""
+    errors = check_attention(
+        w,
+        world=world,
+        strategy="auto",
+        layout=layout,
+        causal=causal,
+        heads=(4, 2),
+        dtype="float32",
+        batch=2,
+        head_dim=16,
+        seq=8 * world,
+    )
+    group = w.group(world)
+    q, k, v, _ = make_inputs(3, 2, 8 * world, (4, 2), 16, torch.float32)
+    q, k, v = (tr.shard(t, layout=layout, group=group) for t in (q, k, v))
+
+    def call(q, k, v):
+        return tr.attention(q, k, v, strategy="auto", layout=layout, causal=causal, group=group)
+
+    mine = (
+        group.group_name,
+        world,
+        tuple(q.shape),
+        tuple(k.shape),
+        q.dtype,
+        "cpu",
+        causal,
+        layout,
+        False,
+    )
+    eager = call(q, k, v)
+    first = tr.runtime().auto.get(mine)
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")(q, k, v)
+    report = first.report
+    return {
+        "errors": errors,
+        "compiled_diff": rel_err(compiled, eager),
+        "choice": first.strategy.value,
+        "explained": report is not None and report.choice in report.explain(),
+        "decided_once": tr.runtime().auto.get(mine) is first,
+    }
