@@ -167,7 +167,7 @@ def _candidates(world: int, with_usp: bool, mesh_ulysses: int | None) -> list[Ca
     return found
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=16)
 def _schedules(
     strategy: Strategy,
     layout: Layout,

@@ -95,6 +95,9 @@ class _Item:
     start: float = -1.0
     end: float = -1.0
     remaining: float = 0.0  # seconds of work left at full speed (a running kernel)
+    speed: float = 1.0
+    since: float = 0.0  # when ``remaining`` was last brought up to date
+    version: int = 0
 
 
 @dataclass(eq=False)
@@ -125,7 +128,8 @@ class _Flow:
     latency: float
     owners: list  # posts, or a collective record, completed when the flow is
     rate: float = 0.0
-    arrives: float | None = None
+    since: float = 0.0  # when ``remaining`` was last brought up to date
+    version: int = 0
 
 
 @dataclass(eq=False)
@@ -160,10 +164,13 @@ class _Sim:
         self.p2p: dict[tuple, tuple[list, list]] = {}  # (src, dst, axis, lane) -> sends, recvs
         self.collectives: dict[tuple, list[_Collective]] = defaultdict(list)
         self.coll_count: dict[tuple, int] = defaultdict(int)
-        self.flows: list[_Flow] = []
-        self.dirty = False  # flows changed since their rates were set
+        self.flows: set[_Flow] = set()
+        self.on: dict[str, set[_Flow]] = defaultdict(set)  # resource -> flows crossing it
+        self.changed: set[str] = set()  # resources whose flows changed since rates were set
+        self.moving = [0] * len(schedules)  # flows each rank's device takes part in
+        self.events: list[tuple] = []  # (time, order, kind, object, version)
+        self.order = 0
         self.wake: set[int] = set(range(len(schedules)))  # ranks to look at now
-        self.arriving: list[_Flow] = []
         self.host_seconds = [0.0] * len(schedules)
         self.spans: list[Span] = []
         for rank, sched in enumerate(schedules):
@@ -282,13 +289,46 @@ class _Sim:
         load = dict.fromkeys(route.via, 1.0)
         self._add(_Flow((src, dst), load, cap, nbytes, route.latency_us * 1e-6, owners))
 
+    def _push(self, time: float, kind: str, obj, version: int = 0) -> None:
+        self.order += 1
+        heapq.heappush(self.events, (time, self.order, kind, obj, version))
+
     def _add(self, flow: _Flow) -> None:
         if flow.remaining <= 0:
-            flow.arrives = self.now + flow.latency
-            self.arriving.append(flow)
-        else:
-            self.flows.append(flow)
-            self.dirty = True
+            self._push(self.now + flow.latency, "arrive", flow)
+            return
+        flow.since = self.now
+        self.flows.add(flow)
+        for r in flow.load:
+            self.on[r].add(flow)
+        self.changed.update(flow.load)
+        self._moving(flow, +1)
+
+    def _remove(self, flow: _Flow) -> None:
+        self.flows.discard(flow)
+        for r in flow.load:
+            self.on[r].discard(flow)
+        self.changed.update(flow.load)
+        self._moving(flow, -1)
+
+    def _moving(self, flow: _Flow, change: int) -> None:
+        """Count the flows each device takes part in; a kernel there changes speed."""
+        for rank in flow.ends:
+            before = self.moving[rank] > 0
+            self.moving[rank] += change
+            kernel = self.running[rank]
+            if kernel is not None and before != (self.moving[rank] > 0):
+                self._pace(rank, kernel)
+
+    def _pace(self, rank: int, kernel: _Item) -> None:
+        """(Re)schedule the end of ``kernel`` at its speed now."""
+        kernel.remaining -= kernel.speed * (self.now - kernel.since)
+        kernel.since = self.now
+        slow = self.device.overlap_slowdown if self.moving[rank] else 0.0
+        kernel.speed = 1.0 / (1.0 + slow)
+        kernel.version += 1
+        end = self.now + max(kernel.remaining, 0.0) / kernel.speed
+        self._push(end, "kernel", (rank, kernel), kernel.version)
 
     def _finish(self, owner) -> None:
         if isinstance(owner, _Collective):
@@ -319,25 +359,43 @@ class _Sim:
                 )
             )
 
+    def _component(self) -> set[_Flow]:
+        """The flows that share resources, directly or through others, with a changed one."""
+        flows: set[_Flow] = set()
+        frontier = set(self.changed)
+        seen: set[str] = set()
+        while frontier:
+            r = frontier.pop()
+            seen.add(r)
+            for f in self.on.get(r, ()):
+                if f not in flows:
+                    flows.add(f)
+                    frontier.update(x for x in f.load if x not in seen)
+        self.changed.clear()
+        return flows
+
     def _rates(self) -> None:
-        """Max-min fair rates of the active flows (progressive filling, weighted by load)."""
-        self.dirty = False
+        """Max-min fair rates (progressive filling, weighted by load) of the flows a change
+        touched; the others keep theirs."""
+        flows = self._component()
         links = self.topo.links
         left: dict[str, float] = {}
         weight: dict[str, float] = defaultdict(float)
         users: dict[str, list[_Flow]] = defaultdict(list)
-        for f in self.flows:
+        for f in flows:
+            f.remaining -= f.rate * (self.now - f.since)
+            f.since = self.now
             f.rate = -1.0
             for r, w in f.load.items():
                 users[r].append(f)
                 weight[r] += w
                 if r not in left:
                     left[r] = links.capacity(r) * 1e9
-        capped = sorted((f for f in self.flows if f.cap is not None), key=lambda f: f.cap)
+        capped = sorted((f for f in flows if f.cap is not None), key=lambda f: f.cap)
         # Resources by their fair share now; entries go stale as flows are fixed.
         heap = [(left[r] / w, r) for r, w in weight.items() if w > EPS]
         heapq.heapify(heap)
-        unfixed, next_capped = len(self.flows), 0
+        unfixed, next_capped = len(flows), 0
         while unfixed:
             share, bottleneck = float("inf"), None
             while heap:
@@ -351,7 +409,7 @@ class _Sim:
             if next_capped < len(capped) and capped[next_capped].cap <= share:
                 fixed, rate = [capped[next_capped]], capped[next_capped].cap
             elif bottleneck is None:  # rounding left only weightless flows
-                fixed, rate = [f for f in self.flows if f.rate < 0], float("inf")
+                fixed, rate = [f for f in flows if f.rate < 0], float("inf")
             else:
                 fixed, rate = [f for f in users[bottleneck] if f.rate < 0], share
             touched = set()
@@ -365,6 +423,9 @@ class _Sim:
             for r in touched:
                 if weight[r] > EPS:
                     heapq.heappush(heap, (left[r] / weight[r], r))
+        for f in flows:
+            f.version += 1
+            self._push(self.now + max(f.remaining, 0.0) / f.rate, "flow", f, f.version)
 
     # -- the event loop -------------------------------------------------------
     def _step_streams(self) -> None:
@@ -388,8 +449,9 @@ class _Sim:
                 item.post.ready = self.now
                 item.start = item.end = self.now
             else:
-                item.start, item.remaining = self.now, item.seconds
+                item.start, item.remaining, item.since = self.now, item.seconds, self.now
                 self.running[rank] = item
+                self._pace(rank, item)
             self.cursor[rank] += 1
             moved = True
         moved |= self._step_lanes(rank, deferred_only=False)
@@ -421,15 +483,6 @@ class _Sim:
             self.lane_cursor[rank][lane] = i
         return moved
 
-    def _slowdowns(self) -> list[float]:
-        """Per rank, how much slower its kernel runs now (1: no data moving there)."""
-        slow = [1.0] * len(self.schedules)
-        factor = 1.0 + self.device.overlap_slowdown
-        for f in self.flows:
-            for rank in f.ends:
-                slow[rank] = factor
-        return slow
-
     def _yields(self, rank: int) -> bool:
         kernel = self.running[rank]
         return self.device.comm_yields_to_compute and not self.sync and kernel is not None
@@ -437,35 +490,23 @@ class _Sim:
     def run(self) -> None:
         while True:
             self._step_streams()
-            if self.dirty:
+            if self.changed:
                 self._rates()
-            slow = self._slowdowns()
-            times = [self.now + k.remaining * slow[r] for r, k in enumerate(self.running) if k]
-            times += [f.arrives for f in self.arriving]
-            times += [self.now + f.remaining / f.rate for f in self.flows if f.rate > 0]
-            times = [t for t in times if t > self.now + EPS]
-            if not times:
+            if not self.events:
                 break
-            until = min(times)
-            for f in self.flows:
-                f.remaining -= f.rate * (until - self.now)
-            for rank, kernel in enumerate(self.running):
-                if kernel is not None:
-                    kernel.remaining -= (until - self.now) / slow[rank]
-            self.now = until
-            done = [f for f in self.flows if f.remaining <= f.rate * EPS + 1e-3]
-            for f in done:
-                self.flows.remove(f)
-                f.arrives = self.now + f.latency
-                self.arriving.append(f)
-            self.dirty |= bool(done)
-            for f in [f for f in self.arriving if f.arrives <= self.now + EPS]:
-                self.arriving.remove(f)
-                for owner in f.owners:
-                    self._finish(owner)
-            for rank, item in enumerate(self.running):
-                if item is not None and item.remaining <= EPS:
-                    item.end = self.now
+            self.now = max(self.now, self.events[0][0])
+            while self.events and self.events[0][0] <= self.now + EPS:
+                _, _, kind, obj, version = heapq.heappop(self.events)
+                if kind == "flow":
+                    if obj.version == version and obj in self.flows:
+                        self._remove(obj)
+                        self._push(self.now + obj.latency, "arrive", obj)
+                elif kind == "arrive":
+                    for owner in obj.owners:
+                        self._finish(owner)
+                elif obj[1].version == version:  # a kernel's end
+                    rank, kernel = obj
+                    kernel.end = self.now
                     self.running[rank] = None
                     self.wake.add(rank)
         stuck = [r for r, s in enumerate(self.streams) if self.cursor[r] < len(s)]

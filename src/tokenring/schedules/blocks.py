@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 
 __all__ = ["Block", "Element", "Rel", "cover", "pair_relation", "relations"]
 
@@ -32,15 +33,22 @@ def pair_relation(q_piece: int, k_piece: int, causal: bool) -> Rel:
 Element = tuple[int, int, Rel]  # (query cell, key cell, relation), cells as local indices
 
 
-def relations(q_pieces: tuple[int, ...], kv_pieces: tuple[int, ...], causal: bool) -> list[Element]:
-    """All non-empty (query cell, key cell) pairs between two runs of cells."""
+@lru_cache(maxsize=4096)
+def relations(
+    q_pieces: tuple[int, ...], kv_pieces: tuple[int, ...], causal: bool
+) -> tuple[Element, ...]:
+    """All non-empty (query cell, key cell) pairs between two runs of cells (as
+    ``pair_relation`` says; remembered, since every rank's schedule asks for the same)."""
+    if not causal:
+        return tuple((i, j, Rel.FULL) for i in range(len(q_pieces)) for j in range(len(kv_pieces)))
     out = []
     for i, pq in enumerate(q_pieces):
         for j, pk in enumerate(kv_pieces):
-            rel = pair_relation(pq, pk, causal)
-            if rel is not Rel.NONE:
-                out.append((i, j, rel))
-    return out
+            if pq > pk:
+                out.append((i, j, Rel.FULL))
+            elif pq == pk:
+                out.append((i, j, Rel.DIAG))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,7 @@ def _causal_squares(pairs: dict[tuple[int, int], Rel]) -> list[Block]:
     return squares
 
 
-def cover(elements: list[Element]) -> list[Block]:
+def cover(elements: tuple[Element, ...] | list[Element]) -> list[Block]:
     """Cover exactly ``elements`` with few rectangular calls (each FULL or square causal).
 
     Diagonal runs first (one causal call each), then the FULL pairs left: per

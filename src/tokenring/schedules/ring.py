@@ -12,6 +12,8 @@ hybrid (``usp.py``). See docs/algorithms.md, "Ring".
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from ..options import Pass, Strategy
 from .base import StrategyDef
 from .blocks import cover, relations
@@ -40,6 +42,23 @@ def ring_slots(ring: RingAxis, backward: bool) -> dict[str, SlotSpec]:
     return slots
 
 
+@lru_cache(maxsize=2048)
+def kv_still_needed(
+    shards: tuple[tuple[int, ...], ...], causal: bool, owner: int
+) -> tuple[tuple[int, int], ...]:
+    """Per step, the key rows of shard ``owner`` needed by the ranks it visits from that
+    step on (the same for every rank of the ring, so computed once per owner: building
+    all P schedules costs O(P^2) relations, not O(P^3))."""
+    P = len(shards)
+    spans, lo, hi = [(0, 0)] * (P + 1), None, None
+    for s in range(P - 1, -1, -1):
+        for _, j, _ in relations(shards[(owner + s) % P], shards[owner], causal):
+            lo = j if lo is None else min(lo, j)
+            hi = j + 1 if hi is None else max(hi, j + 1)
+        spans[s] = (lo, hi) if lo is not None else (0, 0)
+    return tuple(spans)
+
+
 def emit_ring(
     b: ScheduleBuilder, ring: RingAxis, causal: bool, backward: bool
 ) -> tuple[str, str | None]:
@@ -52,14 +71,7 @@ def emit_ring(
 
     def travelling_rows(owner: int, step: int) -> tuple[int, int]:
         """Key rows of KV_owner needed by the rank it visits at ``step`` or later."""
-        rows = sorted(
-            {
-                j
-                for s in range(step, P)
-                for _, j, _ in relations(ring.shards[(owner + s) % P], ring.shards[owner], causal)
-            }
-        )
-        return (rows[0], rows[-1] + 1) if rows else (0, 0)
+        return kv_still_needed(ring.shards, causal, owner)[step]
 
     def move(slot: str, rows: tuple[int, int], peer: int, send: bool, lane: int) -> Transfer:
         return Transfer(Rows(slot, *rows), peer, send, lane, ring.axis)

@@ -23,6 +23,7 @@ V live. See docs/algorithms.md, "TokenRing".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..options import Pass, Strategy
 from .base import StrategyDef
@@ -94,17 +95,32 @@ class Visit:
     home: Span
 
 
+@lru_cache(maxsize=2048)
+def q_still_needed(
+    shards: tuple[tuple[int, ...], ...], causal: bool, owner: int
+) -> tuple[Span, ...]:
+    """Per step, the rows of query shard ``owner`` that the ranks it visits from that
+    step on need (the same for every rank of the ring, so computed once per owner:
+    building all P schedules costs O(P^2) relations, not O(P^3))."""
+    P = len(shards)
+    spans = [EMPTY] * (P + 1)
+    for s in range(P - 1, -1, -1):
+        here = _span(relations(shards[owner], shards[(owner - s) % P], causal))
+        spans[s] = _union([here, spans[s + 1]])
+    return tuple(spans)
+
+
 def plan_visits(ring: RingAxis, causal: bool) -> list[Visit]:
     """Step by step, which queries meet this rank's keys and what moves (step 0: its own)."""
     P, r = ring.world, ring.rank
 
     def needed(owner: int, visitor: int) -> tuple[Element, ...]:
-        return tuple(relations(ring.shards[owner], ring.shards[visitor], causal))
+        return relations(ring.shards[owner], ring.shards[visitor], causal)
 
     def travelling(owner: int, step: int) -> Span:
         """Rows of Q_owner that must reach the rank it visits at ``step``: what that
         rank and every later visitor needs."""
-        return _union([_span(needed(owner, (owner - s) % P)) for s in range(step, P)])
+        return q_still_needed(ring.shards, causal, owner)[step]
 
     visits = []
     for t in range(P):
