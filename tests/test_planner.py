@@ -18,6 +18,7 @@ from tokenring.options import Layout, Pass, Strategy
 from tokenring.planner import Shape, Topology, load_topology, preset, preset_names, simulate_timing
 from tokenring.planner.choose import _schedules
 from tokenring.planner.topology import ClusterLinks, ExplicitLinks
+from tokenring_bench.calibrate import calibrate
 from tokenring_bench.cli import main as cli_main
 from traffic_formulas import expected_traffic
 
@@ -370,3 +371,23 @@ def test_strategy_auto_is_exact_eager_and_compiled_and_remembers_why(pool):
             assert max(r["errors"].values()) <= 1e-5, (case, r)
             assert r["compiled_diff"] <= 1e-5 and r["explained"], (case, r)
             assert r["decided_once"], (case, r)
+
+
+def test_calibrate_measures_the_device_and_says_what_it_could_not(tmp_path):
+    """On one CPU process (a small grid): a usable kernel table, merge rate and host
+    time, the links kept from the preset and listed as not measured; the file loads and
+    plans."""
+    import torch
+
+    base = preset("cpu-gloo", 2)
+    lines: list[str] = []
+    topo = calibrate(base, torch.device("cpu"), torch.float32, lines.append, lengths=(16, 32))
+    assert topo.device.kernel.lengths == (16, 32) and topo.device.synchronous
+    assert topo.device.memory_gbps > 0 and topo.device.host.call_us > 0
+    assert topo.links == base.links
+    assert any(n.startswith("not_measured: links") for n in topo.notes)
+    assert any("TFLOP/s" in line for line in lines)
+    path = tmp_path / "cpu.json"
+    topo.save(path)
+    report = tr.plan(topology=str(path), gpus=2, seq=256, heads_q=4, heads_kv=2, head_dim=16)
+    assert report.choice in {c.name for c in report.priced}

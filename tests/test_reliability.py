@@ -632,13 +632,13 @@ def test_bench_runs_end_to_end_on_cpu_and_leaves_no_process(tmp_path: Path) -> N
     command += ["--output-dir", str(tmp_path)]
     _run_and_check_no_process_left(command)
     records = json.loads((tmp_path / "bench.json").read_text())
-    ours = [r for r in records if r["method"] in ("tokenring", "ring")]
+    ours = [r for r in records if r["method"] in ("tokenring", "ring", "auto")]
     assert {(r["method"], r["pass"]) for r in ours} == {
-        (m, p) for m in ("tokenring", "ring") for p in ("forward", "forward_backward")
+        (m, p) for m in ("tokenring", "ring", "auto") for p in ("forward", "forward_backward")
     }
     for r in ours:
         assert r["status"] == "ok" and r["max_rel_err"] <= 1e-4 and r["ms"] > 0, r
-    peers = {r["method"] for r in records} - {"tokenring", "ring"}
+    peers = {r["method"] for r in records} - {"tokenring", "ring", "auto"}
     assert {"torch-cp-allgather", "torch-cp-alltoall"} <= {p.split(" ")[0] for p in peers}
     for r in records:
         assert r["status"] == "ok" or r["status"].startswith("skipped: "), r

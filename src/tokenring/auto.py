@@ -78,6 +78,7 @@ def resolve_auto(rt: Runtime, q, k, *, causal, layout, group, mesh, wants_grad: 
             backward=wants_grad,
             with_usp=False,
             mesh_ulysses=sp.ulysses if sp is not None else None,
+            stream_tail_min=rt.settings.stream_tail_min,
         )
         if report.priced:  # else: the call's own checks give the refusal
             best = report.best

@@ -186,10 +186,13 @@ def calibrate_device(
     device: torch.device,
     dtype: torch.dtype,
     progress: Callable[[str], None] = print,
+    lengths: tuple[int, ...] | None = None,
 ) -> DeviceModel:
-    """``base`` with every per-device number measured on ``device``."""
+    """``base`` with every per-device number measured on ``device`` (``lengths``: the
+    kernel table's grid; default 128-64K on a GPU, 32-1K on a CPU)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    lengths = GPU_LENGTHS if device.type == "cuda" else CPU_LENGTHS
+    if lengths is None:
+        lengths = GPU_LENGTHS if device.type == "cuda" else CPU_LENGTHS
     kernel = measure_kernels(device, dtype, lengths, progress)
     merge = measure_merge_gbps(device, dtype)
     call_us = measure_call_us(device, dtype)
@@ -267,9 +270,10 @@ def calibrate(
     device: torch.device,
     dtype: torch.dtype,
     progress: Callable[[str], None] = print,
+    lengths: tuple[int, ...] | None = None,
 ) -> Topology:
     """``base`` (a preset) with what can be measured here measured; ``notes`` say which."""
-    measured = calibrate_device(base.device, device, dtype, progress)
+    measured = calibrate_device(base.device, device, dtype, progress, lengths)
     notes = [f"device measured by tokenring calibrate ({measured.name}, {dtype})"]
     links = base.links
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -148,7 +148,7 @@ def _progress(console: Console) -> Progress:
 def _bench(args: argparse.Namespace, console: Console) -> int:
     from tokenring.options import Strategy as TrStrategy
 
-    from .methods import PeerMethod, Strategy, usp_splits
+    from .methods import Auto, PeerMethod, Strategy, usp_splits
     from .peers import default_peers
     from .report import environment, table, write_outputs
     from .runner import BenchConfig, bench_worker
@@ -167,9 +167,10 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     peers = [PeerMethod(p) for p in default_peers()]
     one_d = [s.value for s in TrStrategy if s is not TrStrategy.USP]
     hybrids = usp_splits(world)
-    ours = [*one_d, *(h.name for h in hybrids)]
+    ours = [*one_d, "auto", *(h.name for h in hybrids)]
     wanted = args.methods or [*ours, *(p.name for p in peers)]
     methods = [Strategy(name) for name in wanted if name in one_d]
+    methods += [Auto()] if "auto" in wanted else []
     methods += [h for h in hybrids if h.name in wanted]
     peers = [p for p in peers if p.name in wanted]
     console.print(

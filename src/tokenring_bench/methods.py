@@ -129,6 +129,19 @@ class Strategy:
 
 
 @dataclass
+class Auto:
+    """``strategy="auto"``: the planner's pick among our 1-D strategies for this machine."""
+
+    name: str = "auto"
+
+    def not_supported_reasons(self, case: Case, world: int, backward: bool) -> list[str]:
+        return []  # auto picks among what can run; if nothing can, the call says why
+
+    def prepare(self, case: Case, inputs: GlobalInputs, backward: bool) -> Prepared:
+        return _Sharded({"strategy": "auto"}, {}, case, _shards(inputs, case.layout, {}))
+
+
+@dataclass
 class Usp:
     """The hybrid on a ``ulysses`` x ``ring`` mesh of every rank (named ``usp-UxR``)."""
 

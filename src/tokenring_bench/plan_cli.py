@@ -46,6 +46,12 @@ def add_plan_parser(sub) -> None:
         help="default: zigzag when causal, else contiguous",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.add_argument(
+        "--timeline",
+        default=None,
+        help="also draw the predicted per-step timelines of the four fastest here (PNG), "
+        "in the format of the measured ones (tokenring bench)",
+    )
 
 
 def _table(report: PlanReport) -> Table:
@@ -96,6 +102,15 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
     except ValueError as error:
         console.print(f"[red]tokenring plan: {error}[/red]")
         return 2
+    if args.timeline and report.priced:
+        from .plots import plot_timelines
+
+        panels = {
+            f"{c.name} (predicted, {pass_.value}): {p.ms:.2f} ms": list(p.spans)
+            for c in report.priced[:4]
+            for pass_, p in c.passes[:1]
+        }
+        plot_timelines(panels, args.timeline)
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0
@@ -105,6 +120,8 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
         return 1
     console.print(f"choice: [bold]{report.choice}[/bold]")
     console.print(report.explain())
+    if args.timeline:
+        console.print(f"predicted timelines: {args.timeline}")
     return 0
 
 

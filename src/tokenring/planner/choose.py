@@ -178,12 +178,13 @@ def _schedules(
     heads_kv: int,
     ulysses: int,
     ring_impl: Strategy,
+    stream_tail: bool = True,
 ) -> tuple:
+    """Every rank's schedule, as the executor builds them (``plan.py``)."""
     return tuple(
         build_schedule(
-            ScheduleKey(
-                strategy, layout, world, r, causal, pass_, heads_q, heads_kv, ulysses, ring_impl
-            )
+            ScheduleKey(strategy, layout, world, r, causal, pass_, heads_q, heads_kv, ulysses,
+                        ring_impl, stream_tail)
         )
         for r in range(world)
     )
@@ -209,11 +210,16 @@ def plan_call(
     backward: bool = False,
     with_usp: bool = True,
     mesh_ulysses: int | None = None,
+    stream_tail_min: int = 1 << 20,
 ) -> PlanReport:
-    """Price every candidate for ``world`` ranks of ``topology`` (its first devices)."""
+    """Price every candidate for ``world`` ranks of ``topology`` (its first devices).
+    ``stream_tail_min``: the runtime setting that decides whether TokenRing streams its
+    last partial (``Settings.stream_tail_min``)."""
     if world < 1:
         raise ValueError(f"world must be at least 1, got {world}")
     topo = topology.first(world)
+    local_q = shape.batch * (shape.seq // world) * shape.heads_q * shape.head_dim
+    stream_tail = local_q >= stream_tail_min
     passes = (Pass.FORWARD, Pass.BACKWARD) if backward else (Pass.FORWARD,)
     priced: list[Candidate] = []
     for c in _candidates(world, with_usp, mesh_ulysses):
@@ -234,6 +240,7 @@ def plan_call(
                 shape.heads_kv,
                 c.ulysses,
                 c.ring_impl,
+                stream_tail,
             )
             results.append((pass_, simulate_timing(list(scheds), pass_, shape, topo, axes)))
         priced.append(Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, None, tuple(results)))
