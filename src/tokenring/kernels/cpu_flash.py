@@ -29,7 +29,15 @@ class CpuFlash(KernelBackend):
         out, lse = torch._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale
         )
-        return out.transpose(1, 2), lse
+        out = out.transpose(1, 2)
+        # On AVX-512 builds the kernel returns zeros and a finite LSE for a query row that
+        # holds a NaN (AVX2 builds and float64 give NaN); restore the NaN, so that it
+        # propagates as in attention computed exactly, whatever the CPU.
+        bad = torch.isnan(q).any(-1)  # [B, L, H]
+        if bad.any():
+            out = out.masked_fill(bad.unsqueeze(-1), float("nan"))
+            lse = lse.masked_fill(bad.transpose(1, 2), float("nan"))
+        return out, lse
 
     def _backward(self, do, q, k, v, out, lse, delta, causal, scale):
         if out is None:
