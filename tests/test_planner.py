@@ -105,7 +105,7 @@ def _faster_links(topo: Topology, factor: float) -> Topology:
 
 
 SHAPES = st.tuples(
-    st.sampled_from(["h100-nvlink-2", "a10-pcie-4", "h100-nvswitch-8", "npu-mesh-8"]),
+    st.sampled_from(["h100-nvlink-2", "a10-pcie-4", "h100-nvswitch-8", "npu-mesh-8", "cpu-gloo"]),
     st.sampled_from(ONE_D),
     st.sampled_from([2, 4]),
     st.sampled_from([1024, 8192, 32768]),

@@ -48,11 +48,16 @@ class Candidate:
 
     @property
     def dominant(self) -> str | None:
+        """The term that decides the time over the passes: ``host`` (where the host
+        cannot keep ahead of the device), ``compute`` or ``communication``."""
         if self.refused:
             return None
-        if all(p.dominant == "host" for _, p in self.passes):
+        if all(not p.synchronous and p.dominant == "host" for _, p in self.passes):
             return "host"
-        return "compute" if self.term_ms("compute") >= self.term_ms("comm") else "communication"
+        terms = {"compute": self.term_ms("compute"), "communication": self.term_ms("comm")}
+        if any(p.synchronous for _, p in self.passes):
+            terms["host"] = self.term_ms("host")
+        return max(terms, key=terms.get)
 
     def to_dict(self) -> dict[str, Any]:
         steps = [
@@ -61,6 +66,7 @@ class Candidate:
                 "ms": s.ms,
                 "compute_ms": s.compute_ms,
                 "comm_ms": s.comm_ms,
+                "host_ms": s.host_ms,
                 "pass": pass_.value,
             }
             for pass_, p in self.passes
@@ -183,8 +189,19 @@ def _schedules(
     """Every rank's schedule, as the executor builds them (``plan.py``)."""
     return tuple(
         build_schedule(
-            ScheduleKey(strategy, layout, world, r, causal, pass_, heads_q, heads_kv, ulysses,
-                        ring_impl, stream_tail)
+            ScheduleKey(
+                strategy,
+                layout,
+                world,
+                r,
+                causal,
+                pass_,
+                heads_q,
+                heads_kv,
+                ulysses,
+                ring_impl,
+                stream_tail,
+            )
         )
         for r in range(world)
     )

@@ -47,17 +47,21 @@ EPS = 1e-12
 
 @dataclass(frozen=True)
 class StepCost:
-    """One step of one rank: its wall time, the compute in it, the exposed wait."""
+    """One step of one rank: its wall time, the compute in it, the exposed wait for data,
+    and (synchronous devices) the host time spent in it."""
 
     step: int
     ms: float
     compute_ms: float
     comm_ms: float
+    host_ms: float = 0.0
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """A simulated call: ``ms`` = the longer of device time and host time."""
+    """A simulated call. Asynchronous devices: ``ms`` is the longer of device time and
+    host time (the host queues ahead); synchronous ones: the device time, which
+    includes the host time."""
 
     ms: float
     device_ms: float
@@ -65,6 +69,7 @@ class Prediction:
     slowest_rank: int
     steps: tuple[StepCost, ...]
     spans: tuple[Span, ...]
+    synchronous: bool = False
 
     @property
     def compute_ms(self) -> float:
@@ -77,16 +82,19 @@ class Prediction:
     @property
     def dominant(self) -> str:
         """Which term decides the time: ``host``, ``compute`` or ``communication``."""
-        if self.host_ms >= self.device_ms:
+        if not self.synchronous and self.host_ms >= self.device_ms:
             return "host"
-        return "compute" if self.compute_ms >= self.comm_ms else "communication"
+        terms = {"compute": self.compute_ms, "communication": self.comm_ms}
+        if self.synchronous:
+            terms["host"] = self.host_ms
+        return max(terms, key=terms.get)
 
 
 @dataclass(eq=False)
 class _Item:
     """One entry of a compute stream: a kernel (``seconds``), a wait, or a post marker."""
 
-    kind: str  # "kernel", "wait", "post"
+    kind: str  # "kernel", "host" (synchronous devices), "wait", "post"
     step: int
     seconds: float = 0.0
     label: str = ""
@@ -188,20 +196,17 @@ class _Sim:
                     label = f"{op.q_owner if op.q_owner is not None else '*'}x" + (
                         f"{op.kv_owner if op.kv_owner is not None else '*'}"
                     )
-                    items.append(
-                        _Item("kernel", op.step, seconds + (cost if self.sync else 0), label)
-                    )
+                    items += self._host(op.step, cost)
+                    items.append(_Item("kernel", op.step, seconds, label))
                 case Merge():
                     seconds = merge_seconds(sched, op, self.pass_, self.shape, self.device)
                     cost = h.merge_us * 1e-6
-                    items.append(
-                        _Item("kernel", op.step, seconds + (cost if self.sync else 0), "merge")
-                    )
+                    items += self._host(op.step, cost)
+                    items.append(_Item("kernel", op.step, seconds, "merge"))
                 case Post():
                     lanes = {(m.axis, m.lane) for m in op.moves}
                     cost = (h.post_us * len(lanes) + h.transfer_us * len(op.moves)) * 1e-6
-                    if self.sync:
-                        items.append(_Item("kernel", op.step, cost, "post"))
+                    items += self._host(op.step, cost)
                     for lane in sorted(lanes):
                         moves = tuple(m for m in op.moves if (m.axis, m.lane) == lane)
                         post = _Post(rank, op.handle, lane, op.step, moves=moves)
@@ -211,12 +216,15 @@ class _Sim:
                         items.append(_Item("post", op.step, post=post))
                 case Wait():
                     cost = h.wait_us * 1e-6
-                    if self.sync:
-                        items.append(_Item("kernel", op.step, cost, "wait"))
+                    items += self._host(op.step, cost)
                     items.append(_Item("wait", op.step, handle=op.handle))
             host += cost
         self.host_seconds[rank] = host
         return items
+
+    def _host(self, step: int, seconds: float) -> list[_Item]:
+        """On a synchronous device an operation's host time is spent on its stream."""
+        return [_Item("host", step, seconds, "host")] if self.sync else []
 
     def _global(self, rank: int, axis: str, peer: int) -> int:
         for group in self.axes[axis]:
@@ -521,20 +529,20 @@ class _Sim:
             posts = [p.done for ps in self.lanes[rank].values() for p in ps]
             ends.append(max([end, *[d for d in posts if d is not None]]))
         slowest = max(range(len(ends)), key=lambda r: ends[r])
-        steps: dict[int, list[float]] = {}
+        steps: dict[int, list[float]] = {}  # step -> [wall, compute, host]
         last = 0.0
         for item in self.streams[slowest]:
-            entry = steps.setdefault(item.step, [0.0, 0.0])
-            if item.kind == "kernel":
-                entry[1] += item.end - item.start
+            entry = steps.setdefault(item.step, [0.0, 0.0, 0.0])
+            if item.kind in ("kernel", "host"):
+                entry[1 if item.kind == "kernel" else 2] += item.end - item.start
             entry[0] += max(item.end - last, 0.0)
             last = max(last, item.end)
         tail = ends[slowest] - last
         if tail > 0 and steps:
             steps[max(steps)][0] += tail
         costs = tuple(
-            StepCost(s, ms * 1e3, c * 1e3, max(ms - c, 0.0) * 1e3)
-            for s, (ms, c) in sorted(steps.items())
+            StepCost(s, ms * 1e3, c * 1e3, max(ms - c - h, 0.0) * 1e3, h * 1e3)
+            for s, (ms, c, h) in sorted(steps.items())
         )
         spans = self.spans + [
             Span(rank, i.step, "compute", i.label, i.start * 1e3, i.end * 1e3, 0, self.pass_.value)
@@ -543,14 +551,19 @@ class _Sim:
             if i.kind == "kernel"
         ]
         device_ms = ends[slowest] * 1e3
-        host_ms = 0.0 if self.sync else max(self.host_seconds) * 1e3
+        if self.sync:
+            host_ms, ms = sum(c.host_ms for c in costs), device_ms
+        else:
+            host_ms = max(self.host_seconds) * 1e3
+            ms = max(device_ms, host_ms)
         return Prediction(
-            max(device_ms, host_ms),
+            ms,
             device_ms,
             host_ms,
             slowest,
             costs,
             tuple(sorted(spans, key=lambda s: (s.rank, s.start_ms))),
+            self.sync,
         )
 
 
