@@ -70,17 +70,21 @@ def _h100() -> DeviceModel:
     return _gpu("H100 SXM", H100_OVER_H200, _h200()[1] * 3.35 / 4.8)
 
 
+NVLINK = dict(intra_gbps=370.0, intra_latency_us=8.0, p2p_cap_gbps=143.0)
+"""H100 NVLink, per GPU and direction: 370 GB/s for collectives (450 GB/s at NCCL's
+typical 80 % bus efficiency), 143 GB/s for one point-to-point transfer (the K,V
+transfer measured in graph replay on the pair, RESULTS.md), 8 us latency."""
+
+
 def h100_nvlink_2(gpus: int) -> Topology:
     """The pair our 2 x H100 RESULTS come from (NV18, one NVLink bundle each way)."""
-    links = ClusterLinks(
-        gpus, 2, "mesh", intra_gbps=370.0, intra_latency_us=8.0, p2p_cap_gbps=143.0
-    )
+    links = ClusterLinks(gpus, 2, "mesh", **NVLINK)
     return Topology(
         "h100-nvlink-2",
         _h100(),
         links,
         (
-            "kernel: H200 table x H100/H200 single-device ratio",
+            "kernel: H200 table x 0.9, fitted to the committed 2 x H100 rows at 64K-128K",
             "p2p 143 GB/s: the K,V transfer measured in graph replay (RESULTS.md, 32K)",
             "collectives 370 GB/s: NV18 (450 GB/s) at NCCL's typical 80% bus efficiency",
         ),
@@ -89,9 +93,7 @@ def h100_nvlink_2(gpus: int) -> Topology:
 
 def h100_nvswitch_8(gpus: int) -> Topology:
     """One HGX H100 node: 8 GPUs, each with one NVSwitch port per direction."""
-    links = ClusterLinks(
-        gpus, 8, "switch", intra_gbps=370.0, intra_latency_us=8.0, p2p_cap_gbps=143.0
-    )
+    links = ClusterLinks(gpus, 8, "switch", **NVLINK)
     return Topology(
         "h100-nvswitch-8",
         _h100(),
@@ -102,16 +104,7 @@ def h100_nvswitch_8(gpus: int) -> Topology:
 
 def h100_ib(gpus: int) -> Topology:
     """Nodes of 8 H100 on NVSwitch, one 400 Gb/s InfiniBand NIC per GPU (rail-optimised)."""
-    links = ClusterLinks(
-        gpus,
-        8,
-        "switch",
-        intra_gbps=370.0,
-        intra_latency_us=8.0,
-        p2p_cap_gbps=143.0,
-        inter_gbps=45.0,
-        inter_latency_us=12.0,
-    )
+    links = ClusterLinks(gpus, 8, "switch", **NVLINK, inter_gbps=45.0, inter_latency_us=12.0)
     return Topology(
         "h100-ib",
         _h100(),

@@ -1,0 +1,217 @@
+"""tokenring inside Hugging Face transformers models: sequence-parallel attention for
+training decoder LLMs, through transformers' own registries, and undoable.
+
+    handle = enable(model)                  # every rank, same model and options
+    part = shard_batch(batch)               # this rank's tokens, global positions, labels
+    loss = model(**part).loss               # this rank's share of the loss
+    loss.backward()                         # then sum gradients over the group
+    handle.disable()                        # the model's previous attention again
+
+``enable`` registers an attention function and a mask function under a name of
+its own (``AttentionInterface.register``, ``AttentionMaskInterface.register``)
+and switches the model to it (``set_attn_implementation``): nothing of
+transformers is patched. The mask function is where causality is kept: it
+accepts only the plain causal mask (our attention applies it over global
+positions) and refuses sliding windows, custom masks and padding, so none is
+silently lost.
+
+Loss and gradients: ``shard_batch`` shifts the labels for next-token prediction
+*before* sharding (``shift_labels``, which transformers' causal-LM loss takes as
+they are) and passes ``num_items_in_batch``, the number of labelled tokens of
+the whole batch, so each rank's ``loss`` is its tokens' summed loss divided by
+the global count: summed over the group (``all_reduce``) it is the unsharded
+model's token-weighted mean, and the gradients each rank's backward gives,
+summed over the group, are the unsharded model's gradients (every rank holds
+the whole model; sum with ``all_reduce``, or average over data-parallel ranks
+as usual on top).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..api import attention
+from ..layouts import shard
+
+__all__ = ["SUPPORTED_FAMILIES", "TransformersHandle", "enable", "shard_batch"]
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""``config.model_type`` of the decoder families tested (tests/test_integrations.py)."""
+
+_NAMES = itertools.count()
+
+
+def _transformers():
+    try:
+        import transformers
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "tokenring.integrations.transformers needs transformers: "
+            "pip install 'tokenring[transformers]'"
+        ) from None
+    return transformers, AttentionInterface, AttentionMaskInterface, causal_mask_function
+
+
+@dataclass
+class TransformersHandle:
+    """What ``enable`` did to one model; ``disable()`` undoes it."""
+
+    model: Any
+    name: str
+    previous: str
+    options: dict = field(default_factory=dict)
+    active: bool = True
+
+    def disable(self) -> None:
+        """Give the model back the attention implementation it had before ``enable``."""
+        if self.active:
+            self.model.set_attn_implementation(self.previous)
+            self.active = False
+
+
+def _check_model(model) -> None:
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"tokenring.integrations.transformers supports model families "
+            f"{', '.join(SUPPORTED_FAMILIES)}; this model is {family!r}"
+        )
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        raise ValueError(
+            f"this {family} model uses sliding-window attention (sliding_window={window}); "
+            "tokenring computes full causal attention only"
+        )
+    if getattr(config, "attention_dropout", 0.0):
+        raise ValueError(
+            f"attention_dropout={config.attention_dropout}: tokenring computes attention "
+            "without dropout; set config.attention_dropout = 0.0"
+        )
+
+
+def enable(
+    model,
+    *,
+    group: dist.ProcessGroup | None = None,
+    mesh: object = None,
+    strategy: str = "auto",
+    layout: str = "zigzag",
+    ring_impl: str = "tokenring",
+) -> TransformersHandle:
+    """Make ``model``'s attention sequence-parallel over ``group`` (default: the world)
+    or, with ``strategy="usp"``, over ``mesh``; returns a handle whose ``disable()``
+    restores the previous implementation. Feed it ``shard_batch`` parts with the same
+    ``layout`` and ``group``/``mesh``."""
+    _, interface, mask_interface, causal_mask_function = _transformers()
+    _check_model(model)
+    where = {"mesh": mesh, "ring_impl": ring_impl} if strategy == "usp" else {"group": group}
+    options = dict(strategy=strategy, layout=layout, **where)
+
+    def sequence_parallel_attention(
+        module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+    ):
+        if dropout:
+            raise ValueError(f"attention dropout {dropout}: tokenring computes no dropout")
+        if kwargs.get("sliding_window") is not None:
+            raise ValueError("sliding-window attention: tokenring computes full causal attention")
+        # transformers hands [batch, heads, seq, head_dim]; tokenring takes [batch, seq, ...]
+        out = attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            causal=bool(getattr(module, "is_causal", True)), softmax_scale=scaling, **options,
+        )  # fmt: skip
+        return out, None
+
+    def causal_only(
+        batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+        attention_mask=None, **kwargs,
+    ):  # fmt: skip
+        if mask_function is not causal_mask_function:
+            raise ValueError(
+                "tokenring supports the plain causal mask only (no sliding window, packed "
+                f"sequences or custom mask functions); the model asked for {mask_function!r}"
+            )
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding: tokenring's layouts cannot skip padded tokens")
+        return None  # causality is applied by the attention itself, on global positions
+
+    name = f"tokenring_{next(_NAMES)}"
+    interface.register(name, sequence_parallel_attention)
+    mask_interface.register(name, causal_only)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    return TransformersHandle(model, name, previous, options)
+
+
+def shard_batch(
+    batch: dict[str, torch.Tensor],
+    *,
+    layout: str = "zigzag",
+    group: dist.ProcessGroup | None = None,
+    mesh: object = None,
+    ignore_index: int = -100,
+) -> dict[str, Any]:
+    """This rank's part of a causal-LM batch (the same full batch on every rank), ready
+    for ``model(**part)``: ``input_ids`` (or ``inputs_embeds``), global ``position_ids``,
+    labels shifted before sharding (``labels`` and ``shift_labels``) and
+    ``num_items_in_batch`` (see the module docstring for the loss). A padding
+    ``attention_mask`` must be all ones; packed sequences (positions that restart)
+    are refused."""
+    known = {"input_ids", "inputs_embeds", "labels", "position_ids", "attention_mask"}
+    unknown = set(batch) - known
+    if unknown:
+        raise ValueError(f"shard_batch takes {sorted(known)}; got also {sorted(unknown)}")
+    tokens = batch.get("input_ids", batch.get("inputs_embeds"))
+    if tokens is None:
+        raise ValueError("shard_batch needs input_ids or inputs_embeds")
+    rows, seq = tokens.shape[0], tokens.shape[1]
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise ValueError(
+            "padding (attention_mask with zeros): tokenring's layouts shard whole sequences; "
+            "pack or trim the batch to equal lengths without padding"
+        )
+    positions = batch.get("position_ids")
+    default = torch.arange(seq, device=tokens.device).expand(rows, seq)
+    if positions is not None and not torch.equal(positions.expand(rows, seq), default):
+        raise ValueError(
+            "position_ids must be 0, 1, ..., seq-1 in every row (packed sequences, whose "
+            "positions restart, are not supported)"
+        )
+    where = {"mesh": mesh} if mesh is not None else {"group": group}
+
+    def mine(x: torch.Tensor) -> torch.Tensor:
+        return shard(x, layout=layout, dim=1, **where)
+
+    part: dict[str, Any] = {
+        "position_ids": mine(default.contiguous()),
+        # all ones: keeps transformers from reading the jumps of a zigzag shard's
+        # positions as packed sequences
+        "attention_mask": torch.ones(rows, seq // _world(group, mesh), dtype=torch.long,
+                                     device=tokens.device),
+    }  # fmt: skip
+    part["input_ids" if "input_ids" in batch else "inputs_embeds"] = mine(tokens)
+    labels = batch.get("labels")
+    if labels is not None:
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+        local = mine(shifted.contiguous())
+        part["labels"] = part["shift_labels"] = local
+        part["num_items_in_batch"] = int((shifted != ignore_index).sum())
+    return part
+
+
+def _world(group, mesh) -> int:
+    if mesh is not None:
+        from ..runtime import runtime
+
+        return runtime().sp_mesh(mesh).size
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
