@@ -12,12 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_import_tokenring_imports_nothing_beyond_torch():
-    """rich, matplotlib and the benchmark package stay out of ``sys.modules`` (torch may
-    bring numpy)."""
+    """rich, matplotlib, the benchmark package and the model libraries of the
+    integrations stay out of ``sys.modules`` (torch may bring numpy)."""
     code = (
         "import sys, tokenring\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
-        "('rich', 'matplotlib', 'tokenring_bench', 'hypothesis', 'psutil')]\n"
+        "('rich', 'matplotlib', 'tokenring_bench', 'hypothesis', 'psutil', 'transformers', "
+        "'diffusers')]\n"
         "print(','.join(sorted(bad)))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
