@@ -21,6 +21,8 @@ def test_layer_options_are_checked_when_it_is_made():
         tr.SequenceParallelAttention("ulysses", ring_impl="ring")
     with pytest.raises(ValueError, match=r"mesh must be a torch\.distributed DeviceMesh"):
         tr.SequenceParallelAttention("usp", mesh="not a mesh")
+    with pytest.raises(ValueError, match=r"mesh must be a torch\.distributed DeviceMesh"):
+        tr.SequenceParallelAttention("auto", mesh="not a mesh")
 
 
 def test_layer_has_no_parameters_and_says_how_it_runs():
@@ -30,7 +32,8 @@ def test_layer_has_no_parameters_and_says_how_it_runs():
 
 
 def test_layer_gives_what_the_function_gives(pool):
-    """Bitwise, on 4 ranks: a 1-D strategy with joint tokens, and USP 2 x 2."""
+    """Bitwise, on 4 ranks: a 1-D strategy with joint tokens, USP 2 x 2, and auto over
+    the same mesh."""
     (per_rank,) = pool.run(layer_case, [dict(world=4)])
     assert all(per_rank), per_rank
 

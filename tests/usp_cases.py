@@ -220,4 +220,7 @@ def layer_case(w, *, world: int) -> bool:
         *parts, strategy="usp", mesh=mesh, ring_impl="ring", layout="zigzag", causal=True
     )
     same.append(torch.equal(got, want))
+    auto = tr.SequenceParallelAttention("auto", mesh=mesh, layout="zigzag")
+    want = tr.attention(*parts, strategy="auto", mesh=mesh, layout="zigzag", causal=True)
+    same.append(torch.equal(auto(*parts, causal=True), want))
     return all(same)

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .api import attention
+from .auto import AUTO
 from .mesh import SpMesh
 from .options import JointStrategy, Layout, RingImpl, Strategy, parse_enum
 
@@ -16,8 +17,10 @@ __all__ = ["SequenceParallelAttention"]
 class SequenceParallelAttention(nn.Module):
     """Exact attention over a sequence sharded across ranks, as a layer.
 
-    Configured once: ``strategy`` (any of ``tokenring.Strategy``), where it runs
-    (``group`` for the 1-D strategies, ``mesh`` for ``"usp"``), ``layout``,
+    Configured once: ``strategy`` (any of ``tokenring.Strategy``, or ``"auto"``: the
+    planner's pick per call shape, over ``group`` or, given ``mesh``, TokenRing or ring
+    across it), where it runs (``group`` for the 1-D strategies, ``mesh`` for
+    ``"usp"``), ``layout``,
     ``kernel``, ``ring_impl`` (``usp``: what runs across the ring axis),
     ``softmax_scale`` and ``deterministic``; the options are checked here, so a
     typo fails at construction. ``forward`` takes this rank's shards like
@@ -38,10 +41,15 @@ class SequenceParallelAttention(nn.Module):
         deterministic: bool = False,
     ):
         super().__init__()
-        self.strategy = parse_enum(Strategy, strategy, "strategy")
+        self.strategy = AUTO if strategy == AUTO else parse_enum(Strategy, strategy, "strategy")
         self.layout = parse_enum(Layout, layout, "layout")
         self.ring_impl = parse_enum(RingImpl, ring_impl, "ring_impl")
-        if self.strategy is Strategy.USP:
+        if self.strategy == AUTO:
+            if mesh is not None and group is not None:
+                raise ValueError("strategy='auto' runs over group= or mesh=, not both")
+            if mesh is not None:
+                SpMesh.of(mesh)
+        elif self.strategy is Strategy.USP:
             if mesh is None or group is not None:
                 raise ValueError("strategy='usp' needs mesh= (tokenring.sp_mesh), not group=")
             SpMesh.of(mesh)  # the mesh has the dims usp needs
@@ -69,7 +77,7 @@ class SequenceParallelAttention(nn.Module):
         return_lse: bool = False,
     ):
         """``tokenring.attention`` with this layer's configuration."""
-        usp = self.strategy is Strategy.USP
+        usp = self.strategy is Strategy.USP or (self.strategy == AUTO and self.mesh is not None)
         return attention(
             q,
             k,
@@ -93,6 +101,7 @@ class SequenceParallelAttention(nn.Module):
     def extra_repr(self) -> str:
         where = "mesh" if self.mesh is not None else "group" if self.group is not None else "world"
         return (
-            f"strategy={self.strategy.value}, layout={self.layout.value}, kernel={self.kernel}, "
+            f"strategy={getattr(self.strategy, 'value', self.strategy)}, "
+            f"layout={self.layout.value}, kernel={self.kernel}, "
             f"ring_impl={self.ring_impl.value}, over={where}"
         )
