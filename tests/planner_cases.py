@@ -54,3 +54,10 @@ def auto_case(w, *, world: int, layout: str, causal: bool) -> dict:
         "explained": report is not None and report.choice in report.explain(),
         "decided_once": tr.runtime().auto.get(mine) is first,
     }
+
+
+def links_case(w) -> dict[str, float]:
+    """``tokenring calibrate``'s link measurements over the pool's processes (gloo)."""
+    from tokenring_bench.calibrate import calibrate_links
+
+    return calibrate_links(torch.device("cpu"), nbytes=1 << 20)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenring as tr
-from planner_cases import auto_case
+from planner_cases import auto_case, links_case
 from tokenring.options import Layout, Pass, Strategy
 from tokenring.planner import Shape, Topology, load_topology, preset, preset_names, simulate_timing
 from tokenring.planner.choose import _schedules
@@ -391,3 +391,12 @@ def test_calibrate_measures_the_device_and_says_what_it_could_not(tmp_path):
     topo.save(path)
     report = tr.plan(topology=str(path), gpus=2, seq=256, heads_q=4, heads_kv=2, head_dim=16)
     assert report.choice in {c.name for c in report.priced}
+
+
+def test_calibrate_measures_links_between_processes(pool):
+    """With a process group: P2P one way and both ways, all-to-all and all-gather, on
+    every rank (gloo here: the numbers are only checked to be measured)."""
+    (per_rank,) = pool.run(links_case, [{}], timeout=300)
+    keys = {"p2p_one_way_gbps", "p2p_both_ways_gbps", "all_to_all_gbps", "all_gather_gbps"}
+    for found in per_rank:
+        assert set(found) == keys and all(v > 0 for v in found.values()), found
