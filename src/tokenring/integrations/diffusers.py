@@ -1,0 +1,251 @@
+"""tokenring inside diffusers MM-DiT transformers (Flux, SD3): sequence parallel inside
+the model's forward, undoable.
+
+    handle = enable(transformer, mesh=tr.sp_mesh(ulysses=2, ring=2))   # every rank
+    out = transformer(**inputs).sample      # the usual full inputs and full output, every rank
+    handle.disable()
+
+Image tokens are sharded (contiguous layout) right after they are embedded and
+gathered right before the output projection's result is reshaped; text tokens
+stay whole on every rank and attend as joint tokens (xDiT's semantics; every
+strategy's joint path: docs/algorithms.md, "Joint tokens"). Everything goes
+through public hooks: forward hooks on the transformer and its embedding and
+output modules (``register_forward_pre_hook`` / ``register_forward_hook``) and
+the attention processors (``set_attn_processor``); ``disable()`` removes the
+hooks and puts the previous processors back.
+
+Gradients (fine-tuning): with the same loss on the full output on every rank,
+each rank's parameter gradients are its share; summed over the group
+(``all_reduce``) they are the unsharded model's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..api import attention
+from ..layouts import shard, unshard
+
+__all__ = ["SUPPORTED_MODELS", "DiffusersHandle", "enable"]
+
+SUPPORTED_MODELS = ("FluxTransformer2DModel", "SD3Transformer2DModel")
+LAYOUT = "contiguous"
+
+
+def _diffusers():
+    try:
+        import diffusers
+        from diffusers.models.embeddings import apply_rotary_emb
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "tokenring.integrations.diffusers needs diffusers: pip install 'tokenring[diffusers]'"
+        ) from None
+    return diffusers, apply_rotary_emb
+
+
+@dataclass
+class _Call:
+    """What the hooks learn about the forward call in progress (text length)."""
+
+    text_len: int = 0
+
+
+@dataclass
+class DiffusersHandle:
+    """What ``enable`` did to one transformer; ``disable()`` undoes it."""
+
+    transformer: Any
+    previous: dict
+    hooks: list = field(default_factory=list)
+    active: bool = True
+
+    def disable(self) -> None:
+        """Remove the hooks and give the transformer back its attention processors."""
+        if self.active:
+            for hook in self.hooks:
+                hook.remove()
+            self.transformer.set_attn_processor(self.previous)
+            self.active = False
+
+
+class _Share(torch.autograd.Function):
+    """Identity forward; backward divides by the group size. Put where replicated
+    tensors are sharded: ``shard``'s backward hands every rank the whole gradient, and
+    the parameters before that point (SD3's patch embedding) would count it once per
+    rank; divided, every rank's gradients are shares that sum to the model's."""
+
+    @staticmethod
+    def forward(ctx, x, world):
+        ctx.world = world
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.world, None
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.unflatten(-1, (-1, head_dim))  # [B, L, H * D] -> [B, L, H, D]
+
+
+class _JointProcessor:
+    """An attention processor for Flux and SD3 attention modules: their projections and
+    norms (and Flux's rotary embedding), then tokenring with the text tokens joint."""
+
+    def __init__(self, options: dict, call: _Call, text_first: bool, apply_rotary):
+        self.options, self.call, self.text_first = options, call, text_first
+        self.apply_rotary = apply_rotary
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):  # fmt: skip
+        if attention_mask is not None:
+            raise ValueError("tokenring's diffusers integration takes no attention mask")
+        if getattr(attn, "fused_projections", False):
+            raise ValueError("fused QKV projections: call unfuse_qkv_projections() first")
+        q, k, v = (f(hidden_states) for f in (attn.to_q, attn.to_k, attn.to_v))
+        d = getattr(attn, "head_dim", None) or k.shape[-1] // attn.heads
+        q, k, v = (_heads(x, d) for x in (q, k, v))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        text = None
+        if encoder_hidden_states is not None:  # a dual-stream block: text projections
+            projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            text = [_heads(f(encoder_hidden_states), d) for f in projections]
+            if attn.norm_added_q is not None:
+                text[0], text[1] = attn.norm_added_q(text[0]), attn.norm_added_k(text[1])
+            text_len = encoder_hidden_states.shape[1]
+        elif self.text_first and self.call.text_len:  # Flux single-stream: [text; image] in
+            n = self.call.text_len
+            text, (q, k, v) = [t[:, :n] for t in (q, k, v)], [t[:, n:] for t in (q, k, v)]
+            text_len = n
+        if image_rotary_emb is not None:  # Flux: positions of [text; local image tokens]
+            whole = [q, k, v] if not text else [torch.cat(p, dim=1) for p in zip(text, (q, k, v))]
+            whole[0] = self.apply_rotary(whole[0], image_rotary_emb, sequence_dim=1)
+            whole[1] = self.apply_rotary(whole[1], image_rotary_emb, sequence_dim=1)
+            if text:
+                text = [w[:, :text_len] for w in whole]
+                q, k, v = (w[:, text_len:] for w in whole)
+            else:
+                q, k, v = whole
+        if text is None:
+            out = attention(q, k, v, **self.options).flatten(2, 3).to(q.dtype)
+            return self._image_out(attn, out)
+        wants_text = encoder_hidden_states is None or not getattr(attn, "context_pre_only", False)
+        result = attention(
+            q, k, v, joint_q=text[0] if wants_text else None, joint_k=text[1], joint_v=text[2],
+            joint_strategy="front" if self.text_first else "rear", **self.options,
+        )  # fmt: skip
+        out, text_out = result if wants_text else (result, None)
+        out = out.flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:  # Flux single-stream: hand back [text; image]
+            return torch.cat([text_out.flatten(2, 3).to(q.dtype), out], dim=1)
+        out = self._image_out(attn, out)
+        if text_out is None:
+            return out, None
+        text_out = text_out.flatten(2, 3).to(q.dtype)
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return out, text_out
+
+    @staticmethod
+    def _image_out(attn, out: torch.Tensor) -> torch.Tensor:
+        if getattr(attn, "to_out", None) is None:  # Flux single-stream: no output projection
+            return out
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def enable(
+    transformer,
+    *,
+    mesh: object = None,
+    group: dist.ProcessGroup | None = None,
+    strategy: str = "usp",
+    ring_impl: str = "tokenring",
+) -> DiffusersHandle:
+    """Make ``transformer`` (a Flux or SD3 MM-DiT) sequence-parallel inside its forward,
+    over ``mesh`` (``strategy="usp"``, ``tokenring.sp_mesh``) or ``group`` (any other
+    strategy); returns a handle whose ``disable()`` undoes it."""
+    _, apply_rotary = _diffusers()
+    kind = type(transformer).__name__
+    if kind not in SUPPORTED_MODELS:
+        raise ValueError(
+            f"tokenring's diffusers integration supports {', '.join(SUPPORTED_MODELS)}; got {kind}"
+        )
+    if strategy == "usp":
+        if mesh is None:
+            raise ValueError(
+                "strategy='usp' needs mesh= (tokenring.sp_mesh(ulysses=..., ring=...))"
+            )
+        where = {"mesh": mesh}
+        options = dict(strategy="usp", mesh=mesh, ring_impl=ring_impl, layout=LAYOUT)
+    else:
+        where = {"group": group}
+        options = dict(strategy=strategy, group=group, layout=LAYOUT)
+    call = _Call()
+    flux = kind == "FluxTransformer2DModel"
+    processor = _JointProcessor(options, call, text_first=flux, apply_rotary=apply_rotary)
+    previous = dict(transformer.attn_processors)
+    transformer.set_attn_processor(processor)
+
+    world = _world(mesh, group)
+
+    def mine(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return shard(_Share.apply(x, world), layout=LAYOUT, dim=dim, **where)
+
+    def whole(x: torch.Tensor) -> torch.Tensor:
+        return unshard(x, layout=LAYOUT, dim=1, **where)
+
+    def refuse_extras(kwargs: dict) -> None:
+        for name in ("controlnet_block_samples", "controlnet_single_block_samples",
+                     "block_controlnet_hidden_states"):  # fmt: skip
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name}: ControlNet residuals are not supported")
+        extra = kwargs.get("joint_attention_kwargs") or {}
+        if extra:
+            raise ValueError(f"joint_attention_kwargs {sorted(extra)} are not supported")
+
+    hooks = []
+    if flux:
+        signature = inspect.signature(transformer.forward)
+
+        def before(module, args, kwargs):
+            given = signature.bind(*args, **kwargs).arguments
+            refuse_extras(given)
+            call.text_len = given["encoder_hidden_states"].shape[1]
+            given["hidden_states"] = mine(given["hidden_states"])
+            img_ids = given["img_ids"]
+            given["img_ids"] = mine(img_ids, dim=img_ids.dim() - 2)
+            return (), given
+
+        def after(module, args, kwargs, output):
+            if isinstance(output, tuple):
+                return (whole(output[0]), *output[1:])
+            output.sample = whole(output.sample)
+            return output
+
+        hooks.append(transformer.register_forward_pre_hook(before, with_kwargs=True))
+        hooks.append(transformer.register_forward_hook(after, with_kwargs=True))
+    else:
+
+        def check(module, args, kwargs):
+            refuse_extras(kwargs)
+
+        hooks.append(transformer.register_forward_pre_hook(check, with_kwargs=True))
+        hooks.append(transformer.pos_embed.register_forward_hook(lambda m, a, out: mine(out)))
+        hooks.append(transformer.proj_out.register_forward_hook(lambda m, a, out: whole(out)))
+    return DiffusersHandle(transformer, previous, hooks)
+
+
+def _world(mesh, group) -> int:
+    if mesh is not None:
+        from ..runtime import runtime
+
+        return runtime().sp_mesh(mesh).size
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)

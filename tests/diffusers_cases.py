@@ -1,0 +1,88 @@
+"""Case functions for tests/test_integrations.py: tiny random diffusers MM-DiTs, sharded
+on the pool against the same model on one process (float64)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from reference import rel_err
+from usp_cases import mesh_of
+
+
+def tiny_flux(seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=16, pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    ).double()  # fmt: skip
+
+
+def tiny_sd3(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=16, caption_projection_dim=32,
+        pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16,
+    ).double()  # fmt: skip
+
+
+def _inputs(kind: str) -> dict:
+    g = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if kind == "flux":
+        h, w = 4, 8  # 32 image tokens
+        rows, cols = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).double()
+        return dict(
+            hidden_states=rand(2, h * w, 4), encoder_hidden_states=rand(2, 5, 16),
+            pooled_projections=rand(2, 8), timestep=torch.tensor([0.3, 0.7], dtype=torch.float64),
+            img_ids=img_ids, txt_ids=torch.zeros(5, 3, dtype=torch.float64),
+        )  # fmt: skip
+    return dict(
+        hidden_states=rand(2, 4, 8, 16), encoder_hidden_states=rand(2, 5, 16),
+        pooled_projections=rand(2, 8), timestep=torch.tensor([3.0, 7.0], dtype=torch.float64),
+    )  # fmt: skip
+
+
+def dit_case(w, *, world: int, kind: str, strategy: str) -> dict:
+    """The full output and every parameter gradient (summed over the group) of the
+    sharded transformer against the same model on one process."""
+    from tokenring.integrations.diffusers import enable
+
+    make = tiny_flux if kind == "flux" else tiny_sd3
+    inputs = _inputs(kind)
+    reference = make()
+    ref = reference(**inputs).sample
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=ref.dtype)
+    (ref * weights).sum().backward()
+
+    model = make()
+    where = (
+        {"mesh": mesh_of(2, world // 2, True)} if strategy == "usp" else {"group": w.group(world)}
+    )
+    group = None if strategy == "usp" else where["group"]
+    handle = enable(model, strategy=strategy, **where)
+    out = model(**inputs).sample
+    (out * weights).sum().backward()
+    grad_err = 0.0
+    for p, r in zip(model.parameters(), reference.parameters(), strict=True):
+        if r.grad is None:  # unused by the model
+            grad_err = max(grad_err, 0.0 if p.grad is None else float("inf"))
+            continue
+        # None where the reference's gradient is exactly zero: the last SD3 block's text
+        # queries, whose outputs it discards, are not computed here at all
+        grad = torch.zeros_like(r.grad) if p.grad is None else p.grad.clone()
+        dist.all_reduce(grad, group=group)
+        grad_err = max(grad_err, rel_err(grad, r.grad))
+    handle.disable()
+    again = model(**inputs).sample  # undone: the model alone again, on every rank
+    return {"out": rel_err(out, ref), "grads": grad_err, "undone": rel_err(again, ref)}
