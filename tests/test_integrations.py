@@ -129,7 +129,8 @@ def test_the_diffusers_integration_refuses_what_it_cannot_do():
 
 @pytest.mark.timeout(300)
 def test_the_flux_example_runs_under_torchrun_and_matches_the_unsharded_model():
-    """examples/flux_sp.py on 4 CPU processes: USP 2 x 2 inside the transformer."""
+    """examples/flux_sp.py on 4 CPU processes: a denoising loop with USP 2 x 2 inside
+    the transformer, against the same loop unsharded."""
     example = Path(__file__).resolve().parent.parent / "examples" / "flux_sp.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
                str(example), "--ulysses", "2", "--ring", "2", "--size", "8"]  # fmt: skip
