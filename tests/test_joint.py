@@ -5,6 +5,7 @@ under the documented convention."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from usp_cases import joint_case
 
@@ -51,3 +52,24 @@ def test_joint_tokens_with_usp(pool):
         for lay in ("zigzag", "contiguous")
     ]
     _check(cases, pool.run(joint_case, cases, timeout=300))
+
+
+def test_joint_gradients_are_exact_in_float64_with_unequal_shares(pool):
+    """In float64, with each rank taking a different share of the joint output's
+    gradient (what the model integrations hand it): every gradient, the joint ones
+    summed over the group, equals float64 attention over the concatenated sequence to
+    rounding (the convention holds for any shares that sum to one)."""
+    cases = [
+        dict(world=w, strategy=s, heads=(4, 2), joint_strategy=js, dtype=torch.float64,
+             unequal=True)
+        for s in ONE_D
+        for w in (2, 4)
+        for js in ("front", "rear")
+    ] + [
+        dict(world=4, strategy="usp", ulysses=2, ring=2, heads=(4, 2), joint_strategy="front",
+             dtype=torch.float64, unequal=True)
+    ]  # fmt: skip
+    for case, per_rank in zip(cases, pool.run(joint_case, cases, timeout=300)):
+        for errs in per_rank:
+            errs.pop("joint_out_identical")
+            assert max(errs.values()) <= 1e-12, (case, errs)

@@ -99,19 +99,21 @@ def _concat_reference(q, k, v, joint, do, djo, front: bool, with_q: bool):
 def joint_case(
     w, *, world: int, strategy: str, joint_strategy: str, heads: tuple[int, int],
     joint_len: int = 5, ulysses: int = 1, ring: int = 1, with_q: bool = True,
-    layout: str = "contiguous",
+    layout: str = "contiguous", dtype: torch.dtype = torch.float32, unequal: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """Joint tokens against float64 attention over the concatenated sequence.
 
     Every rank's backward gets ``d joint_out / size`` (its loss takes the joint term
     divided by the group size); the joint tensors' gradients, each rank's share,
-    are summed over the group and compared with the unsharded ones.
+    are summed over the group and compared with the unsharded ones. ``unequal``: rank
+    r takes the share ``(r + 1) / (1 + ... + size)`` instead (as when each rank's loss
+    sees the joint output only through its own tokens, the integrations' case).
     """
     usp = strategy == "usp"
     sharding = {"mesh": mesh_of(ulysses, ring, True)} if usp else {"group": w.group(world)}
     size = ulysses * ring if usp else world
-    q, k, v, do = make_inputs(21, 2, 4 * size, heads, 8, torch.float32)
-    jq, jk, jv, djo = make_inputs(22, 2, joint_len, heads, 8, torch.float32)
+    q, k, v, do = make_inputs(21, 2, 4 * size, heads, 8, dtype)
+    jq, jk, jv, djo = make_inputs(22, 2, joint_len, heads, 8, dtype)
     front = joint_strategy == "front"
     ref_out, ref_lse, ref_joint, ref_grads = _concat_reference(
         q, k, v, (jq, jk, jv), do, djo, front, with_q
@@ -129,7 +131,12 @@ def joint_case(
     )  # fmt: skip
     if with_q:
         out, lse, jo, jlse = result
-        grads = torch.autograd.grad((out, jo), parts + joints, (local(do), djo / size))
+        share = 1 / size
+        group = None if usp else sharding["group"]
+        if unequal and size > 1:
+            me = tr.runtime().sp_mesh(sharding["mesh"]).rank if usp else dist.get_rank(group)
+            share = (me + 1) / (size * (size + 1) / 2)
+        grads = torch.autograd.grad((out, jo), parts + joints, (local(do), djo * share))
     else:
         out, lse = result
         grads = torch.autograd.grad(out, parts + joints, local(do))
