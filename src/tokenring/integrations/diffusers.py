@@ -16,7 +16,10 @@ hooks and puts the previous processors back.
 
 Gradients (fine-tuning): with the same loss on the full output on every rank,
 each rank's parameter gradients are its share; summed over the group
-(``all_reduce``) they are the unsharded model's.
+(``all_reduce``) they are the unsharded model's. To rounding: where a layer on the
+replicated text tokens computes in float32 inside (diffusers' RMSNorm takes its
+variance in float32), the shares are rounded separately, so in float64 Flux's
+text-stream gradients agree to about 1e-7 rather than 1e-15.
 """
 
 from __future__ import annotations
