@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from ..api import attention
 from ..layouts import shard, unshard
+from .common import sharded_over
 
 __all__ = ["SUPPORTED_MODELS", "DiffusersHandle", "enable"]
 
@@ -195,7 +196,7 @@ def enable(
     previous = dict(transformer.attn_processors)
     transformer.set_attn_processor(processor)
 
-    world = _world(mesh, group)
+    world = sharded_over(group, mesh)
 
     def mine(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return shard(_Share.apply(x, world), layout=LAYOUT, dim=dim, **where)
@@ -242,13 +243,3 @@ def enable(
         hooks.append(transformer.pos_embed.register_forward_hook(lambda m, a, out: mine(out)))
         hooks.append(transformer.proj_out.register_forward_hook(lambda m, a, out: whole(out)))
     return DiffusersHandle(transformer, previous, hooks)
-
-
-def _world(mesh, group) -> int:
-    if mesh is not None:
-        from ..runtime import runtime
-
-        return runtime().sp_mesh(mesh).size
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from ..api import attention
 from ..layouts import shard
+from .common import sharded_over
 
 __all__ = ["SUPPORTED_FAMILIES", "TransformersHandle", "enable", "shard_batch"]
 
@@ -194,7 +195,7 @@ def shard_batch(
         "position_ids": mine(default.contiguous()),
         # all ones: keeps transformers from reading the jumps of a zigzag shard's
         # positions as packed sequences
-        "attention_mask": torch.ones(rows, seq // _world(group, mesh), dtype=torch.long,
+        "attention_mask": torch.ones(rows, seq // sharded_over(group, mesh), dtype=torch.long,
                                      device=tokens.device),
     }  # fmt: skip
     part["input_ids" if "input_ids" in batch else "inputs_embeds"] = mine(tokens)
@@ -205,13 +206,3 @@ def shard_batch(
         part["labels"] = part["shift_labels"] = local
         part["num_items_in_batch"] = int((shifted != ignore_index).sum())
     return part
-
-
-def _world(group, mesh) -> int:
-    if mesh is not None:
-        from ..runtime import runtime
-
-        return runtime().sp_mesh(mesh).size
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
