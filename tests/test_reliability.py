@@ -101,7 +101,7 @@ BAD_INPUTS: list[tuple[Any, str, str, str]] = [
         "attention",
         "exact",
         "unknown strategy 'spiral'; valid values are 'tokenring', 'ring', 'ulysses', "
-        "'allgather', 'usp'",
+        "'allgather', 'usp', 'auto'",
     ),
     (
         rc.no_kernel_fits,

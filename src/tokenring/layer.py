@@ -7,9 +7,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .api import attention
-from .auto import AUTO
 from .mesh import SpMesh
-from .options import JointStrategy, Layout, RingImpl, Strategy, parse_enum
+from .options import AUTO, JointStrategy, Layout, RingImpl, Strategy, parse_enum, parse_strategy
 
 __all__ = ["SequenceParallelAttention"]
 
@@ -41,7 +40,7 @@ class SequenceParallelAttention(nn.Module):
         deterministic: bool = False,
     ):
         super().__init__()
-        self.strategy = AUTO if strategy == AUTO else parse_enum(Strategy, strategy, "strategy")
+        self.strategy = AUTO if strategy == AUTO else parse_strategy(strategy)
         self.layout = parse_enum(Layout, layout, "layout")
         self.ring_impl = parse_enum(RingImpl, ring_impl, "ring_impl")
         if self.strategy == AUTO:

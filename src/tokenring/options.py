@@ -10,7 +10,16 @@ from __future__ import annotations
 from enum import Enum
 from typing import TypeVar
 
-__all__ = ["JointStrategy", "Layout", "Pass", "RingImpl", "Strategy", "parse_enum"]
+__all__ = [
+    "AUTO",
+    "JointStrategy",
+    "Layout",
+    "Pass",
+    "RingImpl",
+    "Strategy",
+    "parse_enum",
+    "parse_strategy",
+]
 
 
 class Layout(str, Enum):
@@ -77,3 +86,16 @@ def parse_enum(kind: type[E], value: object, argument: str) -> E:
             return member
     valid = ", ".join(repr(m.value) for m in kind)
     raise ValueError(f"unknown {argument} {value!r}; valid values are {valid}")
+
+
+AUTO = "auto"
+"""``strategy="auto"``: the planner picks (``tokenring.auto``); not a ``Strategy``, since
+it is resolved to one before anything runs."""
+
+
+def parse_strategy(value: object) -> Strategy:
+    """``value`` as a ``Strategy``; the ValueError names every valid value, ``auto`` too."""
+    try:
+        return parse_enum(Strategy, value, "strategy")
+    except ValueError as error:
+        raise ValueError(f"{error}, {AUTO!r}") from None

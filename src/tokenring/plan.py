@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .comm import group_world
 from .kernels import BlockSpec, KernelBackend, select_kernel
-from .options import Layout, Pass, RingImpl, Strategy, parse_enum
+from .options import Layout, Pass, RingImpl, Strategy, parse_enum, parse_strategy
 from .runtime import GroupRuntime, Runtime
 from .schedules import Schedule, ScheduleKey, build_schedule
 from .schedules.ir import GROUP_AXIS
@@ -168,7 +168,7 @@ def make_plan(
         scale=float(scale),
     )
     return Plan(
-        parse_enum(Strategy, strategy, "strategy"),
+        parse_strategy(strategy),
         Strategy(parse_enum(RingImpl, ring_impl, "ring_impl").value),
         parse_enum(Layout, layout, "layout"),
         site,

@@ -17,7 +17,7 @@ from enum import Enum
 import torch
 import torch.distributed as dist
 
-from .options import JointStrategy, Layout, RingImpl, Strategy
+from .options import AUTO, JointStrategy, Layout, RingImpl, Strategy
 from .runtime import BoundedCache
 from .schedules import STRATEGIES, CallShape
 
@@ -89,10 +89,10 @@ def _shape_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     return ""
 
 
-def _enum_problem(kind: type[Enum], value: object, argument: str) -> str:
+def _enum_problem(kind: type[Enum], value: object, argument: str, also: tuple = ()) -> str:
     if isinstance(value, kind) or value in [m.value for m in kind]:
         return ""
-    valid = ", ".join(repr(m.value) for m in kind)
+    valid = ", ".join([repr(m.value) for m in kind] + [repr(a) for a in also])
     return f"unknown {argument} {value!r}; valid values are {valid}"
 
 
@@ -197,7 +197,7 @@ def check_local(
         shape_problem,
         "" if isinstance(causal, bool) else f"causal must be a bool, got {causal!r}",
         _enum_problem(Layout, layout, "layout"),
-        _enum_problem(Strategy, strategy, "strategy"),
+        _enum_problem(Strategy, strategy, "strategy", also=(AUTO,)),
         _enum_problem(RingImpl, ring_impl, "ring_impl"),
         _enum_problem(JointStrategy, joint_strategy, "joint_strategy"),
         ""
