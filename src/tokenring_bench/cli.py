@@ -16,26 +16,13 @@ from rich.table import Table
 
 from tokenring.timeline import Span
 
+from .argtypes import positive_int, positive_seconds
 from .demo import DTYPES, DemoConfig, demo_worker, tolerance
 from .launch import WorkerFailed, default_world, run_local
 from .plan_cli import add_calibrate_parser, add_plan_parser, run_calibrate, run_plan
 from .plots import plot_timelines
 
 __all__ = ["main"]
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:
@@ -225,28 +212,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="check and time every strategy on a small problem")
     demo.add_argument(
         "--world-size",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="processes (default: all GPUs, else 4 CPU processes)",
     )
-    demo.add_argument("--seq-len", type=_positive, default=1024, help="global sequence length")
-    demo.add_argument("--heads", type=_positive, default=8, help="query heads")
-    demo.add_argument("--heads-kv", type=_positive, default=None, help="key/value heads (GQA)")
-    demo.add_argument("--head-dim", type=_positive, default=64)
+    demo.add_argument("--seq-len", type=positive_int, default=1024, help="global sequence length")
+    demo.add_argument("--heads", type=positive_int, default=8, help="query heads")
+    demo.add_argument("--heads-kv", type=positive_int, default=None, help="key/value heads (GQA)")
+    demo.add_argument("--head-dim", type=positive_int, default=64)
     demo.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
         help="default: float32 on CPU, bfloat16 on GPU",
     )
-    demo.add_argument("--repeats", type=_positive, default=5, help="timed calls per case")
+    demo.add_argument("--repeats", type=positive_int, default=5, help="timed calls per case")
     demo.add_argument("--output", default="tokenring-demo-timeline.png", help="timeline PNG path")
     demo.add_argument(
-        "--timeout", type=_positive_seconds, default=900.0, help="seconds before giving up"
+        "--timeout", type=positive_seconds, default=900.0, help="seconds before giving up"
     )
     demo.add_argument(
         "--transfer-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=300.0,
         help="seconds a transfer waits for a stalled peer before failing (TransferFailed)",
     )
@@ -255,14 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--world-size",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="processes (default: all GPUs, else 2 CPU processes)",
     )
     bench.add_argument(
         "--cases", nargs="*", choices=["llama2-mha", "llama3-gqa", "dit-mha"], help="default: all"
     )
-    bench.add_argument("--seq", nargs="*", type=_positive, help="override sequence lengths")
+    bench.add_argument("--seq", nargs="*", type=positive_int, help="override sequence lengths")
     bench.add_argument(
         "--passes",
         nargs="*",
@@ -275,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="our strategies and peers to run (default: every one there is)",
     )
-    bench.add_argument("--repeats", type=_positive, default=20, help="timed calls per row")
+    bench.add_argument("--repeats", type=positive_int, default=20, help="timed calls per row")
     bench.add_argument(
         "--timing",
         choices=["steady", "isolated"],
@@ -285,17 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--timeline-seq",
-        type=_positive,
+        type=positive_int,
         default=32768,
         help="llama2-mha length whose per-step timeline is drawn (GPU)",
     )
     bench.add_argument("--output-dir", default="bench-out", help="JSON and PNG go here")
     bench.add_argument(
-        "--timeout", type=_positive_seconds, default=3000.0, help="seconds before giving up"
+        "--timeout", type=positive_seconds, default=3000.0, help="seconds before giving up"
     )
     bench.add_argument(
         "--transfer-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=300.0,
         help="seconds a transfer waits for a stalled peer before failing (TransferFailed)",
     )

@@ -13,14 +13,9 @@ from rich.table import Table
 import tokenring as tr
 from tokenring.planner import PlanReport, load_topology, preset_names
 
+from .argtypes import positive_int
+
 __all__ = ["add_calibrate_parser", "add_plan_parser", "run_calibrate", "run_plan"]
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def add_plan_parser(sub) -> None:
@@ -30,12 +25,12 @@ def add_plan_parser(sub) -> None:
         required=True,
         help=f"a preset ({', '.join(preset_names())}) or a topology file",
     )
-    p.add_argument("--gpus", type=_positive, required=True, help="devices the sequence spans")
-    p.add_argument("--seq", type=_positive, required=True, help="global sequence length")
-    p.add_argument("--heads-q", type=_positive, required=True)
-    p.add_argument("--heads-kv", type=_positive, required=True)
-    p.add_argument("--head-dim", type=_positive, required=True)
-    p.add_argument("--batch", type=_positive, default=1)
+    p.add_argument("--gpus", type=positive_int, required=True, help="devices the sequence spans")
+    p.add_argument("--seq", type=positive_int, required=True, help="global sequence length")
+    p.add_argument("--heads-q", type=positive_int, required=True)
+    p.add_argument("--heads-kv", type=positive_int, required=True)
+    p.add_argument("--head-dim", type=positive_int, required=True)
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--backward", action="store_true", help="forward + backward (training)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from ..options import Layout, parse_enum
-from .choose import Candidate, PlanReport, candidate_names, plan_call
+from .choose import Candidate, PlanReport, plan_call
 from .costs import Shape
-from .machine import topology_for
+from .machine import load_topology, topology_for
 from .presets import PRESETS, preset, preset_names
 from .timing import Prediction, StepCost, simulate_timing
 from .topology import Topology
@@ -27,7 +27,6 @@ __all__ = [
     "Shape",
     "StepCost",
     "Topology",
-    "candidate_names",
     "load_topology",
     "plan",
     "preset",
@@ -44,20 +43,6 @@ DTYPE_BYTES = {
     torch.float16: 2,
     torch.float32: 4,
 }
-
-
-def load_topology(name_or_path: str | Path | Topology, gpus: int) -> Topology:
-    """A preset by name, a topology file, or a ``Topology``, with ``gpus`` devices."""
-    if isinstance(name_or_path, Topology):
-        return name_or_path.first(gpus)
-    if str(name_or_path) in PRESETS:
-        return preset(str(name_or_path), gpus)
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise ValueError(
-            f"topology {str(name_or_path)!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
-        )
-    return Topology.load(path).first(gpus)
 
 
 def plan(

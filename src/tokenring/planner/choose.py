@@ -22,7 +22,7 @@ from .costs import Shape
 from .timing import Prediction, simulate_timing
 from .topology import Topology
 
-__all__ = ["Candidate", "PlanReport", "candidate_names", "plan_call"]
+__all__ = ["Candidate", "PlanReport", "plan_call"]
 
 ONE_D = (Strategy.TOKENRING, Strategy.RING, Strategy.ULYSSES, Strategy.ALLGATHER)
 
@@ -146,15 +146,6 @@ class PlanReport:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(2, n) if n % d == 0]
-
-
-def candidate_names(world: int, *, with_usp: bool = True) -> list[str]:
-    """Names ``plan_call`` prices for a group of ``world`` ranks."""
-    names = [s.value for s in ONE_D]
-    if with_usp:
-        for u in _divisors(world):
-            names += [f"usp-{u}x{world // u}", f"usp-{u}x{world // u}-ring"]
-    return names
 
 
 def _candidates(world: int, with_usp: bool, mesh_ulysses: int | None) -> list[Candidate]:

@@ -10,7 +10,6 @@ H100 and H200 -> ``h100-nvlink-2`` (2 GPUs), ``h100-nvswitch-8`` (up to 8) or
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from .presets import PRESETS, h200_device, preset
 from .topology import Topology
 
-__all__ = ["topology_for"]
+__all__ = ["load_topology", "topology_for"]
 
 
 def _gpu_preset(world: int) -> str:
@@ -27,21 +26,23 @@ def _gpu_preset(world: int) -> str:
     return "h100-nvswitch-8" if world <= 8 else "h100-ib"
 
 
-@cache
-def _load(path: str) -> Topology:
-    return Topology.load(path)
+def load_topology(name_or_path: str | Path | Topology, gpus: int) -> Topology:
+    """A preset by name, a topology file, or a ``Topology``, with ``gpus`` devices."""
+    if isinstance(name_or_path, Topology):
+        return name_or_path.first(gpus)
+    if str(name_or_path) in PRESETS:
+        return preset(str(name_or_path), gpus)
+    if not Path(name_or_path).is_file():
+        raise ValueError(
+            f"topology {str(name_or_path)!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
+        )
+    return Topology.load(name_or_path).first(gpus)
 
 
 def topology_for(device: torch.device, world: int, setting: str | None = None) -> Topology:
     """The topology of ``world`` ranks on devices like ``device`` (see the module docstring)."""
     if setting:
-        if setting in PRESETS:
-            return preset(setting, world)
-        if not Path(setting).is_file():
-            raise ValueError(
-                f"topology {setting!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
-            )
-        return _load(setting).first(world)
+        return load_topology(setting, world)
     if device.type != "cuda":
         return preset("cpu-gloo", world)
     name = torch.cuda.get_device_name(device)
