@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, "tests")
 from reference import reference_with_grads, rel_err
-from tokenring.kernels.cuda_sdpa import EfficientAttention
+from tokenring.execution.kernels.cuda_sdpa import EfficientAttention
 
 torch.manual_seed(0)
 B, L, H, D = 2, 512, 8, 128

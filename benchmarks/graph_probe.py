@@ -15,8 +15,8 @@ import sys
 import torch
 
 import tokenring as tr
-from tokenring.kernels import select_kernel
-from tokenring.kernels.base import BlockSpec
+from tokenring.execution.kernels import select_kernel
+from tokenring.execution.kernels.base import BlockSpec
 from tokenring_bench.launch import run_local, sync_ranks
 from tokenring_bench.metrics import rel_err
 from tokenring_bench.runner import time_ms

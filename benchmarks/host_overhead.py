@@ -38,8 +38,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import tokenring as tr
-from tokenring.kernels.cpu_flash import CpuFlash
-from tokenring.merge import merge_into
+from tokenring.execution.kernels.cpu_flash import CpuFlash
+from tokenring.execution.merge import merge_into
 from tokenring_bench.launch import run_local
 
 STRATEGIES = ("tokenring", "ring", "ulysses", "allgather")

@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import init_device_mesh
 import tokenring as tr
 from dist_cases import make_inputs
 from reference import rel_err
-from tokenring.timeline import Recorder
+from tokenring.execution.timeline import Recorder
 from usp_cases import mesh_of
 
 

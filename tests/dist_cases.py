@@ -6,7 +6,7 @@ import torch
 
 import tokenring as tr
 from reference import attention_reference, rel_err
-from tokenring.kernels.cpu_flash import CpuFlash
+from tokenring.execution.kernels.cpu_flash import CpuFlash
 
 DTYPES = {
     "float32": torch.float32,
@@ -169,7 +169,7 @@ def determinism_case(w, *, world: int, strategy: str, layout: str, causal: bool)
 
 def traffic_case(w, *, world, strategy, layout, causal, heads, dtype, batch, seq, head_dim):
     """Bytes this rank sent, per (pass, slot kind), in one forward and backward."""
-    from tokenring.timeline import Recorder
+    from tokenring.execution.timeline import Recorder
 
     group = w.group(world)
     q, k, v, do = make_inputs(5, batch, seq, heads, head_dim, DTYPES[dtype])
@@ -184,7 +184,7 @@ def traffic_case(w, *, world, strategy, layout, causal, heads, dtype, batch, seq
 
 def timeline_case(w, *, world: int, strategy: str, heads: tuple[int, int]) -> list[dict]:
     """One forward+backward recorded step by step; the spans as dicts."""
-    from tokenring.timeline import Recorder
+    from tokenring.execution.timeline import Recorder
 
     group = w.group(world)
     q, k, v, do = make_inputs(9, 1, 8 * world, heads, 16, torch.float32)
@@ -200,7 +200,7 @@ def timeline_case(w, *, world: int, strategy: str, heads: tuple[int, int]) -> li
 def merge_flags_case(w, *, world: int, fused: bool) -> list[bool]:
     """The ``fused`` flag of every merge of one TokenRing forward, with the runtime's
     ``fused_merge`` set to ``fused`` (restored afterwards)."""
-    import tokenring.executor as executor
+    import tokenring.execution.executor as executor
 
     group = w.group(world)
     previous, real = tr.runtime().settings.fused_merge, executor.merge_into

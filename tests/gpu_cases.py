@@ -8,8 +8,8 @@ import torch
 
 import tokenring as tr
 from reference import attention_reference, rel_err
-from tokenring.kernels import select_kernel
-from tokenring.kernels.base import BlockSpec
+from tokenring.execution.kernels import select_kernel
+from tokenring.execution.kernels.base import BlockSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 HEADS = {"mha": (8, 8), "gqa": (8, 2), "mqa": (8, 1)}

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import tokenring as tr
 from dist_cases import make_inputs, run_sharded
 from reference import attention_reference, reference_with_grads, rel_err
-from tokenring.kernels.cpu_flash import CpuFlash
-from tokenring.layouts import chunk_ids
+from tokenring.execution.kernels.cpu_flash import CpuFlash
+from tokenring.schedules.geometry import chunk_ids
 
 Made = tuple[Any, Any, Any, dict[str, Any]]
 """What a bad-input maker returns: local q, k, v (possibly not tensors) and extra kwargs."""

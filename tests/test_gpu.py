@@ -201,8 +201,8 @@ def test_forward_can_be_captured_in_a_cuda_graph():
 def test_fused_merge_matches_torch_merge(dtype, shape, rowmajor_part, seed):
     """Several seeds per shape: the bug this guards against was a race between warps,
     wrong in some launches only."""
-    from tokenring.merge import merge_into_torch
-    from tokenring.merge_triton import merge_into_triton
+    from tokenring.execution.merge import merge_into_torch
+    from tokenring.execution.merge_triton import merge_into_triton
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     b, n, h, d = shape
@@ -229,8 +229,8 @@ def test_fused_merge_matches_torch_merge(dtype, shape, rowmajor_part, seed):
 def test_fused_merge_on_a_head_slice_of_row_major_storage(heads):
     """All-gather merges into one head group of its accumulator: views whose head stride
     and sequence stride do not match their shape. The fused kernel agrees with torch."""
-    from tokenring.merge import merge_into_torch
-    from tokenring.merge_triton import merge_into_triton
+    from tokenring.execution.merge import merge_into_torch
+    from tokenring.execution.merge_triton import merge_into_triton
 
     g = torch.Generator(device="cuda").manual_seed(0)
     h0, h1 = heads

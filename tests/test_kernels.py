@@ -8,9 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reference import attention_reference, rel_err
-from tokenring.kernels import BACKENDS, BlockSpec, delta_surrogate, kernel_names, select_kernel
-from tokenring.kernels.cpu_flash import CpuFlash
-from tokenring.kernels.reference import MathKernel
+from tokenring.execution.kernels import (
+    BACKENDS,
+    BlockSpec,
+    delta_surrogate,
+    kernel_names,
+    select_kernel,
+)
+from tokenring.execution.kernels.cpu_flash import CpuFlash
+from tokenring.execution.kernels.reference import MathKernel
 
 CPU_KERNELS = [CpuFlash(), MathKernel()]
 

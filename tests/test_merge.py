@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from reference import attention_reference
-from tokenring.merge import merge_into, write_into
+from tokenring.execution.merge import merge_into, write_into
 
 NEG_INF = float("-inf")
 

@@ -28,7 +28,7 @@ import reliability_cases as rc
 import tokenring as tr
 from dist_cases import expect_error
 from pool import WorkerPool
-from tokenring.kernels import BlockSpec, select_kernel
+from tokenring.execution.kernels import BlockSpec, select_kernel
 
 FP32_TOL = 1e-5
 STRATEGIES = ("tokenring", "ring", "ulysses", "allgather")

@@ -66,7 +66,7 @@ def test_plans_are_kept_per_group_and_bounded():
 
 def test_settings_reach_the_executor(monkeypatch):
     """What ``configure`` set is what the next call runs with."""
-    import tokenring.api as api
+    import tokenring.api.attention as api
 
     seen = []
     real = api.forward_pass

@@ -8,11 +8,11 @@ from functools import partial
 
 import pytest
 
-from tokenring.layouts import chunk_ids, mesh_pieces
 from tokenring.options import Layout, Pass, Strategy
 from tokenring.schedules import ScheduleKey, build_schedule
 from tokenring.schedules.allgather import head_groups
 from tokenring.schedules.blocks import Block, Rel, cover, pair_relation, relations
+from tokenring.schedules.geometry import chunk_ids, mesh_pieces
 from tokenring.schedules.ir import (
     AllGather,
     AllToAll,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from dist_cases import timeline_case
+from tokenring.execution.timeline import Span
 from tokenring.options import Layout, Pass, Strategy
 from tokenring.schedules import ScheduleKey, build_schedule
 from tokenring.schedules.ir import Compute, Post
-from tokenring.timeline import Span
 from tokenring_bench.plots import plot_timelines
 
 

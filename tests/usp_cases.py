@@ -189,7 +189,7 @@ def usp_error(w, *, world: int, make: str, ulysses: int, ring: int) -> str:
 def mesh_layout_case(w, *, world: int) -> dict[str, Any]:
     """Where ``sp_mesh`` puts this rank, its refusal of a size that does not divide the
     world, and the leading ``dp`` dim when the world is a multiple of the mesh."""
-    from tokenring.mesh import SpMesh
+    from tokenring.runtime.meshes import SpMesh
 
     inner = SpMesh.of(mesh_of(2, 2, True))
     outer = SpMesh.of(mesh_of(2, 2, False))

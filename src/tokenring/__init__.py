@@ -3,19 +3,21 @@
 ``import tokenring as tr`` then ``tr.token_ring_attn(q, k, v, causal=True, layout="zigzag")``
 on each rank's shard (see ``tr.shard``); ``tr.attention(..., strategy=...)`` for any
 strategy, or ``strategy="auto"`` for the planner's pick (``tr.plan`` says why). The
-library needs torch alone. docs/ explains the algorithms.
+library needs torch alone. docs/ explains the algorithms; docs/architecture.md the
+packages (``api`` the front door, ``call`` a call's description, ``schedules`` the
+strategies as data, ``execution`` running them, ``runtime`` the state kept between
+calls, ``planner`` the cost model).
 """
 
 from __future__ import annotations
 
-from . import ops  # noqa: F401  (registers the custom ops that torch.compile calls)
-from .api import allgather_attn, attention, ring_attn, token_ring_attn, ulysses_attn
-from .executor import TransferFailed
-from .graphs import CapturedCall
-from .kernels import kernel_names
-from .layer import SequenceParallelAttention
-from .layouts import shard, unshard
-from .mesh import sp_mesh
+from .api.attention import allgather_attn, attention, ring_attn, token_ring_attn, ulysses_attn
+from .api.capture import CapturedCall
+from .api.layer import SequenceParallelAttention
+from .api.meshes import sp_mesh
+from .api.sharding import shard, unshard
+from .execution.executor import TransferFailed
+from .execution.kernels import kernel_names
 from .options import JointStrategy, Layout, RingImpl, Strategy
 from .planner import PlanReport, plan
 from .runtime import Settings, configure, destroy_lanes, runtime, setup_lanes

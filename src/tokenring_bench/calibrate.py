@@ -21,8 +21,8 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from tokenring.kernels import BlockSpec, select_kernel
-from tokenring.merge import merge_into
+from tokenring.execution.kernels import BlockSpec, select_kernel
+from tokenring.execution.merge import merge_into
 from tokenring.options import Pass
 from tokenring.planner.topology import (
     ClusterLinks,

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tokenring.timeline import Span
+from tokenring.execution.timeline import Span
 
 from .argtypes import positive_int, positive_seconds
 from .demo import DTYPES, DemoConfig, demo_worker, tolerance

@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from tokenring.api import attention
-from tokenring.layouts import shard
-from tokenring.mesh import sp_mesh
+from tokenring.api.attention import attention
+from tokenring.api.meshes import sp_mesh
+from tokenring.api.sharding import shard
+from tokenring.execution.timeline import Recorder
 from tokenring.options import Layout, Strategy
 from tokenring.schedules import STRATEGIES, CallShape
-from tokenring.timeline import Recorder
 
 from .launch import WorkerContext, sync_ranks
 from .metrics import max_over_ranks, rel_err

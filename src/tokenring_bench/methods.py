@@ -16,14 +16,14 @@ from typing import Protocol
 
 import torch
 
-from tokenring.api import attention
-from tokenring.kernels import BlockSpec, KernelBackend, select_kernel
-from tokenring.layouts import shard
-from tokenring.mesh import sp_mesh
+from tokenring.api.attention import attention
+from tokenring.api.meshes import sp_mesh
+from tokenring.api.sharding import shard
+from tokenring.execution.kernels import BlockSpec, KernelBackend, select_kernel
+from tokenring.execution.timeline import Recorder
 from tokenring.options import Layout
 from tokenring.options import Strategy as TrStrategy
 from tokenring.schedules import STRATEGIES, CallShape
-from tokenring.timeline import Recorder
 
 from .cases import Case
 from .peers import Peer, PeerCase, PeerState

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenring.timeline import Span
+from tokenring.execution.timeline import Span
 
 __all__ = ["plot_timelines"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from tokenring.timeline import Span
+from tokenring.execution.timeline import Span
 
 from .plots import plot_timelines
 

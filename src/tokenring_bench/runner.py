@@ -12,7 +12,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from tokenring.timeline import Recorder
+from tokenring.execution.timeline import Recorder
 
 from .cases import PASSES, Case, cases_for, flops
 from .launch import WorkerContext, sync_ranks

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..api import attention
-from ..layouts import shard, unshard
+from ..api.attention import attention
+from ..api.sharding import shard, unshard
 from .common import sharded_over
 
 __all__ = ["SUPPORTED_MODELS", "DiffusersHandle", "enable"]

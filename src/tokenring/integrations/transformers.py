@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..api import attention
-from ..layouts import shard
+from ..api.attention import attention
+from ..api.sharding import shard
 from .common import sharded_over
 
 __all__ = ["SUPPORTED_FAMILIES", "TransformersHandle", "enable", "shard_batch"]

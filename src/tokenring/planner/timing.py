@@ -33,9 +33,9 @@ import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from ..execution.timeline import Span
 from ..options import Pass
 from ..schedules.ir import Compute, Merge, Post, Schedule, Transfer, Wait
-from ..timeline import Span
 from .costs import Shape, collective_pair_bytes, compute_seconds, merge_seconds, rows_bytes
 from .topology import Topology
 

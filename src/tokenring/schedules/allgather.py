@@ -13,11 +13,11 @@ behind the compute. See docs/algorithms.md, "All-gather".
 
 from __future__ import annotations
 
-from ..layouts import chunk_ids
 from ..options import Pass, Strategy
 from .base import StrategyDef
 from .blocks import cover, relations
 from .builder import ScheduleBuilder
+from .geometry import chunk_ids
 from .ir import AllGather, HeadPart, Precision, ReduceScatter, Rows, Schedule, SlotKind, SlotSpec
 from .key import ScheduleKey
 

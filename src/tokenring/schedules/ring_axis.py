@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..layouts import chunk_ids
+from .geometry import chunk_ids
 from .ir import GROUP_AXIS, Precision, SlotKind, SlotSpec
 from .key import ScheduleKey
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import gcd
 
-from ..layouts import chunk_ids
 from ..options import Pass, Strategy
 from .base import CallShape, StrategyDef
 from .blocks import cover, relations
 from .builder import ScheduleBuilder
+from .geometry import chunk_ids
 from .ir import GROUP_AXIS, AllToAll, Direction, Precision, Rows, Schedule, SlotKind, SlotSpec
 from .key import ScheduleKey
 

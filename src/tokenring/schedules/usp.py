@@ -16,10 +16,10 @@ with R = 1 Ulysses alone. See docs/algorithms.md, "USP".
 
 from __future__ import annotations
 
-from ..layouts import mesh_pieces
 from ..options import Pass, Strategy
 from .base import CallShape, StrategyDef
 from .builder import ScheduleBuilder
+from .geometry import mesh_pieces
 from .ir import Precision, Schedule, SlotKind, SlotSpec
 from .key import ScheduleKey
 from .ring import emit_ring, ring_slots

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tokenring.comm import group_world
-from tokenring.layouts import chunk_ids
+from tokenring.execution.comm import group_world
 from tokenring.options import Layout
+from tokenring.schedules.geometry import chunk_ids
 
 __all__ = ["Peer", "PeerCase", "PeerState", "Runner", "layout_positions"]
 
@@ -131,7 +131,7 @@ def layout_positions(layout: Layout, world: int, rank: int, seq_len: int) -> tor
     """Global token indices held by ``rank``, in local order (int64, ``seq_len // world`` long).
 
     ``contiguous``: tokens ``[r*S/P, (r+1)*S/P)``. ``zigzag``: chunks ``r`` and
-    ``2P-1-r`` of ``2P`` equal chunks (see ``tokenring.layouts``). The caller
+    ``2P-1-r`` of ``2P`` equal chunks (see ``tokenring.api.sharding``). The caller
     checks divisibility (``not_supported_reasons``).
     """
     if layout is Layout.CONTIGUOUS:

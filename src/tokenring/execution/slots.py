@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..options import Pass
+from ..schedules.geometry import cell_offset
+from ..schedules.ir import COMPONENTS, FAMILY, WHOLE, Precision, Rows, Schedule, SlotKind, SlotSpec
 from .kernels.base import accum_dtype
-from .layouts import cell_offset
-from .options import Pass
-from .schedules.ir import COMPONENTS, FAMILY, WHOLE, Precision, Rows, Schedule, SlotKind, SlotSpec
 
 __all__ = ["Problem", "SlotGeometry", "SlotStore", "from_rowmajor", "to_rowmajor"]
 

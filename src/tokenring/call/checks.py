@@ -15,13 +15,11 @@ from dataclasses import dataclass, fields, replace
 from enum import Enum
 
 import torch
-import torch.distributed as dist
 
-from .options import AUTO, JointStrategy, Layout, RingImpl, Strategy
-from .runtime import BoundedCache
-from .schedules import STRATEGIES, CallShape
+from ..options import AUTO, JointStrategy, Layout, RingImpl, Strategy
+from ..schedules import STRATEGIES, CallShape
 
-__all__ = ["CallInfo", "check_across_ranks", "check_local", "strategy_problem", "with_problem"]
+__all__ = ["FIELDS", "CallInfo", "check_local", "strategy_problem", "with_problem"]
 
 
 @dataclass(frozen=True)
@@ -45,10 +43,10 @@ class CallInfo:
     problem: str = ""
 
     def agreement_key(self) -> tuple:
-        return tuple(getattr(self, f) for f in _FIELDS)
+        return tuple(getattr(self, f) for f in FIELDS)
 
 
-_FIELDS = tuple(f.name for f in fields(CallInfo) if f.name != "problem")
+FIELDS = tuple(f.name for f in fields(CallInfo) if f.name != "problem")
 
 
 def _shape_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
@@ -242,35 +240,3 @@ def check_local(
 def with_problem(info: CallInfo, problem: str) -> CallInfo:
     """``info`` with ``problem`` recorded, unless it already has one."""
     return info if info.problem else replace(info, problem=problem)
-
-
-def check_across_ranks(
-    info: CallInfo, group: dist.ProcessGroup | None, world: int, agreed: BoundedCache
-) -> None:
-    """Raise the same ValueError on every rank if any rank's call is wrong or they disagree.
-
-    Exchanges ``info`` over ``group`` unless this description is in ``agreed``
-    (the group's memory of descriptions all ranks agreed on, which it joins).
-    """
-    if world == 1:
-        if info.problem:
-            raise ValueError(info.problem)
-        return
-    if info in agreed:
-        return
-    parent = group if group is not None else dist.group.WORLD
-    gathered: list[CallInfo | None] = [None] * world
-    dist.all_gather_object(gathered, info, group=parent)
-    for rank, other in enumerate(gathered):
-        if other is not None and other.problem:
-            raise ValueError(f"rank {rank}: {other.problem}")
-    reference = gathered[0]
-    for rank, other in enumerate(gathered):
-        if other.agreement_key() != reference.agreement_key():  # type: ignore[union-attr]
-            diffs = [
-                f"{f}: rank 0 has {getattr(reference, f)!r}, rank {rank} has {getattr(other, f)!r}"
-                for f in _FIELDS
-                if getattr(reference, f) != getattr(other, f)
-            ]
-            raise ValueError("inputs differ across ranks: " + "; ".join(diffs))
-    agreed.put(info, True)

@@ -25,13 +25,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..options import Pass
+from ..schedules.ir import Compute, Merge, Post, Rows, Schedule, Transfer, Wait
 from .collectives import post_collective
 from .comm import Lanes, Message
 from .kernels import KernelBackend
 from .kernels.base import accum_dtype
 from .merge import merge_into, write_into
-from .options import Pass
-from .schedules.ir import Compute, Merge, Post, Rows, Schedule, Transfer, Wait
 from .slots import Problem, SlotGeometry, SlotStore, from_rowmajor, to_rowmajor
 from .timeline import Recorder, Sent
 

@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .api import attention
-from .mesh import SpMesh
-from .options import AUTO, JointStrategy, Layout, RingImpl, Strategy, parse_enum, parse_strategy
+from ..options import AUTO, JointStrategy, Layout, RingImpl, Strategy, parse_enum, parse_strategy
+from ..runtime.meshes import SpMesh
+from .attention import attention
 
 __all__ = ["SequenceParallelAttention"]
 

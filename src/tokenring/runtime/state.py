@@ -26,8 +26,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .comm import Lanes, group_world, make_lanes
-from .mesh import SpMesh
+from ..execution.comm import Lanes, group_world, make_lanes
+from .meshes import SpMesh
 
 __all__ = [
     "BoundedCache",

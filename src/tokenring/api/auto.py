@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .comm import group_world
-from .options import AUTO, Layout, RingImpl, Strategy, parse_enum
-from .planner.choose import PlanReport, plan_call
-from .planner.costs import Shape
-from .planner.machine import topology_for
-from .runtime import Runtime
+from ..execution.comm import group_world
+from ..options import AUTO, Layout, RingImpl, Strategy, parse_enum
+from ..planner.choose import PlanReport, plan_call
+from ..planner.costs import Shape
+from ..planner.machine import topology_for
+from ..runtime import Runtime
 
 __all__ = ["AUTO", "AutoChoice", "resolve_auto"]
 

@@ -35,117 +35,17 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from ..execution.joint import Joint
+from ..execution.passes import ShardedAttention, forward_pass
+from ..execution.timeline import Recorder
+from ..options import JointStrategy, Layout, RingImpl, Strategy
+from ..runtime import runtime
+from ..schedules import STRATEGIES
 from .auto import AUTO, resolve_auto
-from .comm import Lanes
-from .executor import Execution
-from .joint import Joint, JointComm
-from .options import JointStrategy, Layout, RingImpl, Strategy
-from .passes import Call, ShardedAttention, forward_pass
-from .plan import Site, make_plan, site_of
-from .runtime import GroupRuntime, Runtime, runtime
-from .schedules import STRATEGIES
-from .timeline import Recorder
+from .calls import prepared_call, where_call_runs
+from .compiled import attention_op
 
-__all__ = [
-    "allgather_attn",
-    "attention",
-    "call_by_names",
-    "prepared_call",
-    "ring_attn",
-    "token_ring_attn",
-    "ulysses_attn",
-]
-
-
-OPTION_NAMES = (
-    "strategy", "ring_impl", "causal", "softmax_scale", "layout", "kernel", "deterministic",
-    "joint_strategy",
-)  # fmt: skip
-
-
-def _tensor_key(t) -> tuple | None:
-    return None if t is None else (t.shape, t.dtype, t.device, t.stride(-1))
-
-
-def _prepare(rt: Runtime, site: Site, state: GroupRuntime, q, k, v, joint: tuple,
-             wants_grad: bool, recorder, **options) -> Call:  # fmt: skip
-    """Plan this call (checks and cross-rank exchange) and say how it runs: the lanes of the
-    axes its schedules use, its joint-token collectives, the runtime's settings."""
-    plan = make_plan(
-        q, k, v, joint, site=site, state=state, wants_grad=wants_grad,
-        stream_tail_min=rt.settings.stream_tail_min, **options,
-    )  # fmt: skip
-    lanes: dict[str, Lanes] = {}
-    if site.world > 1:
-        used = {lane.axis for lane in (*plan.forward.lanes, *plan.backward.lanes)}
-        lanes = {axis: rt.lanes(site.axes[axis]) for axis in sorted(used)}
-    comm = None
-    if joint[1] is not None:
-        comm = JointComm(rt.lanes(site.group) if site.world > 1 else None)
-    settings = rt.settings
-    ex = Execution(plan.forward_kernel, lanes, settings.timeout, settings.fused_merge, recorder)
-    return Call(plan, ex, comm)
-
-
-def prepared_call(rt: Runtime, site: Site, state: GroupRuntime, q, k, v, joint: tuple,
-                  wants_grad: bool, recorder, options: tuple) -> Call:  # fmt: skip
-    """The call as prepared for the first call of its kind (shapes, dtypes, options,
-    where), reused by later identical calls: the checks, the exchange and the planning
-    run once. Kept per group in call order, so every member keeps the same entries.
-    ``options``: the values of ``OPTION_NAMES``."""
-    key = None
-    if recorder is None:
-        try:
-            # typed: causal=1 must not reuse the plan of causal=True (1 == True)
-            key = (
-                site.key, options, type(options[2]), type(options[3]), type(options[6]),
-                wants_grad, _tensor_key(q), _tensor_key(k), _tensor_key(v),
-                joint[1] is not None and tuple(_tensor_key(t) for t in joint),
-            )  # fmt: skip
-            hash(key)
-        except (AttributeError, TypeError):  # not tensors, or unhashable options: check anew
-            key = None
-    call = state.calls.get_fresh(key) if key is not None else None
-    if call is None:
-        named = dict(zip(OPTION_NAMES, options))
-        call = _prepare(rt, site, state, q, k, v, joint, wants_grad, recorder, **named)
-        if key is not None:
-            state.calls.put(key, call)
-    return call
-
-
-def _site(rt: Runtime, strategy, group, mesh, ring_impl) -> tuple[Site, GroupRuntime]:
-    """Where a call runs, and its group's state (read once per group or mesh). Meshes
-    count by identity (``Runtime.meshes`` says why and keeps them alive)."""
-    key = (strategy, group, None if mesh is None else id(mesh), ring_impl)
-    try:
-        found = rt.sites.get(key)
-    except TypeError:  # unhashable: let site_of say what is wrong
-        found, key = None, None
-    if found is None:
-        site = site_of(strategy, group, mesh, ring_impl, rt)
-        found = (site, rt.group(site.group))
-        if key is not None:
-            rt.sites[key] = found
-    return found
-
-
-def call_by_names(q, k, v, joint: tuple, *, group: str, ring_group: str, ulysses_group: str,
-                  wants_grad: bool, **options) -> Call:  # fmt: skip
-    """``prepared_call`` for a compiled call, whose groups come as names (``ops.py``)."""
-    rt = runtime()
-    if ring_group:  # usp, or auto over a mesh
-        where = (None, rt.named_mesh(ring_group, ulysses_group))
-    else:
-        where = (rt.named_group(group), None)
-    if options["strategy"] == AUTO:
-        choice = resolve_auto(rt, q, k, causal=options["causal"], layout=options["layout"],
-                              group=where[0], mesh=where[1], wants_grad=wants_grad)  # fmt: skip
-        options = {**options, "strategy": choice.strategy.value,
-                   "ring_impl": choice.ring_impl.value}  # fmt: skip
-    site, state = _site(rt, options["strategy"], *where, options["ring_impl"])
-    values = tuple(options[name] for name in OPTION_NAMES)
-    return prepared_call(rt, site, state, q, k, v, joint, wants_grad, None, values)
+__all__ = ["allgather_attn", "attention", "ring_attn", "token_ring_attn", "ulysses_attn"]
 
 
 def _traced(q, k, v, joint, *, strategy, ring_impl, causal, softmax_scale, layout, kernel,
@@ -167,7 +67,7 @@ def _traced(q, k, v, joint, *, strategy, ring_impl, causal, softmax_scale, layou
         group_name = (group if group is not None else dist.group.WORLD).group_name
     tensors = (q, k, v, *(t for t in joint if t is not None))
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return torch.ops.tokenring.attention(
+    return attention_op(
         q, k, v, *joint, name(strategy), name(ring_impl), causal, softmax_scale, name(layout),
         kernel, deterministic, name(joint_strategy), wants_grad, group_name, ring_group,
         ulysses_group,
@@ -252,7 +152,7 @@ def attention(
             choice = resolve_auto(rt, q, k, causal=causal, layout=layout, group=group,
                                   mesh=mesh, wants_grad=wants_grad)  # fmt: skip
             strategy, ring_impl = choice.strategy, choice.ring_impl
-        site, state = _site(rt, strategy, group, mesh, ring_impl)
+        site, state = where_call_runs(rt, strategy, group, mesh, ring_impl)
         options = (strategy, ring_impl, causal, softmax_scale, layout, kernel, deterministic,
                    joint_strategy)  # fmt: skip
         call = prepared_call(rt, site, state, q, k, v, joint, wants_grad, recorder, options)

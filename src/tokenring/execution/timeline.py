@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .schedules.ir import Compute, Post, SlotKind
+from ..schedules.ir import Compute, Post, SlotKind
 
 __all__ = ["Recorder", "Sent", "Span"]
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..schedules.ir import FAMILY, AllGather, AllToAll, Direction, ReduceScatter, Rows
 from .comm import Lanes
-from .schedules.ir import FAMILY, AllGather, AllToAll, Direction, ReduceScatter, Rows
 from .slots import SlotStore
 from .timeline import Sent
 

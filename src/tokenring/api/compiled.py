@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .api import call_by_names
-from .joint import Joint
-from .passes import Call, backward_pass, forward_pass
+from ..execution.joint import Joint
+from ..execution.kernels.base import accum_dtype
+from ..execution.passes import Call, backward_pass, forward_pass
+from .calls import call_by_names
 
 __all__ = ["attention_backward_op", "attention_op"]
 
@@ -68,8 +69,6 @@ def attention_op(
 
 @attention_op.register_fake
 def _(q, k, v, joint_q, joint_k, joint_v, *config) -> Outputs:
-    from .kernels.base import accum_dtype
-
     b, length, heads, _ = q.shape
     wide = accum_dtype(q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -1,0 +1,1 @@
+"""The description of a call: what every rank must agree on, parsed once at the edge."""

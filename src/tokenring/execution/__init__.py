@@ -1,0 +1,2 @@
+"""Running schedules on tensors: the executor, slot storage, collectives, lanes, kernels,
+the merge, and a call's plan and passes."""
