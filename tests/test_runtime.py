@@ -58,7 +58,7 @@ def test_plans_are_kept_per_group_and_bounded():
             q = torch.randn(1, length, 2, 8)
             tr.attention(q, q, q)
         assert len(state.calls) == 3
-        lengths = sorted(call.plan.problem.length for call in state.calls.values())
+        lengths = sorted(call.plan.seq_len for call in state.calls.values())
         assert lengths == [6, 8, 10], "the oldest plans went first"
     finally:
         runtime.configure(max_plans=before.max_plans)

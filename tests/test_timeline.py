@@ -19,9 +19,9 @@ def test_spans_cover_every_compute_and_transfer_of_the_schedule(pool, strategy, 
     for rank, spans in enumerate(per_rank):
         for phase, pass_ in (("forward", Pass.FORWARD), ("backward", Pass.BACKWARD)):
             # the plan of these small shards returns TokenRing's last partial whole
-            key = ScheduleKey(
-                Strategy(strategy), Layout.ZIGZAG, world, rank, True, pass_, *heads,
-                stream_tail=False,
+            key = ScheduleKey.of_sequence(
+                Strategy(strategy), Layout.ZIGZAG, world, rank, 8 * world, True, pass_,
+                heads_q=heads[0], heads_kv=heads[1], stream_tail=False,
             )  # fmt: skip
             sched = build_schedule(key)
             mine = [s for s in spans if s["phase"] == phase]

@@ -79,9 +79,10 @@ def _checked_plan(q, k, v, joint: tuple, *, site: Site, state: GroupRuntime, wan
     if chosen is None:
         raise AssertionError("check_across_ranks let a failed call through")
     return build_plan(
-        q, k, site=site, kernel=chosen, stream_tail_min=stream_tail_min, strategy=strategy,
-        ring_impl=ring_impl, causal=causal, softmax_scale=softmax_scale, layout=layout,
-        kernel_choice=str(kernel), deterministic=deterministic,
+        q, k, site=site, seq_len=q.shape[1] * site.world, kernel=chosen,
+        stream_tail_min=stream_tail_min, strategy=strategy, ring_impl=ring_impl, causal=causal,
+        softmax_scale=softmax_scale, layout=layout, kernel_choice=str(kernel),
+        deterministic=deterministic,
     )  # fmt: skip
 
 

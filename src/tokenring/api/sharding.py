@@ -1,14 +1,8 @@
-"""Sharding contract: which tokens of the global sequence each rank holds.
+"""``shard`` and ``unshard``: a global tensor to this rank's part and back, differentiable.
 
-Every layout cuts the sequence into ``2P`` chunks and gives each rank two of
-them, in increasing global order (see docs/algorithms.md, "Layouts"):
-
-- ``contiguous``: rank r holds chunks 2r and 2r+1 (its tokens are one block);
-- ``zigzag``: rank r holds chunks r and 2P-1-r (balanced causal work).
-
-The two local halves are the *sub-chunks* that schedules address. For
-zigzag the global sequence must split into 2P equal chunks; for contiguous
-only into P equal shards (the halves of a shard may then differ by one token).
+Which tokens each rank holds is the layouts' arithmetic (``schedules.geometry``,
+docs/algorithms.md "Layouts"): any sequence length, the remainder spread so that
+per-rank lengths differ by at most one token.
 """
 
 from __future__ import annotations
@@ -20,7 +14,7 @@ import torch.distributed as dist
 
 from ..options import Layout, parse_enum
 from ..runtime import runtime
-from ..schedules.geometry import check_global_length, chunk_ids, local_bounds, mesh_pieces
+from ..schedules.geometry import PieceTable, chunk_ids, mesh_pieces, piece_table
 
 __all__ = ["shard", "unshard"]
 
@@ -32,9 +26,13 @@ class _Sharding:
 
     layout: Layout
     world: int
-    mine: tuple[int, int]
+    rank: int  # this rank's index in ``pieces``
     pieces: tuple[tuple[int, int], ...]
     group: dist.ProcessGroup | None
+
+    @property
+    def mine(self) -> tuple[int, int]:
+        return self.pieces[self.rank]
 
 
 def _sharding(layout: Layout, group: dist.ProcessGroup | None, mesh: object) -> _Sharding:
@@ -45,10 +43,10 @@ def _sharding(layout: Layout, group: dist.ProcessGroup | None, mesh: object) -> 
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
             raise ValueError("group was given but torch.distributed is not initialized")
-        return _Sharding(layout, 1, chunk_ids(layout, 1, 0), (chunk_ids(layout, 1, 0),), None)
+        return _Sharding(layout, 1, 0, (chunk_ids(layout, 1, 0),), None)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     pieces = tuple(chunk_ids(layout, world, r) for r in range(world))
-    return _Sharding(layout, world, pieces[rank], pieces, group)
+    return _Sharding(layout, world, rank, pieces, group)
 
 
 def _mesh_sharding(layout: Layout, mesh: object) -> _Sharding:
@@ -62,42 +60,37 @@ def _mesh_sharding(layout: Layout, mesh: object) -> _Sharding:
         return mesh_pieces(layout, sp.ring, sp.ulysses, r, u)
 
     order = sorted(sp.members)  # group ranks follow the sorted global ranks
-    return _Sharding(
-        layout, sp.size, mesh_pieces(layout, sp.ring, sp.ulysses, sp.r, sp.u),
-        tuple(of(g) for g in order), group,
-    )  # fmt: skip
+    me = order.index(sp.members[sp.rank])
+    return _Sharding(layout, sp.size, me, tuple(of(g) for g in order), group)
 
 
-def _global_chunks(x: torch.Tensor, layout: Layout, world: int, dim: int) -> list[torch.Tensor]:
-    """Split a global tensor into its 2*world chunks (contiguous halves may be uneven)."""
-    length = x.shape[dim]
-    if layout is Layout.ZIGZAG:
-        return list(x.split(length // (2 * world), dim=dim))
-    shard_len = length // world
-    lo, mid, hi = local_bounds(shard_len)
-    sizes = [mid - lo, hi - mid] * world
-    return list(x.split(sizes, dim=dim))
+def _take(x: torch.Tensor, how: _Sharding, table: PieceTable, dim: int) -> torch.Tensor:
+    """This rank's part of a global tensor (a contiguous copy)."""
+    parts = [x.narrow(dim, a, b - a) for a, b in table.spans(how.mine)]
+    return torch.cat(parts, dim=dim).contiguous()
 
 
-def _take(x: torch.Tensor, how: _Sharding, dim: int) -> torch.Tensor:
-    """This rank's shard of a global tensor (a contiguous copy)."""
-    chunks = _global_chunks(x, how.layout, how.world, dim)
-    first, second = how.mine
-    return torch.cat([chunks[first], chunks[second]], dim=dim).contiguous()
-
-
-def _gather(x_local: torch.Tensor, how: _Sharding, dim: int) -> torch.Tensor:
-    """Every rank's shard, in global order (an all-gather over the sharding's group)."""
+def _gather(x_local: torch.Tensor, how: _Sharding, table: PieceTable, dim: int) -> torch.Tensor:
+    """Every rank's part, in global order (one all-gather over the sharding's group; parts
+    of unequal length travel padded to the longest)."""
     local = x_local.contiguous()
     if how.world == 1:
         return local
+    lengths = [table.tokens(p) for p in how.pieces]
+    longest = max(lengths)
+    if local.shape[dim] < longest:
+        pad = list(local.shape)
+        pad[dim] = longest - local.shape[dim]
+        local = torch.cat([local, local.new_zeros(pad)], dim=dim)
     parts = [torch.empty_like(local) for _ in how.pieces]
     dist.all_gather(parts, local, group=how.group)
-    chunks: list[torch.Tensor] = [local] * (2 * how.world)
-    for (first, second), part in zip(how.pieces, parts):
-        lo, mid, hi = local_bounds(part.shape[dim])
-        chunks[first] = part.narrow(dim, lo, mid - lo)
-        chunks[second] = part.narrow(dim, mid, hi - mid)
+    chunks: list[torch.Tensor] = [local.narrow(dim, 0, 0)] * table.count
+    for pieces, part in zip(how.pieces, parts):
+        offset = 0
+        for piece in pieces:
+            n = table.length(piece)
+            chunks[piece] = part.narrow(dim, offset, n)
+            offset += n
     return torch.cat(chunks, dim=dim)
 
 
@@ -106,14 +99,14 @@ class _Shard(torch.autograd.Function):
     rank's contribution, so the backward gathers the shards' gradients."""
 
     @staticmethod
-    def forward(ctx, x, how, dim):
-        ctx.args = (how, dim)
-        return _take(x, how, dim)
+    def forward(ctx, x, how, table, dim):
+        ctx.args = (how, table, dim)
+        return _take(x, how, table, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        how, dim = ctx.args
-        return _gather(grad, how, dim), None, None
+        how, table, dim = ctx.args
+        return _gather(grad, how, table, dim), None, None, None
 
 
 class _Unshard(torch.autograd.Function):
@@ -121,14 +114,14 @@ class _Unshard(torch.autograd.Function):
     of it, so each shard's gradient is its own slice (no sum over ranks)."""
 
     @staticmethod
-    def forward(ctx, x_local, how, dim):
-        ctx.args = (how, dim)
-        return _gather(x_local, how, dim)
+    def forward(ctx, x_local, how, table, dim):
+        ctx.args = (how, table, dim)
+        return _gather(x_local, how, table, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        how, dim = ctx.args
-        return _take(grad, how, dim), None, None
+        how, table, dim = ctx.args
+        return _take(grad, how, table, dim), None, None, None
 
 
 def shard(
@@ -142,7 +135,9 @@ def shard(
     """Return this rank's part of the global tensor ``x`` (a contiguous copy).
 
     ``x`` is the full tensor, identical on every rank; ``dim`` is its sequence
-    dimension (1 for ``[batch, seq, heads, head_dim]``). ``group``: the ranks the
+    dimension (1 for ``[batch, seq, heads, head_dim]``), of any length: the
+    layout spreads the remainder so that ranks hold at most one token more than
+    others (docs/algorithms.md, "Layouts"; some may hold none). ``group``: the ranks the
     sequence is sharded over (1-D strategies); ``mesh``: a DeviceMesh with dims
     ``"ring"`` and ``"ulysses"`` (``strategy="usp"``), where rank (r, u) holds
     ``mesh_pieces(layout, ring, ulysses, r, u)``. Differentiable: the gradient of
@@ -152,8 +147,31 @@ def shard(
     layout = parse_enum(Layout, layout, "layout")
     how = _sharding(layout, group, mesh)
     dim = dim % x.dim()
-    check_global_length(layout, how.world, x.shape[dim])
-    return _Shard.apply(x, how, dim)
+    if x.shape[dim] == 0:
+        raise ValueError(f"shard: the sequence is empty (dim {dim} of shape {tuple(x.shape)})")
+    return _Shard.apply(x, how, piece_table(layout, x.shape[dim], how.world), dim)
+
+
+def _agreed_length(how: _Sharding, local: int, seq_len: int | None, device) -> int:
+    """The global length, from every rank's local length (one small all-gather): every
+    rank raises the same ValueError when the parts do not follow the layout."""
+    lengths = [local]
+    if how.world > 1:
+        mine = torch.tensor([local], dtype=torch.int64, device=device)
+        every = torch.empty(how.world, dtype=torch.int64, device=device)
+        dist.all_gather_into_tensor(every, mine, group=how.group)
+        lengths = [int(n) for n in every.tolist()]
+    total = sum(lengths) if seq_len is None else seq_len
+    table = piece_table(how.layout, total, how.world) if total >= 0 else None
+    expected = [table.tokens(p) for p in how.pieces] if table is not None else None
+    if expected != lengths:
+        raise ValueError(
+            f"unshard: the parts hold {lengths} tokens (in group rank order), but the "
+            f"{how.layout.value} layout of {total} tokens over {how.world} ranks gives "
+            f"{expected}: shard with tokenring.shard and the same layout, group or mesh"
+            + ("" if seq_len is None else ", and pass the global length as seq_len")
+        )
+    return total
 
 
 def unshard(
@@ -163,14 +181,19 @@ def unshard(
     group: dist.ProcessGroup | None = None,
     mesh: object = None,
     dim: int = 1,
+    seq_len: int | None = None,
 ) -> torch.Tensor:
     """Gather every rank's shard and return the full tensor, in global order, on every rank.
 
-    ``group`` or ``mesh`` as for ``shard``. Differentiable: every rank is assumed
-    to hold the same gradient of the full result (a replicated loss), and each
-    shard receives its own slice.
+    ``group`` or ``mesh`` as for ``shard``. The global length is the sum of the
+    parts (``seq_len``, if given, must match it); the parts' lengths are checked
+    against the layout with one small all-gather, so every rank raises the same
+    ``ValueError`` when they do not follow it. Differentiable: every rank is
+    assumed to hold the same gradient of the full result (a replicated loss), and
+    each shard receives its own slice.
     """
     layout = parse_enum(Layout, layout, "layout")
     how = _sharding(layout, group, mesh)
     dim = dim % x_local.dim()
-    return _Unshard.apply(x_local, how, dim)
+    total = _agreed_length(how, x_local.shape[dim], seq_len, x_local.device)
+    return _Unshard.apply(x_local, how, piece_table(layout, total, how.world), dim)

@@ -65,11 +65,12 @@ class Message:
 
 @dataclass
 class Lanes:
-    """The lane process groups of one user group."""
+    """The lane process groups of one user group, and this rank's place in it."""
 
     groups: list[dist.ProcessGroup]
     global_ranks: list[int]
     backend: str
+    rank: int
 
     def post(self, messages: list[Message]) -> list[dist.Work]:
         """Start point-to-point ``messages``, one batch per lane.
@@ -131,4 +132,4 @@ def make_lanes(group: dist.ProcessGroup | None, timeout: timedelta) -> Lanes:
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
     for pg in groups:  # initialise every communicator now, with all ranks present
         dist.all_reduce(torch.zeros(1, device=device), group=pg)
-    return Lanes(groups, ranks, backend)
+    return Lanes(groups, ranks, backend, ranks.index(dist.get_rank()))

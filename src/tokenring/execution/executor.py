@@ -8,8 +8,9 @@ The schedule says what happens; this module says how, for each operation:
   its slots when its ``Wait`` completes (``collectives.py``).
 - ``Wait``: completes the handle's work (on gloo the host waits, bounded by
   the runtime's timeout; on NCCL the compute stream is ordered after it).
-- ``Compute``: one block-attention kernel call; its result is written or
-  LSE-merged (forward) / added (backward) into the result rows.
+- ``Compute``: one block-attention kernel call (no mask, causal, or an explicit
+  mask made from the block's positions, by the block's kind); its result is
+  written or LSE-merged (forward) / added (backward) into the result rows.
 - ``Merge``: LSE merge (forward) or sum (backward) of result rows.
 
 Slot storage and views live in ``slots.py``; what each slot kind holds is
@@ -27,9 +28,10 @@ import torch.distributed as dist
 
 from ..options import Pass
 from ..schedules.ir import Compute, Merge, Post, Rows, Schedule, Transfer, Wait
+from ..schedules.masks import BlockKind
 from .collectives import post_collective
 from .comm import Lanes, Message
-from .kernels import KernelBackend
+from .kernels import BlockMask, KernelBackend
 from .kernels.base import accum_dtype
 from .merge import merge_into, write_into
 from .slots import Problem, SlotGeometry, SlotStore, from_rowmajor, to_rowmajor
@@ -125,7 +127,7 @@ def _post(store: SlotStore, op: Post, ex: Execution) -> _Pending:
     if move is None:
         pending, sent = _post_transfers(store, op, lanes)
     else:
-        work, finish, sent = post_collective(store, move, lanes)
+        work, finish, sent = post_collective(store, move, lanes, lanes.rank)
         pending = _Pending(op, {move.lane: [work]}, finish)
     if ex.recorder is not None:
         ex.recorder.comm(op, sent, pending.works)
@@ -169,8 +171,8 @@ def _complete(schedule: Schedule, pass_: Pass, pending: _Pending, ex: Execution)
 
 def _compute_forward(store: SlotStore, op: Compute, ex: Execution, problem: Problem) -> None:
     out_b, lse_b = ex.kernel.forward(
-        store.view(op.q, "q"), store.view(op.kv, "k"), store.view(op.kv, "v"), op.causal,
-        problem.scale,
+        store.view(op.q, "q"), store.view(op.kv, "k"), store.view(op.kv, "v"),
+        op.kind is BlockKind.DIAG, problem.scale, _block_mask(store, op),
     )  # fmt: skip
     for sub, fresh, a, b in store.sub_runs(op.q_out, op.fresh_q):
         out, lse = store.view(sub, "out"), store.view(sub, "lse")
@@ -178,6 +180,13 @@ def _compute_forward(store: SlotStore, op: Compute, ex: Execution, problem: Prob
             write_into(out, lse, out_b[:, a:b], lse_b[:, :, a:b])
         else:
             merge_into(out, lse, out_b[:, a:b], lse_b[:, :, a:b], fused=ex.fused_merge)
+
+
+def _block_mask(store: SlotStore, op: Compute) -> BlockMask | None:
+    """The explicit mask of a PARTIAL block (made once per plan), else None."""
+    if op.kind is not BlockKind.PARTIAL:
+        return None
+    return store.geometry.block_mask(op)
 
 
 def _accumulate(store: SlotStore, rows: Rows, fresh: tuple[bool, ...], parts: dict) -> None:
@@ -200,8 +209,9 @@ def _compute_backward(store: SlotStore, op: Compute, ex: Execution, problem: Pro
         out,
         store.view(op.q, "lse"),
         store.view(op.q, "delta"),
-        op.causal,
+        op.kind is BlockKind.DIAG,
         problem.scale,
+        _block_mask(store, op),
     )
     _accumulate(store, op.q_out, op.fresh_q, {"dq": dq})
     if op.kv_out is not None:
@@ -269,10 +279,10 @@ def run_forward(
     store = SlotStore(geometry, local)
     _execute(schedule, Pass.FORWARD, store, ex)
     result = schedule.query_result
-    out = store.tensors[result]["out"]
+    lse = store.own(result, "lse")
     if keep_accum:
-        return from_rowmajor(out, accum_dtype(problem.dtype)), store.tensors[result]["lse"]
-    return store.result(result, "out"), store.tensors[result]["lse"]
+        return from_rowmajor(store.own(result, "out"), accum_dtype(problem.dtype)), lse
+    return store.result(result, "out"), lse
 
 
 def run_backward(

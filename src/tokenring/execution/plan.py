@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 from ..options import Layout, Pass, RingImpl, Strategy, parse_enum, parse_strategy
 from ..schedules import Schedule, ScheduleKey, build_schedule
+from ..schedules.geometry import Geometry, piece_table
+from ..schedules.masks import Mask
 from .kernels import BlockSpec, KernelBackend, select_kernel
 from .slots import Problem, SlotGeometry
 
@@ -55,12 +57,15 @@ class Plan:
     forward_kernel: KernelBackend
     deterministic: bool
     stream_tail: bool
+    seq_len: int
 
     def _schedule(self, pass_: Pass) -> Schedule:
         p, site = self.problem, self.site
+        table = piece_table(self.layout, self.seq_len, site.world)
         key = ScheduleKey(
-            self.strategy, self.layout, site.world, site.rank, p.causal, pass_, p.heads_q,
-            p.heads_kv, site.ulysses, self.ring_impl, self.stream_tail,
+            self.strategy, self.layout, site.world, site.rank, Geometry.self_attention(table),
+            Mask(p.causal), pass_, p.heads_q, p.heads_kv, site.ulysses, self.ring_impl,
+            self.stream_tail,
         )  # fmt: skip
         return build_schedule(key)
 
@@ -97,14 +102,13 @@ class Plan:
 
 
 def build_plan(
-    q, k, *, site: Site, kernel: KernelBackend, stream_tail_min: int, strategy, ring_impl,
-    causal, softmax_scale, layout, kernel_choice: str, deterministic: bool,
+    q, k, *, site: Site, seq_len: int, kernel: KernelBackend, stream_tail_min: int, strategy,
+    ring_impl, causal, softmax_scale, layout, kernel_choice: str, deterministic: bool,
 ) -> Plan:  # fmt: skip
     """The plan of a call every rank has checked and agreed on (``tokenring.api.calls``)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
     problem = Problem(
         batch=q.shape[0],
-        length=q.shape[1],
         heads_q=q.shape[2],
         heads_kv=k.shape[2],
         head_dim=q.shape[3],
@@ -123,4 +127,5 @@ def build_plan(
         kernel,
         deterministic,
         q.numel() >= stream_tail_min,
+        seq_len,
     )

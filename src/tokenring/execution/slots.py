@@ -2,13 +2,16 @@
 
 Storage is *row-major* (sequence outermost): ``[T, B, H, D]`` per component,
 ``[T, B, H]`` for per-row values (lse, delta), so any run of cells is one
-contiguous piece of memory that can be moved as is. A slot declared with
+contiguous piece of memory that can be moved as is. Cells are stored one after
+the other, each as long as the piece it holds (``Schedule.token_range``); a slot
+is as long as the most it ever holds. A slot declared with
 ``groups = G`` is stored group-major, ``[G, T, B, H/G, D]``, so each head
 group is contiguous too. Kernels get ``[B, L, H, D]`` / ``[B, H, L]`` views.
 Precision: ``ACCUM`` result slots are float32 (float64 for float64 inputs,
 ``kernels.accum_dtype``), ``WIRE`` ones the input dtype; lse and delta are
 always the accumulation dtype. All buffers are allocated once per call,
-before the first step.
+before the first step; ``zeroed`` ones start as the merge's identity (zeros,
+and an LSE of -inf).
 """
 
 from __future__ import annotations
@@ -18,9 +21,22 @@ from dataclasses import dataclass
 import torch
 
 from ..options import Pass
-from ..schedules.geometry import cell_offset
-from ..schedules.ir import COMPONENTS, FAMILY, WHOLE, Precision, Rows, Schedule, SlotKind, SlotSpec
-from .kernels.base import accum_dtype
+from ..schedules.ir import (
+    COMPONENTS,
+    FAMILY,
+    QUERY_SIDE,
+    WHOLE,
+    Compute,
+    Merge,
+    Post,
+    Precision,
+    Rows,
+    Schedule,
+    SlotKind,
+    SlotSpec,
+    Transfer,
+)
+from .kernels.base import BlockMask, accum_dtype
 
 __all__ = ["Problem", "SlotGeometry", "SlotStore", "from_rowmajor", "to_rowmajor"]
 
@@ -30,7 +46,6 @@ class Problem:
     """Shapes and options shared by every rank for one call."""
 
     batch: int
-    length: int  # local sequence length
     heads_q: int
     heads_kv: int
     head_dim: int
@@ -62,6 +77,32 @@ def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(t, b, groups, h // groups, *rest).movedim(2, 0).contiguous()
 
 
+def _rows_of(schedule: Schedule) -> list[Rows]:
+    """Every ``Rows`` a schedule addresses, and its results (which hold this rank's pieces)."""
+    found = [Rows.whole(schedule.query_result, schedule.pieces)]
+    if schedule.kv_result is not None:
+        found.append(Rows.whole(schedule.kv_result, schedule.pieces))
+    for op in schedule.ops:
+        match op:
+            case Post(moves=moves):
+                for m in moves:
+                    found += [m.rows] if isinstance(m, Transfer) else [m.src, m.dst]
+            case Compute():
+                found += [r for r in (op.q, op.kv, op.q_out, op.kv_out) if r is not None]
+            case Merge():
+                found += [op.src, op.dst]
+    return found
+
+
+def slot_tokens(schedule: Schedule) -> dict[str, int]:
+    """How many tokens each used slot must hold: the most any of its rows reach."""
+    tokens: dict[str, int] = {}
+    for rows in _rows_of(schedule):
+        end = schedule.token_range(rows)[1]
+        tokens[rows.slot] = max(tokens.get(rows.slot, 0), end)
+    return tokens
+
+
 class SlotGeometry:
     """What the buffers of one schedule look like for one problem: worked out once per
     plan, so a call only allocates and indexes (no span arithmetic per operation)."""
@@ -70,16 +111,20 @@ class SlotGeometry:
         self.schedule = schedule
         self.pass_ = pass_
         self.problem = problem
+        self.tokens = slot_tokens(schedule)
         self.allocations: list[tuple[str, str, tuple[int, ...], torch.dtype, bool]] = []
-        used = schedule.used_slots
         for name, spec in schedule.slots.items():
-            if name not in used or spec.local:
+            if name not in self.tokens or spec.local:
                 continue
             for comp in COMPONENTS[(pass_, spec.kind)]:
-                shape, dtype = self._shape(comp, spec)
+                shape, dtype = self._shape(comp, spec, self.tokens[name])
                 self.allocations.append((name, comp, shape, dtype, spec.zeroed))
+        self.own_q = schedule.geometry.q.tokens(schedule.pieces)
+        self.own_kv = schedule.geometry.kv.tokens(schedule.pieces)
         self._index: dict[tuple[Rows, str], tuple] = {}
         self._runs: dict[tuple[Rows, tuple[bool, ...]], list] = {}
+        self._spans: dict[Rows, tuple[int, int]] = {}
+        self._masks: dict[Compute, BlockMask] = {}
 
     def heads(self, component: str, spec: SlotSpec) -> int:
         """Heads a slot holds of ``component``'s family."""
@@ -87,9 +132,10 @@ class SlotGeometry:
         family = p.heads_kv if FAMILY[component] == "kv" else p.heads_q
         return family // spec.head_parts
 
-    def _shape(self, component: str, spec: SlotSpec) -> tuple[tuple[int, ...], torch.dtype]:
+    def _shape(
+        self, component: str, spec: SlotSpec, tokens: int
+    ) -> tuple[tuple[int, ...], torch.dtype]:
         p = self.problem
-        tokens = cell_offset(p.length, spec.cells)
         heads = self.heads(component, spec)
         if FAMILY[component] == "row":
             shape: tuple[int, ...] = (tokens, p.batch, heads)
@@ -103,8 +149,28 @@ class SlotGeometry:
 
     def span(self, rows: Rows) -> tuple[int, int]:
         """Token range of ``rows`` inside its slot."""
-        length = self.problem.length
-        return cell_offset(length, rows.start), cell_offset(length, rows.stop)
+        found = self._spans.get(rows)
+        if found is None:
+            found = self._spans[rows] = self.schedule.token_range(rows)
+        return found
+
+    def positions(self, rows: Rows) -> torch.Tensor:
+        """Global positions of the tokens of ``rows`` (1-D, on the problem's device)."""
+        table = self.schedule.table(rows)
+        ranges = [torch.arange(*table.span(p)) for p in rows.pieces]
+        return torch.cat(ranges).to(self.problem.device)
+
+    def block_mask(self, op: Compute) -> BlockMask:
+        """The explicit mask of a masked block, from its rows' positions (made once)."""
+        found = self._masks.get(op)
+        if found is None:
+            allowed = op.mask.allowed(self.positions(op.q), self.positions(op.kv))
+            found = self._masks[op] = BlockMask(allowed)
+        return found
+
+    def own_tokens(self, slot: str) -> int:
+        """Tokens of this rank's own pieces on ``slot``'s side (a result slot's length)."""
+        return self.own_q if self.schedule.slots[slot].kind in QUERY_SIDE else self.own_kv
 
     def index(self, rows: Rows, component: str, heads: int) -> tuple:
         """How to index a slot's component storage for ``rows`` (``heads``: its size on
@@ -141,7 +207,7 @@ class SlotGeometry:
             j = i
             while j + 1 < rows.stop and fresh[j + 1 - rows.start] == fresh[i - rows.start]:
                 j += 1
-            sub = Rows(rows.slot, i, j + 1, rows.part)
+            sub = Rows(rows.slot, rows.content, i, j + 1, rows.part)
             a, b = self.span(sub)
             runs.append((sub, fresh[i - rows.start], a - base, b - base))
             i = j + 1
@@ -165,8 +231,13 @@ class SlotStore:
                 self.tensors[name] = {c: _grouped(t, groups) for c, t in comps.items()}
         device = self.problem.device
         for name, comp, shape, dtype, zeroed in geometry.allocations:
-            make = torch.zeros if zeroed else torch.empty
-            self.tensors.setdefault(name, {})[comp] = make(shape, dtype=dtype, device=device)
+            if not zeroed:
+                tensor = torch.empty(shape, dtype=dtype, device=device)
+            elif comp == "lse":  # the merge's identity: no keys seen yet
+                tensor = torch.full(shape, float("-inf"), dtype=dtype, device=device)
+            else:
+                tensor = torch.zeros(shape, dtype=dtype, device=device)
+            self.tensors.setdefault(name, {})[comp] = tensor
 
     def kind(self, rows: Rows) -> SlotKind:
         return self.schedule.slots[rows.slot].kind
@@ -197,6 +268,15 @@ class SlotStore:
     def sub_runs(self, rows: Rows, fresh: tuple[bool, ...]) -> list[tuple[Rows, bool, int, int]]:
         return self.geometry.sub_runs(rows, fresh)
 
+    def own(self, slot: str, component: str) -> torch.Tensor:
+        """A result slot's storage for this rank's own tokens (row-major; a slot that also
+        held other ranks' longer pieces on the way is longer)."""
+        full = self.tensors[slot][component]
+        n = self.geometry.own_tokens(slot)
+        if full.dim() == 5:  # group-major
+            return full if full.shape[1] == n else full[:, :n]
+        return full if full.shape[0] == n else full[:n]
+
     def result(self, slot: str, component: str) -> torch.Tensor:
         """A result slot's component as ``[B, L, H, D]`` in the input dtype."""
-        return from_rowmajor(self.tensors[slot][component], self.problem.dtype)
+        return from_rowmajor(self.own(slot, component), self.problem.dtype)

@@ -169,6 +169,7 @@ def _schedules(
     strategy: Strategy,
     layout: Layout,
     world: int,
+    seq: int,
     causal: bool,
     pass_: Pass,
     heads_q: int,
@@ -180,27 +181,16 @@ def _schedules(
     """Every rank's schedule, as the executor builds them (``plan.py``)."""
     return tuple(
         build_schedule(
-            ScheduleKey(
-                strategy,
-                layout,
-                world,
-                r,
-                causal,
-                pass_,
-                heads_q,
-                heads_kv,
-                ulysses,
-                ring_impl,
-                stream_tail,
+            ScheduleKey.of_sequence(
+                strategy, layout, world, r, seq, causal, pass_, heads_q=heads_q,
+                heads_kv=heads_kv, ulysses=ulysses, ring_impl=ring_impl, stream_tail=stream_tail,
             )
         )
         for r in range(world)
-    )
+    )  # fmt: skip
 
 
 def _refusal(c: Candidate, world: int, shape: Shape, causal: bool, layout: Layout) -> str | None:
-    if shape.seq % (2 * world):
-        return f"the sequence ({shape.seq}) is not divisible by 2 x {world} ranks"
     call = CallShape(
         world, layout, causal, shape.heads_q, shape.heads_kv, shape.seq // world, c.ulysses
     )
@@ -242,6 +232,7 @@ def plan_call(
                 c.strategy,
                 layout,
                 world,
+                shape.seq,
                 causal,
                 pass_,
                 shape.heads_q,

@@ -1,11 +1,10 @@
 """What each operation of a schedule costs for one shape: bytes moved, device time, host time.
 
-Sizes follow the schedule language (``schedules/ir.py``): a slot holds ``cells``
-pieces of ``L / 2`` tokens each (``L``: the local sequence length), one of
-``head_parts`` parts of its family's heads, and per pass the components of
-``COMPONENTS``. Inputs (q, k, v, do) travel in the input dtype; results in the
-slot's precision (float32 when it accumulates, the input dtype on the wire);
-``lse`` and ``delta`` are float32.
+Sizes follow the schedule language (``schedules/ir.py``): rows hold the tokens of
+their pieces (the schedule's geometry), one of ``head_parts`` parts of their
+family's heads, and per pass the components of ``COMPONENTS``. Inputs (q, k, v,
+do) travel in the input dtype; results in the slot's precision (float32 when it
+accumulates, the input dtype on the wire); ``lse`` and ``delta`` are float32.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from ..schedules.ir import (
     Schedule,
     SlotKind,
 )
+from ..schedules.masks import BlockKind
 from .topology import DeviceModel
 
 __all__ = ["Shape", "collective_pair_bytes", "compute_seconds", "merge_seconds", "rows_bytes"]
@@ -46,9 +46,6 @@ class Shape:
     head_dim: int
     dtype_bytes: int = 2
 
-    def local(self, world: int) -> float:
-        return self.seq / world
-
     @property
     def float32(self) -> bool:
         return self.dtype_bytes >= 4
@@ -60,12 +57,11 @@ def _heads(shape: Shape, family: str, head_parts: int, part_count: int) -> int:
 
 
 def rows_bytes(
-    sched: Schedule, rows: Rows, pass_: Pass, shape: Shape, cells: int | None = None
+    sched: Schedule, rows: Rows, pass_: Pass, shape: Shape, tokens: float | None = None
 ) -> float:
-    """Bytes of ``rows`` of one of ``sched``'s slots (``cells`` overrides their count)."""
+    """Bytes of ``rows`` of one of ``sched``'s slots (``tokens`` overrides their count)."""
     spec = sched.slots[rows.slot]
-    count = rows.stop - rows.start if cells is None else cells
-    tokens = count * shape.local(sched.world) / 2
+    tokens = sched.tokens(rows) if tokens is None else tokens
     total = 0.0
     for component in COMPONENTS[(pass_, spec.kind)]:
         family = FAMILY[component]
@@ -87,10 +83,10 @@ def collective_pair_bytes(sched: Schedule, move, pass_: Pass, shape: Shape) -> f
             return rows_bytes(sched, move.src, pass_, shape)
         case AllToAll(direction=Direction.SEQ_TO_HEADS):
             # the sender's cells, with the head part the receiver holds
-            return rows_bytes(sched, move.dst, pass_, shape, cells=move.src.stop - move.src.start)
+            return rows_bytes(sched, move.dst, pass_, shape, tokens=sched.tokens(move.src))
         case AllToAll():
-            # the receiver's cells, with the head part the sender holds
-            return rows_bytes(sched, move.src, pass_, shape, cells=move.dst.stop - move.dst.start)
+            # the receiver's cells (about this member's), with the head part the sender holds
+            return rows_bytes(sched, move.src, pass_, shape, tokens=sched.tokens(move.dst))
         case ReduceScatter():
             return rows_bytes(sched, move.dst, pass_, shape)
     raise TypeError(f"not a collective: {move!r}")
@@ -102,11 +98,11 @@ def compute_seconds(
     """Device time of one block kernel call and the accumulations it implies."""
     spec = sched.slots[op.q.slot]
     heads = _heads(shape, "q", spec.head_parts, op.q.part.count)
-    local = shape.local(sched.world)
-    lq = (op.q.stop - op.q.start) * local / 2
-    lk = (op.kv.stop - op.kv.start) * local / 2
+    lq, lk = sched.tokens(op.q), sched.tokens(op.kv)
+    # a masked block is priced as a full one (an upper bound)
+    causal = op.kind is BlockKind.DIAG
     seconds = device.kernel.seconds(
-        pass_, lq, lk, op.causal, shape.batch * heads, shape.head_dim, shape.float32
+        pass_, lq, lk, causal, shape.batch * heads, shape.head_dim, shape.float32
     )
     # Cells that accumulate instead of overwrite add one merge pass over their rows.
     if not all(op.fresh_q):

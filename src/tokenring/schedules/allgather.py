@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..options import Pass, Strategy
 from .base import StrategyDef
-from .blocks import cover, relations
+from .blocks import cover
 from .builder import ScheduleBuilder
 from .geometry import chunk_ids
 from .ir import AllGather, HeadPart, Precision, ReduceScatter, Rows, Schedule, SlotKind, SlotSpec
@@ -59,14 +59,16 @@ def allgather_schedule(key: ScheduleKey) -> Schedule:
     P, r = key.world, key.rank
     backward = key.pass_ is Pass.BACKWARD
     G = head_groups(P, key.heads_kv)
-    b = ScheduleBuilder("allgather", r, P, chunk_ids(key.layout, P, r), _slots(backward, P, G))
+    mine = chunk_ids(key.layout, P, r)
+    b = ScheduleBuilder("allgather", r, P, mine, _slots(backward, P, G), key.geometry, key.mask)
     kv_res = "dkv" if backward else None
     if P == 1:
-        b.own_block(key.causal, q_out="acc", kv_out=kv_res)
+        b.own_block(q_out="acc", kv_out=kv_res)
         return b.build("acc", kv_res)
 
     placement = tuple(chunk_ids(key.layout, P, s) for s in range(P))
-    blocks = cover(relations(b.pieces, tuple(range(2 * P)), key.causal))
+    everything = tuple(range(2 * P))  # the gathered sequence, in global order
+    blocks = cover(b.elements(mine, everything))
 
     def gather(g: int) -> str | None:
         return b.post(
@@ -74,8 +76,8 @@ def allgather_schedule(key: ScheduleKey) -> Schedule:
             g,
             [
                 AllGather(
-                    Rows("kv", 0, 2, HeadPart(g, G)),
-                    Rows(f"kv_all{g % 2}", 0, 2 * P),
+                    Rows.whole("kv", mine, HeadPart(g, G)),
+                    Rows.whole(f"kv_all{g % 2}", everything),
                     placement,
                     GATHER_LANE,
                 )
@@ -94,8 +96,8 @@ def allgather_schedule(key: ScheduleKey) -> Schedule:
             b.reset(f"dkv_all{g % 2}")
         b.compute(
             blocks,
-            q_slot="q",
-            kv_slot=f"kv_all{g % 2}",
+            q=("q", mine),
+            kv=(f"kv_all{g % 2}", everything),
             q_out="acc",
             kv_out=f"dkv_all{g % 2}" if backward else None,
             step=g,
@@ -109,8 +111,8 @@ def allgather_schedule(key: ScheduleKey) -> Schedule:
                 g,
                 [
                     ReduceScatter(
-                        Rows(f"dkv_all{g % 2}", 0, 2 * P),
-                        Rows("dkv", 0, 2, HeadPart(g, G)),
+                        Rows.whole(f"dkv_all{g % 2}", everything),
+                        Rows.whole("dkv", mine, HeadPart(g, G)),
                         placement,
                         SCATTER_LANE,
                     )

@@ -1,14 +1,19 @@
 """A small helper that schedule functions use to emit operations.
 
-It tracks which cells (and head parts) of each result slot have been written
-so that the first write overwrites (``fresh``) and later ones accumulate, and
-it drops empty transfers, computes and merges so schedules can be written
-without guards.
+It knows the call's geometry and mask, so schedules ask it which pairs of
+pieces meet (``elements``) and never compute token ranges themselves; it tracks
+which cells (and head parts) of each result slot have been written so that the
+first write overwrites (``fresh``) and later ones accumulate; and it drops
+transfers, computes and merges of no tokens, on every rank alike (they all
+read the same geometry), so schedules can be written without guards.
 """
 
 from __future__ import annotations
 
-from .blocks import Block, cover, relations
+from dataclasses import replace
+
+from .blocks import Block, Element, cover, relations
+from .geometry import Geometry
 from .ir import (
     WHOLE,
     Compute,
@@ -23,6 +28,7 @@ from .ir import (
     Transfer,
     Wait,
 )
+from .masks import Mask
 
 __all__ = ["ScheduleBuilder"]
 
@@ -35,15 +41,31 @@ class ScheduleBuilder:
         world: int,
         pieces: tuple[int, ...],
         slots: dict[str, SlotSpec],
+        geometry: Geometry,
+        mask: Mask,
     ):
         self.strategy = strategy
         self.rank = rank
         self.world = world
         self.pieces = pieces
         self.slots = slots
+        self.geometry = geometry
+        self.mask = mask
         self.ops: list[Op] = []
         self._written: dict[str, set[tuple[int, HeadPart]]] = {}
         self._posted: set[str] = set()
+        self._shell = Schedule(strategy, rank, world, pieces, geometry, slots, (), "")
+
+    def elements(
+        self, q_pieces: tuple[int, ...], kv_pieces: tuple[int, ...]
+    ) -> tuple[Element, ...]:
+        """The (query cell, key cell) pairs of two runs of pieces that the mask lets meet."""
+        return relations(
+            self.geometry.q.spans(q_pieces), self.geometry.kv.spans(kv_pieces), self.mask
+        )
+
+    def tokens(self, rows: Rows) -> int:
+        return self._shell.tokens(rows)
 
     def peer(self, offset: int) -> int:
         """Rank ``offset`` hops from this one around the ring."""
@@ -69,8 +91,12 @@ class ScheduleBuilder:
         return fresh
 
     def post(self, handle: str, step: int, moves: list[Move]) -> str | None:
-        """Start the non-empty ``moves``; return the handle, or None if nothing moves."""
-        moves = [m for m in moves if not (m.rows if isinstance(m, Transfer) else m.dst).empty]
+        """Start the ``moves`` that carry tokens; return the handle, or None if nothing moves.
+
+        A collective is kept even when this rank's part of it is empty (its members
+        must all take part); a transfer of no tokens is dropped on both sides alike.
+        """
+        moves = [m for m in moves if not isinstance(m, Transfer) or self.tokens(m.rows)]
         if not moves:
             return None
         if len(moves) > 1 and not all(isinstance(m, Transfer) for m in moves):
@@ -93,8 +119,8 @@ class ScheduleBuilder:
         self,
         blocks: list[Block],
         *,
-        q_slot: str,
-        kv_slot: str,
+        q: tuple[str, tuple[int, ...]],
+        kv: tuple[str, tuple[int, ...]],
         q_out: str,
         kv_out: str | None,
         step: int,
@@ -103,17 +129,20 @@ class ScheduleBuilder:
         q_part: HeadPart = WHOLE,
         kv_part: HeadPart = WHOLE,
     ) -> None:
-        """Emit one Compute per block, on head part ``q_part`` of the query slot and its
-        result and ``kv_part`` of the key/value slot and its result; results land at
-        the same cells of the out slots as their queries and keys."""
+        """Emit one Compute per block, ``q`` and ``kv`` being (slot, the pieces it holds),
+        on head part ``q_part`` of the query slot and its result and ``kv_part`` of the
+        key/value slot and its result; results land at the same cells of the out slots
+        as their queries and keys."""
+        (q_slot, q_content), (kv_slot, kv_content) = q, kv
         for b in blocks:
-            out_rows = Rows(q_out, b.q0, b.q1, q_part)
-            kv_rows = Rows(kv_out, b.k0, b.k1, kv_part) if kv_out is not None else None
+            out_rows = Rows(q_out, q_content, b.q0, b.q1, q_part)
+            kv_rows = Rows(kv_out, kv_content, b.k0, b.k1, kv_part) if kv_out is not None else None
             self.ops.append(
                 Compute(
-                    q=Rows(q_slot, b.q0, b.q1, q_part),
-                    kv=Rows(kv_slot, b.k0, b.k1, kv_part),
-                    causal=b.causal,
+                    q=Rows(q_slot, q_content, b.q0, b.q1, q_part),
+                    kv=Rows(kv_slot, kv_content, b.k0, b.k1, kv_part),
+                    kind=b.kind,
+                    mask=self.mask,
                     q_out=out_rows,
                     kv_out=kv_rows,
                     fresh_q=self._fresh(out_rows),
@@ -124,12 +153,12 @@ class ScheduleBuilder:
                 )
             )
 
-    def own_block(self, causal: bool, *, q_out: str, kv_out: str | None, step: int = 0) -> None:
+    def own_block(self, *, q_out: str, kv_out: str | None, step: int = 0) -> None:
         """This rank's queries against its own keys and values (slots ``q`` and ``kv``)."""
         self.compute(
-            cover(relations(self.pieces, self.pieces, causal)),
-            q_slot="q",
-            kv_slot="kv",
+            cover(self.elements(self.pieces, self.pieces)),
+            q=("q", self.pieces),
+            kv=("kv", self.pieces),
             q_out=q_out,
             kv_out=kv_out,
             step=step,
@@ -138,22 +167,41 @@ class ScheduleBuilder:
         )
 
     def merge(self, src: Rows, dst: Rows, step: int) -> None:
-        if src.empty:
+        if not self.tokens(src):
             return
         written = self._written.get(dst.slot, set())
-        if not all((i, dst.part) in written for i in range(dst.start, dst.stop)):
+        table = self._shell.table(dst)
+        if not all(
+            (i, dst.part) in written or not table.length(dst.content[i])
+            for i in range(dst.start, dst.stop)
+        ):
             raise AssertionError(f"schedule bug: merge into unwritten rows {dst}")
         self.ops.append(Merge(src, dst, step))
 
+    def _never_written(self, slot: str | None, table) -> bool:
+        """Whether a cell of result ``slot`` (holding this rank's pieces) that has tokens
+        is never written: its queries meet no key (or its keys no query) anywhere."""
+        if slot is None:
+            return False
+        written = {i for i, _ in self._written.get(slot, set())}
+        return any(table.length(p) and i not in written for i, p in enumerate(self.pieces))
+
     def build(self, query_result: str, kv_result: str | None) -> Schedule:
+        """The schedule; a result slot with cells no operation writes starts as the merge's
+        identity (``zeroed``: zeros, and an LSE of -inf), so those rows come out empty."""
         if self._posted:
             raise AssertionError(f"schedule bug: handles never waited: {sorted(self._posted)}")
+        slots = dict(self.slots)
+        for name, table in ((query_result, self.geometry.q), (kv_result, self.geometry.kv)):
+            if self._never_written(name, table) and name is not None:
+                slots[name] = replace(slots[name], zeroed=True)
         return Schedule(
             strategy=self.strategy,
             rank=self.rank,
             world=self.world,
             pieces=self.pieces,
-            slots=dict(self.slots),
+            geometry=self.geometry,
+            slots=slots,
             ops=tuple(self.ops),
             query_result=query_result,
             kv_result=kv_result,

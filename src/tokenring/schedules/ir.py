@@ -5,18 +5,23 @@ A *slot* is a per-rank buffer, declared with what it holds:
 - its *kind*: a query bundle, a key/value bundle, or a result for either side;
   which tensors a kind holds in each pass is the table ``COMPONENTS`` below,
   so one schedule shape serves both passes where the data flow is the same;
-- ``cells``: how many sequence pieces it holds. A shard has two (the
-  sub-chunks of the layout); a sequence gathered over an axis of ``P`` ranks
-  has ``2P``, in increasing global order. Cell ``i`` is as long as the local
-  sub-chunk ``i % 2`` (``layouts.local_bounds``);
+- ``cells``: how many sequence pieces it holds. A shard has two (the pieces of
+  the layout, ``geometry.py``); a sequence gathered over an axis of ``P`` ranks
+  has ``2P``, in increasing global order. Which pieces a slot holds may change
+  from step to step (a buffer that receives each visitor's queries in turn):
+  every ``Rows`` names the pieces its slot holds at that point (``content``),
+  and the pieces' token ranges come from the schedule's ``Geometry``, the query
+  side's table for query slots and the key/value side's for the others. Cells
+  are stored one after the other, each as long as its piece;
 - ``head_parts``: it holds one of ``head_parts`` equal parts of its family's
   heads (query heads for query slots, key/value heads for key/value slots);
   which part is data that the operations filling it carry;
 - ``groups``: its storage is split into this many head groups, group-major,
   so that every group is contiguous (collectives that move one head group);
-- ``zeroed``: it starts filled with zeros, so cells no operation writes
-  contribute nothing (a gathered gradient that is reduce-scattered, where the
-  mask leaves some keys unseen by this rank's queries).
+- ``zeroed``: it starts as the merge's identity (zeros; an LSE of -inf), so
+  cells no operation writes contribute nothing (a gathered gradient that is
+  reduce-scattered, where the mask leaves some keys unseen by this rank's
+  queries) or come out empty (queries that meet no key).
 
 Operations run in order on one rank:
 
@@ -25,7 +30,8 @@ Operations run in order on one rank:
   (``AllGather``, ``AllToAll`` either way between sequence and heads,
   ``ReduceScatter``);
 - ``Wait`` blocks until a handle's movement has completed;
-- ``Compute`` runs one block attention (forward or backward) and writes or
+- ``Compute`` runs one block attention (forward or backward) under the call's
+  mask, classified for the block (``masks.BlockKind``), and writes or
   accumulates its results;
 - ``Merge`` accumulates one result slot's rows into another's.
 
@@ -42,11 +48,15 @@ from enum import Enum
 from functools import cached_property
 
 from ..options import Pass
+from .geometry import Geometry, PieceTable
+from .masks import BlockKind, Mask
 
 __all__ = [
     "COMPONENTS",
     "FAMILY",
     "GROUP_AXIS",
+    "QUERY_SIDE",
+    "WHOLE",
     "AllGather",
     "AllToAll",
     "Collective",
@@ -98,6 +108,9 @@ component is per row, head and head_dim. ``delta`` travels instead of ``out``
 (docs/algorithms.md, "What travels in the backward pass").
 """
 
+QUERY_SIDE = frozenset({SlotKind.QUERY, SlotKind.QUERY_RESULT})
+"""Slot kinds whose cells are pieces of the queries (the others: of the keys/values)."""
+
 FAMILY: dict[str, str] = {
     "q": "q",
     "do": "q",
@@ -148,16 +161,28 @@ WHOLE = HeadPart()
 
 @dataclass(frozen=True)
 class Rows:
-    """Cells ``[start, stop)`` of a slot, and which part of its heads."""
+    """Cells ``[start, stop)`` of a slot that holds the pieces ``content`` (all of
+    them, in cell order, at this point of the schedule), and which part of its heads."""
 
     slot: str
-    start: int = 0
-    stop: int = 2
+    content: tuple[int, ...]
+    start: int
+    stop: int
     part: HeadPart = WHOLE
 
+    @classmethod
+    def whole(cls, slot: str, content: tuple[int, ...], part: HeadPart = WHOLE) -> Rows:
+        """Every cell of a slot holding ``content``."""
+        return cls(slot, content, 0, len(content), part)
+
     @property
-    def empty(self) -> bool:
-        return self.stop <= self.start
+    def pieces(self) -> tuple[int, ...]:
+        """The pieces these rows hold."""
+        return self.content[self.start : self.stop]
+
+    def cell(self, index: int) -> Rows:
+        """Cell ``index`` of the slot (same content and head part)."""
+        return Rows(self.slot, self.content, index, index + 1, self.part)
 
 
 @dataclass(frozen=True)
@@ -261,10 +286,11 @@ class Wait:
 
 @dataclass(frozen=True)
 class Compute:
-    """Block attention of ``q`` rows against ``kv`` rows.
+    """Block attention of ``q`` rows against ``kv`` rows under the call's ``mask``.
 
-    ``causal`` is only used on square blocks whose cells are the same global
-    pieces on both sides (top-left and bottom-right alignment then agree).
+    ``kind`` says how: ``FULL`` (no mask), ``DIAG`` (causal, on a square block whose
+    cells are the same pieces on both sides, so that top-left and bottom-right
+    alignment agree) or ``PARTIAL`` (the mask built from the rows' positions).
     ``q_out`` receives the query-side result (forward: out, lse; backward: dq),
     ``kv_out`` the key/value-side result (backward only: dk, dv); ``fresh_*``
     says per cell whether to overwrite instead of accumulate. ``q_owner`` /
@@ -274,7 +300,8 @@ class Compute:
 
     q: Rows
     kv: Rows
-    causal: bool
+    kind: BlockKind
+    mask: Mask
     q_out: Rows
     kv_out: Rows | None
     fresh_q: tuple[bool, ...]
@@ -300,40 +327,34 @@ Op = Post | Wait | Compute | Merge
 class Schedule:
     """Everything one rank does for one pass of one strategy.
 
-    ``pieces`` are the global sequence pieces of this rank's shard (its local
-    query and key/value slots), in local order.
+    ``pieces`` are the pieces of this rank's shard (its local query and key/value
+    slots), in local order; ``geometry`` gives every piece's token range.
     """
 
     strategy: str
     rank: int
     world: int
     pieces: tuple[int, ...]
+    geometry: Geometry
     slots: dict[str, SlotSpec]
     ops: tuple[Op, ...]
     query_result: str
     kv_result: str | None = None
 
-    @cached_property
-    def used_slots(self) -> frozenset[str]:
-        """Slots some operation touches (others need no buffer)."""
-        names: set[str] = {self.query_result}
-        if self.kv_result is not None:
-            names.add(self.kv_result)
-        for op in self.ops:
-            match op:
-                case Post(moves=moves):
-                    for move in moves:
-                        if isinstance(move, Transfer):
-                            names.add(move.rows.slot)
-                        else:
-                            names.update((move.src.slot, move.dst.slot))
-                case Compute():
-                    names.update(
-                        r.slot for r in (op.q, op.kv, op.q_out, op.kv_out) if r is not None
-                    )
-                case Merge():
-                    names.update((op.src.slot, op.dst.slot))
-        return frozenset(names)
+    def table(self, rows: Rows) -> PieceTable:
+        """The piece table of ``rows``'s slot (query or key/value side)."""
+        kind = self.slots[rows.slot].kind
+        return self.geometry.q if kind in QUERY_SIDE else self.geometry.kv
+
+    def tokens(self, rows: Rows) -> int:
+        """Tokens in ``rows``."""
+        return self.table(rows).tokens(rows.pieces)
+
+    def token_range(self, rows: Rows) -> tuple[int, int]:
+        """Where ``rows`` sit in their slot's storage: tokens ``[a, b)``."""
+        table = self.table(rows)
+        a = table.tokens(rows.content[: rows.start])
+        return a, a + table.tokens(rows.pieces)
 
     @cached_property
     def lanes(self) -> tuple[Lane, ...]:

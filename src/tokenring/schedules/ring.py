@@ -18,8 +18,10 @@ from ..options import Pass, Strategy
 from .base import StrategyDef
 from .blocks import cover, relations
 from .builder import ScheduleBuilder
+from .geometry import Geometry
 from .ir import Precision, Rows, Schedule, SlotKind, SlotSpec, Transfer
 from .key import ScheduleKey
+from .masks import Mask
 from .ring_axis import RingAxis
 
 __all__ = ["Ring", "emit_ring", "ring_schedule", "ring_slots"]
@@ -44,61 +46,76 @@ def ring_slots(ring: RingAxis, backward: bool) -> dict[str, SlotSpec]:
 
 @lru_cache(maxsize=2048)
 def kv_still_needed(
-    shards: tuple[tuple[int, ...], ...], causal: bool, owner: int
+    geometry: Geometry, mask: Mask, shards: tuple[tuple[int, ...], ...], owner: int
 ) -> tuple[tuple[int, int], ...]:
     """Per step, the key rows of shard ``owner`` needed by the ranks it visits from that
     step on (the same for every rank of the ring, so computed once per owner: building
     all P schedules costs O(P^2) relations, not O(P^3))."""
     P = len(shards)
     spans, lo, hi = [(0, 0)] * (P + 1), None, None
+    kv_cells = geometry.kv.spans(shards[owner])
     for s in range(P - 1, -1, -1):
-        for _, j, _ in relations(shards[(owner + s) % P], shards[owner], causal):
+        q_cells = geometry.q.spans(shards[(owner + s) % P])
+        for _, j, _ in relations(q_cells, kv_cells, mask):
             lo = j if lo is None else min(lo, j)
             hi = j + 1 if hi is None else max(hi, j + 1)
         spans[s] = (lo, hi) if lo is not None else (0, 0)
     return tuple(spans)
 
 
-def emit_ring(
-    b: ScheduleBuilder, ring: RingAxis, causal: bool, backward: bool
-) -> tuple[str, str | None]:
+def _runs(cells: list[int]) -> list[tuple[int, int]]:
+    """Sorted cell indices as runs of consecutive cells ``[start, stop)``."""
+    runs: list[tuple[int, int]] = []
+    for c in cells:
+        if runs and runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], c + 1)
+        else:
+            runs.append((c, c + 1))
+    return runs
+
+
+def emit_ring(b: ScheduleBuilder, ring: RingAxis, backward: bool) -> tuple[str, str | None]:
     """Emit one ring pass over ``ring`` (its slots from ``ring_slots``); returns the query
     result slot and, backward, the key/value result slot."""
     P, r, cells = ring.world, ring.rank, ring.cells
 
     def needed(kv_owner: int):
-        return relations(ring.pieces, ring.shards[kv_owner], causal)
+        return b.elements(ring.pieces, ring.shards[kv_owner])
 
     def travelling_rows(owner: int, step: int) -> tuple[int, int]:
         """Key rows of KV_owner needed by the rank it visits at ``step`` or later."""
-        return kv_still_needed(ring.shards, causal, owner)[step]
+        return kv_still_needed(b.geometry, b.mask, ring.shards, owner)[step]
 
-    def move(slot: str, rows: tuple[int, int], peer: int, send: bool, lane: int) -> Transfer:
-        return Transfer(Rows(slot, *rows), peer, send, lane, ring.axis)
+    def move(
+        slot: str, owner: int, rows: tuple[int, int], peer: int, send: bool, lane: int
+    ) -> Transfer:
+        """Rows of a slot holding ``owner``'s keys/values, sent to or received from ``peer``."""
+        return Transfer(Rows(slot, ring.shards[owner], *rows), peer, send, lane, ring.axis)
 
     def kv_transfers(step: int, send_slot: str) -> list[Transfer]:
         if step >= P:
             return []
         sent_owner, recv_owner = ring.peer(-(step - 1)), ring.peer(-step)
         return [
-            move(send_slot, travelling_rows(sent_owner, step), ring.peer(1), True, KV_LANE),
-            move(
-                f"kv_in{step % 2}", travelling_rows(recv_owner, step), ring.peer(-1), False, KV_LANE
-            ),
-        ]
+            move(send_slot, sent_owner, travelling_rows(sent_owner, step), ring.peer(1), True,
+                 KV_LANE),
+            move(f"kv_in{step % 2}", recv_owner, travelling_rows(recv_owner, step),
+                 ring.peer(-1), False, KV_LANE),
+        ]  # fmt: skip
 
     def grad_transfers(step: int) -> list[Transfer]:
         """Pass the dk, dv accumulator of the shard held at ``step - 1`` on by one hop."""
+        sent_owner, recv_owner = ring.peer(-(step - 1)), ring.peer(-step)
         return [
-            move(f"dkv{(step - 1) % 2}", (0, cells), ring.peer(1), True, GRAD_LANE),
-            move(f"dkv{step % 2}", (0, cells), ring.peer(-1), False, GRAD_LANE),
+            move(f"dkv{(step - 1) % 2}", sent_owner, (0, cells), ring.peer(1), True, GRAD_LANE),
+            move(f"dkv{step % 2}", recv_owner, (0, cells), ring.peer(-1), False, GRAD_LANE),
         ]
 
     def visit(step: int, owner: int, kv_slot: str, kv_out: str | None) -> None:
         b.compute(
             cover(needed(owner)),
-            q_slot=ring.q,
-            kv_slot=kv_slot,
+            q=(ring.q, ring.pieces),
+            kv=(kv_slot, ring.shards[owner]),
             q_out="acc",
             kv_out=kv_out,
             step=step,
@@ -119,10 +136,9 @@ def emit_ring(
         visit(t, owner, f"kv_in{t % 2}", "dkv_block" if backward else None)
         if backward:
             b.wait(grad_wait, t)
-            touched = sorted({j for _, j, _ in needed(owner)})
-            if touched:
-                k0, k1 = touched[0], touched[-1] + 1
-                b.merge(Rows("dkv_block", k0, k1), Rows(f"dkv{t % 2}", k0, k1), t)
+            held = ring.shards[owner]
+            for k0, k1 in _runs(sorted({j for _, j, _ in needed(owner)})):
+                b.merge(Rows("dkv_block", held, k0, k1), Rows(f"dkv{t % 2}", held, k0, k1), t)
             grad_wait = b.post(f"dkv@{t + 1}", t, grad_transfers(t + 1))
     if backward and P > 1:
         b.wait(grad_wait, P)
@@ -139,8 +155,8 @@ def ring_schedule(key: ScheduleKey) -> Schedule:
         "kv": SlotSpec(SlotKind.KV, local=True),
         **ring_slots(ring, backward),
     }
-    b = ScheduleBuilder("ring", key.rank, key.world, ring.pieces, slots)
-    return b.build(*emit_ring(b, ring, key.causal, backward))
+    b = ScheduleBuilder("ring", key.rank, key.world, ring.pieces, slots, key.geometry, key.mask)
+    return b.build(*emit_ring(b, ring, backward))
 
 
 class Ring(StrategyDef):

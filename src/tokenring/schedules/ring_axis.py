@@ -25,7 +25,7 @@ class RingAxis:
     axis: str
     world: int
     rank: int
-    shards: tuple[tuple[int, ...], ...]  # global pieces of each member's shard, increasing
+    shards: tuple[tuple[int, ...], ...]  # pieces of each member's shard, in global order
     q_parts: int = 1  # the shard slots hold 1/q_parts of the query heads
     kv_parts: int = 1  # and 1/kv_parts of the key/value heads
     q: str = "q"  # slot holding this rank's query bundle

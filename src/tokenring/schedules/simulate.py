@@ -1,9 +1,13 @@
 """Run the schedules of all ranks symbolically, without tensors.
 
 Every slot is a grid of cells: one per (sequence piece, head) it holds. A
-cell carries a label, which global piece and head its rows are, and for
-result slots which (other piece, relation, other head) triples have been
-accumulated into it. Point-to-point transfers are matched send-to-receive in
+cell carries a label, which piece and head its rows are, and for result
+slots which token pairs have been accumulated into it: (position on its own
+side, position on the other side, head on the other side), counted. A block
+contributes the pairs its kernel computes, by its kind alone (all of them; the
+causal triangle by local index; or those the mask allows, for a masked call),
+so the coverage check compares what kernels would compute with what the mask
+allows, token pair by token pair. Point-to-point transfers are matched send-to-receive in
 order per (source, destination, lane), collectives in order per (axis group,
 lane), as NCCL and gloo do. The simulation fails on:
 
@@ -11,22 +15,26 @@ lane), as NCCL and gloo do. The simulation fails on:
 - mismatched shapes between sender and receiver, or members of a collective
   that disagree on what it is;
 - a read of a cell whose receive has not been waited for, or that was never written;
+- rows that hold other pieces than the schedule says (``Rows.content``), which is
+  where the executor reads every token range from;
+- a causal block that is not square or pairs different positions;
 - a write to a cell that an unfinished send is still reading;
 - a result merged into rows of another piece or head;
 - a query head meeting a key/value head it does not use (GQA mapping);
 - a move of rows that are not contiguous in storage.
 
-``coverage`` is then read off each rank's final result cells: the test of
-"every pair the mask allows is computed exactly once, and nothing else",
-per head. ``check_stream_order`` repeats the run under NCCL's stream rules.
+``check_coverage`` then reads each rank's final result cells: the test of "every
+token pair the mask allows is computed exactly once, and nothing else", per
+head, against a predicate the caller gives. ``check_stream_order`` repeats the
+run under NCCL's stream rules.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .blocks import Rel, pair_relation
 from .ir import (
     GROUP_AXIS,
     AllGather,
@@ -43,13 +51,14 @@ from .ir import (
     Transfer,
     Wait,
 )
+from .masks import BlockKind
 
 __all__ = [
     "Axes",
     "ScheduleError",
     "Simulation",
+    "check_coverage",
     "check_stream_order",
-    "expected_coverage",
     "simulate",
 ]
 
@@ -67,7 +76,7 @@ Label = tuple[int, int]  # (global piece, global head of the slot's family)
 @dataclass
 class Cell:
     label: Label | None = None
-    contrib: Counter = field(default_factory=Counter)  # (piece, Rel, head) -> count
+    contrib: Counter = field(default_factory=Counter)  # (own pos, other pos, other head) -> n
     zero: bool = False  # holds zeros: contributes nothing
     pending_recv: bool = False
     sending: int = 0
@@ -147,12 +156,19 @@ class _Run:
 
     def read(self, rank: int, rows: Rows, *, zeros_ok: bool = True) -> list[list[Cell]]:
         cells = self.block(rank, rows)
-        for row in cells:
+        table = self.schedules[rank].table(rows)
+        for piece, row in zip(rows.pieces, cells):
+            if not table.length(piece):
+                continue  # no tokens: nothing is read
             for c in row:
                 if c.pending_recv:
                     raise ScheduleError(f"rank {rank}: reads {rows} before its receive completed")
                 if c.label is None and not (c.zero and zeros_ok):
                     raise ScheduleError(f"rank {rank}: reads {rows}, which was never written")
+                if c.label is not None and c.label[0] != piece:
+                    raise ScheduleError(
+                        f"rank {rank}: {rows} says piece {piece} where piece {c.label[0]} is"
+                    )
         return cells
 
     def writable(self, rank: int, rows: Rows) -> list[list[Cell]]:
@@ -165,10 +181,12 @@ class _Run:
 
     @staticmethod
     def put(rank: int, cell: Cell, content: Cell, fresh: bool) -> None:
-        """Write (``fresh``) or accumulate ``content`` into ``cell``."""
-        if content.zero and content.label is None:
+        """Write (``fresh``) or accumulate ``content`` into ``cell``. Content with no label
+        that is not zeros comes from a piece of no tokens (reads check the others): it
+        carries nothing."""
+        if content.label is None:
             if fresh:
-                cell.label, cell.contrib, cell.zero = None, Counter(), True
+                cell.label, cell.contrib, cell.zero = None, Counter(), content.zero
             return
         if fresh or (cell.zero and cell.label is None):
             cell.label, cell.contrib, cell.zero = content.label, Counter(content.contrib), False
@@ -266,8 +284,10 @@ class _Run:
         rows, src_kind, payload = self.p2p[(src, rank, move.axis, move.lane)].popleft()
         dst_kind = self.schedules[rank].slots[move.rows.slot].kind
         cells = self.block(rank, move.rows)
-        if (rows.stop - rows.start, len(payload[0])) != (len(cells), len(cells[0])) or (
-            src_kind != dst_kind
+        if (
+            (rows.stop - rows.start, len(payload[0])) != (len(cells), len(cells[0]))
+            or src_kind != dst_kind
+            or rows.pieces != move.rows.pieces
         ):
             raise ScheduleError(
                 f"rank {rank}: receives {move.rows} ({dst_kind.value}) from rank {src} "
@@ -337,33 +357,68 @@ class _Run:
         for cell, content in zip(cells, contents):
             self.put(rank, cell, content, fresh)
 
+    def positions(self, rank: int, rows: Rows) -> list[list[int]]:
+        """Global positions of every token of ``rows``, per cell."""
+        table = self.schedules[rank].table(rows)
+        return [list(range(*table.span(p))) for p in rows.pieces]
+
+    def kernel_pairs(
+        self, rank: int, op: Compute, q_pos: list[list[int]], kv_pos: list[list[int]]
+    ) -> dict[tuple[int, int], list[tuple[int, int]]]:
+        """Per (query cell, key cell): the (query, key) position pairs the kernel call of
+        ``op`` computes, by its kind: all; the causal triangle by local index (top-left,
+        on a square whose positions agree); or those the mask allows."""
+        q_flat = [x for cell in q_pos for x in cell]
+        kv_flat = [y for cell in kv_pos for y in cell]
+        if op.kind is BlockKind.DIAG and q_flat != kv_flat:
+            raise ScheduleError(
+                f"rank {rank}: causal block {op.q} x {op.kv} is not a square over the same "
+                "positions"
+            )
+        pairs: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        q_start = 0
+        for i, q_cell in enumerate(q_pos):
+            kv_start = 0
+            for k, kv_cell in enumerate(kv_pos):
+                found = []
+                for a, x in enumerate(q_cell):
+                    for b, y in enumerate(kv_cell):
+                        if op.kind is BlockKind.FULL:
+                            keep = True
+                        elif op.kind is BlockKind.DIAG:
+                            keep = kv_start + b <= q_start + a
+                        else:
+                            keep = op.mask.allows(x, y)
+                        if keep:
+                            found.append((x, y))
+                if found:
+                    pairs[(i, k)] = found
+                kv_start += len(kv_cell)
+            q_start += len(q_cell)
+        return pairs
+
     def compute(self, rank: int, op: Compute) -> None:
         q_cells = self.read(rank, op.q, zeros_ok=False)
         kv_cells = self.read(rank, op.kv, zeros_ok=False)
-        if op.causal and len(q_cells) != len(kv_cells):
-            raise ScheduleError(f"rank {rank}: causal block {op.q} x {op.kv} is not square")
         nq, nkv = len(q_cells[0]), len(kv_cells[0])
         if nq % nkv:
             raise ScheduleError(f"rank {rank}: {nq} query heads against {nkv} key/value heads")
         ratio, group = nq // nkv, self.hq // self.hkv
         q_adds = [[Counter() for _ in row] for row in q_cells]
         kv_adds = [[Counter() for _ in row] for row in kv_cells]
-        for i, q_row in enumerate(q_cells):
-            for k, kv_row in enumerate(kv_cells):
-                rel = Rel.FULL if not op.causal or i > k else Rel.DIAG if i == k else Rel.NONE
-                if rel is Rel.NONE:
-                    continue
-                for a, qc in enumerate(q_row):
-                    kc = kv_row[a // ratio]
-                    if rel is Rel.DIAG and qc.label[0] != kc.label[0]:
-                        raise ScheduleError(f"rank {rank}: causal diagonal pairs different pieces")
-                    if kc.label[1] != qc.label[1] // group:
-                        raise ScheduleError(
-                            f"rank {rank}: query head {qc.label[1]} meets key/value head "
-                            f"{kc.label[1]} in {op}"
-                        )
-                    q_adds[i][a][(kc.label[0], rel, kc.label[1])] += 1
-                    kv_adds[k][a // ratio][(qc.label[0], rel, qc.label[1])] += 1
+        pairs = self.kernel_pairs(rank, op, self.positions(rank, op.q), self.positions(rank, op.kv))
+        for (i, k), found in pairs.items():
+            for a, qc in enumerate(q_cells[i]):
+                kc = kv_cells[k][a // ratio]
+                if kc.label[1] != qc.label[1] // group:
+                    raise ScheduleError(
+                        f"rank {rank}: query head {qc.label[1]} meets key/value head "
+                        f"{kc.label[1]} in {op}"
+                    )
+                q_add, kv_add = q_adds[i][a], kv_adds[k][a // ratio]
+                for x, y in found:
+                    q_add[(x, y, kc.label[1])] += 1
+                    kv_add[(y, x, qc.label[1])] += 1
         self.accumulate(rank, op.q_out, q_cells, q_adds, op.fresh_q)
         if op.kv_out is not None:
             self.accumulate(rank, op.kv_out, kv_cells, kv_adds, op.fresh_kv)
@@ -379,7 +434,10 @@ class _Run:
     def merge(self, rank: int, op: Merge) -> None:
         src = self.read(rank, op.src)
         dst = self.writable(rank, op.dst)
-        for d_row, s_row in zip(dst, src):
+        table = self.schedules[rank].table(op.dst)
+        for piece, d_row, s_row in zip(op.dst.pieces, dst, src):
+            if not table.length(piece):
+                continue  # no tokens: nothing merges
             for cell, content in zip(d_row, s_row):
                 if cell.label is None and not cell.zero:
                     raise ScheduleError(f"rank {rank}: merges into unwritten rows {op.dst}")
@@ -437,30 +495,57 @@ def simulate(
     return _Run(schedules, heads_q, heads_kv, axes).run()
 
 
-def expected_coverage(
-    pieces: int, causal: bool, piece: int, head: int, heads_q: int, heads_kv: int, *, kv_side=False
-) -> Counter:
-    """What a result cell must hold: every pair the mask allows, once.
+def check_coverage(
+    sim: Simulation,
+    schedules: list[Schedule],
+    allowed: Callable[[int, int], bool],
+    heads_q: int = 2,
+    heads_kv: int = 1,
+) -> None:
+    """Raise ScheduleError unless every rank's results hold, per head, every token pair
+    ``allowed(query position, key position)`` admits exactly once and nothing else.
 
-    Query side: cell (``piece``, query ``head``) holds (key piece, relation, its
-    key/value head) for every allowed key piece. Key side: cell (``piece``,
-    key/value ``head``) holds (query piece, relation, query head) for every
-    allowed query piece and every query head that uses this key/value head.
+    Query side: the result cell of query piece ``p`` and head ``h`` must hold, for every
+    position ``x`` of ``p`` and every key position ``y`` allowed, ``(x, y, h // group)``
+    once. Key side (backward): the cell of key piece ``k`` and key/value head ``g``,
+    for every ``y`` of ``k``, ``(y, x, h)`` for every allowed query position ``x`` and
+    query head ``h`` that uses ``g``. ``allowed`` should be written independently of
+    the library's masks (it is the reference).
     """
     group = heads_q // heads_kv
-    out: Counter = Counter()
-    for other in range(pieces):
-        rel = (
-            pair_relation(other, piece, causal) if kv_side else pair_relation(piece, other, causal)
-        )
-        if rel is Rel.NONE:
-            continue
-        if kv_side:
-            for h in range(head * group, (head + 1) * group):
-                out[(other, rel, h)] += 1
-        else:
-            out[(other, rel, head // group)] += 1
-    return out
+    for rank, sched in enumerate(schedules):
+        geometry = sched.geometry
+        sides = [(sim.query_results[rank], geometry.q, geometry.kv, False)]
+        if sim.kv_results[rank] is not None:
+            sides.append((sim.kv_results[rank], geometry.kv, geometry.q, True))
+        for cells, own, other, kv_side in sides:
+            for piece, row in zip(sched.pieces, cells):
+                if not own.length(piece):
+                    continue  # a piece of no tokens holds no result
+                for head, cell in enumerate(row):
+                    expected: Counter = Counter()
+                    for x in range(*own.span(piece)):
+                        for y in other.positions:
+                            if not (allowed(y, x) if kv_side else allowed(x, y)):
+                                continue
+                            if kv_side:
+                                for h in range(head * group, (head + 1) * group):
+                                    expected[(x, y, h)] += 1
+                            else:
+                                expected[(x, y, head // group)] += 1
+                    if expected and cell.label != (piece, head):
+                        raise ScheduleError(
+                            f"rank {rank}: the result of piece {piece}, head {head} holds "
+                            f"{cell.label}"
+                        )
+                    if cell.contrib != expected:
+                        missing = expected - cell.contrib
+                        extra = cell.contrib - expected
+                        raise ScheduleError(
+                            f"rank {rank}: {'key' if kv_side else 'query'} piece {piece}, "
+                            f"head {head}: missing {sorted(missing)[:4]}, extra or repeated "
+                            f"{sorted(extra)[:4]}"
+                        )
 
 
 def check_stream_order(schedules: list[Schedule], axes: Axes | None = None) -> None:

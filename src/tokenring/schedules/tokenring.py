@@ -29,8 +29,10 @@ from ..options import Pass, Strategy
 from .base import StrategyDef
 from .blocks import Element, cover, relations
 from .builder import ScheduleBuilder
+from .geometry import Geometry
 from .ir import Precision, Rows, Schedule, SlotKind, SlotSpec, Transfer
 from .key import ScheduleKey
+from .masks import Mask
 from .ring_axis import RingAxis
 
 __all__ = [
@@ -50,13 +52,12 @@ EMPTY: Span = (0, 0)
 
 
 def _span(elements: list[Element] | tuple[Element, ...]) -> Span:
-    """Query cells used by ``elements`` (empty if none)."""
+    """Query cells used by ``elements``, from the first to the last (empty if none; cells
+    between them that no pair uses hold no tokens, or are sent along)."""
     if not elements:
         return EMPTY
-    rows = sorted({i for i, _, _ in elements})
-    if rows != list(range(rows[0], rows[-1] + 1)):
-        raise AssertionError("schedule bug: non-contiguous query rows")
-    return (rows[0], rows[-1] + 1)
+    rows = [i for i, _, _ in elements]
+    return (min(rows), max(rows) + 1)
 
 
 def _union(spans: list[Span]) -> Span:
@@ -95,9 +96,15 @@ class Visit:
     home: Span
 
 
+def _meets(
+    geometry: Geometry, mask: Mask, q_pieces: tuple[int, ...], kv_pieces: tuple[int, ...]
+) -> tuple[Element, ...]:
+    return relations(geometry.q.spans(q_pieces), geometry.kv.spans(kv_pieces), mask)
+
+
 @lru_cache(maxsize=2048)
 def q_still_needed(
-    shards: tuple[tuple[int, ...], ...], causal: bool, owner: int
+    geometry: Geometry, mask: Mask, shards: tuple[tuple[int, ...], ...], owner: int
 ) -> tuple[Span, ...]:
     """Per step, the rows of query shard ``owner`` that the ranks it visits from that
     step on need (the same for every rank of the ring, so computed once per owner:
@@ -105,22 +112,22 @@ def q_still_needed(
     P = len(shards)
     spans = [EMPTY] * (P + 1)
     for s in range(P - 1, -1, -1):
-        here = _span(relations(shards[owner], shards[(owner - s) % P], causal))
+        here = _span(_meets(geometry, mask, shards[owner], shards[(owner - s) % P]))
         spans[s] = _union([here, spans[s + 1]])
     return tuple(spans)
 
 
-def plan_visits(ring: RingAxis, causal: bool) -> list[Visit]:
+def plan_visits(ring: RingAxis, geometry: Geometry, mask: Mask) -> list[Visit]:
     """Step by step, which queries meet this rank's keys and what moves (step 0: its own)."""
     P, r = ring.world, ring.rank
 
     def needed(owner: int, visitor: int) -> tuple[Element, ...]:
-        return relations(ring.shards[owner], ring.shards[visitor], causal)
+        return _meets(geometry, mask, ring.shards[owner], ring.shards[visitor])
 
     def travelling(owner: int, step: int) -> Span:
         """Rows of Q_owner that must reach the rank it visits at ``step``: what that
         rank and every later visitor needs."""
-        return q_still_needed(ring.shards, causal, owner)[step]
+        return q_still_needed(geometry, mask, ring.shards, owner)[step]
 
     visits = []
     for t in range(P):
@@ -174,8 +181,14 @@ class _Emitter:
     def query_slot(self, step: int) -> str:
         return self.ring.q if step == 0 else f"q_in{step % 2}"
 
-    def transfer(self, slot: str, rows: Span, peer: int, send: bool, lane: int) -> Transfer:
-        return Transfer(Rows(slot, *rows), peer, send, lane, self.ring.axis)
+    def shard(self, owner: int) -> tuple[int, ...]:
+        return self.ring.shards[owner]
+
+    def transfer(
+        self, slot: str, owner: int, rows: Span, peer: int, send: bool, lane: int
+    ) -> Transfer:
+        """Rows of a slot holding ``owner``'s shard, sent to or received from ``peer``."""
+        return Transfer(Rows(slot, self.shard(owner), *rows), peer, send, lane, self.ring.axis)
 
     def rotate_queries(self, visits: list[Visit], step: int) -> str | None:
         """Post the move of queries for ``step``: pass the held ones down, receive the next."""
@@ -187,29 +200,40 @@ class _Emitter:
             f"q@{step}",
             step - 1,
             [
-                self.transfer(self.query_slot(step - 1), held.forward, ring.peer(-1), True, Q_LANE),
-                self.transfer(self.query_slot(step), coming.arrives, ring.peer(1), False, Q_LANE),
+                self.transfer(
+                    self.query_slot(step - 1), held.owner, held.forward, ring.peer(-1), True,
+                    Q_LANE,
+                ),
+                self.transfer(
+                    self.query_slot(step), coming.owner, coming.arrives, ring.peer(1), False,
+                    Q_LANE,
+                ),
             ],
-        )
+        )  # fmt: skip
 
     def send_partial(self, visit: Visit, rows: Span) -> Transfer:
         """Rows of the partial computed at ``visit``, sent to the queries' owner."""
-        return self.transfer(f"part{visit.step % 2}", rows, visit.owner, True, RESULT_LANE)
+        slot = f"part{visit.step % 2}"
+        return self.transfer(slot, visit.owner, rows, visit.owner, True, RESULT_LANE)
 
     def receive_home(self, visit: Visit, rows: Span) -> Transfer:
         """Rows of this rank's own partial of ``visit``'s step, from the rank that computed it."""
-        return self.transfer(f"part_in{visit.step % 2}", rows, visit.visitor, False, RESULT_LANE)
+        slot = f"part_in{visit.step % 2}"
+        return self.transfer(slot, self.ring.rank, rows, visit.visitor, False, RESULT_LANE)
 
     def merge_home(self, visit: Visit, rows: Span, at_step: int) -> None:
         """Merge the returned rows of this rank's partial from ``visit`` into the accumulator."""
-        self.b.merge(Rows(f"part_in{visit.step % 2}", *rows), Rows("acc", *rows), at_step)
+        mine = self.shard(self.ring.rank)
+        self.b.merge(
+            Rows(f"part_in{visit.step % 2}", mine, *rows), Rows("acc", mine, *rows), at_step
+        )
 
     def compute(self, visit: Visit, elements) -> None:
         local = visit.step == 0
         self.b.compute(
             cover(list(elements)),
-            q_slot=self.query_slot(visit.step),
-            kv_slot=self.ring.kv,
+            q=(self.query_slot(visit.step), self.shard(visit.owner)),
+            kv=(self.ring.kv, self.shard(self.ring.rank)),
             q_out="acc" if local else f"part{visit.step % 2}",
             kv_out=self.kv_out,
             step=visit.step,
@@ -238,10 +262,10 @@ class _Emitter:
                 early = self.b.post(f"part@{visit.step}.early", visit.step, moves)
         return early
 
-    def run(self, causal: bool) -> None:
+    def run(self) -> None:
         b, ring = self.b, self.ring
         P = ring.world
-        visits = plan_visits(ring, causal)
+        visits = plan_visits(ring, b.geometry, b.mask)
         last = P - 1
 
         # Step 0: the whole local block, one call, while the queries leave.
@@ -292,14 +316,14 @@ class _Emitter:
 
 
 def emit_tokenring(
-    b: ScheduleBuilder, ring: RingAxis, causal: bool, backward: bool, stream: bool = True
+    b: ScheduleBuilder, ring: RingAxis, backward: bool, stream: bool = True
 ) -> tuple[str, str | None]:
     """Emit one TokenRing pass over ``ring`` (its slots from ``tokenring_slots``); returns
     the query result slot and, backward, the key/value result slot. ``stream``: return the
     last step's result in halves (the hidden tail), or whole (for blocks too small for
     the first half's return to hide behind the second half's compute)."""
     kv_out = "kvacc" if backward else None
-    _Emitter(b, ring, kv_out, stream).run(causal)
+    _Emitter(b, ring, kv_out, stream).run()
     return "acc", kv_out
 
 
@@ -312,8 +336,10 @@ def tokenring_schedule(key: ScheduleKey) -> Schedule:
         "kv": SlotSpec(SlotKind.KV, local=True),
         **tokenring_slots(ring, backward),
     }
-    b = ScheduleBuilder("tokenring", key.rank, key.world, ring.pieces, slots)
-    return b.build(*emit_tokenring(b, ring, key.causal, backward, key.stream_tail))
+    b = ScheduleBuilder(
+        "tokenring", key.rank, key.world, ring.pieces, slots, key.geometry, key.mask
+    )
+    return b.build(*emit_tokenring(b, ring, backward, key.stream_tail))
 
 
 class TokenRing(StrategyDef):

@@ -21,7 +21,7 @@ from math import gcd
 
 from ..options import Pass, Strategy
 from .base import CallShape, StrategyDef
-from .blocks import cover, relations
+from .blocks import cover
 from .builder import ScheduleBuilder
 from .geometry import chunk_ids
 from .ir import GROUP_AXIS, AllToAll, Direction, Precision, Rows, Schedule, SlotKind, SlotSpec
@@ -57,24 +57,32 @@ def ulysses_degrees(heads_q: int, heads_kv: int) -> list[int]:
 
 @dataclass(frozen=True)
 class UlyssesAxis:
-    """The axis Ulysses reshards over: its members, and where each member's pieces land
-    in the gathered sequence (``placement``, in global order)."""
+    """The axis Ulysses reshards over: its members, the pieces of the sequence they gather
+    (``gathered``, in global order), and where each member's cells land in it
+    (``placement``)."""
 
     axis: str
     degree: int
     rank: int
     placement: tuple[tuple[int, ...], ...]
+    gathered: tuple[int, ...]
     heads_kv: int
 
     @classmethod
     def of_group(cls, key: ScheduleKey) -> UlyssesAxis:
         """The caller's whole group: the gathered sequence is every piece (cell = piece)."""
         placement = tuple(chunk_ids(key.layout, key.world, s) for s in range(key.world))
-        return cls(GROUP_AXIS, key.world, key.rank, placement, key.heads_kv)
+        return cls(GROUP_AXIS, key.world, key.rank, placement, tuple(range(2 * key.world)),
+                   key.heads_kv)  # fmt: skip
 
     @property
     def cells(self) -> int:
-        return sum(len(p) for p in self.placement)
+        return len(self.gathered)
+
+    @property
+    def mine(self) -> tuple[int, ...]:
+        """This member's own pieces (its shard), in local order."""
+        return tuple(self.gathered[i] for i in self.placement[self.rank])
 
     @property
     def kv_parts(self) -> int:
@@ -92,19 +100,19 @@ class UlyssesAxis:
         share = self.degree // self.kv_parts
         return tuple(d // share for d in range(self.degree))
 
-    def gathered(self, kind: SlotKind, precision: Precision = Precision.WIRE) -> SlotSpec:
+    def gathered_slot(self, kind: SlotKind, precision: Precision = Precision.WIRE) -> SlotSpec:
         """A buffer of the gathered sequence for this member's heads."""
         is_q = kind in (SlotKind.QUERY, SlotKind.QUERY_RESULT)
         parts = self.degree if is_q else self.kv_parts
         return SlotSpec(kind, precision, cells=self.cells, head_parts=parts)
 
     def reshard(self, src: str, dst: str, kind: SlotKind, direction: Direction) -> AllToAll:
-        shard, whole = (2, self.cells)
-        src_cells, dst_cells = (
+        shard, whole = self.mine, self.gathered
+        src_pieces, dst_pieces = (
             (shard, whole) if direction is Direction.SEQ_TO_HEADS else (whole, shard)
         )
         return AllToAll(
-            Rows(src, 0, src_cells), Rows(dst, 0, dst_cells), direction, self.placement,
+            Rows.whole(src, src_pieces), Rows.whole(dst, dst_pieces), direction, self.placement,
             self.parts(kind), LANE, self.axis,
         )  # fmt: skip
 
@@ -114,12 +122,12 @@ class UlyssesAxis:
         """The gathered buffers for the queries, keys and values ``q``, ``kv`` and the
         results ``res``, ``kvres`` of a pass."""
         slots = {
-            q: self.gathered(SlotKind.QUERY),
-            kv: self.gathered(SlotKind.KV),
-            res: self.gathered(SlotKind.QUERY_RESULT),
+            q: self.gathered_slot(SlotKind.QUERY),
+            kv: self.gathered_slot(SlotKind.KV),
+            res: self.gathered_slot(SlotKind.QUERY_RESULT),
         }
         if backward:
-            slots[kvres] = self.gathered(SlotKind.KV_RESULT)
+            slots[kvres] = self.gathered_slot(SlotKind.KV_RESULT)
         return slots
 
 
@@ -176,17 +184,17 @@ def ulysses_schedule(key: ScheduleKey) -> Schedule:
         slots |= ua.slots(
             backward, q="q_heads", kv="kv_heads", res="res_heads", kvres="kvres_heads"
         )
-    b = ScheduleBuilder("ulysses", r, P, chunk_ids(key.layout, P, r), slots)
+    b = ScheduleBuilder("ulysses", r, P, ua.mine, slots, key.geometry, key.mask)
     kv_res = "kvres" if backward else None
     if P == 1:
-        b.own_block(key.causal, q_out="res", kv_out=kv_res)
+        b.own_block(q_out="res", kv_out=kv_res)
         return b.build("res", kv_res)
     emit_to_heads(b, ua, "q", "kv", 0)
-    everything = tuple(range(ua.cells))
+    everything = ua.gathered
     b.compute(
-        cover(relations(everything, everything, key.causal)),
-        q_slot="q_heads",
-        kv_slot="kv_heads",
+        cover(b.elements(everything, everything)),
+        q=("q_heads", everything),
+        kv=("kv_heads", everything),
         q_out="res_heads",
         kv_out="kvres_heads" if backward else None,
         step=1,

@@ -33,12 +33,12 @@ RING_AXIS = "ring"
 ULYSSES_AXIS = "ulysses"
 
 
-def _emit_tokenring(b, ring, causal, backward, key: ScheduleKey):
-    return emit_tokenring(b, ring, causal, backward, key.stream_tail)
+def _emit_tokenring(b, ring, backward, key: ScheduleKey):
+    return emit_tokenring(b, ring, backward, key.stream_tail)
 
 
-def _emit_ring(b, ring, causal, backward, key: ScheduleKey):
-    return emit_ring(b, ring, causal, backward)
+def _emit_ring(b, ring, backward, key: ScheduleKey):
+    return emit_ring(b, ring, backward)
 
 
 _RINGS = {
@@ -70,7 +70,7 @@ def usp_axes(key: ScheduleKey) -> tuple[UlyssesAxis, RingAxis]:
     )
     mine = ring_shards[r]
     placement = tuple(tuple(mine.index(p) for p in pieces(r, uu)) for uu in range(U))
-    ua = UlyssesAxis(ULYSSES_AXIS, U, u, placement, key.heads_kv)
+    ua = UlyssesAxis(ULYSSES_AXIS, U, u, placement, mine, key.heads_kv)
     if U == 1:  # no resharding: the ring runs on the caller's own slots
         return ua, RingAxis(RING_AXIS, R, r, ring_shards)
     ring = RingAxis(RING_AXIS, R, r, ring_shards, U, ua.kv_parts, q="q_heads", kv="kv_heads")
@@ -90,18 +90,18 @@ def usp_schedule(key: ScheduleKey) -> Schedule:
         **slots_of(ring, backward),
     }
     if U > 1:
-        slots["q_heads"] = ua.gathered(SlotKind.QUERY)
-        slots["kv_heads"] = ua.gathered(SlotKind.KV)
+        slots["q_heads"] = ua.gathered_slot(SlotKind.QUERY)
+        slots["kv_heads"] = ua.gathered_slot(SlotKind.KV)
         slots["res"] = SlotSpec(SlotKind.QUERY_RESULT)
         if backward:  # summed over the ranks that share a replicated head: fp32
             precision = Precision.ACCUM if ua.replicated else Precision.WIRE
             slots["kvres"] = SlotSpec(SlotKind.KV_RESULT, precision)
     pieces = mesh_pieces(key.layout, key.world // U, U, r, u)
-    b = ScheduleBuilder("usp", key.rank, key.world, pieces, slots)
+    b = ScheduleBuilder("usp", key.rank, key.world, pieces, slots, key.geometry, key.mask)
     if U == 1:
-        return b.build(*emit(b, ring, key.causal, backward, key))
+        return b.build(*emit(b, ring, backward, key))
     emit_to_heads(b, ua, "q", "kv", 0)
-    res, kvres = emit(b, ring, key.causal, backward, key)
+    res, kvres = emit(b, ring, backward, key)
     emit_to_seq(b, ua, res, kvres, ring.world + 1)
     return b.build("res", "kvres" if backward else None)
 

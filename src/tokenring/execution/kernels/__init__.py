@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from .base import BlockSpec, KernelBackend, delta_surrogate
+from .base import BlockMask, BlockSpec, KernelBackend, delta_surrogate
 from .cpu_flash import CpuFlash
 from .cuda_sdpa import CudnnAttention, EfficientAttention, FlashAttention
 from .reference import MathKernel
 
 __all__ = [
     "BACKENDS",
+    "BlockMask",
     "BlockSpec",
     "KernelBackend",
     "delta_surrogate",
@@ -38,6 +39,8 @@ def _describe(spec: BlockSpec) -> str:
         f"heads={spec.heads_q}/{spec.heads_kv}",
         f"causal={spec.causal}",
     ]
+    if spec.masked:
+        parts.append("explicit block masks")
     if spec.backward:
         parts.append(f"backward, deterministic={spec.deterministic}")
     return ", ".join(parts)

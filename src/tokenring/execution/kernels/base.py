@@ -1,14 +1,16 @@
 """The block-attention contract every kernel backend implements.
 
-Forward: ``(q, k, v, causal, scale) -> (out, lse)`` with
+Forward: ``(q, k, v, causal, scale, mask=None) -> (out, lse)`` with
 ``q`` ``[batch, len_q, heads_q, dim]``, ``k``/``v`` ``[batch, len_k, heads_kv, dim]``
 (any strides with a unit last stride), ``out`` shaped like ``q`` in ``q.dtype``
 and ``lse`` float32 ``[batch, heads_q, len_q]`` in natural log (float64 when
 the inputs are float64: see ``accum_dtype``). ``causal`` is
 only asked for square blocks (``len_q == len_k``), where top-left and
-bottom-right alignment agree.
+bottom-right alignment agree. ``mask`` (a ``BlockMask``, only for backends that
+declare ``explicit_masks``) says which pairs of a block attend; a query row
+with none gives a zero output and an LSE of -inf, never NaN.
 
-Backward: ``(do, q, k, v, out, lse, delta, causal, scale) -> (dq, dk, dv)``
+Backward: ``(do, q, k, v, out, lse, delta, causal, scale, mask=None) -> (dq, dk, dv)``
 where ``lse`` and ``delta = rowsum(do * out)`` (float32 ``[batch, heads_q, len_q]``)
 belong to the *global* output, not this block's. ``out`` may be ``None``
 when only ``delta`` travelled; adapters whose op wants ``out`` then pass
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "BlockMask",
     "BlockSpec",
     "KernelBackend",
     "accum_dtype",
@@ -48,6 +51,27 @@ class BlockSpec:
     causal: bool
     backward: bool = False
     deterministic: bool = False
+    masked: bool = False
+    """Some blocks need an explicit mask (``BlockMask``)."""
+
+
+class BlockMask:
+    """Which (query, key) pairs of one block attend: ``allowed``, boolean ``[len_q, len_k]``,
+    made once per plan from the block's global positions (``masks.Mask.allowed``)."""
+
+    def __init__(self, allowed: torch.Tensor):
+        self.allowed = allowed
+        self.empty_rows = ~allowed.any(dim=1)
+        self.any_empty = bool(self.empty_rows.any())
+        self._additive: dict[torch.dtype, torch.Tensor] = {}
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as a bias to add to the scores: 0 where allowed, -inf elsewhere."""
+        found = self._additive.get(dtype)
+        if found is None:
+            zeros = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
+            found = self._additive[dtype] = zeros.masked_fill(~self.allowed, float("-inf"))
+        return found
 
 
 class KernelBackend(ABC):
@@ -61,6 +85,7 @@ class KernelBackend(ABC):
     head_dim_multiple: int = 1
     native_gqa: bool = False
     deterministic_backward: bool = True
+    explicit_masks: bool = False
 
     def available_reasons(self) -> list[str]:
         """Why this backend cannot run on this installation at all (empty if it can)."""
@@ -82,15 +107,29 @@ class KernelBackend(ABC):
             )
         if spec.backward and spec.deterministic and not self.deterministic_backward:
             reasons.append("backward is not deterministic (deterministic=True asked)")
+        if spec.masked and not self.explicit_masks:
+            reasons.append("takes no explicit block mask")
         return reasons
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        scale: float,
+        mask: BlockMask | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Block attention; see the module docstring for shapes."""
         if not self.native_gqa and k.shape[2] != q.shape[2]:
             k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
-        return self._forward(q, k, v, causal, scale)
+        if mask is None:
+            return self._forward(q, k, v, causal, scale)
+        out, lse = self._masked_forward(q, k, v, mask, scale)
+        if mask.any_empty:  # rows that attend nothing here: an empty partial
+            out = out.masked_fill(mask.empty_rows[None, :, None, None], 0.0)
+            lse = lse.masked_fill(mask.empty_rows[None, None, :], float("-inf"))
+        return out, lse
 
     def backward(
         self,
@@ -103,14 +142,22 @@ class KernelBackend(ABC):
         delta: torch.Tensor,
         causal: bool,
         scale: float,
+        mask: BlockMask | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients of one block given the global lse and delta; see the module docstring."""
         heads_kv = k.shape[2]
-        if self.native_gqa or heads_kv == q.shape[2]:
-            return self._backward(do, q, k, v, out, lse, delta, causal, scale)
-        k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
-        dq, dk, dv = self._backward(do, q, k, v, out, lse, delta, causal, scale)
-        return dq, fold_heads(dk, heads_kv), fold_heads(dv, heads_kv)
+        if not (self.native_gqa or heads_kv == q.shape[2]):
+            k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
+        if mask is None:
+            dq, dk, dv = self._backward(do, q, k, v, out, lse, delta, causal, scale)
+        else:
+            # a query that attends no key anywhere has an LSE of -inf; its row is masked
+            # here too, so any finite stand-in gives it zero probability (no NaN)
+            lse = lse.masked_fill(torch.isneginf(lse), 0.0)
+            dq, dk, dv = self._masked_backward(do, q, k, v, out, lse, delta, mask, scale)
+        if dk.shape[2] != heads_kv:
+            dk, dv = fold_heads(dk, heads_kv), fold_heads(dv, heads_kv)
+        return dq, dk, dv
 
     @abstractmethod
     def _forward(self, q, k, v, causal, scale):
@@ -119,6 +166,14 @@ class KernelBackend(ABC):
     @abstractmethod
     def _backward(self, do, q, k, v, out, lse, delta, causal, scale):
         """``backward`` with as many key/value heads as query heads unless ``native_gqa``."""
+
+    def _masked_forward(self, q, k, v, mask: BlockMask, scale):
+        """``_forward`` under an explicit mask (backends with ``explicit_masks``)."""
+        raise NotImplementedError(f"kernel {self.name} takes no explicit block mask")
+
+    def _masked_backward(self, do, q, k, v, out, lse, delta, mask: BlockMask, scale):
+        """``_backward`` under an explicit mask (backends with ``explicit_masks``)."""
+        raise NotImplementedError(f"kernel {self.name} takes no explicit block mask")
 
     def __repr__(self) -> str:
         return f"<kernel {self.name}>"

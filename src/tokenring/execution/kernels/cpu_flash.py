@@ -25,8 +25,9 @@ def _hides_nan(dtype: torch.dtype) -> bool:
 class CpuFlash(KernelBackend):
     """``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward.
 
-    Takes different query and key/value head counts natively (GQA, MQA). Its
-    LSE is already float32 ``(B, H, L)``.
+    Takes different query and key/value head counts natively (GQA, MQA), and an
+    explicit mask as an additive bias (``attn_mask``) both ways. Its LSE is already
+    float32 ``(B, H, L)``.
     """
 
     name = "cpu_flash"
@@ -35,13 +36,15 @@ class CpuFlash(KernelBackend):
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
     max_head_dim = 1024
     native_gqa = True
+    explicit_masks = True
 
-    def _forward(self, q, k, v, causal, scale):
+    def _forward(self, q, k, v, causal, scale, bias=None):
         # the torch-namespace binding of the aten op: a few microseconds less host time
         # per call than going through torch.ops.aten (the same op)
         out, lse = torch._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale
-        )
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal,
+            attn_mask=bias, scale=scale,
+        )  # fmt: skip
         out = out.transpose(1, 2)
         # On AVX-512 builds the kernel returns zeros and a finite LSE for a query row that
         # holds a NaN (AVX2 builds and float64 give NaN); where this build does, restore
@@ -53,7 +56,13 @@ class CpuFlash(KernelBackend):
             lse = lse.masked_fill(bad.transpose(1, 2), float("nan"))
         return out, lse
 
-    def _backward(self, do, q, k, v, out, lse, delta, causal, scale):
+    def _masked_forward(self, q, k, v, mask, scale):
+        return self._forward(q, k, v, False, scale, mask.additive(q.dtype))
+
+    def _masked_backward(self, do, q, k, v, out, lse, delta, mask, scale):
+        return self._backward(do, q, k, v, out, lse, delta, False, scale, mask.additive(q.dtype))
+
+    def _backward(self, do, q, k, v, out, lse, delta, causal, scale, bias=None):
         if out is None:
             out = delta_surrogate(do, delta)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -65,6 +74,7 @@ class CpuFlash(KernelBackend):
             lse,
             0.0,
             causal,
+            attn_mask=bias,
             scale=scale,
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

@@ -14,15 +14,20 @@ from .base import KernelBackend, accum_dtype, expand_heads, fold_heads
 __all__ = ["MathKernel"]
 
 
-def _probabilities(q, k, lse, causal, scale):
-    """Float64 scores ``[B, H, Lq, Lk]`` (masked to -inf), their LSE and exp(scores - lse)."""
+def _probabilities(q, k, lse, causal, scale, allowed=None):
+    """Float64 scores ``[B, H, Lq, Lk]`` (masked to -inf), their LSE and exp(scores - lse)
+    (0 where masked, also in rows where every key is). ``allowed``: an explicit mask."""
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), expand_heads(k, q.shape[2]).double()) * scale
     if causal:
         lq, lk = s.shape[-2:]
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
+        allowed = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril()
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1) if lse is None else lse.double()
-    return torch.exp(s - lse.unsqueeze(-1)), lse
+    p = torch.exp(s - lse.unsqueeze(-1))
+    if allowed is not None:
+        p = p.masked_fill(~allowed, 0.0)
+    return p, lse
 
 
 class MathKernel(KernelBackend):
@@ -32,15 +37,22 @@ class MathKernel(KernelBackend):
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
     max_head_dim = 1 << 16
     native_gqa = True
+    explicit_masks = True
 
-    def _forward(self, q, k, v, causal, scale):
-        p, lse = _probabilities(q, k, None, causal, scale)
+    def _forward(self, q, k, v, causal, scale, allowed=None):
+        p, lse = _probabilities(q, k, None, causal, scale, allowed)
         out = torch.einsum("bhqk,bkhd->bqhd", p, expand_heads(v, q.shape[2]).double())
         return out.to(q.dtype), lse.to(accum_dtype(q.dtype))
 
-    def _backward(self, do, q, k, v, out, lse, delta, causal, scale):
+    def _masked_forward(self, q, k, v, mask, scale):
+        return self._forward(q, k, v, False, scale, mask.allowed)
+
+    def _masked_backward(self, do, q, k, v, out, lse, delta, mask, scale):
+        return self._backward(do, q, k, v, out, lse, delta, False, scale, mask.allowed)
+
+    def _backward(self, do, q, k, v, out, lse, delta, causal, scale, allowed=None):
         heads, heads_kv = q.shape[2], k.shape[2]
-        p, _ = _probabilities(q, k, lse, causal, scale)
+        p, _ = _probabilities(q, k, lse, causal, scale, allowed)
         dod = do.double()
         dp = torch.einsum("bqhd,bkhd->bhqk", dod, expand_heads(v, heads).double())
         ds = p * (dp - delta.double().unsqueeze(-1))
