@@ -1,5 +1,5 @@
 """The library is the library: ``import tokenring`` needs torch alone; it installs as
-``tokenring-attention``."""
+``tokenring-attention``; the README's first example runs as printed."""
 
 from __future__ import annotations
 
@@ -119,3 +119,63 @@ def test_every_install_command_names_the_tokenring_attention_distribution():
     ]
     assert not wrong, wrong
     assert "`tokenring-attention`" in (ROOT / "README.md").read_text()
+
+
+def readme_block(heading: str, index: int = 0) -> str:
+    """The ``index``-th python code block of the README section under ``heading``."""
+    section = (ROOT / "README.md").read_text().split(f"\n{heading}\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[index]
+
+
+@pytest.mark.timeout(200)
+def test_the_readmes_first_example_runs_under_torchrun_on_two_cpu_processes(tmp_path):
+    """The first code block of the README's "Use", exactly as printed, under torchrun with
+    2 gloo processes: both ranks finish and match attention on the whole sequence."""
+    example = tmp_path / "example.py"
+    example.write_text(readme_block("## Use"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               str(example)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = dict(re.findall(r"rank (\d): max \|out - attention on the whole sequence\| = (\S+)",
+                            done.stdout))  # fmt: skip
+    assert set(found) == {"0", "1"}, done.stdout
+    assert all(float(err) <= 1e-5 for err in found.values()), found
+
+
+def gpu_form_of_the_readme_example() -> str:
+    """The README's first example with its GPU lines in place of the CPU ones (from
+    ``init_process_group`` to the inputs), as the README tells a GPU user to do."""
+    cpu, gpu = readme_block("## Use", 0), readme_block("## Use", 1)
+    start = cpu.index('dist.init_process_group("gloo")')
+    end = cpu.index("\n", cpu.index("q, k, v = ")) + 1
+    return cpu[:start] + gpu + cpu[end:]
+
+
+def test_the_readmes_gpu_form_takes_the_device_from_local_rank():
+    """On several nodes the global rank runs past a node's GPUs: the device is LOCAL_RANK's,
+    the backend NCCL; and the GPU lines fit into the example (valid Python)."""
+    gpu = readme_block("## Use", 1)
+    assert 'torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))' in gpu
+    assert 'dist.init_process_group("nccl")' in gpu and "get_rank" not in gpu
+    program = gpu_form_of_the_readme_example()
+    compile(program, "example_gpu.py", "exec")
+    assert "gloo" not in program and 'device="cuda"' in program
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_the_readmes_gpu_form_runs_on_every_local_gpu(tmp_path):
+    """The GPU form of the README's example under torchrun, one process per GPU."""
+    import torch
+
+    example = tmp_path / "example_gpu.py"
+    example.write_text(gpu_form_of_the_readme_example())
+    gpus = torch.cuda.device_count()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus),
+               str(example)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=280, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = re.findall(r"= (\S+)$", done.stdout, re.M)
+    assert len(errors) == gpus and all(float(e) <= 3e-2 for e in errors), done.stdout
