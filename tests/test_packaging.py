@@ -178,4 +178,6 @@ def test_the_readmes_gpu_form_runs_on_every_local_gpu(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=280, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     errors = re.findall(r"= (\S+)$", done.stdout, re.M)
-    assert len(errors) == gpus and all(float(e) <= 3e-2 for e in errors), done.stdout
+    # bfloat16 outputs of up to about 5 (the first causal rows copy one value each): a
+    # unit in the last place there is 2**-5, and the two results round apart by one or two
+    assert len(errors) == gpus and all(float(e) <= 0.1 for e in errors), done.stdout

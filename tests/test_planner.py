@@ -18,7 +18,7 @@ from tokenring.options import Layout, Pass, Strategy
 from tokenring.planner import Shape, Topology, load_topology, preset, preset_names, simulate_timing
 from tokenring.planner.choose import _schedules
 from tokenring.planner.topology import ClusterLinks, ExplicitLinks
-from tokenring_bench.calibrate import calibrate
+from tokenring_bench.calibrate import _table_row, calibrate
 from tokenring_bench.cli import main as cli_main
 from traffic_formulas import expected_traffic
 
@@ -392,6 +392,8 @@ def test_calibrate_measures_the_device_and_says_what_it_could_not(tmp_path):
         assert header.split() == ["Lq", "\\", "Lk", "16", "32"], header
         assert [row.split()[0] for row in rows] == ["16", "32", "causal"], rows
         assert all(len(row.split()) == 3 for row in rows), rows
+    widest = _table_row("causal", ["0.000322", "1.23e-05"])  # the widest cells .3g makes
+    assert widest.split() == ["causal", "0.000322", "1.23e-05"], widest
     path = tmp_path / "cpu.json"
     topo.save(path)
     report = tr.plan(topology=str(path), gpus=2, seq=256, heads_q=4, heads_kv=2, head_dim=16)

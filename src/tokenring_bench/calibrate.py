@@ -108,7 +108,7 @@ def _repeats_for(flops: float) -> int:
 
 def _table_row(label: str, cells: list[str]) -> str:
     """One line of the kernel table as ``calibrate`` prints it: a label, then aligned cells."""
-    return f"{label:>10}" + "".join(f"{cell:>8}" for cell in cells)
+    return f"{label:>10}" + "".join(f" {cell:>8}" for cell in cells)  # a space at least
 
 
 def measure_kernels(
