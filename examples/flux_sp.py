@@ -9,7 +9,7 @@ both are timed. CPU (gloo) or one GPU per process (NCCL):
     torchrun --nproc-per-node 4 examples/flux_sp.py --ulysses 2 --ring 2
     torchrun --nproc-per-node 8 examples/flux_sp.py --ulysses 4 --ring 2 --size 64
 
-Needs ``pip install 'tokenring[diffusers]'``.
+Needs ``pip install 'tokenring-attention[diffusers]'``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ replicas. CPU (gloo) or one GPU per process (NCCL):
     torchrun --nproc-per-node 4 examples/train_llama.py --sp 2       # 2 x 2 on CPU
     torchrun --nproc-per-node 8 examples/train_llama.py --sp 8 --seq 32768   # 8 GPUs
 
-Needs ``pip install 'tokenring[transformers]'``.
+Needs ``pip install 'tokenring-attention[transformers]'``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from tokenring.options import Layout, Pass, Strategy
 from tokenring.planner import Shape, Topology, load_topology, preset, preset_names, simulate_timing
 from tokenring.planner.choose import _schedules
 from tokenring.planner.topology import ClusterLinks, ExplicitLinks
-from tokenring_bench.calibrate import calibrate
+from tokenring_bench.calibrate import _table_row, calibrate
 from tokenring_bench.cli import main as cli_main
 from traffic_formulas import expected_traffic
 
@@ -347,7 +347,7 @@ def test_the_plan_command_prints_the_documented_json(capsys):
     assert out["choice"] in names
     for c in out["candidates"]:
         assert c["refused"] is None and c["predicted_ms"] > 0
-        assert {"step", "ms", "compute_ms", "comm_ms"} <= set(c["steps"][0])
+        assert {"step", "ms", "compute_ms", "exposed_comm_ms"} <= set(c["steps"][0])
     times = [c["predicted_ms"] for c in out["candidates"]]
     assert times == sorted(times) and out["choice"] == out["candidates"][0]["strategy"]
     assert cli_main([*argv[:2], "no-such-preset", *argv[3:]]) == 2
@@ -374,9 +374,9 @@ def test_strategy_auto_is_exact_eager_and_compiled_and_remembers_why(pool):
 
 
 def test_calibrate_measures_the_device_and_says_what_it_could_not(tmp_path):
-    """On one CPU process (a small grid): a usable kernel table, merge rate and host
-    time, the links kept from the preset and listed as not measured; the file loads and
-    plans."""
+    """On one CPU process (a small grid): a usable kernel table, printed under column
+    headers, merge rate and host time, the links kept from the preset and listed as not
+    measured; the file loads and plans."""
     import torch
 
     base = preset("cpu-gloo", 2)
@@ -386,7 +386,14 @@ def test_calibrate_measures_the_device_and_says_what_it_could_not(tmp_path):
     assert topo.device.memory_gbps > 0 and topo.device.host.call_us > 0
     assert topo.links == base.links
     assert any(n.startswith("not_measured: links") for n in topo.notes)
-    assert any("TFLOP/s" in line for line in lines)
+    for pass_ in ("forward", "backward"):  # each table with its header, then a row per Lq
+        at = lines.index(next(line for line in lines if line.startswith(f"{pass_} block kernel")))
+        header, *rows = lines[at + 1 : at + 5]
+        assert header.split() == ["Lq", "\\", "Lk", "16", "32"], header
+        assert [row.split()[0] for row in rows] == ["16", "32", "causal"], rows
+        assert all(len(row.split()) == 3 for row in rows), rows
+    widest = _table_row("causal", ["0.000322", "1.23e-05"])  # the widest cells .3g makes
+    assert widest.split() == ["causal", "0.000322", "1.23e-05"], widest
     path = tmp_path / "cpu.json"
     topo.save(path)
     report = tr.plan(topology=str(path), gpus=2, seq=256, heads_q=4, heads_kv=2, head_dim=16)

@@ -623,18 +623,31 @@ def test_demo_exits_cleanly_and_leaves_no_process(tmp_path: Path) -> None:
 @pytest.mark.timeout(360)
 def test_bench_runs_end_to_end_on_cpu_and_leaves_no_process(tmp_path: Path) -> None:
     """``tokenring bench`` on 2 CPU processes (one small case): every row of ours checked
-    and timed, every peer listed (run or with its reason), JSON and both PNGs written."""
+    and timed, every peer listed (run or with its reason), JSON and both PNGs written and
+    no partial file left; printed: names as they are (``[fa]``), a line per method that
+    did not run, and why the peak-memory column is blank."""
     command = [sys.executable, "-m", "tokenring_bench.cli", "bench", "--cases", "llama2-mha"]
     command += ["--seq", "256", "--repeats", "2", "--timeout", "240"]
     command += ["--output-dir", str(tmp_path)]
-    _run_and_check_no_process_left(command)
+    done = _run_and_check_no_process_left(command)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["bench.json", "efficiency.png", "timelines.png"], files
     records = json.loads((tmp_path / "bench.json").read_text())
+    not_run = {r["method"] for r in records if r["status"].startswith("skipped")}
+    lines = done.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("not run here")) + 1
+    skipped = lines[start : start + len(not_run)]
+    assert {line.split(" (")[0].strip() for line in skipped} == not_run, skipped
+    assert "yunchang-zigzag[fa]" in not_run and "skipped" not in done.stdout
+    assert all(len(line) <= 160 for line in skipped), skipped
+    assert "peak+ GB: device memory one call allocates" in done.stdout
     ours = [r for r in records if r["method"] in ("tokenring", "ring", "auto")]
     assert {(r["method"], r["pass"]) for r in ours} == {
         (m, p) for m in ("tokenring", "ring", "auto") for p in ("forward", "forward_backward")
     }
     for r in ours:
         assert r["status"] == "ok" and r["max_rel_err"] <= 1e-4 and r["ms"] > 0, r
+        assert r["peak_extra_gb"] is None, r  # CUDA only: null in the JSON, not NaN
     peers = {r["method"] for r in records} - {"tokenring", "ring", "auto"}
     assert {"torch-cp-allgather", "torch-cp-alltoall"} <= {p.split(" ")[0] for p in peers}
     for r in records:

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(
             f"tokenring: the command needs {', '.join(missing)} (the 'bench' extra): "
-            "pip install 'tokenring[bench]'",
+            "pip install 'tokenring-attention[bench]'",
             file=sys.stderr,
         )
         return 2

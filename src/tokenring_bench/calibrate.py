@@ -106,6 +106,11 @@ def _repeats_for(flops: float) -> int:
     return 3 if flops > 5e12 else 10
 
 
+def _table_row(label: str, cells: list[str]) -> str:
+    """One line of the kernel table as ``calibrate`` prints it: a label, then aligned cells."""
+    return f"{label:>10}" + "".join(f" {cell:>8}" for cell in cells)  # a space at least
+
+
 def measure_kernels(
     device: torch.device,
     dtype: torch.dtype,
@@ -117,6 +122,11 @@ def measure_kernels(
     full: dict[Pass, tuple[tuple[float, ...], ...]] = {}
     causal: dict[Pass, tuple[float, ...]] = {}
     for pass_ in Pass:
+        progress(
+            f"{pass_.value} block kernel, TFLOP/s (a row per query length Lq, "
+            "a column per key length Lk; causal: Lq = Lk)"
+        )
+        progress(_table_row("Lq \\ Lk", [str(n) for n in lengths]))
         rows = []
         for lq in lengths:
             row = []
@@ -124,13 +134,13 @@ def measure_kernels(
                 reps = _repeats_for(block_flops(pass_, lq, lk, False, REF_HEADS, HEAD_DIM))
                 row.append(_block_rate(pass_, lq, lk, False, device, dtype, timer, reps))
             rows.append(tuple(row))
-            progress(f"{pass_.value} Lq={lq}: " + " ".join(f"{r:.3g}" for r in row) + " TFLOP/s")
+            progress(_table_row(str(lq), [f"{r:.3g}" for r in row]))
         full[pass_] = tuple(rows)
         causal[pass_] = tuple(
             _block_rate(pass_, n, n, True, device, dtype, timer, _repeats_for(1e12 * n / 4096))
             for n in lengths
         )
-        progress(f"{pass_.value} causal: " + " ".join(f"{r:.3g}" for r in causal[pass_]))
+        progress(_table_row("causal", [f"{r:.3g}" for r in causal[pass_]]))
     probe = lengths[len(lengths) // 2]
     fast = _block_rate(Pass.FORWARD, probe, probe, False, device, dtype, timer, 5)
     slow = _block_rate(Pass.FORWARD, probe, probe, False, device, torch.float32, timer, 5)

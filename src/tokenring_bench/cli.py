@@ -13,11 +13,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from tokenring.execution.timeline import Span
 
-from .argtypes import positive_int, positive_seconds
-from .demo import DTYPES, DemoConfig, demo_worker, tolerance
+from .argtypes import DTYPE_HELP, dtype_name, positive_int, positive_seconds
+from .demo import DemoConfig, demo_worker, tolerance
 from .launch import WorkerFailed, default_world, run_local
 from .plan_cli import add_calibrate_parser, add_plan_parser, run_calibrate, run_plan
 from .plots import plot_timelines
@@ -26,6 +27,7 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:
+    """``tokenring demo``: every strategy checked against float64, timed and drawn."""
     world, backend = default_world(cpu_workers=args.world_size or 4)
     if args.world_size and backend == "nccl":
         if args.world_size > world:
@@ -67,7 +69,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
                 on_message=on_message,
             )
         except WorkerFailed as err:
-            console.print(f"[red]demo failed:[/red] {err}")
+            console.print(Text.assemble(("demo failed: ", "red"), str(err)))
             return 1
     report = results[0]
     tol = tolerance(dtype)
@@ -87,7 +89,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         if "refused" in row:
             table.add_row(
                 row["strategy"], row["layout"], str(row["causal"]), "", "", "",
-                f"[yellow]refused: {row['refused']}[/yellow]",
+                Text(f"refused: {row['refused']}", style="yellow"),
             )  # fmt: skip
             continue
         ok = row["out_err"] <= tol and row["grad_err"] <= tol
@@ -122,8 +124,9 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def _progress(console: Console) -> Progress:
+    """A transient progress bar whose description is printed literally."""
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # method names hold brackets
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
@@ -133,11 +136,14 @@ def _progress(console: Console) -> Progress:
 
 
 def _bench(args: argparse.Namespace, console: Console) -> int:
+    """``tokenring bench``: every method over the cases on this machine's devices; rows
+    stream to ``bench.partial.jsonl`` (kept if the run dies) until ``bench.json`` holds
+    them all, then the partial file goes."""
     from tokenring.options import Strategy as TrStrategy
 
     from .methods import Auto, PeerMethod, Strategy, usp_splits
     from .peers import default_peers
-    from .report import environment, table, write_outputs
+    from .report import environment, print_results, write_outputs
     from .runner import BenchConfig, bench_worker
 
     world, backend = default_world(cpu_workers=args.world_size or 2)
@@ -161,8 +167,10 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     methods += [h for h in hybrids if h.name in wanted]
     peers = [p for p in peers if p.name in wanted]
     console.print(
-        f"tokenring bench: {world} {'GPU' if backend == 'nccl' else 'CPU'} "
-        f"processes ({backend}), methods {', '.join(wanted)}"
+        Text(
+            f"tokenring bench: {world} {'GPU' if backend == 'nccl' else 'CPU'} "
+            f"processes ({backend}), methods {', '.join(wanted)}"
+        )
     )
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,13 +200,16 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
                 on_message=on_message,
             )
         except WorkerFailed as err:
-            console.print(f"[red]bench failed:[/red] {err}\nrows so far: {partial_path}")
+            console.print(
+                Text.assemble(("bench failed: ", "red"), f"{err}\nrows so far: {partial_path}")
+            )
             return 1
     env = {**environment(world, backend), "timing": cfg.timing}
     result = {"records": records, "timelines": results[0]["timelines"]}
-    console.print(table(records, f"tokenring bench on {world} x {env['card']}"))
+    print_results(console, records, f"tokenring bench on {world} x {env['card']}")
     for kind, path in write_outputs(result, env, out_dir).items():
-        console.print(f"{kind}: {path.resolve()}")
+        console.print(Text(f"{kind}: {path.resolve()}"))
+    partial_path.unlink()  # every row is in bench.json now
     failed = [r for r in records if r["status"].startswith("FAILED")]
     if failed:
         console.print(f"[red]{len(failed)} row(s) failed[/red]")
@@ -206,9 +217,30 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenring", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _demo_dtype(text: str) -> str:
+    """``auto`` (float32 on CPU, bfloat16 on GPU) or any spelling ``dtype_name`` takes."""
+    return "auto" if text == "auto" else dtype_name(text)
+
+
+def _add_timeouts(parser: argparse.ArgumentParser, whole_run_s: float) -> None:
+    """``--timeout`` (the whole run) and ``--transfer-timeout`` (one stalled transfer)."""
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=whole_run_s,
+        help="seconds before giving up on the whole run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--transfer-timeout",
+        type=positive_seconds,
+        default=300.0,
+        help="seconds a transfer waits for a stalled peer before failing (TransferFailed) "
+        "(default: %(default)s)",
+    )
+
+
+def _add_demo_parser(sub) -> None:
+    """The ``demo`` subcommand's options (every one with its help and default)."""
     demo = sub.add_parser("demo", help="check and time every strategy on a small problem")
     demo.add_argument(
         "--world-size",
@@ -216,27 +248,50 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="processes (default: all GPUs, else 4 CPU processes)",
     )
-    demo.add_argument("--seq-len", type=positive_int, default=1024, help="global sequence length")
-    demo.add_argument("--heads", type=positive_int, default=8, help="query heads")
-    demo.add_argument("--heads-kv", type=positive_int, default=None, help="key/value heads (GQA)")
-    demo.add_argument("--head-dim", type=positive_int, default=64)
+    demo.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=1024,
+        help="global sequence length (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--heads", type=positive_int, default=8, help="query heads (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--heads-kv",
+        type=positive_int,
+        default=None,
+        help="key/value heads, fewer for GQA (default: --heads)",
+    )
+    demo.add_argument(
+        "--head-dim",
+        type=positive_int,
+        default=64,
+        help="dimension of a head (default: %(default)s)",
+    )
     demo.add_argument(
         "--dtype",
-        choices=["auto", *DTYPES],
+        type=_demo_dtype,
         default="auto",
-        help="default: float32 on CPU, bfloat16 on GPU",
-    )
-    demo.add_argument("--repeats", type=positive_int, default=5, help="timed calls per case")
-    demo.add_argument("--output", default="tokenring-demo-timeline.png", help="timeline PNG path")
-    demo.add_argument(
-        "--timeout", type=positive_seconds, default=900.0, help="seconds before giving up"
+        metavar="{auto,bf16,fp16,fp32}",
+        help=f"auto, {DTYPE_HELP} (default: auto: float32 on CPU, bfloat16 on GPU)",
     )
     demo.add_argument(
-        "--transfer-timeout",
-        type=positive_seconds,
-        default=300.0,
-        help="seconds a transfer waits for a stalled peer before failing (TransferFailed)",
+        "--repeats",
+        type=positive_int,
+        default=5,
+        help="timed calls per case (default: %(default)s)",
     )
+    demo.add_argument(
+        "--output",
+        default="tokenring-demo-timeline.png",
+        help="timeline PNG path (default: %(default)s)",
+    )
+    _add_timeouts(demo, 900.0)
+
+
+def _add_bench_parser(sub) -> None:
+    """The ``bench`` subcommand's options (every one with its help and default)."""
     bench = sub.add_parser(
         "bench", help="docs/benchmarking.md: time, check and compare every method"
     )
@@ -247,14 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes (default: all GPUs, else 2 CPU processes)",
     )
     bench.add_argument(
-        "--cases", nargs="*", choices=["llama2-mha", "llama3-gqa", "dit-mha"], help="default: all"
+        "--cases",
+        nargs="*",
+        choices=["llama2-mha", "llama3-gqa", "dit-mha"],
+        help="cases to run (default: all)",
     )
-    bench.add_argument("--seq", nargs="*", type=positive_int, help="override sequence lengths")
+    bench.add_argument(
+        "--seq",
+        nargs="*",
+        type=positive_int,
+        help="sequence lengths to run instead of each case's own (default: the case's)",
+    )
     bench.add_argument(
         "--passes",
         nargs="*",
         default=["forward", "forward_backward"],
         choices=["forward", "forward_backward"],
+        help="passes to time (default: both)",
     )
     bench.add_argument(
         "--methods",
@@ -262,36 +326,46 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="our strategies and peers to run (default: every one there is)",
     )
-    bench.add_argument("--repeats", type=positive_int, default=20, help="timed calls per row")
+    bench.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=20,
+        help="timed calls per row (default: %(default)s)",
+    )
     bench.add_argument(
         "--timing",
         choices=["steady", "isolated"],
         default="steady",
         help="steady: calls back to back, as in a training loop (host time hidden where the "
-        "GPU is busier); isolated: each call from idle ranks (host time exposed)",
+        "GPU is busier); isolated: each call from idle ranks (host time exposed) "
+        "(default: %(default)s)",
     )
     bench.add_argument(
         "--timeline-seq",
         type=positive_int,
         default=32768,
-        help="llama2-mha length whose per-step timeline is drawn (GPU)",
-    )
-    bench.add_argument("--output-dir", default="bench-out", help="JSON and PNG go here")
-    bench.add_argument(
-        "--timeout", type=positive_seconds, default=3000.0, help="seconds before giving up"
+        help="llama2-mha length whose per-step timeline is drawn on GPUs; 256 on CPU "
+        "(default: %(default)s)",
     )
     bench.add_argument(
-        "--transfer-timeout",
-        type=positive_seconds,
-        default=300.0,
-        help="seconds a transfer waits for a stalled peer before failing (TransferFailed)",
+        "--output-dir", default="bench-out", help="JSON and PNG go here (default: %(default)s)"
     )
+    _add_timeouts(bench, 3000.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tokenring`` command line: demo, bench, plan and calibrate."""
+    parser = argparse.ArgumentParser(prog="tokenring", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo_parser(sub)
+    _add_bench_parser(sub)
     add_plan_parser(sub)
     add_calibrate_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``tokenring`` subcommand; returns its exit status."""
     args = build_parser().parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 160)
     if args.command == "demo":

@@ -6,51 +6,105 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import tokenring as tr
 from tokenring.planner import PlanReport, load_topology, preset_names
 
-from .argtypes import positive_int
+from .argtypes import DTYPE_HELP, DTYPE_METAVAR, dtype_name, positive_int
 
-__all__ = ["add_calibrate_parser", "add_plan_parser", "run_calibrate", "run_plan"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "USP_NAMING",
+    "add_calibrate_parser",
+    "add_plan_parser",
+    "plot_plan_timelines",
+    "run_calibrate",
+    "run_plan",
+]
+
+
+USP_NAMING = (
+    "usp-UxR: Ulysses over U ranks inside each of R groups, TokenRing across the groups; "
+    "usp-UxR-ring: the pass-KV ring across them instead of TokenRing"
+)
 
 
 def add_plan_parser(sub) -> None:
-    p = sub.add_parser("plan", help="rank every strategy for one call by predicted time")
+    """The ``plan`` subcommand's options (every one with its help and default)."""
+    p = sub.add_parser(
+        "plan",
+        help="rank every strategy for one call by predicted time",
+        description="Rank every strategy for one attention call by predicted time. "
+        + USP_NAMING
+        + ".",
+    )
     p.add_argument(
         "--topology",
         required=True,
-        help=f"a preset ({', '.join(preset_names())}) or a topology file",
+        help=f"(required) a preset ({', '.join(preset_names())}) or a topology file",
     )
-    p.add_argument("--gpus", type=positive_int, required=True, help="devices the sequence spans")
-    p.add_argument("--seq", type=positive_int, required=True, help="global sequence length")
-    p.add_argument("--heads-q", type=positive_int, required=True)
-    p.add_argument("--heads-kv", type=positive_int, required=True)
-    p.add_argument("--head-dim", type=positive_int, required=True)
-    p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--causal", action="store_true")
-    p.add_argument("--backward", action="store_true", help="forward + backward (training)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument(
+        "--gpus", type=positive_int, required=True, help="(required) devices the sequence spans"
+    )
+    p.add_argument(
+        "--seq", type=positive_int, required=True, help="(required) global sequence length"
+    )
+    p.add_argument("--heads-q", type=positive_int, required=True, help="(required) query heads")
+    p.add_argument(
+        "--heads-kv", type=positive_int, required=True, help="(required) key/value heads"
+    )
+    p.add_argument(
+        "--head-dim", type=positive_int, required=True, help="(required) dimension of a head"
+    )
+    p.add_argument(
+        "--batch", type=positive_int, default=1, help="sequences per call (default: %(default)s)"
+    )
+    p.add_argument(
+        "--causal", action="store_true", help="causal mask (default: off, full attention)"
+    )
+    p.add_argument(
+        "--backward",
+        action="store_true",
+        help="forward + backward, as in training (default: off, forward only)",
+    )
+    p.add_argument(
+        "--dtype",
+        type=dtype_name,
+        default="bfloat16",
+        metavar=DTYPE_METAVAR,
+        help=f"{DTYPE_HELP} (default: %(default)s)",
+    )
     p.add_argument(
         "--layout",
         choices=["contiguous", "zigzag"],
         default=None,
         help="default: zigzag when causal, else contiguous",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object instead (default: a table)"
+    )
     p.add_argument(
         "--timeline",
         default=None,
-        help="also draw the predicted per-step timelines of the four fastest here (PNG), "
-        "in the format of the measured ones (tokenring bench)",
+        metavar="PNG",
+        help="also draw the predicted per-step timelines of the four fastest here, each pass "
+        "asked for, in the format of the measured ones (tokenring bench) (default: none)",
     )
 
 
 def _table(report: PlanReport) -> Table:
-    table = Table(title=f"tokenring plan: {report.world} x {report.topology}, S={report.shape.seq}")
+    """The ranking as a table; its caption says how the USP candidates are named."""
+    table = Table(
+        title=f"tokenring plan: {report.world} x {report.topology}, S={report.shape.seq}",
+        caption=USP_NAMING if any(c.name.startswith("usp-") for c in report.candidates) else None,
+    )
     for column in (
         "strategy",
         "predicted ms",
@@ -58,17 +112,17 @@ def _table(report: PlanReport) -> Table:
         "exposed comm ms",
         "host ms",
         "dominant",
-        "slowest step (ms: compute / comm)",
+        "slowest step (ms: compute / exposed comm)",
     ):
         table.add_column(column, justify="left" if column in ("strategy", "dominant") else "right")
     for c in report.candidates:
         if c.refused:
-            table.add_row(c.name, "refused", "", "", "", "", c.refused)
+            table.add_row(Text(c.name), "refused", "", "", "", "", Text(c.refused))
             continue
         steps = [s for _, p in c.passes for s in p.steps]
         worst = max(steps, key=lambda s: s.ms)
         table.add_row(
-            c.name,
+            Text(c.name),
             f"{c.predicted_ms:.3f}",
             f"{c.term_ms('compute'):.3f}",
             f"{c.term_ms('comm'):.3f}",
@@ -79,7 +133,24 @@ def _table(report: PlanReport) -> Table:
     return table
 
 
+def plot_plan_timelines(report: PlanReport, path: str, fastest: int = 4) -> Figure:
+    """The predicted per-step timelines of the ``fastest`` candidates as a PNG: one row
+    per candidate, one column per pass (forward; with ``--backward`` the backward too),
+    each panel titled with its pass."""
+    from .plots import plot_timelines
+
+    chosen = report.priced[:fastest]
+    panels = {
+        f"{c.name}, {pass_.value} pass (predicted): {p.ms:.2f} ms": list(p.spans)
+        for c in chosen
+        for pass_, p in c.passes
+    }
+    return plot_timelines(panels, path, columns=len(chosen[0].passes))
+
+
 def run_plan(args: argparse.Namespace, console: Console) -> int:
+    """``tokenring plan``: the ranking as a table (or ``--json``), the choice and why, and
+    the predicted timelines; exit status 2 on bad input, 1 when no strategy can run."""
     try:
         report = tr.plan(
             topology=args.topology,
@@ -95,17 +166,10 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
             layout=args.layout,
         )
     except ValueError as error:
-        console.print(f"[red]tokenring plan: {error}[/red]")
+        console.print(Text(f"tokenring plan: {error}", style="red"))
         return 2
     if args.timeline and report.priced:
-        from .plots import plot_timelines
-
-        panels = {
-            f"{c.name} (predicted, {pass_.value}): {p.ms:.2f} ms": list(p.spans)
-            for c in report.priced[:4]
-            for pass_, p in c.passes[:1]
-        }
-        plot_timelines(panels, args.timeline)
+        plot_plan_timelines(report, args.timeline)
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0
@@ -113,26 +177,39 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
     if not report.priced:
         console.print("[red]no strategy can run this call[/red]")
         return 1
-    console.print(f"choice: [bold]{report.choice}[/bold]")
-    console.print(report.explain())
+    console.print(Text.assemble("choice: ", (report.choice, "bold")))
+    console.print(Text(report.explain()))
     if args.timeline:
-        console.print(f"predicted timelines: {args.timeline}")
+        console.print(Text(f"predicted timelines: {args.timeline}"))
     return 0
 
 
 def add_calibrate_parser(sub) -> None:
+    """The ``calibrate`` subcommand's options (every one with its help and default)."""
     p = sub.add_parser("calibrate", help="measure this machine into a topology file")
-    p.add_argument("--output", default="tokenring-topology.json", help="topology file to write")
+    p.add_argument(
+        "--output",
+        default="tokenring-topology.json",
+        help="topology file to write (default: %(default)s)",
+    )
     p.add_argument(
         "--base",
         default=None,
         help="preset whose links fill what cannot be measured here "
-        "(default: matched to the device)",
+        "(default: the preset matched to the device)",
     )
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument(
+        "--dtype",
+        type=dtype_name,
+        default="bfloat16",
+        metavar=DTYPE_METAVAR,
+        help=f"{DTYPE_HELP}; a CPU calibrates float32 (default: %(default)s)",
+    )
 
 
 def run_calibrate(args: argparse.Namespace, console: Console) -> int:
+    """``tokenring calibrate``: measure this device (and, under torchrun, the links) and
+    write the topology file from rank 0; exit status 2 on an unknown ``--base``."""
     import torch
     import torch.distributed as dist
 
@@ -156,19 +233,19 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     try:
         base = load_topology(args.base, max(world, 1)) if args.base else topology_for(device, world)
     except ValueError as error:
-        console.print(f"[red]tokenring calibrate: {error}[/red]")
+        console.print(Text(f"tokenring calibrate: {error}", style="red"))
         return 2
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype is not torch.float32:
         console.print("CPU: calibrating float32 (the CPU kernels' dtype)")
         dtype = torch.float32
-    console.print(f"tokenring calibrate on {device} ({world} process(es)), base {base.name}")
-    topo = calibrate(base, device, dtype, progress=console.print)
+    console.print(Text(f"tokenring calibrate on {device} ({world} process(es)), base {base.name}"))
+    topo = calibrate(base, device, dtype, progress=lambda line: console.print(Text(line)))
     if not (dist.is_initialized() and dist.get_rank() != 0):
         topo.save(args.output)
         for note in topo.notes:
-            console.print(f"  {note}")
-        console.print(f"topology file: {args.output}")
+            console.print(Text(f"  {note}"))
+        console.print(Text(f"topology file: {args.output}"))
     if started:
         dist.destroy_process_group()
     return 0

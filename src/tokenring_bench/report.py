@@ -11,13 +11,24 @@ import subprocess
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tokenring.execution.timeline import Span
 
+from .plan_cli import USP_NAMING
 from .plots import plot_timelines
 
-__all__ = ["environment", "plot_efficiency", "table", "write_outputs"]
+__all__ = [
+    "environment",
+    "footnotes",
+    "not_run",
+    "plot_efficiency",
+    "print_results",
+    "table",
+    "write_outputs",
+]
 
 
 def _commit() -> str:
@@ -51,11 +62,21 @@ def environment(world: int, backend: str) -> dict:
     }
 
 
+def _blank(value) -> bool:
+    """No number to show: not measured (None) or not a number (NaN, older records)."""
+    return value is None or value != value
+
+
 def _fmt(value, spec: str) -> str:
-    return "" if value is None or value != value else format(value, spec)
+    return "" if _blank(value) else format(value, spec)
+
+
+def _ran(record: dict) -> bool:
+    return not record["status"].startswith("skipped")
 
 
 def table(records: list[dict], title: str) -> Table:
+    """The rows that ran (the skipped ones are ``not_run``'s), every name printed as is."""
     t = Table(title=title)
     for col in (
         "case",
@@ -72,22 +93,69 @@ def table(records: list[dict], title: str) -> Table:
         t.add_column(
             col, justify="right" if col not in ("case", "pass", "method", "status") else "left"
         )
-    for r in records:
+    for r in filter(_ran, records):
         status = r["status"]
-        style = "green" if status == "ok" else "red" if status.startswith("FAILED") else "yellow"
         t.add_row(
-            r["case"],
+            Text(r["case"]),
             str(r["seq"]),
             "fwd" if r["pass"] == "forward" else "fwd+bwd",
-            r["method"],
+            Text(r["method"]),
             _fmt(r.get("ms"), ".2f"),
             _fmt(r.get("efficiency"), ".3f"),
             _fmt(r.get("tflops_per_device"), ".3g"),
             _fmt(r.get("peak_extra_gb"), ".2f"),
             _fmt(r.get("max_rel_err"), ".1e"),
-            f"[{style}]{status}[/{style}]",
+            Text(status, style="green" if status == "ok" else "red"),
         )
     return t
+
+
+def footnotes(records: list[dict]) -> list[str]:
+    """A line for each column the table leaves blank in a row that ran, saying why."""
+    ran = [r for r in records if _ran(r) and not r["method"].startswith("ideal")]
+    notes = []
+    if any(_blank(r.get("peak_extra_gb")) for r in ran):
+        notes.append(
+            "peak+ GB: device memory one call allocates beyond its inputs, max over ranks; "
+            "CUDA only (blank on CPU)"
+        )
+    if any(r["method"].startswith("ideal") for r in records):
+        notes.append(
+            "ideal (T1/P): the single-device time over P, computed, not run "
+            "(no error or memory of its own)"
+        )
+    if any(r["method"].startswith("usp-") for r in records):
+        notes.append(USP_NAMING)
+    return notes
+
+
+def not_run(records: list[dict], width: int = 150) -> list[str]:
+    """One line per method with rows that could not run here: its name, how many rows,
+    and the first such row's reason, cut to ``width`` characters (bench.json keeps all)."""
+    skipped: dict[str, list[str]] = {}
+    for r in records:
+        if not _ran(r):
+            skipped.setdefault(r["method"], []).append(r["status"].removeprefix("skipped: "))
+    lines = []
+    for method, reasons in skipped.items():
+        rows = f"{len(reasons)} row{'s' if len(reasons) > 1 else ''}"
+        line = f"{method} ({rows}): {' '.join(reasons[0].split())}"
+        lines.append(line if len(line) <= width else line[: width - 1] + "…")
+    return lines
+
+
+def print_results(console: Console, records: list[dict], title: str) -> None:
+    """The table of the rows that ran, a note for each blank column, then one line per
+    method that could not run here (its reason cut to the line; all of it in bench.json)."""
+    console.print(table(records, title))
+    for note in footnotes(records):
+        console.print(Text(note, style="dim"))
+    skipped = not_run(records, width=console.width - 2)
+    if skipped:
+        rows = sum(not _ran(r) for r in records)
+        console.print(Text(f"not run here ({rows} rows; every reason in bench.json):"))
+        for line in skipped:
+            console.print(Text(f"  {line}", style="yellow"), no_wrap=True, overflow="ellipsis")
 
 
 def plot_efficiency(records: list[dict], path: Path) -> None:

@@ -84,10 +84,11 @@ def time_ms(fn, reps: int, warmup: int, device: torch.device, timing: str = "ste
     return statistics.median(slowest.tolist())
 
 
-def _peak_extra_gb(fn, device: torch.device) -> float:
-    """Peak device memory one call allocates beyond what was live before it (max over ranks)."""
+def _peak_extra_gb(fn, device: torch.device) -> float | None:
+    """Peak device memory one call allocates beyond what was live before it (max over
+    ranks); None off CUDA, where there is no allocator to ask (JSON null, not NaN)."""
     if device.type != "cuda":
-        return float("nan")
+        return None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)

@@ -47,7 +47,8 @@ def _diffusers():
         from diffusers.models.embeddings import apply_rotary_emb
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "tokenring.integrations.diffusers needs diffusers: pip install 'tokenring[diffusers]'"
+            "tokenring.integrations.diffusers needs diffusers: "
+            "pip install 'tokenring-attention[diffusers]'"
         ) from None
     return diffusers, apply_rotary_emb
 

@@ -55,7 +55,7 @@ def _transformers():
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError(
             "tokenring.integrations.transformers needs transformers: "
-            "pip install 'tokenring[transformers]'"
+            "pip install 'tokenring-attention[transformers]'"
         ) from None
     return transformers, AttentionInterface, AttentionMaskInterface, causal_mask_function
 

@@ -35,10 +35,14 @@ __all__ = [
     "topology_for",
 ]
 
+# every spelling ``plan`` takes for a dtype (the short, the torch name, the torch dtype)
 DTYPE_BYTES = {
     "bf16": 2,
+    "bfloat16": 2,
     "fp16": 2,
+    "float16": 2,
     "fp32": 4,
+    "float32": 4,
     torch.bfloat16: 2,
     torch.float16: 2,
     torch.float32: 4,
@@ -62,9 +66,11 @@ def plan(
 ) -> PlanReport:
     """Rank every strategy (and USP split, with ``usp``) for one attention call of ``seq``
     tokens over ``gpus`` devices of ``topology`` (a preset name, a file, or a Topology);
-    ``backward``: forward plus backward. ``layout`` defaults to zigzag when causal (what
-    balances the work), else contiguous. ``.choice`` is the fastest, ``.explain()`` says
-    why, ``.to_dict()`` is what ``tokenring plan --json`` prints."""
+    ``backward``: forward plus backward; ``dtype``: ``"bf16"`` / ``"bfloat16"``,
+    ``"fp16"`` / ``"float16"``, ``"fp32"`` / ``"float32"`` or a torch dtype. ``layout``
+    defaults to zigzag when causal (what balances the work), else contiguous.
+    ``.choice`` is the fastest, ``.explain()`` says why, ``.to_dict()`` is what
+    ``tokenring plan --json`` prints."""
     for name, value in (
         ("gpus", gpus),
         ("seq", seq),
@@ -78,7 +84,10 @@ def plan(
     if heads_kv < 1 or heads_q % heads_kv:
         raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})")
     if dtype not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid values are 'bf16', 'fp16', 'fp32'")
+        raise ValueError(
+            f"unknown dtype {dtype!r}; valid values are 'bf16' or 'bfloat16', 'fp16' or "
+            "'float16', 'fp32' or 'float32', or the torch dtype"
+        )
     if layout is None:
         layout = Layout.ZIGZAG if causal else Layout.CONTIGUOUS
     shape = Shape(seq, batch, heads_q, heads_kv, head_dim, DTYPE_BYTES[dtype])

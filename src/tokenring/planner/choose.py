@@ -60,12 +60,14 @@ class Candidate:
         return max(terms, key=terms.get)
 
     def to_dict(self) -> dict[str, Any]:
+        """What ``tokenring plan --json`` prints per candidate; the keys name what the
+        table's columns name (``exposed_comm_ms``: communication the compute does not hide)."""
         steps = [
             {
                 "step": s.step,
                 "ms": s.ms,
                 "compute_ms": s.compute_ms,
-                "comm_ms": s.comm_ms,
+                "exposed_comm_ms": s.comm_ms,
                 "host_ms": s.host_ms,
                 "pass": pass_.value,
             }
@@ -79,7 +81,7 @@ class Candidate:
             "refused": self.refused,
             "dominant": self.dominant,
             "compute_ms": None if self.refused else self.term_ms("compute"),
-            "comm_ms": None if self.refused else self.term_ms("comm"),
+            "exposed_comm_ms": None if self.refused else self.term_ms("comm"),
             "host_ms": None if self.refused else self.term_ms("host"),
             "slowest_rank": [p.slowest_rank for _, p in self.passes] or None,
         }
