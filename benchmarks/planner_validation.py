@@ -13,9 +13,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from tokenring.call.description import CallDescription
 from tokenring.options import Layout, Pass, Strategy
-from tokenring.planner import Shape, preset, simulate_timing
-from tokenring.schedules import ScheduleKey, build_schedule
+from tokenring.planner import preset, simulate_timing
+from tokenring.schedules import build_schedule
 
 ROWS = Path(__file__).resolve().parent / "runs" / "2026-11-25-h100x2-session2.json"
 HOST_THEN = 8.3
@@ -35,26 +36,16 @@ def main() -> None:
     print("|---|---:|---|---|---:|---:|---:|---|")
     worst = 0.0
     for r in rows:
-        shape = Shape(r["seq"], 1, r["heads_q"], r["heads_kv"], r["head_dim"])
+        call = CallDescription.of_shape(
+            world=2, seq_len=r["seq"], heads_q=r["heads_q"], heads_kv=r["heads_kv"],
+            head_dim=r["head_dim"], layout=Layout(r["layout"]), causal=r["causal"],
+            strategy=Strategy(r["method"]),
+        )  # fmt: skip
         passes = [Pass.FORWARD] if r["pass"] == "forward" else list(Pass)
         total, dominant = 0.0, set()
         for p in passes:
-            scheds = [
-                build_schedule(
-                    ScheduleKey(
-                        Strategy(r["method"]),
-                        Layout(r["layout"]),
-                        2,
-                        k,
-                        r["causal"],
-                        p,
-                        r["heads_q"],
-                        r["heads_kv"],
-                    )
-                )
-                for k in range(2)
-            ]
-            pred = simulate_timing(scheds, p, shape, topo)
+            scheds = [build_schedule(call.schedule_key(k, p)) for k in range(2)]
+            pred = simulate_timing(scheds, p, call, topo)
             total += pred.ms
             dominant.add(pred.dominant)
         err = total / r["ms"] - 1

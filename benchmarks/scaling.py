@@ -30,11 +30,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.progress import Progress
 
-from tokenring.options import Layout, Pass, Strategy
-from tokenring.planner import Shape, preset
+from tokenring.call.description import CallDescription
+from tokenring.options import Pass, RingImpl, Strategy
+from tokenring.planner import preset
 from tokenring.planner.choose import plan_call
 from tokenring.planner.timing import simulate_timing
-from tokenring.schedules import ScheduleKey, build_schedule
+from tokenring.schedules import build_schedule
 from tokenring.schedules.usp import mesh_axes
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -47,13 +48,12 @@ PRESET_SIZES = {"a10-pcie-4": 4, "h100-nvlink-2": 2, "h100-nvswitch-8": 8, "npu-
                 "h100-ib": 32}  # fmt: skip
 
 
-def t1_ms(topo, shape: Shape, passes) -> float:
+def t1_ms(topo, call: CallDescription, passes) -> float:
     """One kernel call on the whole sequence on one device (the benchmark's T1)."""
     k = topo.device.kernel
-    heads = shape.batch * shape.heads_q
+    heads, s = call.batch * call.heads_q, call.seq_len
     return sum(
-        k.seconds(p, shape.seq, shape.seq, True, heads, shape.head_dim, shape.float32) * 1e3
-        for p in passes
+        k.seconds(p, s, s, True, heads, call.head_dim, call.itemsize >= 4) * 1e3 for p in passes
     )
 
 
@@ -70,22 +70,20 @@ def sweep_gpus(progress: Progress, limit: int) -> list[dict]:
         if (usp and g < 16) or (not usp and g > LIMITS[name]) or (name == "ulysses" and hq % g):
             continue
         topo = preset("h100-ib", g)
-        shape = Shape(PER_GPU * g, 1, hq, hkv, 128)
+        call = CallDescription.of_shape(
+            world=g, seq_len=PER_GPU * g, heads_q=hq, heads_kv=hkv, head_dim=128, causal=True
+        )
         if usp:
-            ring_impl = Strategy(name.split("-")[-1])
-            key = dict(strategy=Strategy.USP, ulysses=8, ring_impl=ring_impl)
+            ring_impl = RingImpl(name.split("-")[-1])
+            call = call.with_strategy(Strategy.USP, ring_impl, ulysses=8)
             axes = mesh_axes(g // 8, 8)
         else:
-            key, axes = dict(strategy=Strategy(name)), None
-        scheds = [
-            build_schedule(ScheduleKey(layout=Layout.ZIGZAG, world=g, rank=r, causal=True,
-                                       pass_=Pass.FORWARD, heads_q=hq, heads_kv=hkv, **key))
-            for r in range(g)
-        ]  # fmt: skip
-        p = simulate_timing(scheds, Pass.FORWARD, shape, topo, axes)
+            call, axes = call.with_strategy(Strategy(name)), None
+        scheds = [build_schedule(call.schedule_key(r, Pass.FORWARD)) for r in range(g)]
+        p = simulate_timing(scheds, Pass.FORWARD, call, topo, axes)
         rows.append({
             "heads": label, "gpus": g, "strategy": name, "ms": p.ms, "dominant": p.dominant,
-            "efficiency": t1_ms(topo, shape, [Pass.FORWARD]) / (g * p.ms),
+            "efficiency": t1_ms(topo, call, [Pass.FORWARD]) / (g * p.ms),
         })  # fmt: skip
     return rows
 
@@ -98,9 +96,11 @@ def sweep_seq(progress: Progress) -> list[dict]:
     for name, g, label, hq, hkv, seq in runs:
         progress.advance(task)
         topo = preset(name, g)
-        shape = Shape(seq, 1, hq, hkv, 128, dtype_bytes=2)
-        report = plan_call(topo, g, shape, causal=True, layout=Layout.ZIGZAG, backward=True)
-        t1 = t1_ms(topo, shape, list(Pass))
+        call = CallDescription.of_shape(
+            world=g, seq_len=seq, heads_q=hq, heads_kv=hkv, head_dim=128, causal=True
+        )
+        report = plan_call(topo, call, backward=True)
+        t1 = t1_ms(topo, call, list(Pass))
         for c in report.priced:
             family = "usp" if c.strategy is Strategy.USP else c.name
             rows.append({

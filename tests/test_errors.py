@@ -9,6 +9,11 @@ import tokenring as tr
 from dist_cases import expect_error
 
 
+def all_ranks(world: int) -> str:
+    """How a message names a problem every rank of a group of ``world`` ranks has."""
+    return "rank 0" if world == 1 else "every rank"
+
+
 def _qkv(length=8, heads=(4, 4), dim=16, dtype=torch.float32, batch=1):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, length, heads[0], dim, generator=g, dtype=dtype)
@@ -17,8 +22,9 @@ def _qkv(length=8, heads=(4, 4), dim=16, dtype=torch.float32, batch=1):
     return q, k, v
 
 
-def odd_zigzag_shard(rank, world):
-    return (*_qkv(length=7), {"layout": "zigzag"})
+def shard_not_in_the_layout(rank, world):
+    """Every rank holds 8 tokens, but the global length says rank 0 holds 9."""
+    return (*_qkv(length=8), {"layout": "zigzag", "seq_len": 8 * world + 1})
 
 
 def heads_not_divisible(rank, world):
@@ -63,7 +69,7 @@ def only_last_rank_is_wrong(rank, world):
 
 
 CASES = [
-    (odd_zigzag_shard, "zigzag layout needs an even local sequence length"),
+    (shard_not_in_the_layout, "q has 8 tokens, but the zigzag layout of seq_len="),
     (heads_not_divisible, "heads_q (6) must be a multiple of heads_kv (4)"),
     (dtype_mismatch, "q, k, v dtypes differ"),
     (device_mismatch, "q, k, v devices differ"),
@@ -71,7 +77,7 @@ CASES = [
     (unknown_layout, "unknown layout 'spiral'; valid values are 'contiguous', 'zigzag'"),
     (unknown_kernel, "unknown kernel 'turbo'; valid values are 'auto'"),
     (unsupported_kernel, "kernel 'cudnn' cannot run"),
-    (lengths_differ_across_ranks, "inputs differ across ranks: length: rank 0 has 8"),
+    (lengths_differ_across_ranks, "shards of unequal length need the global length, seq_len="),
     (only_last_rank_is_wrong, "q, k, v dtypes differ"),
 ]
 
@@ -156,7 +162,7 @@ def test_a_strategy_refusal_names_the_reason_and_what_would_work_on_every_rank(
     for call in ("ulysses_attn", "attention"):
         extra = {"strategy": "ulysses"} if call == "attention" else {}
         (messages,) = pool.run(expect_error, [dict(world=world, make=make, call=call, **extra)])
-        assert set(messages) == {f"rank 0: {text}"}, call
+        assert set(messages) == {f"{all_ranks(world)}: {text}"}, call
         assert len(messages) == world * (4 // world), "every rank of every group raised"
 
 
@@ -264,6 +270,7 @@ JOINT_ERRORS = [
 def test_joint_token_errors_are_the_same_on_every_rank(pool, world):
     cases = [dict(world=world, make=make, call="attention") for make, _ in JOINT_ERRORS]
     expected = {make.__name__: text for make, text in JOINT_ERRORS}
-    prefix = "rank 0: " if world > 1 else ""
+    prefix = f"{all_ranks(world)}: " if world > 1 else ""
     for case, messages in zip(cases, pool.run(expect_error, cases)):
-        assert set(messages) == {prefix + expected[case["make"].__name__]}, messages
+        assert len(set(messages)) == 1, messages
+        assert messages[0].startswith(prefix + expected[case["make"].__name__]), messages

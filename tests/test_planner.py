@@ -7,15 +7,18 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenring as tr
 from planner_cases import auto_case, links_case
+from tokenring.call.description import CallDescription
 from tokenring.options import Layout, Pass, Strategy
-from tokenring.planner import Shape, Topology, load_topology, preset, preset_names, simulate_timing
+from tokenring.planner import Topology, load_topology, preset, preset_names, simulate_timing
 from tokenring.planner.choose import _schedules
 from tokenring.planner.topology import ClusterLinks, ExplicitLinks
 from tokenring_bench.calibrate import _table_row, calibrate
@@ -27,12 +30,24 @@ H100_ROWS = RUNS / "2026-11-25-h100x2-session2.json"
 ONE_D = [Strategy.TOKENRING, Strategy.RING, Strategy.ULYSSES, Strategy.ALLGATHER]
 
 
+class Shape(NamedTuple):
+    """The shapes of a question to the planner (bf16 unless said)."""
+
+    seq: int
+    batch: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype: torch.dtype = torch.bfloat16
+
+
 def predict(strategy, world, pass_, shape, topo, *, causal=True, layout=Layout.ZIGZAG):
-    scheds = _schedules(
-        strategy, layout, world, shape.seq, causal, pass_, shape.heads_q, shape.heads_kv, 1,
-        Strategy.TOKENRING,
+    call = CallDescription.of_shape(
+        world=world, seq_len=shape.seq, heads_q=shape.heads_q, heads_kv=shape.heads_kv,
+        head_dim=shape.head_dim, batch=shape.batch, dtype=shape.dtype, layout=layout,
+        causal=causal, strategy=strategy,
     )  # fmt: skip
-    return simulate_timing(list(scheds), pass_, shape, topo.first(world))
+    return simulate_timing(list(_schedules(call, pass_)), pass_, call, topo.first(world))
 
 
 def sent_bytes(prediction) -> float:
@@ -48,7 +63,7 @@ def test_predicted_bytes_equal_the_traffic_formulas(strategy):
         for layout in Layout:
             for causal in (False, True):
                 heads = (2 * world, 1) if strategy is Strategy.ULYSSES else (8, 2)
-                shape = Shape(8 * world * 4, 2, heads[0], heads[1], 16, dtype_bytes=2)
+                shape = Shape(8 * world * 4, 2, heads[0], heads[1], 16)
                 formula = expected_traffic(
                     strategy.value,
                     layout.value,

@@ -64,15 +64,16 @@ def test_a_degenerate_mesh_equals_the_one_dimensional_strategy(pool, ulysses, ri
 
 
 USP_ERRORS = {
-    "heads_not_divisible": "rank 0: strategy 'usp' cannot run heads 3/3 over a mesh of 2 x 2 "
+    "heads_not_divisible": "every rank: strategy 'usp' cannot run heads 3/3 over a mesh of 2 x 2 "
     "(ring x ulysses): heads_q (3) is not divisible by the Ulysses degree 2 (degrees that "
     "would work for heads 3/3: 1, 3)",
     "no_mesh": "strategy='usp' needs mesh=: a DeviceMesh with dims 'ring' and 'ulysses' "
     "(tokenring.sp_mesh makes one)",
     "mesh_for_ring": "mesh= is for strategy='usp'; strategy 'ring' takes group=",
     "ring_impl_for_ring": "ring_impl= is for strategy='usp', not strategy 'ring'",
-    "unknown_ring_impl": "rank 0: unknown ring_impl 'spiral'; valid values are 'tokenring', 'ring'",
-    "joint_causal": "rank 0: joint tokens need causal=False (joint attention has no mask), "
+    "unknown_ring_impl": "every rank: unknown ring_impl 'spiral'; valid values are "
+    "'tokenring', 'ring'",
+    "joint_causal": "every rank: joint tokens need causal=False (joint attention has no mask), "
     "got causal=True",
 }
 

@@ -11,14 +11,13 @@ from enum import Enum
 from typing import TypeVar
 
 __all__ = [
-    "AUTO",
     "JointStrategy",
     "Layout",
     "Pass",
     "RingImpl",
     "Strategy",
     "parse_enum",
-    "parse_strategy",
+    "read_enum",
 ]
 
 
@@ -77,25 +76,23 @@ class Pass(str, Enum):
 E = TypeVar("E", bound=Enum)
 
 
-def parse_enum(kind: type[E], value: object, argument: str) -> E:
-    """Return ``value`` as a member of ``kind``; raise a ValueError naming the valid values."""
+def read_enum(kind: type[E], value: object, argument: str, also: tuple = ()) -> tuple[object, str]:
+    """``value`` as a member of ``kind`` (or one of the extra values ``also``), and "";
+    or None and a problem that names every valid value."""
     if isinstance(value, kind):
-        return value
+        return value, ""
     for member in kind:
         if value == member.value:
-            return member
-    valid = ", ".join(repr(m.value) for m in kind)
-    raise ValueError(f"unknown {argument} {value!r}; valid values are {valid}")
+            return member, ""
+    if value in also:
+        return value, ""
+    valid = ", ".join([repr(m.value) for m in kind] + [repr(a) for a in also])
+    return None, f"unknown {argument} {value!r}; valid values are {valid}"
 
 
-AUTO = "auto"
-"""``strategy="auto"``: the planner picks (``tokenring.auto``); not a ``Strategy``, since
-it is resolved to one before anything runs."""
-
-
-def parse_strategy(value: object) -> Strategy:
-    """``value`` as a ``Strategy``; the ValueError names every valid value, ``auto`` too."""
-    try:
-        return parse_enum(Strategy, value, "strategy")
-    except ValueError as error:
-        raise ValueError(f"{error}, {AUTO!r}") from None
+def parse_enum(kind: type[E], value: object, argument: str) -> E:
+    """Return ``value`` as a member of ``kind``; raise a ValueError naming the valid values."""
+    member, problem = read_enum(kind, value, argument)
+    if problem:
+        raise ValueError(problem)
+    return member  # type: ignore[return-value]

@@ -19,9 +19,9 @@ import torch.distributed as dist
 from tokenring.api.attention import attention
 from tokenring.api.meshes import sp_mesh
 from tokenring.api.sharding import shard
+from tokenring.call.checks import strategy_refusals
 from tokenring.execution.timeline import Recorder
 from tokenring.options import Layout, Strategy
-from tokenring.schedules import STRATEGIES, CallShape
 
 from .launch import WorkerContext, sync_ranks
 from .metrics import max_over_ranks, rel_err
@@ -140,9 +140,11 @@ def _timeline(ctx: WorkerContext, cfg: DemoConfig, strategy: Strategy, mesh) -> 
 def refusal(cfg: DemoConfig, world: int, strategy: Strategy, layout: Layout, causal: bool) -> str:
     """Why ``strategy`` cannot run this demo's shape ("" if it can)."""
     ulysses = usp_split(world, cfg.heads)[0] if strategy is Strategy.USP else 1
-    local = cfg.seq_len // world
-    shape = CallShape(world, layout, causal, cfg.heads, cfg.heads_kv, local, ulysses)
-    return "; ".join(STRATEGIES[strategy].not_supported_reasons(shape))
+    reasons = strategy_refusals(
+        strategy, world=world, ulysses=ulysses, layout=layout, causal=causal,
+        heads_q=cfg.heads, heads_kv=cfg.heads_kv, seq_len=cfg.seq_len,
+    )  # fmt: skip
+    return "; ".join(reasons)
 
 
 def demo_worker(ctx: WorkerContext, cfg: DemoConfig) -> dict:

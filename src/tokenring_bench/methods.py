@@ -19,11 +19,11 @@ import torch
 from tokenring.api.attention import attention
 from tokenring.api.meshes import sp_mesh
 from tokenring.api.sharding import shard
+from tokenring.call.checks import strategy_refusals
 from tokenring.execution.kernels import BlockSpec, KernelBackend, select_kernel
 from tokenring.execution.timeline import Recorder
 from tokenring.options import Layout
 from tokenring.options import Strategy as TrStrategy
-from tokenring.schedules import STRATEGIES, CallShape
 
 from .cases import Case
 from .peers import Peer, PeerCase, PeerState
@@ -111,6 +111,15 @@ def _shards(inputs: GlobalInputs, layout: str, sharding: dict) -> list[tuple[tor
     return shards
 
 
+def refusals(strategy: TrStrategy, case: Case, world: int, ulysses: int = 1) -> list[str]:
+    """Why ``strategy`` cannot run ``case`` over ``world`` ranks (the library's own
+    reasons, from the call's description)."""
+    return strategy_refusals(
+        strategy, world=world, ulysses=ulysses, layout=Layout(case.layout), causal=case.causal,
+        heads_q=case.heads_q, heads_kv=case.heads_kv, seq_len=case.seq,
+    )  # fmt: skip
+
+
 @dataclass
 class Strategy:
     """One of our 1-D strategies (a value of ``tokenring.Strategy``) over every rank."""
@@ -118,10 +127,7 @@ class Strategy:
     name: str
 
     def not_supported_reasons(self, case: Case, world: int, backward: bool) -> list[str]:
-        shape = CallShape(
-            world, Layout(case.layout), case.causal, case.heads_q, case.heads_kv, case.seq // world
-        )
-        return STRATEGIES[TrStrategy(self.name)].not_supported_reasons(shape)
+        return refusals(TrStrategy(self.name), case, world)
 
     def prepare(self, case: Case, inputs: GlobalInputs, backward: bool) -> Prepared:
         options = {"strategy": self.name}
@@ -158,11 +164,7 @@ class Usp:
     def not_supported_reasons(self, case: Case, world: int, backward: bool) -> list[str]:
         if world != self.ulysses * self.ring:
             return [f"needs {self.ulysses * self.ring} ranks, the run has {world}"]
-        shape = CallShape(
-            world, Layout(case.layout), case.causal, case.heads_q, case.heads_kv,
-            case.seq // world, self.ulysses,
-        )  # fmt: skip
-        return STRATEGIES[TrStrategy.USP].not_supported_reasons(shape)
+        return refusals(TrStrategy.USP, case, world, self.ulysses)
 
     def prepare(self, case: Case, inputs: GlobalInputs, backward: bool) -> Prepared:
         if self._mesh is None:  # collective: every rank prepares the same method

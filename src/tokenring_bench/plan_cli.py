@@ -102,7 +102,7 @@ def add_plan_parser(sub) -> None:
 def _table(report: PlanReport) -> Table:
     """The ranking as a table; its caption says how the USP candidates are named."""
     table = Table(
-        title=f"tokenring plan: {report.world} x {report.topology}, S={report.shape.seq}",
+        title=f"tokenring plan: {report.world} x {report.topology}, S={report.call.seq_len}",
         caption=USP_NAMING if any(c.name.startswith("usp-") for c in report.candidates) else None,
     )
     for column in (

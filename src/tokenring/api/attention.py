@@ -35,43 +35,71 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from ..call.description import Options, encode_values
 from ..execution.joint import Joint
 from ..execution.passes import ShardedAttention, forward_pass
 from ..execution.timeline import Recorder
 from ..options import JointStrategy, Layout, RingImpl, Strategy
-from ..runtime import runtime
 from ..schedules import STRATEGIES
-from .auto import AUTO, resolve_auto
-from .calls import prepared_call, where_call_runs
+from .calls import prepare
 from .compiled import attention_op
 
-__all__ = ["allgather_attn", "attention", "ring_attn", "token_ring_attn", "ulysses_attn"]
+__all__ = ["allgather_attn", "attention", "ring_attn", "run", "token_ring_attn", "ulysses_attn"]
 
 
-def _traced(q, k, v, joint, *, strategy, ring_impl, causal, softmax_scale, layout, kernel,
-            deterministic, joint_strategy, group, mesh, recorder):  # fmt: skip
-    """Inside ``torch.compile``: plain values for the custom op (Dynamo reads group names)."""
-    if recorder is not None:
-        raise ValueError("recorder= records eager calls; it cannot run inside torch.compile")
-
-    def name(value) -> str:
-        return (
-            value.value if isinstance(value, (Strategy, Layout, RingImpl, JointStrategy)) else value
-        )
-
-    group_name = ring_group = ulysses_group = ""
+def _group_names(group, mesh) -> tuple[str, str, str]:
+    """The names a compiled call finds its groups by: (group, ring, ulysses)."""
     if mesh is not None:
-        ring_group = mesh.get_group("ring").group_name
-        ulysses_group = mesh.get_group("ulysses").group_name
-    elif dist.is_available() and dist.is_initialized():
-        group_name = (group if group is not None else dist.group.WORLD).group_name
+        return "", mesh.get_group("ring").group_name, mesh.get_group("ulysses").group_name
+    if dist.is_available() and dist.is_initialized():
+        return (group if group is not None else dist.group.WORLD).group_name, "", ""
+    return "", "", ""
+
+
+def _traced(q, k, v, joint: tuple, options: tuple, group, mesh):
+    """Inside ``torch.compile``: the options as one string and the groups by name for the
+    custom op (Dynamo reads group names). Options are parsed at trace time, where every
+    rank traces the same program; a wrong one raises the same error everywhere."""
     tensors = (q, k, v, *(t for t in joint if t is not None))
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return attention_op(
-        q, k, v, *joint, name(strategy), name(ring_impl), causal, softmax_scale, name(layout),
-        kernel, deterministic, name(joint_strategy), wants_grad, group_name, ring_group,
-        ulysses_group,
-    )  # fmt: skip
+    encoded = encode_values(options)
+    return attention_op(q, k, v, *joint, encoded, wants_grad, *_group_names(group, mesh))
+
+
+def run(
+    q, k, v, joint: tuple, options: tuple | Options, *, group, mesh, recorder: Recorder | None,
+    return_lse: bool,
+):  # fmt: skip
+    """The one path of every attention call (the functions, the layer, the integrations):
+    ``options`` as raw values of ``OPTION_NAMES`` or ``Options`` parsed already."""
+    if torch.compiler.is_compiling():
+        if recorder is not None:
+            raise ValueError("recorder= records eager calls; it cannot run inside torch.compile")
+        values = options.values() if isinstance(options, Options) else options
+        out, lse, jo, jlse = _traced(q, k, v, joint, values, group, mesh)
+        if joint[0] is None:
+            jo = jlse = None
+    else:
+        try:
+            wants_grad = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (q, k, v, *joint)
+            )
+        except AttributeError:  # not tensors: the checks say so
+            wants_grad = False
+        call = prepare(
+            q, k, v, joint, options, group=group, mesh=mesh, wants_grad=wants_grad,
+            recorder=recorder,
+        )  # fmt: skip
+        if wants_grad:
+            out, lse, jo, jlse = ShardedAttention.apply(q, k, v, *joint, call)
+        else:
+            jq, jk, jv = joint
+            out, lse, jo, jlse = forward_pass(
+                call, q, k, v, Joint(jq, jk, jv) if jk is not None else None
+            )
+    if joint[0] is None:
+        return (out, lse) if return_lse else out
+    return (out, lse, jo, jlse) if return_lse else (out, jo)
 
 
 def attention(
@@ -93,6 +121,7 @@ def attention(
     joint_k: torch.Tensor | None = None,
     joint_v: torch.Tensor | None = None,
     joint_strategy: str | JointStrategy = "none",
+    seq_len: int | None = None,
     recorder: Recorder | None = None,
 ):
     """Exact attention over a sequence sharded across the ranks of ``group`` (or ``mesh``).
@@ -106,7 +135,10 @@ def attention(
     ``tokenring.sp_mesh`` makes such a mesh); docs/algorithms.md says what each
     moves. ``causal``: the global causal mask. ``softmax_scale``: default
     ``1/sqrt(head_dim)``. ``layout``: how the sequence is sharded
-    (``tokenring.shard``). ``group``: the process group the sequence is sharded
+    (``tokenring.shard``): any length, ranks holding at most one token more than
+    others (some may hold none). ``seq_len``: the global sequence length; needed
+    when the shards are of unequal length (``None``: every rank holds the same
+    number of tokens). ``group``: the process group the sequence is sharded
     over (default: the world); ``usp`` takes ``mesh`` instead. ``return_lse``: also
     return the float32 LSE ``[batch, heads_q, seq_local]``. ``kernel``: ``"auto"``
     or a backend name (``tokenring.kernel_names()``). ``deterministic`` refuses
@@ -131,39 +163,13 @@ def attention(
     including a strategy that cannot run the call (with the reason, and what
     would work).
     """
-    joint = (joint_q, joint_k, joint_v)
-    if torch.compiler.is_compiling():
-        out, lse, jo, jlse = _traced(
-            q, k, v, joint, strategy=strategy, ring_impl=ring_impl, causal=causal,
-            softmax_scale=softmax_scale, layout=layout, kernel=kernel,
-            deterministic=deterministic, joint_strategy=joint_strategy, group=group, mesh=mesh,
-            recorder=recorder,
-        )  # fmt: skip
-    else:
-        rt = runtime()
-        try:
-            wants_grad = torch.is_grad_enabled() and (
-                q.requires_grad or k.requires_grad or v.requires_grad
-                or any(t is not None and t.requires_grad for t in joint)
-            )  # fmt: skip
-        except AttributeError:  # not tensors: the checks say so
-            wants_grad = False
-        if strategy == AUTO:
-            choice = resolve_auto(rt, q, k, causal=causal, layout=layout, group=group,
-                                  mesh=mesh, wants_grad=wants_grad)  # fmt: skip
-            strategy, ring_impl = choice.strategy, choice.ring_impl
-        site, state = where_call_runs(rt, strategy, group, mesh, ring_impl)
-        options = (strategy, ring_impl, causal, softmax_scale, layout, kernel, deterministic,
-                   joint_strategy)  # fmt: skip
-        call = prepared_call(rt, site, state, q, k, v, joint, wants_grad, recorder, options)
-        if wants_grad:
-            out, lse, jo, jlse = ShardedAttention.apply(q, k, v, *joint, call)
-        else:
-            j = Joint(joint_q, joint_k, joint_v) if joint_k is not None else None
-            out, lse, jo, jlse = forward_pass(call, q, k, v, j)
-    if joint_q is None:
-        return (out, lse) if return_lse else out
-    return (out, lse, jo, jlse) if return_lse else (out, jo)
+    # in OPTION_NAMES order (the fields of ``Options``)
+    options = (strategy, ring_impl, layout, causal, softmax_scale, kernel, deterministic,
+               joint_strategy, seq_len)  # fmt: skip
+    return run(
+        q, k, v, (joint_q, joint_k, joint_v), options, group=group, mesh=mesh, recorder=recorder,
+        return_lse=return_lse,
+    )  # fmt: skip
 
 
 _HIDDEN = ("strategy", "mesh", "ring_impl", "recorder")

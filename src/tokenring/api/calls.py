@@ -1,35 +1,42 @@
-"""Preparing a call: where it runs, its checks and cross-rank agreement, its plan.
+"""Preparing a call: where it runs, its description, the ranks' agreement, its plan.
 
-Shared by eager calls (``attention.py``) and compiled ones (``compiled.py``): a call
-is prepared once per distinct kind (shapes, dtypes, options, where) and the
-prepared call is reused by later identical calls.
+Shared by eager calls (``attention.py``) and compiled ones (``compiled.py``). A
+call is prepared once per kind: its options are parsed and its tensors described
+(``tokenring.call``), ``auto`` is resolved, the ranks agree on the description
+(``runtime.agreement``: the same error on every rank, or none), and the plan is
+made or found by the description. The prepared call is then remembered under a
+key of the raw arguments, so a repeated call costs a dictionary lookup.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import torch.distributed as dist
 
-from ..call.checks import check_local, with_problem
+from ..call.checks import describe, strategy_problem
+from ..call.description import AUTO, OPTION_NAMES, CallDescription, Options
 from ..execution.comm import Lanes, group_world
 from ..execution.executor import Execution
 from ..execution.joint import JointComm
-from ..execution.kernels import BlockSpec, select_kernel
-from ..execution.passes import Call
-from ..execution.plan import Site, build_plan
+from ..execution.passes import PreparedCall
+from ..execution.plan import Plan, Site, choose_kernel
+from ..execution.timeline import Recorder
 from ..options import RingImpl, Strategy
 from ..runtime import GroupRuntime, Runtime, runtime
-from ..runtime.agreement import check_across_ranks
+from ..runtime.agreement import agree
 from ..schedules.ir import GROUP_AXIS
 from ..schedules.usp import RING_AXIS, ULYSSES_AXIS
-from .auto import AUTO, resolve_auto
+from .auto import resolve_auto
 
-__all__ = ["OPTION_NAMES", "call_by_names", "prepared_call", "site_of", "where_call_runs"]
+__all__ = ["call_by_names", "prepare", "site_of", "where_call_runs"]
+
+_TYPED = tuple(OPTION_NAMES.index(n) for n in ("causal", "softmax_scale", "deterministic"))
 
 
 def site_of(strategy: object, group, mesh, ring_impl: object, rt: Runtime) -> Site:
-    """Resolve ``group`` (1-D strategies) or ``mesh`` (``usp``); refuses a wrong pairing on
-    the calling rank, before any communication (like a group this rank is not in)."""
-    usp = strategy in (Strategy.USP, Strategy.USP.value)
+    """Resolve ``group`` (1-D strategies) or ``mesh`` (``usp``, and ``auto`` over a mesh);
+    refuses a wrong pairing on the calling rank, before any communication (like a group
+    this rank is not in)."""
+    usp = strategy in (Strategy.USP, Strategy.USP.value) or (strategy == AUTO and mesh is not None)
     if not usp:
         if mesh is not None:
             raise ValueError(f"mesh= is for strategy='usp'; strategy {strategy!r} takes group=")
@@ -40,7 +47,7 @@ def site_of(strategy: object, group, mesh, ring_impl: object, rt: Runtime) -> Si
             rt.remember(group)
         return Site(world, rank, 1, group, {GROUP_AXIS: group})
     if group is not None:
-        raise ValueError("strategy='usp' runs over mesh=, not group=")
+        raise ValueError(f"strategy={strategy!r} over a mesh runs over mesh=, not group=")
     if mesh is None:
         raise ValueError(
             "strategy='usp' needs mesh=: a DeviceMesh with dims 'ring' and 'ulysses' "
@@ -54,93 +61,6 @@ def site_of(strategy: object, group, mesh, ring_impl: object, rt: Runtime) -> Si
         rt.sp_group(sp.members),
         {RING_AXIS: sp.ring_group, ULYSSES_AXIS: sp.ulysses_group},
     )
-
-
-def _checked_plan(q, k, v, joint: tuple, *, site: Site, state: GroupRuntime, wants_grad: bool,
-                  stream_tail_min: int, strategy, ring_impl, causal, softmax_scale, layout,
-                  kernel, deterministic, joint_strategy):  # fmt: skip
-    """Check the call on every rank (same error everywhere), then plan it. Collective over
-    the group the first time a description is seen."""
-    info = check_local(
-        q, k, v, causal=causal, layout=layout, strategy=strategy, ring_impl=ring_impl,
-        kernel=kernel, scale=softmax_scale, world=site.world, ulysses=site.ulysses,
-        joint=joint, joint_strategy=joint_strategy,
-    )  # fmt: skip
-    chosen = None
-    if not info.problem:
-        spec = BlockSpec(q.device.type, q.dtype, q.shape[3], q.shape[2], k.shape[2], causal)
-        try:
-            chosen = select_kernel(kernel, spec)
-            if wants_grad and deterministic:  # refuse now rather than in the backward
-                select_kernel(kernel, replace(spec, backward=True, deterministic=True))
-        except ValueError as err:
-            info = with_problem(info, str(err))
-    check_across_ranks(info, site.group, site.world, state.agreed)
-    if chosen is None:
-        raise AssertionError("check_across_ranks let a failed call through")
-    return build_plan(
-        q, k, site=site, seq_len=q.shape[1] * site.world, kernel=chosen,
-        stream_tail_min=stream_tail_min, strategy=strategy, ring_impl=ring_impl, causal=causal,
-        softmax_scale=softmax_scale, layout=layout, kernel_choice=str(kernel),
-        deterministic=deterministic,
-    )  # fmt: skip
-
-
-OPTION_NAMES = (
-    "strategy", "ring_impl", "causal", "softmax_scale", "layout", "kernel", "deterministic",
-    "joint_strategy",
-)  # fmt: skip
-
-
-def _tensor_key(t) -> tuple | None:
-    return None if t is None else (t.shape, t.dtype, t.device, t.stride(-1))
-
-
-def _prepare(rt: Runtime, site: Site, state: GroupRuntime, q, k, v, joint: tuple,
-             wants_grad: bool, recorder, **options) -> Call:  # fmt: skip
-    """Plan this call (checks and cross-rank exchange) and say how it runs: the lanes of the
-    axes its schedules use, its joint-token collectives, the runtime's settings."""
-    plan = _checked_plan(
-        q, k, v, joint, site=site, state=state, wants_grad=wants_grad,
-        stream_tail_min=rt.settings.stream_tail_min, **options,
-    )  # fmt: skip
-    lanes: dict[str, Lanes] = {}
-    if site.world > 1:
-        used = {lane.axis for lane in (*plan.forward.lanes, *plan.backward.lanes)}
-        lanes = {axis: rt.lanes(site.axes[axis]) for axis in sorted(used)}
-    comm = None
-    if joint[1] is not None:
-        comm = JointComm(rt.lanes(site.group) if site.world > 1 else None)
-    settings = rt.settings
-    ex = Execution(plan.forward_kernel, lanes, settings.timeout, settings.fused_merge, recorder)
-    return Call(plan, ex, comm)
-
-
-def prepared_call(rt: Runtime, site: Site, state: GroupRuntime, q, k, v, joint: tuple,
-                  wants_grad: bool, recorder, options: tuple) -> Call:  # fmt: skip
-    """The call as prepared for the first call of its kind (shapes, dtypes, options,
-    where), reused by later identical calls: the checks, the exchange and the planning
-    run once. Kept per group in call order, so every member keeps the same entries.
-    ``options``: the values of ``OPTION_NAMES``."""
-    key = None
-    if recorder is None:
-        try:
-            # typed: causal=1 must not reuse the plan of causal=True (1 == True)
-            key = (
-                site.key, options, type(options[2]), type(options[3]), type(options[6]),
-                wants_grad, _tensor_key(q), _tensor_key(k), _tensor_key(v),
-                joint[1] is not None and tuple(_tensor_key(t) for t in joint),
-            )  # fmt: skip
-            hash(key)
-        except (AttributeError, TypeError):  # not tensors, or unhashable options: check anew
-            key = None
-    call = state.calls.get_fresh(key) if key is not None else None
-    if call is None:
-        named = dict(zip(OPTION_NAMES, options))
-        call = _prepare(rt, site, state, q, k, v, joint, wants_grad, recorder, **named)
-        if key is not None:
-            state.calls.put(key, call)
-    return call
 
 
 def where_call_runs(rt: Runtime, strategy, group, mesh, ring_impl) -> tuple[Site, GroupRuntime]:
@@ -159,19 +79,111 @@ def where_call_runs(rt: Runtime, strategy, group, mesh, ring_impl) -> tuple[Site
     return found
 
 
-def call_by_names(q, k, v, joint: tuple, *, group: str, ring_group: str, ulysses_group: str,
-                  wants_grad: bool, **options) -> Call:  # fmt: skip
-    """``prepared_call`` for a compiled call, whose groups come as names (``ops.py``)."""
+def _tensor_key(t) -> tuple | None:
+    return None if t is None else (t.shape, t.dtype, t.device, t.stride(-1))
+
+
+def _fast_key(site: Site, options, wants_grad: bool, q, k, v, joint: tuple) -> tuple | None:
+    """The raw arguments as a cache key (None when they cannot be one: not tensors,
+    unhashable options)."""
+    try:
+        # typed: causal=1 must not reuse the plan of causal=True (1 == True)
+        typed = tuple(type(options[i]) for i in _TYPED) if isinstance(options, tuple) else ()
+        key = (
+            site.key, options, typed, wants_grad, _tensor_key(q), _tensor_key(k), _tensor_key(v),
+            joint[1] is not None and tuple(_tensor_key(t) for t in joint),
+        )  # fmt: skip
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
+
+
+def _described(rt: Runtime, site: Site, q, k, v, joint: tuple, options: Options,
+               option_problems: tuple[str, ...], wants_grad: bool):  # fmt: skip
+    """This rank's description (``auto`` resolved) and every problem with it."""
+    description, problems = describe(
+        q, k, v, joint, options, option_problems, world=site.world, rank=site.rank,
+        ulysses=site.ulysses, wants_grad=wants_grad,
+    )  # fmt: skip
+    if problems:
+        return description, problems, None
+    if options.strategy == AUTO:
+        description = resolve_auto(rt, description, site).description
+        problem = strategy_problem(description)
+        if problem:
+            return description, (problem,), None
+    kernel, problem = choose_kernel(description)
+    return description, ((problem,) if problem else ()), kernel
+
+
+def _prepare(rt: Runtime, site: Site, state: GroupRuntime, q, k, v, joint: tuple, options,
+             wants_grad: bool, recorder: Recorder | None) -> PreparedCall:  # fmt: skip
+    """Describe, agree, plan; and say how the call runs: the lanes of the axes its
+    schedules use, its joint-token collectives, the runtime's settings."""
+    if isinstance(options, Options):
+        parsed, option_problems = options, ()
+    else:
+        parsed, option_problems = Options.of_values(options)
+    description, problems, kernel = _described(
+        rt, site, q, k, v, joint, parsed, option_problems, wants_grad
+    )
+    settings = rt.settings
+    group_lanes = rt.lanes(site.group) if site.world > 1 else None
+    length = q.shape[1] if getattr(q, "dim", lambda: 0)() == 4 else -1
+    agree(description, problems, length, group_lanes, state.agreed, settings.timeout)
+    if kernel is None:
+        raise AssertionError("the agreement let a call without a kernel through")
+    plan = _plan(state, site, description, kernel, settings.stream_tail_min)
+    lanes: dict[str, Lanes] = {}
+    if site.world > 1:
+        used = {lane.axis for lane in (*plan.forward.lanes, *plan.backward.lanes)}
+        lanes = {axis: rt.lanes(site.axes[axis]) for axis in sorted(used)}
+    comm = JointComm(group_lanes) if joint[1] is not None else None
+    ex = Execution(plan.forward_kernel, lanes, settings.timeout, settings.fused_merge, recorder)
+    return PreparedCall(plan, ex, comm)
+
+
+def _plan(state: GroupRuntime, site: Site, description: CallDescription, kernel,
+          stream_tail_min: int) -> Plan:  # fmt: skip
+    """The group's plan for ``description`` at ``site``, made on first use."""
+    key = (site.key, description)
+    plan = state.plans.get_fresh(key)
+    if plan is None:
+        plan = Plan(description, site, kernel, description.streams_tail(stream_tail_min))
+        state.plans.put(key, plan)
+    return plan
+
+
+def prepare(
+    q, k, v, joint: tuple, options: tuple | Options, *, group: dist.ProcessGroup | None,
+    mesh: object, wants_grad: bool, recorder: Recorder | None = None,
+) -> PreparedCall:  # fmt: skip
+    """The call as prepared for the first call of its kind, reused by later identical
+    calls: the description, the agreement and the plan are made once. Kept per group in
+    call order, so every member keeps the same entries. ``options``: the raw values of
+    ``OPTION_NAMES``, or ``Options`` parsed already (the layer's, a compiled call's)."""
+    rt = runtime()
+    strategy, ring_impl = (
+        (options.strategy, options.ring_impl) if isinstance(options, Options)
+        else (options[0], options[1])
+    )  # fmt: skip
+    site, state = where_call_runs(rt, strategy, group, mesh, ring_impl)
+    key = _fast_key(site, options, wants_grad, q, k, v, joint) if recorder is None else None
+    call = state.calls.get_fresh(key) if key is not None else None
+    if call is None:
+        call = _prepare(rt, site, state, q, k, v, joint, options, wants_grad, recorder)
+        if key is not None:
+            state.calls.put(key, call)
+    return call
+
+
+def call_by_names(q, k, v, joint: tuple, options: Options, *, group: str, ring_group: str,
+                  ulysses_group: str, wants_grad: bool) -> PreparedCall:  # fmt: skip
+    """``prepare`` for a compiled call, whose groups come as names (``compiled.py``)."""
     rt = runtime()
     if ring_group:  # usp, or auto over a mesh
-        where = (None, rt.named_mesh(ring_group, ulysses_group))
+        where = {"group": None, "mesh": rt.named_mesh(ring_group, ulysses_group)}
     else:
-        where = (rt.named_group(group), None)
-    if options["strategy"] == AUTO:
-        choice = resolve_auto(rt, q, k, causal=options["causal"], layout=options["layout"],
-                              group=where[0], mesh=where[1], wants_grad=wants_grad)  # fmt: skip
-        options = {**options, "strategy": choice.strategy.value,
-                   "ring_impl": choice.ring_impl.value}  # fmt: skip
-    site, state = where_call_runs(rt, options["strategy"], *where, options["ring_impl"])
-    values = tuple(options[name] for name in OPTION_NAMES)
-    return prepared_call(rt, site, state, q, k, v, joint, wants_grad, None, values)
+        where = {"group": rt.named_group(group), "mesh": None}
+    return prepare(q, k, v, joint, options, wants_grad=wants_grad, **where)

@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..call.description import Options
 from ..execution.joint import Joint
 from ..execution.kernels.base import accum_dtype
-from ..execution.passes import Call, backward_pass, forward_pass
+from ..execution.passes import PreparedCall, backward_pass, forward_pass
 from .calls import call_by_names
 
 __all__ = ["attention_backward_op", "attention_op"]
@@ -32,30 +33,24 @@ Outputs = tuple[Tensor, Tensor, Tensor, Tensor]
 Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-def _call(
-    q, k, v, joint: tuple, strategy, ring_impl, causal, softmax_scale, layout, kernel,
-    deterministic, joint_strategy, grad, group, ring_group, ulysses_group,
-) -> Call:  # fmt: skip
+def _call(q, k, v, joint: tuple, options: str, grad: bool, group: str, ring_group: str,
+          ulysses_group: str) -> PreparedCall:  # fmt: skip
     return call_by_names(
-        q, k, v, joint, strategy=strategy, ring_impl=ring_impl, causal=causal,
-        softmax_scale=softmax_scale, layout=layout, kernel=kernel, deterministic=deterministic,
-        joint_strategy=joint_strategy, wants_grad=grad, group=group, ring_group=ring_group,
-        ulysses_group=ulysses_group,
+        q, k, v, joint, Options.decode(options), group=group, ring_group=ring_group,
+        ulysses_group=ulysses_group, wants_grad=grad,
     )  # fmt: skip
 
 
 @torch.library.custom_op("tokenring::attention", mutates_args=())
 def attention_op(
     q: Tensor, k: Tensor, v: Tensor, joint_q: Tensor | None, joint_k: Tensor | None,
-    joint_v: Tensor | None, strategy: str, ring_impl: str, causal: bool,
-    softmax_scale: float | None, layout: str, kernel: str, deterministic: bool,
-    joint_strategy: str, grad: bool, group: str, ring_group: str, ulysses_group: str,
+    joint_v: Tensor | None, options: str, grad: bool, group: str, ring_group: str,
+    ulysses_group: str,
 ) -> Outputs:  # fmt: skip
-    """``(out, lse, joint_out, joint_lse)``, the joint ones empty without joint queries."""
-    config = (strategy, ring_impl, causal, softmax_scale, layout, kernel, deterministic,
-              joint_strategy, grad, group, ring_group, ulysses_group)  # fmt: skip
+    """``(out, lse, joint_out, joint_lse)``, the joint ones empty without joint queries.
+    ``options``: ``Options.encode()`` of the call's options; the groups by name."""
     joint = (joint_q, joint_k, joint_v)
-    call = _call(q, k, v, joint, *config)
+    call = _call(q, k, v, joint, options, grad, group, ring_group, ulysses_group)
     out, lse, jo, jlse = forward_pass(
         call, q, k, v, Joint(joint_q, joint_k, joint_v) if joint_k is not None else None
     )
@@ -83,15 +78,12 @@ def _(q, k, v, joint_q, joint_k, joint_v, *config) -> Outputs:
 def attention_backward_op(
     grad_out: Tensor, grad_joint_out: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
     out: Tensor, lse: Tensor, joint_q: Tensor | None, joint_k: Tensor | None,
-    joint_v: Tensor | None, joint_out: Tensor | None, joint_lse: Tensor | None, strategy: str,
-    ring_impl: str, causal: bool, softmax_scale: float | None, layout: str, kernel: str,
-    deterministic: bool, joint_strategy: str, grad: bool, group: str, ring_group: str,
-    ulysses_group: str,
+    joint_v: Tensor | None, joint_out: Tensor | None, joint_lse: Tensor | None, options: str,
+    grad: bool, group: str, ring_group: str, ulysses_group: str,
 ) -> Grads:  # fmt: skip
     """``(dq, dk, dv, djq, djk, djv)``, the joint ones empty where there is no such input."""
-    config = (strategy, ring_impl, causal, softmax_scale, layout, kernel, deterministic,
-              joint_strategy, grad, group, ring_group, ulysses_group)  # fmt: skip
-    call = _call(q, k, v, (joint_q, joint_k, joint_v), *config)
+    call = _call(q, k, v, (joint_q, joint_k, joint_v), options, grad, group, ring_group,
+                 ulysses_group)  # fmt: skip
     joint = Joint(joint_q, joint_k, joint_v) if joint_k is not None else None
     (dq, dk, dv), shares = backward_pass(
         call, grad_out, grad_joint_out, q, k, v, out, lse, joint, joint_out, joint_lse

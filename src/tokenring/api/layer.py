@@ -6,9 +6,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..options import AUTO, JointStrategy, Layout, RingImpl, Strategy, parse_enum, parse_strategy
+from ..call.description import AUTO, Options
+from ..options import JointStrategy, Layout, RingImpl, Strategy
 from ..runtime.meshes import SpMesh
-from .attention import attention
+from .attention import run
 
 __all__ = ["SequenceParallelAttention"]
 
@@ -40,27 +41,26 @@ class SequenceParallelAttention(nn.Module):
         deterministic: bool = False,
     ):
         super().__init__()
-        self.strategy = AUTO if strategy == AUTO else parse_strategy(strategy)
-        self.layout = parse_enum(Layout, layout, "layout")
-        self.ring_impl = parse_enum(RingImpl, ring_impl, "ring_impl")
-        if self.strategy == AUTO:
+        self.options = Options.checked(
+            strategy=strategy, layout=layout, kernel=kernel, ring_impl=ring_impl,
+            softmax_scale=softmax_scale, deterministic=deterministic,
+        )  # fmt: skip
+        chosen = self.options.strategy
+        if chosen == AUTO:
             if mesh is not None and group is not None:
                 raise ValueError("strategy='auto' runs over group= or mesh=, not both")
             if mesh is not None:
                 SpMesh.of(mesh)
-        elif self.strategy is Strategy.USP:
+        elif chosen is Strategy.USP:
             if mesh is None or group is not None:
                 raise ValueError("strategy='usp' needs mesh= (tokenring.sp_mesh), not group=")
             SpMesh.of(mesh)  # the mesh has the dims usp needs
         elif mesh is not None:
-            raise ValueError(f"mesh= is for strategy='usp'; {self.strategy.value!r} takes group=")
-        elif self.ring_impl is not RingImpl.TOKENRING:
-            raise ValueError(f"ring_impl= is for strategy='usp', not {self.strategy.value!r}")
+            raise ValueError(f"mesh= is for strategy='usp'; {chosen.value!r} takes group=")
+        elif self.options.ring_impl is not RingImpl.TOKENRING:
+            raise ValueError(f"ring_impl= is for strategy='usp', not {chosen.value!r}")
         self.mesh = mesh
         self.group = group
-        self.kernel = kernel
-        self.softmax_scale = softmax_scale
-        self.deterministic = deterministic
 
     def forward(
         self,
@@ -73,34 +73,31 @@ class SequenceParallelAttention(nn.Module):
         joint_k: torch.Tensor | None = None,
         joint_v: torch.Tensor | None = None,
         joint_strategy: str | JointStrategy = "none",
+        seq_len: int | None = None,
         return_lse: bool = False,
     ):
-        """``tokenring.attention`` with this layer's configuration."""
-        usp = self.strategy is Strategy.USP or (self.strategy == AUTO and self.mesh is not None)
-        return attention(
-            q,
-            k,
-            v,
-            strategy=self.strategy,
-            causal=causal,
-            softmax_scale=self.softmax_scale,
-            layout=self.layout,
-            group=None if usp else self.group,
-            mesh=self.mesh if usp else None,
-            ring_impl=self.ring_impl,
-            return_lse=return_lse,
-            kernel=self.kernel,
-            deterministic=self.deterministic,
-            joint_q=joint_q,
-            joint_k=joint_k,
-            joint_v=joint_v,
-            joint_strategy=joint_strategy,
-        )
+        """``tokenring.attention`` with this layer's configuration (``seq_len``: the
+        global length, for shards of unequal length)."""
+        options = _with_call_options(self.options, causal, joint_strategy, seq_len)
+        return run(
+            q, k, v, (joint_q, joint_k, joint_v), options, group=self.group, mesh=self.mesh,
+            recorder=None, return_lse=return_lse,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         where = "mesh" if self.mesh is not None else "group" if self.group is not None else "world"
+        o = self.options
         return (
-            f"strategy={getattr(self.strategy, 'value', self.strategy)}, "
-            f"layout={self.layout.value}, kernel={self.kernel}, "
-            f"ring_impl={self.ring_impl.value}, over={where}"
+            f"strategy={getattr(o.strategy, 'value', o.strategy)}, "
+            f"layout={o.layout.value}, kernel={o.kernel}, "
+            f"ring_impl={o.ring_impl.value}, over={where}"
         )
+
+
+def _with_call_options(options: Options, causal, joint_strategy, seq_len) -> tuple:
+    """A forward's options: the layer's, with this call's mask, joint side and length
+    (as raw values, parsed and checked like ``tokenring.attention``'s)."""
+    return (
+        options.strategy, options.ring_impl, options.layout, causal, options.softmax_scale,
+        options.kernel, options.deterministic, joint_strategy, seq_len,
+    )  # fmt: skip

@@ -99,7 +99,7 @@ def _shares(store: SlotStore, gathered: Rows, placement, heads: int, move, typed
     source and destination slots (an fp32 accumulator bound for a result in the input
     dtype travels in the input dtype). ``typed``: elements of one dtype (for a reduction)
     instead of bytes."""
-    p = store.problem
+    p = store.call
     comps = store.components(gathered)
     dtypes = {}
     for comp in comps:
@@ -147,7 +147,7 @@ def _post_all_to_all(store: SlotStore, move: AllToAll, lanes: Lanes, me: int):
     members = len(move.parts)
     size = _heads_of(store, whole)  # heads per member
     shares = _shares(store, whole, move.placement, size, move, typed=False)
-    device = store.problem.device
+    device = store.device
     send, recv = shares.alloc(device), shares.alloc(device)
     for m in range(members):
         # to heads: member m gets its head part of my cells; back: member m its own cells
@@ -189,7 +189,7 @@ def _post_all_to_all(store: SlotStore, move: AllToAll, lanes: Lanes, me: int):
 def _post_all_gather(store: SlotStore, move: AllGather, lanes: Lanes, me: int):
     members = len(move.placement)
     shares = _shares(store, move.dst, move.placement, _heads_of(store, move.src), move, False)
-    device = store.problem.device
+    device = store.device
     send, recv = shares.alloc(device, members=1), shares.alloc(device)
     for piece in shares.layouts[me].pieces:
         source = store.phys(move.src.cell(piece.cell), piece.component)
@@ -210,7 +210,7 @@ def _post_reduce_scatter(store: SlotStore, move: ReduceScatter, lanes: Lanes, me
     members = len(move.placement)
     heads = _heads_of(store, move.dst)
     shares = _shares(store, move.src, move.placement, heads, move, typed=True)
-    device = store.problem.device
+    device = store.device
     send, recv = shares.alloc(device), shares.alloc(device, members=1)
     for m in range(members):
         for piece in shares.layouts[m].pieces:

@@ -34,7 +34,7 @@ from .comm import Lanes, Message
 from .kernels import BlockMask, KernelBackend
 from .kernels.base import accum_dtype
 from .merge import merge_into, write_into
-from .slots import Problem, SlotGeometry, SlotStore, from_rowmajor, to_rowmajor
+from .slots import SlotGeometry, SlotStore, from_rowmajor, to_rowmajor
 from .timeline import Recorder, Sent
 
 __all__ = ["Execution", "TransferFailed", "run_backward", "run_forward"]
@@ -169,10 +169,10 @@ def _complete(schedule: Schedule, pass_: Pass, pending: _Pending, ex: Execution)
         ex.recorder.comm_waited(post.handle)
 
 
-def _compute_forward(store: SlotStore, op: Compute, ex: Execution, problem: Problem) -> None:
+def _compute_forward(store: SlotStore, op: Compute, ex: Execution) -> None:
     out_b, lse_b = ex.kernel.forward(
         store.view(op.q, "q"), store.view(op.kv, "k"), store.view(op.kv, "v"),
-        op.kind is BlockKind.DIAG, problem.scale, _block_mask(store, op),
+        op.kind is BlockKind.DIAG, store.call.scale, _block_mask(store, op),
     )  # fmt: skip
     for sub, fresh, a, b in store.sub_runs(op.q_out, op.fresh_q):
         out, lse = store.view(sub, "out"), store.view(sub, "lse")
@@ -186,7 +186,7 @@ def _block_mask(store: SlotStore, op: Compute) -> BlockMask | None:
     """The explicit mask of a PARTIAL block (made once per plan), else None."""
     if op.kind is not BlockKind.PARTIAL:
         return None
-    return store.geometry.block_mask(op)
+    return store.geometry.block_mask(op, store.device)
 
 
 def _accumulate(store: SlotStore, rows: Rows, fresh: tuple[bool, ...], parts: dict) -> None:
@@ -199,7 +199,7 @@ def _accumulate(store: SlotStore, rows: Rows, fresh: tuple[bool, ...], parts: di
                 target.add_(value[:, a:b])
 
 
-def _compute_backward(store: SlotStore, op: Compute, ex: Execution, problem: Problem) -> None:
+def _compute_backward(store: SlotStore, op: Compute, ex: Execution) -> None:
     out = store.view(op.q, "out") if store.has(op.q, "out") else None
     dq, dk, dv = ex.kernel.backward(
         store.view(op.q, "do"),
@@ -210,7 +210,7 @@ def _compute_backward(store: SlotStore, op: Compute, ex: Execution, problem: Pro
         store.view(op.q, "lse"),
         store.view(op.q, "delta"),
         op.kind is BlockKind.DIAG,
-        problem.scale,
+        store.call.scale,
         _block_mask(store, op),
     )
     _accumulate(store, op.q_out, op.fresh_q, {"dq": dq})
@@ -233,7 +233,6 @@ def _merge(store: SlotStore, op: Merge, pass_: Pass, ex: Execution) -> None:
 
 
 def _execute(schedule: Schedule, pass_: Pass, store: SlotStore, ex: Execution) -> None:
-    problem = store.problem
     pending: dict[str, _Pending] = {}
     recorder = ex.recorder
     if recorder is not None:
@@ -251,9 +250,9 @@ def _execute(schedule: Schedule, pass_: Pass, store: SlotStore, ex: Execution) -
                     continue  # an empty cell (contiguous shards of one token)
                 token = recorder.compute_start(op) if recorder is not None else None
                 if pass_ is Pass.FORWARD:
-                    _compute_forward(store, op, ex, problem)
+                    _compute_forward(store, op, ex)
                 else:
-                    _compute_backward(store, op, ex, problem)
+                    _compute_backward(store, op, ex)
                 if recorder is not None:
                     recorder.compute_end(token)
             case Merge():
@@ -271,17 +270,17 @@ def run_forward(
     *,
     keep_accum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass of one rank (``geometry``: its schedule and problem): returns ``out``
+    """Forward pass of one rank (``geometry``: its schedule and call): returns ``out``
     ``[B, L, H, D]`` (input dtype, or with ``keep_accum`` the accumulation dtype, for more
     merging) and ``lse`` in row-major storage ``[L, B, H]`` (float32)."""
-    schedule, problem = geometry.schedule, geometry.problem
+    schedule, call = geometry.schedule, geometry.call
     local = {"q": {"q": to_rowmajor(q)}, "kv": {"k": to_rowmajor(k), "v": to_rowmajor(v)}}
-    store = SlotStore(geometry, local)
+    store = SlotStore(geometry, local, q.device)
     _execute(schedule, Pass.FORWARD, store, ex)
     result = schedule.query_result
     lse = store.own(result, "lse")
     if keep_accum:
-        return from_rowmajor(store.own(result, "out"), accum_dtype(problem.dtype)), lse
+        return from_rowmajor(store.own(result, "out"), accum_dtype(call.dtype)), lse
     return store.result(result, "out"), lse
 
 
@@ -296,10 +295,10 @@ def run_backward(
     row-major storage ``[L, B, H]`` (as ``run_forward`` returned it). Returns
     ``dq, dk, dv`` in the input dtype.
     """
-    schedule, problem = geometry.schedule, geometry.problem
+    schedule, call = geometry.schedule, geometry.call
     out = to_rowmajor(tensors["out"])
     do = to_rowmajor(tensors["do"])
-    wide = accum_dtype(problem.dtype)
+    wide = accum_dtype(call.dtype)
     query = {
         "q": to_rowmajor(tensors["q"]),
         "do": do,
@@ -308,7 +307,7 @@ def run_backward(
         "out": out,
     }
     local = {"q": query, "kv": {"k": to_rowmajor(tensors["k"]), "v": to_rowmajor(tensors["v"])}}
-    store = SlotStore(geometry, local)
+    store = SlotStore(geometry, local, tensors["q"].device)
     _execute(schedule, Pass.BACKWARD, store, ex)
     if schedule.kv_result is None:
         raise AssertionError("a backward schedule must name its key/value result slot")

@@ -18,11 +18,11 @@ from .joint import Joint, JointComm, joint_backward, joint_forward
 from .kernels.base import accum_dtype
 from .plan import Plan
 
-__all__ = ["Call", "ShardedAttention", "backward_pass", "forward_pass"]
+__all__ = ["PreparedCall", "ShardedAttention", "backward_pass", "forward_pass"]
 
 
 @dataclass(frozen=True)
-class Call:
+class PreparedCall:
     """One call's plan and how it runs (its joint-token collectives, when it has some)."""
 
     plan: Plan
@@ -30,11 +30,11 @@ class Call:
     comm: JointComm | None = None
 
 
-def forward_pass(call: Call, q, k, v, joint: Joint | None):
+def forward_pass(call: PreparedCall, q, k, v, joint: Joint | None):
     """``(out, lse, joint_out, joint_lse)``: ``lse`` float32 ``[B, H, L]`` contiguous; the
     joint results None without joint queries."""
     plan, ex = call.plan, call.ex
-    p = plan.problem
+    p = plan.description
     if plan.site.world == 1:
         out, lse = ex.kernel.forward(q, k, v, p.causal, p.scale)
     else:
@@ -53,11 +53,13 @@ def forward_pass(call: Call, q, k, v, joint: Joint | None):
     return out, lse.contiguous(), jo, jlse
 
 
-def backward_pass(call: Call, grad_out, grad_jo, q, k, v, out, lse, joint: Joint | None, jo, jlse):
+def backward_pass(
+    call: PreparedCall, grad_out, grad_jo, q, k, v, out, lse, joint: Joint | None, jo, jlse
+):
     """``(dq, dk, dv)`` and, with joint tokens, this rank's shares ``(djq, djk, djv)``
     (``djq`` None without joint queries); ``lse`` as ``forward_pass`` returned it."""
     plan = call.plan
-    p = plan.problem
+    p = plan.description
     kernel = plan.backward_kernel
     if plan.site.world == 1:
         wide = accum_dtype(p.dtype)
@@ -89,7 +91,7 @@ class ShardedAttention(torch.autograd.Function):
     """Thin autograd wrapper for eager calls that need gradients."""
 
     @staticmethod
-    def forward(ctx, q, k, v, jq, jk, jv, call: Call):
+    def forward(ctx, q, k, v, jq, jk, jv, call: PreparedCall):
         joint = Joint(jq, jk, jv) if jk is not None else None
         out, lse, jo, jlse = forward_pass(call, q, k, v, joint)
         ctx.call = call

@@ -1,27 +1,25 @@
 """A call's plan: where it runs (``Site``), and everything it decided before running
 (``Plan``): schedules, slot geometry, kernels.
 
-A plan is made once per distinct call (shapes, dtypes, options, where), after the
-checks and the cross-rank agreement (``tokenring.api.calls``); later identical
-calls reuse it.
+A plan is made once per distinct call description and site, after the checks and
+the cross-rank agreement (``tokenring.api.calls``); later calls with the same
+description reuse it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch.distributed as dist
 
-from ..options import Layout, Pass, RingImpl, Strategy, parse_enum, parse_strategy
-from ..schedules import Schedule, ScheduleKey, build_schedule
-from ..schedules.geometry import Geometry, piece_table
-from ..schedules.masks import Mask
+from ..call.description import CallDescription
+from ..options import Pass
+from ..schedules import Schedule, build_schedule
 from .kernels import BlockSpec, KernelBackend, select_kernel
-from .slots import Problem, SlotGeometry
+from .slots import SlotGeometry
 
-__all__ = ["Plan", "Site", "build_plan"]
+__all__ = ["Plan", "Site", "block_spec", "choose_kernel"]
 
 
 @dataclass(frozen=True)
@@ -44,29 +42,41 @@ class Site:
         return (self.world, self.rank, self.ulysses, names)
 
 
+def block_spec(call: CallDescription, *, backward: bool = False) -> BlockSpec:
+    """What a call asks of a kernel (the kernels' own query, derived from the call)."""
+    return BlockSpec(
+        call.device_type, call.dtype, call.head_dim, call.heads_q, call.heads_kv, call.causal,
+        backward=backward, deterministic=backward and call.options.deterministic,
+    )  # fmt: skip
+
+
+def choose_kernel(call: CallDescription) -> tuple[KernelBackend | None, str]:
+    """The forward kernel for ``call``, or None and why not. With ``deterministic`` and
+    gradients, the backward's refusal is found now rather than in the backward."""
+    try:
+        kernel = select_kernel(call.options.kernel, block_spec(call))
+        if call.wants_grad and call.options.deterministic:
+            select_kernel(call.options.kernel, block_spec(call, backward=True))
+    except ValueError as err:
+        return None, str(err)
+    return kernel, ""
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything a call decided before running: shared by its forward and backward."""
 
-    strategy: Strategy
-    ring_impl: Strategy
-    layout: Layout
+    description: CallDescription
     site: Site
-    problem: Problem
-    kernel_choice: str
     forward_kernel: KernelBackend
-    deterministic: bool
     stream_tail: bool
-    seq_len: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.description.seq_len
 
     def _schedule(self, pass_: Pass) -> Schedule:
-        p, site = self.problem, self.site
-        table = piece_table(self.layout, self.seq_len, site.world)
-        key = ScheduleKey(
-            self.strategy, self.layout, site.world, site.rank, Geometry.self_attention(table),
-            Mask(p.causal), pass_, p.heads_q, p.heads_kv, site.ulysses, self.ring_impl,
-            self.stream_tail,
-        )  # fmt: skip
+        key = self.description.schedule_key(self.site.rank, pass_, self.stream_tail)
         return build_schedule(key)
 
     @cached_property
@@ -79,53 +89,13 @@ class Plan:
 
     @cached_property
     def forward_geometry(self) -> SlotGeometry:
-        return SlotGeometry(self.forward, Pass.FORWARD, self.problem)
+        return SlotGeometry(self.forward, Pass.FORWARD, self.description)
 
     @cached_property
     def backward_geometry(self) -> SlotGeometry:
-        return SlotGeometry(self.backward, Pass.BACKWARD, self.problem)
+        return SlotGeometry(self.backward, Pass.BACKWARD, self.description)
 
     @cached_property
     def backward_kernel(self) -> KernelBackend:
-        p = self.problem
-        spec = BlockSpec(
-            p.device.type,
-            p.dtype,
-            p.head_dim,
-            p.heads_q,
-            p.heads_kv,
-            p.causal,
-            backward=True,
-            deterministic=self.deterministic,
-        )
-        return select_kernel(self.kernel_choice, spec)
-
-
-def build_plan(
-    q, k, *, site: Site, seq_len: int, kernel: KernelBackend, stream_tail_min: int, strategy,
-    ring_impl, causal, softmax_scale, layout, kernel_choice: str, deterministic: bool,
-) -> Plan:  # fmt: skip
-    """The plan of a call every rank has checked and agreed on (``tokenring.api.calls``)."""
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
-    problem = Problem(
-        batch=q.shape[0],
-        heads_q=q.shape[2],
-        heads_kv=k.shape[2],
-        head_dim=q.shape[3],
-        dtype=q.dtype,
-        device=q.device,
-        causal=causal,
-        scale=float(scale),
-    )
-    return Plan(
-        parse_strategy(strategy),
-        Strategy(parse_enum(RingImpl, ring_impl, "ring_impl").value),
-        parse_enum(Layout, layout, "layout"),
-        site,
-        problem,
-        kernel_choice,
-        kernel,
-        deterministic,
-        q.numel() >= stream_tail_min,
-        seq_len,
-    )
+        call = self.description
+        return select_kernel(call.options.kernel, block_spec(call, backward=True))

@@ -16,10 +16,9 @@ and an LSE of -inf).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..call.description import CallDescription
 from ..options import Pass
 from ..schedules.ir import (
     COMPONENTS,
@@ -38,21 +37,7 @@ from ..schedules.ir import (
 )
 from .kernels.base import BlockMask, accum_dtype
 
-__all__ = ["Problem", "SlotGeometry", "SlotStore", "from_rowmajor", "to_rowmajor"]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Shapes and options shared by every rank for one call."""
-
-    batch: int
-    heads_q: int
-    heads_kv: int
-    head_dim: int
-    dtype: torch.dtype
-    device: torch.device
-    causal: bool
-    scale: float
+__all__ = ["SlotGeometry", "SlotStore", "from_rowmajor", "slot_tokens", "to_rowmajor"]
 
 
 def to_rowmajor(x: torch.Tensor) -> torch.Tensor:
@@ -104,13 +89,13 @@ def slot_tokens(schedule: Schedule) -> dict[str, int]:
 
 
 class SlotGeometry:
-    """What the buffers of one schedule look like for one problem: worked out once per
-    plan, so a call only allocates and indexes (no span arithmetic per operation)."""
+    """What the buffers of one schedule look like for one call: worked out once per plan,
+    so a call only allocates and indexes (no span arithmetic per operation)."""
 
-    def __init__(self, schedule: Schedule, pass_: Pass, problem: Problem):
+    def __init__(self, schedule: Schedule, pass_: Pass, call: CallDescription):
         self.schedule = schedule
         self.pass_ = pass_
-        self.problem = problem
+        self.call = call
         self.tokens = slot_tokens(schedule)
         self.allocations: list[tuple[str, str, tuple[int, ...], torch.dtype, bool]] = []
         for name, spec in schedule.slots.items():
@@ -128,14 +113,14 @@ class SlotGeometry:
 
     def heads(self, component: str, spec: SlotSpec) -> int:
         """Heads a slot holds of ``component``'s family."""
-        p = self.problem
+        p = self.call
         family = p.heads_kv if FAMILY[component] == "kv" else p.heads_q
         return family // spec.head_parts
 
     def _shape(
         self, component: str, spec: SlotSpec, tokens: int
     ) -> tuple[tuple[int, ...], torch.dtype]:
-        p = self.problem
+        p = self.call
         heads = self.heads(component, spec)
         if FAMILY[component] == "row":
             shape: tuple[int, ...] = (tokens, p.batch, heads)
@@ -155,17 +140,16 @@ class SlotGeometry:
         return found
 
     def positions(self, rows: Rows) -> torch.Tensor:
-        """Global positions of the tokens of ``rows`` (1-D, on the problem's device)."""
+        """Global positions of the tokens of ``rows`` (1-D, on the CPU)."""
         table = self.schedule.table(rows)
-        ranges = [torch.arange(*table.span(p)) for p in rows.pieces]
-        return torch.cat(ranges).to(self.problem.device)
+        return torch.cat([torch.arange(*table.span(p)) for p in rows.pieces])
 
-    def block_mask(self, op: Compute) -> BlockMask:
+    def block_mask(self, op: Compute, device: torch.device) -> BlockMask:
         """The explicit mask of a masked block, from its rows' positions (made once)."""
         found = self._masks.get(op)
         if found is None:
             allowed = op.mask.allowed(self.positions(op.q), self.positions(op.kv))
-            found = self._masks[op] = BlockMask(allowed)
+            found = self._masks[op] = BlockMask(allowed.to(device))
         return found
 
     def own_tokens(self, slot: str) -> int:
@@ -218,18 +202,23 @@ class SlotGeometry:
 class SlotStore:
     """Tensors behind a schedule's slots for one call."""
 
-    def __init__(self, geometry: SlotGeometry, local: dict[str, dict[str, torch.Tensor]]):
+    def __init__(
+        self,
+        geometry: SlotGeometry,
+        local: dict[str, dict[str, torch.Tensor]],
+        device: torch.device,
+    ):
         self.geometry = geometry
         self.schedule = geometry.schedule
         self.pass_ = geometry.pass_
-        self.problem = geometry.problem
+        self.call = geometry.call
+        self.device = device
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
         slots = self.schedule.slots
         for name, comps in local.items():
             if name in slots:
                 groups = slots[name].groups
                 self.tensors[name] = {c: _grouped(t, groups) for c, t in comps.items()}
-        device = self.problem.device
         for name, comp, shape, dtype, zeroed in geometry.allocations:
             if not zeroed:
                 tensor = torch.empty(shape, dtype=dtype, device=device)
@@ -279,4 +268,4 @@ class SlotStore:
 
     def result(self, slot: str, component: str) -> torch.Tensor:
         """A result slot's component as ``[B, L, H, D]`` in the input dtype."""
-        return from_rowmajor(self.own(slot, component), self.problem.dtype)
+        return from_rowmajor(self.own(slot, component), self.call.dtype)

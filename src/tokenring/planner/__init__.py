@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ..call.description import CallDescription
 from ..options import Layout, parse_enum
 from .choose import Candidate, PlanReport, plan_call
-from .costs import Shape
 from .machine import load_topology, topology_for
 from .presets import PRESETS, preset, preset_names
 from .timing import Prediction, StepCost, simulate_timing
@@ -24,7 +24,6 @@ __all__ = [
     "Candidate",
     "PlanReport",
     "Prediction",
-    "Shape",
     "StepCost",
     "Topology",
     "load_topology",
@@ -36,16 +35,16 @@ __all__ = [
 ]
 
 # every spelling ``plan`` takes for a dtype (the short, the torch name, the torch dtype)
-DTYPE_BYTES = {
-    "bf16": 2,
-    "bfloat16": 2,
-    "fp16": 2,
-    "float16": 2,
-    "fp32": 4,
-    "float32": 4,
-    torch.bfloat16: 2,
-    torch.float16: 2,
-    torch.float32: 4,
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    torch.bfloat16: torch.bfloat16,
+    torch.float16: torch.float16,
+    torch.float32: torch.float32,
 }
 
 
@@ -83,20 +82,16 @@ def plan(
     heads_kv = heads_q if heads_kv is None else heads_kv
     if heads_kv < 1 or heads_q % heads_kv:
         raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})")
-    if dtype not in DTYPE_BYTES:
+    if dtype not in DTYPES:
         raise ValueError(
             f"unknown dtype {dtype!r}; valid values are 'bf16' or 'bfloat16', 'fp16' or "
             "'float16', 'fp32' or 'float32', or the torch dtype"
         )
-    if layout is None:
-        layout = Layout.ZIGZAG if causal else Layout.CONTIGUOUS
-    shape = Shape(seq, batch, heads_q, heads_kv, head_dim, DTYPE_BYTES[dtype])
-    return plan_call(
-        load_topology(topology, gpus),
-        gpus,
-        shape,
-        causal=bool(causal),
-        layout=parse_enum(Layout, layout, "layout"),
-        backward=bool(backward),
-        with_usp=usp,
-    )
+    if layout is not None:
+        layout = parse_enum(Layout, layout, "layout")
+    call = CallDescription.of_shape(
+        world=gpus, seq_len=seq, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
+        batch=batch, dtype=DTYPES[dtype], layout=layout, causal=bool(causal),
+        wants_grad=bool(backward),
+    )  # fmt: skip
+    return plan_call(load_topology(topology, gpus), call, backward=bool(backward), with_usp=usp)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from ..options import Layout, Pass, Strategy
-from ..schedules import STRATEGIES, CallShape, ScheduleKey, build_schedule
+from ..call.description import CallDescription
+from ..options import Layout, Pass, RingImpl, Strategy
+from ..schedules import STRATEGIES, build_schedule
 from ..schedules.usp import mesh_axes
-from .costs import Shape
 from .timing import Prediction, simulate_timing
 from .topology import Topology
 
@@ -92,12 +92,21 @@ class PlanReport:
     """Every candidate, fastest first, the refused ones last; ``choice`` is the fastest."""
 
     topology: str
-    world: int
-    shape: Shape
-    causal: bool
-    layout: Layout
+    call: CallDescription
     backward: bool
     candidates: tuple[Candidate, ...]
+
+    @property
+    def world(self) -> int:
+        return self.call.world
+
+    @property
+    def causal(self) -> bool:
+        return self.call.causal
+
+    @property
+    def layout(self) -> Layout:
+        return self.call.layout
 
     @property
     def priced(self) -> list[Candidate]:
@@ -118,7 +127,7 @@ class PlanReport:
         """Why the choice: its time and what dominates it, against the runner-up."""
         best = self.best
         what = (
-            f"{self.shape.seq} tokens over {self.world} ranks on {self.topology} "
+            f"{self.call.seq_len} tokens over {self.world} ranks on {self.topology} "
             f"({'forward+backward' if self.backward else 'forward'}, "
             f"{'causal ' if self.causal else ''}{self.layout.value})"
         )
@@ -141,7 +150,7 @@ class PlanReport:
             "choice": self.choice if self.priced else None,
             "topology": self.topology,
             "world": self.world,
-            "seq": self.shape.seq,
+            "seq": self.call.seq_len,
             "candidates": [c.to_dict() for c in self.candidates],
         }
 
@@ -166,84 +175,54 @@ def _candidates(world: int, with_usp: bool, mesh_ulysses: int | None) -> list[Ca
     return found
 
 
+def _candidate_call(call: CallDescription, c: Candidate) -> CallDescription:
+    return call.with_strategy(c.strategy, RingImpl(c.ring_impl.value), c.ulysses)
+
+
 @lru_cache(maxsize=16)
-def _schedules(
-    strategy: Strategy,
-    layout: Layout,
-    world: int,
-    seq: int,
-    causal: bool,
-    pass_: Pass,
-    heads_q: int,
-    heads_kv: int,
-    ulysses: int,
-    ring_impl: Strategy,
-    stream_tail: bool = True,
-) -> tuple:
-    """Every rank's schedule, as the executor builds them (``plan.py``)."""
+def _schedules(call: CallDescription, pass_: Pass, stream_tail: bool = True) -> tuple:
+    """Every rank's schedule, as the executor builds them (``Plan``)."""
     return tuple(
-        build_schedule(
-            ScheduleKey.of_sequence(
-                strategy, layout, world, r, seq, causal, pass_, heads_q=heads_q,
-                heads_kv=heads_kv, ulysses=ulysses, ring_impl=ring_impl, stream_tail=stream_tail,
-            )
-        )
-        for r in range(world)
-    )  # fmt: skip
-
-
-def _refusal(c: Candidate, world: int, shape: Shape, causal: bool, layout: Layout) -> str | None:
-    call = CallShape(
-        world, layout, causal, shape.heads_q, shape.heads_kv, shape.seq // world, c.ulysses
+        build_schedule(call.schedule_key(r, pass_, stream_tail)) for r in range(call.world)
     )
-    reasons = STRATEGIES[c.strategy].not_supported_reasons(call)
+
+
+def _refusal(call: CallDescription) -> str | None:
+    reasons = STRATEGIES[call.strategy].not_supported_reasons(call.schedule_key(0, Pass.FORWARD))
     return "; ".join(reasons) if reasons else None
 
 
 def plan_call(
     topology: Topology,
-    world: int,
-    shape: Shape,
+    call: CallDescription,
     *,
-    causal: bool,
-    layout: Layout,
     backward: bool = False,
     with_usp: bool = True,
     mesh_ulysses: int | None = None,
     stream_tail_min: int = 1 << 20,
 ) -> PlanReport:
-    """Price every candidate for ``world`` ranks of ``topology`` (its first devices).
-    ``stream_tail_min``: the runtime setting that decides whether TokenRing streams its
-    last partial (``Settings.stream_tail_min``)."""
+    """Price every candidate strategy for ``call`` (whatever strategy it names) on the
+    first ``call.world`` devices of ``topology``. ``stream_tail_min``: the runtime
+    setting that decides whether TokenRing streams its last partial
+    (``Settings.stream_tail_min``)."""
+    world = call.world
     if world < 1:
         raise ValueError(f"world must be at least 1, got {world}")
     topo = topology.first(world)
-    local_q = shape.batch * (shape.seq // world) * shape.heads_q * shape.head_dim
-    stream_tail = local_q >= stream_tail_min
+    stream_tail = call.streams_tail(stream_tail_min)
     passes = (Pass.FORWARD, Pass.BACKWARD) if backward else (Pass.FORWARD,)
     priced: list[Candidate] = []
     for c in _candidates(world, with_usp, mesh_ulysses):
-        refused = _refusal(c, world, shape, causal, layout)
+        candidate = _candidate_call(call, c)
+        refused = _refusal(candidate)
         if refused:
             priced.append(Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, refused))
             continue
         axes = mesh_axes(world // c.ulysses, c.ulysses) if c.strategy is Strategy.USP else None
         results = []
         for pass_ in passes:
-            scheds = _schedules(
-                c.strategy,
-                layout,
-                world,
-                shape.seq,
-                causal,
-                pass_,
-                shape.heads_q,
-                shape.heads_kv,
-                c.ulysses,
-                c.ring_impl,
-                stream_tail,
-            )
-            results.append((pass_, simulate_timing(list(scheds), pass_, shape, topo, axes)))
+            scheds = _schedules(candidate, pass_, stream_tail)
+            results.append((pass_, simulate_timing(list(scheds), pass_, candidate, topo, axes)))
         priced.append(Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, None, tuple(results)))
     order = sorted(priced, key=lambda c: (c.refused is not None, c.predicted_ms or 0.0))
-    return PlanReport(topology.name, world, shape, causal, layout, backward, tuple(order))
+    return PlanReport(topology.name, call, backward, tuple(order))

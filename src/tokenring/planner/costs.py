@@ -1,4 +1,4 @@
-"""What each operation of a schedule costs for one shape: bytes moved, device time, host time.
+"""What each operation of a schedule costs for one call: bytes moved, device time, host time.
 
 Sizes follow the schedule language (``schedules/ir.py``): rows hold the tokens of
 their pieces (the schedule's geometry), one of ``head_parts`` parts of their
@@ -9,8 +9,7 @@ accumulates, the input dtype on the wire); ``lse`` and ``delta`` are float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from ..call.description import CallDescription
 from ..options import Pass
 from ..schedules.ir import (
     COMPONENTS,
@@ -29,35 +28,18 @@ from ..schedules.ir import (
 from ..schedules.masks import BlockKind
 from .topology import DeviceModel
 
-__all__ = ["Shape", "collective_pair_bytes", "compute_seconds", "merge_seconds", "rows_bytes"]
+__all__ = ["collective_pair_bytes", "compute_seconds", "merge_seconds", "rows_bytes"]
 
 RESULT_KINDS = (SlotKind.QUERY_RESULT, SlotKind.KV_RESULT)
 
 
-@dataclass(frozen=True)
-class Shape:
-    """One attention call as the planner sees it: global sequence ``seq`` over ``world``
-    ranks, ``dtype_bytes`` per element of the inputs (2: bf16/fp16, 4: fp32)."""
-
-    seq: int
-    batch: int
-    heads_q: int
-    heads_kv: int
-    head_dim: int
-    dtype_bytes: int = 2
-
-    @property
-    def float32(self) -> bool:
-        return self.dtype_bytes >= 4
-
-
-def _heads(shape: Shape, family: str, head_parts: int, part_count: int) -> int:
-    total = shape.heads_kv if family == "kv" else shape.heads_q
+def _heads(call: CallDescription, family: str, head_parts: int, part_count: int) -> int:
+    total = call.heads_kv if family == "kv" else call.heads_q
     return max(total // head_parts, 1) // part_count or 1
 
 
 def rows_bytes(
-    sched: Schedule, rows: Rows, pass_: Pass, shape: Shape, tokens: float | None = None
+    sched: Schedule, rows: Rows, pass_: Pass, call: CallDescription, tokens: float | None = None
 ) -> float:
     """Bytes of ``rows`` of one of ``sched``'s slots (``tokens`` overrides their count)."""
     spec = sched.slots[rows.slot]
@@ -65,58 +47,58 @@ def rows_bytes(
     total = 0.0
     for component in COMPONENTS[(pass_, spec.kind)]:
         family = FAMILY[component]
-        heads = _heads(shape, "kv" if family == "kv" else "q", spec.head_parts, rows.part.count)
+        heads = _heads(call, "kv" if family == "kv" else "q", spec.head_parts, rows.part.count)
         if family == "row":
             width, size = 1, 4
         elif spec.kind in RESULT_KINDS and spec.precision is Precision.ACCUM:
-            width, size = shape.head_dim, 4
+            width, size = call.head_dim, 4
         else:
-            width, size = shape.head_dim, shape.dtype_bytes
-        total += shape.batch * tokens * heads * width * size
+            width, size = call.head_dim, call.itemsize
+        total += call.batch * tokens * heads * width * size
     return total
 
 
-def collective_pair_bytes(sched: Schedule, move, pass_: Pass, shape: Shape) -> float:
+def collective_pair_bytes(sched: Schedule, move, pass_: Pass, call: CallDescription) -> float:
     """Bytes one member sends to each other member in collective ``move``."""
     match move:
         case AllGather():
-            return rows_bytes(sched, move.src, pass_, shape)
+            return rows_bytes(sched, move.src, pass_, call)
         case AllToAll(direction=Direction.SEQ_TO_HEADS):
             # the sender's cells, with the head part the receiver holds
-            return rows_bytes(sched, move.dst, pass_, shape, tokens=sched.tokens(move.src))
+            return rows_bytes(sched, move.dst, pass_, call, tokens=sched.tokens(move.src))
         case AllToAll():
             # the receiver's cells (about this member's), with the head part the sender holds
-            return rows_bytes(sched, move.src, pass_, shape, tokens=sched.tokens(move.dst))
+            return rows_bytes(sched, move.src, pass_, call, tokens=sched.tokens(move.dst))
         case ReduceScatter():
-            return rows_bytes(sched, move.dst, pass_, shape)
+            return rows_bytes(sched, move.dst, pass_, call)
     raise TypeError(f"not a collective: {move!r}")
 
 
 def compute_seconds(
-    sched: Schedule, op: Compute, pass_: Pass, shape: Shape, device: DeviceModel
+    sched: Schedule, op: Compute, pass_: Pass, call: CallDescription, device: DeviceModel
 ) -> float:
     """Device time of one block kernel call and the accumulations it implies."""
     spec = sched.slots[op.q.slot]
-    heads = _heads(shape, "q", spec.head_parts, op.q.part.count)
+    heads = _heads(call, "q", spec.head_parts, op.q.part.count)
     lq, lk = sched.tokens(op.q), sched.tokens(op.kv)
     # a masked block is priced as a full one (an upper bound)
     causal = op.kind is BlockKind.DIAG
     seconds = device.kernel.seconds(
-        pass_, lq, lk, causal, shape.batch * heads, shape.head_dim, shape.float32
+        pass_, lq, lk, causal, call.batch * heads, call.head_dim, call.itemsize >= 4
     )
     # Cells that accumulate instead of overwrite add one merge pass over their rows.
     if not all(op.fresh_q):
-        seconds += _stream_seconds(rows_bytes(sched, op.q_out, pass_, shape), device)
+        seconds += _stream_seconds(rows_bytes(sched, op.q_out, pass_, call), device)
     if op.kv_out is not None and not all(op.fresh_kv):
-        seconds += _stream_seconds(rows_bytes(sched, op.kv_out, pass_, shape), device)
+        seconds += _stream_seconds(rows_bytes(sched, op.kv_out, pass_, call), device)
     return seconds
 
 
 def merge_seconds(
-    sched: Schedule, op: Merge, pass_: Pass, shape: Shape, device: DeviceModel
+    sched: Schedule, op: Merge, pass_: Pass, call: CallDescription, device: DeviceModel
 ) -> float:
     """Device time of one merge (read the partial, read and write the accumulator)."""
-    return _stream_seconds(rows_bytes(sched, op.src, pass_, shape), device)
+    return _stream_seconds(rows_bytes(sched, op.src, pass_, call), device)
 
 
 def _stream_seconds(nbytes: float, device: DeviceModel) -> float:

@@ -33,10 +33,11 @@ import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from ..call.description import CallDescription
 from ..execution.timeline import Span
 from ..options import Pass
 from ..schedules.ir import Compute, Merge, Post, Schedule, Transfer, Wait
-from .costs import Shape, collective_pair_bytes, compute_seconds, merge_seconds, rows_bytes
+from .costs import collective_pair_bytes, compute_seconds, merge_seconds, rows_bytes
 from .topology import Topology
 
 __all__ = ["Prediction", "StepCost", "simulate_timing"]
@@ -154,11 +155,11 @@ class _Sim:
         schedules: list[Schedule],
         axes: Axes,
         pass_: Pass,
-        shape: Shape,
+        call: CallDescription,
         topo: Topology,
         placement: list[int],
     ) -> None:
-        self.schedules, self.axes, self.pass_, self.shape = schedules, axes, pass_, shape
+        self.schedules, self.axes, self.pass_, self.call = schedules, axes, pass_, call
         self.topo, self.device, self.placement = topo, topo.device, placement
         self.sync = topo.device.synchronous
         self.host = topo.device.host
@@ -191,7 +192,7 @@ class _Sim:
         for op in sched.ops:
             match op:
                 case Compute():
-                    seconds = compute_seconds(sched, op, self.pass_, self.shape, self.device)
+                    seconds = compute_seconds(sched, op, self.pass_, self.call, self.device)
                     cost = h.compute_us * 1e-6
                     label = f"{op.q_owner if op.q_owner is not None else '*'}x" + (
                         f"{op.kv_owner if op.kv_owner is not None else '*'}"
@@ -199,7 +200,7 @@ class _Sim:
                     items += self._host(op.step, cost)
                     items.append(_Item("kernel", op.step, seconds, label))
                 case Merge():
-                    seconds = merge_seconds(sched, op, self.pass_, self.shape, self.device)
+                    seconds = merge_seconds(sched, op, self.pass_, self.call, self.device)
                     cost = h.merge_us * 1e-6
                     items += self._host(op.step, cost)
                     items.append(_Item("kernel", op.step, seconds, "merge"))
@@ -247,7 +248,7 @@ class _Sim:
                 sends, recvs = self.p2p.setdefault(key, ([], []))
                 post.pending += 1
                 if move.send:
-                    nbytes = rows_bytes(sched, move.rows, self.pass_, self.shape)
+                    nbytes = rows_bytes(sched, move.rows, self.pass_, self.call)
                     post.nbytes += nbytes
                     sends.append((post, nbytes))
                 else:
@@ -273,7 +274,7 @@ class _Sim:
         n = len(coll.members)
         for a in coll.members:
             move, sched = coll.moves[a], self.schedules[a]
-            nbytes = collective_pair_bytes(sched, move, self.pass_, self.shape)
+            nbytes = collective_pair_bytes(sched, move, self.pass_, self.call)
             coll.posts[a].nbytes += nbytes * (n - 1)
             if nbytes <= 0 or n == 1:
                 continue
@@ -570,7 +571,7 @@ class _Sim:
 def simulate_timing(
     schedules: list[Schedule],
     pass_: Pass,
-    shape: Shape,
+    call: CallDescription,
     topology: Topology,
     axes: Axes | None = None,
     placement: list[int] | None = None,
@@ -583,6 +584,6 @@ def simulate_timing(
             f"{world} ranks but topology {topology.name!r} has {topology.devices} devices"
         )
     axes = axes if axes is not None else {"group": [tuple(range(world))]}
-    sim = _Sim(schedules, axes, pass_, shape, topology, placement or list(range(world)))
+    sim = _Sim(schedules, axes, pass_, call, topology, placement or list(range(world)))
     sim.run()
     return sim.prediction()

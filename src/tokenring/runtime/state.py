@@ -118,11 +118,12 @@ class BoundedCache(OrderedDict):
 
 @dataclass
 class GroupRuntime:
-    """The state of one process group: lanes, prepared calls (their plans and how they
-    run), agreed call descriptions."""
+    """The state of one process group: lanes, prepared calls (by their raw arguments),
+    plans (by call description and site), agreed call descriptions."""
 
     name: str
     calls: BoundedCache
+    plans: BoundedCache
     agreed: BoundedCache
     lanes: Lanes | None = None
 
@@ -161,9 +162,10 @@ class Runtime:
             )
         self.settings = replace(self.settings, **changes).validated()
         for state in self.groups.values():
-            state.calls.limit = self.settings.max_plans
+            state.calls.limit = state.plans.limit = self.settings.max_plans
             state.agreed.limit = self.settings.max_agreed
-            state.calls.clear()  # prepared calls carry the settings they were made with
+            state.calls.clear()  # prepared calls and plans carry the settings they were
+            state.plans.clear()  # made with
         return self.settings
 
     def group(self, group: dist.ProcessGroup | None) -> GroupRuntime:
@@ -171,8 +173,12 @@ class Runtime:
         name = _group_name(group)
         state = self.groups.get(name)
         if state is None:
+            plans = self.settings.max_plans
             state = GroupRuntime(
-                name, BoundedCache(self.settings.max_plans), BoundedCache(self.settings.max_agreed)
+                name,
+                BoundedCache(plans),
+                BoundedCache(plans),
+                BoundedCache(self.settings.max_agreed),
             )
             self.groups[name] = state
         return state

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..options import Strategy
 from .allgather import AllGatherKV
-from .base import CallShape, StrategyDef
+from .base import StrategyDef
 from .ir import Schedule
 from .key import ScheduleKey
 from .ring import Ring
@@ -16,7 +16,7 @@ from .tokenring import TokenRing
 from .ulysses import Ulysses
 from .usp import USP
 
-__all__ = ["STRATEGIES", "CallShape", "Schedule", "ScheduleKey", "StrategyDef", "build_schedule"]
+__all__ = ["STRATEGIES", "Schedule", "ScheduleKey", "StrategyDef", "build_schedule"]
 
 STRATEGIES: dict[Strategy, StrategyDef] = {
     s.name: s for s in (TokenRing(), Ring(), Ulysses(), AllGatherKV(), USP())

@@ -8,26 +8,12 @@ says why (and what would work), the same on every rank.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
-from ..options import Layout, Strategy
+from ..options import Strategy
 from .ir import Schedule
 from .key import ScheduleKey
 
-__all__ = ["CallShape", "StrategyDef"]
-
-
-@dataclass(frozen=True)
-class CallShape:
-    """The shape of a call as a strategy sees it (identical on every rank)."""
-
-    world: int
-    layout: Layout
-    causal: bool
-    heads_q: int
-    heads_kv: int
-    length: int  # local sequence length
-    ulysses: int = 1  # the size of the Ulysses axis (usp)
+__all__ = ["StrategyDef"]
 
 
 class StrategyDef(ABC):
@@ -36,8 +22,9 @@ class StrategyDef(ABC):
     name: Strategy
     summary: str = ""
 
-    def not_supported_reasons(self, shape: CallShape) -> list[str]:
-        """Every reason this strategy cannot run ``shape`` (empty if it can)."""
+    def not_supported_reasons(self, key: ScheduleKey) -> list[str]:
+        """Every reason this strategy cannot run the call ``key`` describes (empty if it
+        can; the same for every rank and pass)."""
         return []
 
     @abstractmethod

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from math import gcd
 
 from ..options import Pass, Strategy
-from .base import CallShape, StrategyDef
+from .base import StrategyDef
 from .blocks import cover
 from .builder import ScheduleBuilder
 from .geometry import chunk_ids
@@ -212,8 +212,8 @@ class Ulysses(StrategyDef):
         "sequence, one local attention per rank, and an all-to-all back."
     )
 
-    def not_supported_reasons(self, shape: CallShape) -> list[str]:
-        P, hq, hkv = shape.world, shape.heads_q, shape.heads_kv
+    def not_supported_reasons(self, key: ScheduleKey) -> list[str]:
+        P, hq, hkv = key.world, key.heads_q, key.heads_kv
         reasons = []
         if hq % P:
             reasons.append(f"heads_q ({hq}) is not divisible by the Ulysses degree {P}")

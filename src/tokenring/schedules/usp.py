@@ -16,8 +16,10 @@ with R = 1 Ulysses alone. See docs/algorithms.md, "USP".
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..options import Pass, Strategy
-from .base import CallShape, StrategyDef
+from .base import StrategyDef
 from .builder import ScheduleBuilder
 from .geometry import mesh_pieces
 from .ir import Precision, Schedule, SlotKind, SlotSpec
@@ -113,11 +115,8 @@ class USP(StrategyDef):
         "axis; every rank ends with its own tokens for every head."
     )
 
-    def not_supported_reasons(self, shape: CallShape) -> list[str]:
-        ulysses_shape = CallShape(
-            shape.ulysses, shape.layout, shape.causal, shape.heads_q, shape.heads_kv, shape.length
-        )
-        return Ulysses().not_supported_reasons(ulysses_shape)
+    def not_supported_reasons(self, key: ScheduleKey) -> list[str]:
+        return Ulysses().not_supported_reasons(replace(key, world=key.ulysses))
 
     def schedule(self, key: ScheduleKey) -> Schedule:
         return usp_schedule(key)

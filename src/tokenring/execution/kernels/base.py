@@ -121,6 +121,8 @@ class KernelBackend(ABC):
         mask: BlockMask | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Block attention; see the module docstring for shapes."""
+        if q.shape[1] == 0 or k.shape[1] == 0:  # no queries, or no keys: an empty partial
+            return _empty_forward(q)
         if not self.native_gqa and k.shape[2] != q.shape[2]:
             k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
         if mask is None:
@@ -146,6 +148,8 @@ class KernelBackend(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients of one block given the global lse and delta; see the module docstring."""
         heads_kv = k.shape[2]
+        if q.shape[1] == 0 or k.shape[1] == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         if not (self.native_gqa or heads_kv == q.shape[2]):
             k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
         if mask is None:
@@ -177,6 +181,15 @@ class KernelBackend(ABC):
 
     def __repr__(self) -> str:
         return f"<kernel {self.name}>"
+
+
+def _empty_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block with no keys (or no queries): zero output, LSE -inf (the merge's identity)."""
+    lse = torch.full(
+        (q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=accum_dtype(q.dtype),
+        device=q.device,
+    )  # fmt: skip
+    return torch.zeros_like(q), lse
 
 
 def delta_surrogate(do: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
