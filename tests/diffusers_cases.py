@@ -32,14 +32,16 @@ def tiny_sd3(seed: int = 0):
     ).double()  # fmt: skip
 
 
-def _inputs(kind: str) -> dict:
+def _inputs(kind: str, odd: bool = False) -> dict:
+    """The model's inputs; ``odd``: an image whose token count divides by nothing (Flux
+    3 x 5 = 15 tokens, SD3 a 6 x 10 latent in 2 x 2 patches = 15 tokens)."""
     g = torch.Generator().manual_seed(11)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
     if kind == "flux":
-        h, w = 4, 8  # 32 image tokens
+        h, w = (3, 5) if odd else (4, 8)  # 15 or 32 image tokens
         rows, cols = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
         img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).double()
         return dict(
@@ -48,18 +50,20 @@ def _inputs(kind: str) -> dict:
             img_ids=img_ids, txt_ids=torch.zeros(5, 3, dtype=torch.float64),
         )  # fmt: skip
     return dict(
-        hidden_states=rand(2, 4, 8, 16), encoder_hidden_states=rand(2, 5, 16),
+        hidden_states=rand(2, 4, 6, 10) if odd else rand(2, 4, 8, 16),
+        encoder_hidden_states=rand(2, 5, 16),
         pooled_projections=rand(2, 8), timestep=torch.tensor([3.0, 7.0], dtype=torch.float64),
     )  # fmt: skip
 
 
-def dit_case(w, *, world: int, kind: str, strategy: str) -> dict:
+def dit_case(w, *, world: int, kind: str, strategy: str, odd: bool = False) -> dict:
     """The full output and every parameter gradient (summed over the group) of the
-    sharded transformer against the same model on one process."""
+    sharded transformer against the same model on one process (``odd``: image tokens
+    that divide by nothing)."""
     from tokenring.integrations.diffusers import enable
 
     make = tiny_flux if kind == "flux" else tiny_sd3
-    inputs = _inputs(kind)
+    inputs = _inputs(kind, odd)
     reference = make()
     ref = reference(**inputs).sample
     weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=ref.dtype)

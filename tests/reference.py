@@ -35,10 +35,22 @@ def reference_with_grads(q, k, v, do, *, causal: bool):
     return out.detach(), lse.detach(), grads
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (NaN anywhere counts as infinite)."""
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:
+    """max |actual - expected| / max(max |expected|, floor) (NaN anywhere counts as
+    infinite). ``floor``: the scale to judge by when ``expected`` is zero in exact
+    arithmetic (``grad_floor``)."""
     actual, expected = actual.double(), expected.double()
     if torch.isnan(actual).any():
         return float("inf")
-    scale = expected.abs().max().clamp_min(1e-30)
-    return ((actual - expected).abs().max() / scale).item()
+    scale = expected.abs().max().clamp_min(floor) if expected.numel() else torch.tensor(floor)
+    return ((actual - expected).abs().max() / scale).item() if actual.numel() else 0.0
+
+
+def grad_floor(local_ref: torch.Tensor, ref_grads) -> float:
+    """The scale to judge a shard's gradient by when it is zero in exact arithmetic (a
+    query with one key has dq = 0 and only rounding is left; a shard may hold only such
+    rows, or none): the largest reference gradient of the whole sequence. Otherwise none
+    (each shard on its own scale)."""
+    largest = max(g.abs().max().item() for g in ref_grads)
+    own = local_ref.abs().max().item() if local_ref.numel() else 0.0
+    return largest if own < 1e-6 * largest else 1e-30

@@ -28,6 +28,11 @@ def test_a_sequence_parallel_transformers_model_equals_the_model_on_one_process(
         for layout in ("zigzag", "contiguous")
         for s in ("tokenring", "ring", "allgather") + (("auto",) if w == 4 else ())
     ]
+    # sequences that divide by nothing: shards of unequal length (shard_batch says how long)
+    cases += [
+        dict(world=3, family=family, layout="zigzag", strategy="tokenring", seq=29),
+        dict(world=4, family=family, layout="contiguous", strategy="ring", seq=30),
+    ]
     for case, per_rank in zip(cases, pool.run(llm_case, cases, timeout=600)):
         for r in per_rank:
             assert r["logits"] <= 1e-12 and r["grads"] <= 1e-12, (case, r)
@@ -106,6 +111,8 @@ def test_a_sequence_parallel_mm_dit_equals_the_model_on_one_process(pool, kind):
         for w, s in ((2, "tokenring"), (4, "tokenring"), (2, "ring"), (4, "ulysses"),
                      (4, "allgather"), (4, "usp"))
     ]  # fmt: skip
+    # 15 image tokens: shards of unequal length
+    cases += [dict(world=4, kind=kind, strategy=s, odd=True) for s in ("tokenring", "usp")]
     grads_tol = 1e-6 if kind == "flux" else 1e-12
     for case, per_rank in zip(cases, pool.run(dit_case, cases, timeout=600)):
         for r in per_rank:

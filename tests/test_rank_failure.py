@@ -96,3 +96,60 @@ def test_a_transfer_timeout_given_to_the_launcher_is_the_one_a_stalled_transfer_
     assert "worker 0 failed" in message, message
     assert "TransferFailed" in message and "within the timeout of 3 s" in message, message
     assert time.monotonic() - start < 30, "the stall was noticed by the transfer timeout"
+
+
+def _absent_worker(rank: int, world: int, port: int, results, lanes_first: bool) -> None:
+    """Rank 0 makes a first call; rank 1 never does (it sleeps, then leaves)."""
+    import torch.distributed as dist
+
+    import tokenring as tr
+
+    os.environ["TOKENRING_TIMEOUT_S"] = str(TIMEOUT_S)
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    if lanes_first:
+        tr.setup_lanes()  # collective: both ranks; only the agreement is left to wait for
+    if rank == 1:
+        time.sleep(3 * TIMEOUT_S)
+        os._exit(0)
+    q = torch.randn(1, 16, 2, 8)
+    start = time.monotonic()
+    try:
+        tr.token_ring_attn(q, q, q, causal=True)
+        results.put((rank, "no error", time.monotonic() - start))
+    except Exception as err:  # what a user sees, whatever its type
+        results.put((rank, f"{type(err).__name__}: {err}", time.monotonic() - start))
+    results.close()
+    results.join_thread()
+    os._exit(0)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("lanes_first", [True, False], ids=["agreement", "lanes"])
+def test_a_rank_that_never_calls_makes_the_others_raise_within_the_timeout(lanes_first):
+    """The first call waits for every rank (the lanes, then the agreement on the call's
+    description) at most the runtime's timeout, not the process group's own."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_absent_worker, args=(r, 2, port, results, lanes_first), daemon=True)
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        rank, message, seconds = results.get(timeout=TIMEOUT_S + 60)
+    except queue.Empty:
+        pytest.fail("rank 0 did not report: its first call waited past the timeout")
+    finally:
+        for p in procs:
+            p.join(timeout=3 * TIMEOUT_S + 30)
+            if p.is_alive():
+                p.kill()
+    assert rank == 0
+    assert message.startswith("TransferFailed: "), message
+    assert f"within the timeout of {TIMEOUT_S} s" in message, message
+    assert seconds <= TIMEOUT_S + 5, f"rank 0 took {seconds:.1f}s to notice"

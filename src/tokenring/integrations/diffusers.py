@@ -25,14 +25,15 @@ text-stream gradients agree to about 1e-7 rather than 1e-15.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..api.attention import attention
+from ..api.attention import run
 from ..api.sharding import shard, unshard
+from ..call.description import Options
 from .common import sharded_over
 
 __all__ = ["SUPPORTED_MODELS", "DiffusersHandle", "enable"]
@@ -55,9 +56,11 @@ def _diffusers():
 
 @dataclass
 class _Call:
-    """What the hooks learn about the forward call in progress (text length)."""
+    """What the hooks learn about the forward call in progress: the text tokens' length,
+    and the image tokens' (global, before sharding: what shards of unequal length need)."""
 
     text_len: int = 0
+    image_len: int | None = None
 
 
 @dataclass
@@ -102,9 +105,16 @@ class _JointProcessor:
     """An attention processor for Flux and SD3 attention modules: their projections and
     norms (and Flux's rotary embedding), then tokenring with the text tokens joint."""
 
-    def __init__(self, options: dict, call: _Call, text_first: bool, apply_rotary):
-        self.options, self.call, self.text_first = options, call, text_first
+    def __init__(self, options: Options, where: dict, call: _Call, text_first: bool,
+                 apply_rotary):  # fmt: skip
+        self.options, self.where, self.call, self.text_first = options, where, call, text_first
         self.apply_rotary = apply_rotary
+
+    def _attend(self, q, k, v, joint=(None, None, None), side: str = "none"):
+        """tokenring over the image tokens of this forward, the text ones joint."""
+        options = replace(self.options, joint_strategy=side, seq_len=self.call.image_len)
+        return run(q, k, v, joint, options.values(), recorder=None, return_lse=False,
+                   **self.where)  # fmt: skip
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, **kwargs):  # fmt: skip
@@ -138,13 +148,11 @@ class _JointProcessor:
             else:
                 q, k, v = whole
         if text is None:
-            out = attention(q, k, v, **self.options).flatten(2, 3).to(q.dtype)
+            out = self._attend(q, k, v).flatten(2, 3).to(q.dtype)
             return self._image_out(attn, out)
         wants_text = encoder_hidden_states is None or not getattr(attn, "context_pre_only", False)
-        result = attention(
-            q, k, v, joint_q=text[0] if wants_text else None, joint_k=text[1], joint_v=text[2],
-            joint_strategy="front" if self.text_first else "rear", **self.options,
-        )  # fmt: skip
+        joint = (text[0] if wants_text else None, text[1], text[2])
+        result = self._attend(q, k, v, joint, "front" if self.text_first else "rear")
         out, text_out = result if wants_text else (result, None)
         out = out.flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:  # Flux single-stream: hand back [text; image]
@@ -186,14 +194,14 @@ def enable(
             raise ValueError(
                 "strategy='usp' needs mesh= (tokenring.sp_mesh(ulysses=..., ring=...))"
             )
-        where = {"mesh": mesh}
-        options = dict(strategy="usp", mesh=mesh, ring_impl=ring_impl, layout=LAYOUT)
+        where = {"mesh": mesh, "group": None}
+        options = Options.checked(strategy="usp", ring_impl=ring_impl, layout=LAYOUT)
     else:
-        where = {"group": group}
-        options = dict(strategy=strategy, group=group, layout=LAYOUT)
+        where = {"group": group, "mesh": None}
+        options = Options.checked(strategy=strategy, layout=LAYOUT)
     call = _Call()
     flux = kind == "FluxTransformer2DModel"
-    processor = _JointProcessor(options, call, text_first=flux, apply_rotary=apply_rotary)
+    processor = _JointProcessor(options, where, call, text_first=flux, apply_rotary=apply_rotary)
     previous = dict(transformer.attn_processors)
     transformer.set_attn_processor(processor)
 
@@ -202,8 +210,13 @@ def enable(
     def mine(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return shard(_Share.apply(x, world), layout=LAYOUT, dim=dim, **where)
 
+    def image(x: torch.Tensor) -> torch.Tensor:
+        """The image tokens, sharded: their global length is this forward's."""
+        call.image_len = x.shape[1]
+        return mine(x)
+
     def whole(x: torch.Tensor) -> torch.Tensor:
-        return unshard(x, layout=LAYOUT, dim=1, **where)
+        return unshard(x, layout=LAYOUT, dim=1, seq_len=call.image_len, **where)
 
     def refuse_extras(kwargs: dict) -> None:
         for name in ("controlnet_block_samples", "controlnet_single_block_samples",
@@ -222,7 +235,7 @@ def enable(
             given = signature.bind(*args, **kwargs).arguments
             refuse_extras(given)
             call.text_len = given["encoder_hidden_states"].shape[1]
-            given["hidden_states"] = mine(given["hidden_states"])
+            given["hidden_states"] = image(given["hidden_states"])
             img_ids = given["img_ids"]
             given["img_ids"] = mine(img_ids, dim=img_ids.dim() - 2)
             return (), given
@@ -241,6 +254,6 @@ def enable(
             refuse_extras(kwargs)
 
         hooks.append(transformer.register_forward_pre_hook(check, with_kwargs=True))
-        hooks.append(transformer.pos_embed.register_forward_hook(lambda m, a, out: mine(out)))
+        hooks.append(transformer.pos_embed.register_forward_hook(lambda m, a, out: image(out)))
         hooks.append(transformer.proj_out.register_forward_hook(lambda m, a, out: whole(out)))
     return DiffusersHandle(transformer, previous, hooks)

@@ -29,15 +29,15 @@ as usual on top).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..api.attention import attention
+from ..api.attention import run
 from ..api.sharding import shard
-from .common import sharded_over
+from ..call.description import Options
 
 __all__ = ["SUPPORTED_FAMILIES", "TransformersHandle", "enable", "shard_batch"]
 
@@ -45,6 +45,10 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 """``config.model_type`` of the decoder families tested (tests/test_integrations.py)."""
 
 _NAMES = itertools.count()
+
+SEQ_LEN_KEY = "tokenring_seq_len"
+"""The keyword ``shard_batch`` adds to a batch: the sequence's global length, which the
+model hands down to the attention function with its other keyword arguments."""
 
 
 def _transformers():
@@ -67,7 +71,7 @@ class TransformersHandle:
     model: Any
     name: str
     previous: str
-    options: dict = field(default_factory=dict)
+    options: Options
     active: bool = True
 
     def disable(self) -> None:
@@ -113,8 +117,9 @@ def enable(
     ``layout`` and ``group``/``mesh``."""
     _, interface, mask_interface, causal_mask_function = _transformers()
     _check_model(model)
-    where = {"mesh": mesh, "ring_impl": ring_impl} if strategy == "usp" else {"group": group}
-    options = dict(strategy=strategy, layout=layout, **where)
+    usp = strategy == "usp" or (strategy == "auto" and mesh is not None)
+    where = {"mesh": mesh, "group": None} if usp else {"mesh": None, "group": group}
+    chosen = Options.checked(strategy=strategy, layout=layout, ring_impl=ring_impl)
 
     def sequence_parallel_attention(
         module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
@@ -124,9 +129,13 @@ def enable(
         if kwargs.get("sliding_window") is not None:
             raise ValueError("sliding-window attention: tokenring computes full causal attention")
         # transformers hands [batch, heads, seq, head_dim]; tokenring takes [batch, seq, ...]
-        out = attention(
+        options = replace(
+            chosen, causal=bool(getattr(module, "is_causal", True)), softmax_scale=scaling,
+            seq_len=kwargs.get(SEQ_LEN_KEY),
+        )  # fmt: skip
+        out = run(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            causal=bool(getattr(module, "is_causal", True)), softmax_scale=scaling, **options,
+            (None, None, None), options.values(), recorder=None, return_lse=False, **where,
         )  # fmt: skip
         return out, None
 
@@ -148,7 +157,7 @@ def enable(
     mask_interface.register(name, causal_only)
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
-    return TransformersHandle(model, name, previous, options)
+    return TransformersHandle(model, name, previous, chosen)
 
 
 def shard_batch(
@@ -191,13 +200,16 @@ def shard_batch(
     def mine(x: torch.Tensor) -> torch.Tensor:
         return shard(x, layout=layout, dim=1, **where)
 
+    positions = mine(default.contiguous())
     part: dict[str, Any] = {
-        "position_ids": mine(default.contiguous()),
+        "position_ids": positions,
         # all ones: keeps transformers from reading the jumps of a zigzag shard's
         # positions as packed sequences
-        "attention_mask": torch.ones(rows, seq // sharded_over(group, mesh), dtype=torch.long,
-                                     device=tokens.device),
-    }  # fmt: skip
+        "attention_mask": torch.ones(positions.shape, dtype=torch.long, device=tokens.device),
+        # reaches the attention function (transformers passes its keyword arguments down):
+        # the global length, for shards of unequal length
+        SEQ_LEN_KEY: seq,
+    }
     part["input_ids" if "input_ids" in batch else "inputs_embeds"] = mine(tokens)
     labels = batch.get("labels")
     if labels is not None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ..execution.comm import Lanes, group_world, make_lanes
+from ..execution.executor import TransferFailed
 from .meshes import SpMesh
 
 __all__ = [
@@ -193,7 +194,17 @@ class Runtime:
                     "give new ones the same names and their creation would hang, so they "
                     "cannot be made again in this process: call destroy_lanes only at shutdown"
                 )
-            state.lanes = make_lanes(group, self.settings.timeout)
+            timeout = self.settings.timeout
+            try:
+                state.lanes = make_lanes(group, timeout)
+            except RuntimeError as err:  # a member that never came (DistStoreError, gloo)
+                raise TransferFailed(
+                    f"tokenring: the lanes of process group {state.name!r} (made on its first "
+                    f"call, with every member) were not made within the timeout of "
+                    f"{timeout.total_seconds():g} s: a member does not make this call, or "
+                    f"makes it much later (see tokenring.configure, tokenring.setup_lanes): "
+                    f"{err}"
+                ) from err
         return state.lanes
 
     def sp_mesh(self, mesh: object) -> SpMesh:
