@@ -36,11 +36,6 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         world = args.world_size
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if backend == "nccl" else "float32")
     heads_kv = args.heads_kv or args.heads
-    if args.seq_len % (2 * world):
-        console.print(
-            f"[red]--seq-len {args.seq_len} must be divisible by 2 x world size ({2 * world})[/red]"
-        )
-        return 2
     if args.heads % heads_kv:
         console.print(
             f"[red]--heads {args.heads} must be a multiple of --heads-kv {heads_kv}[/red]"

@@ -93,8 +93,9 @@ def _run_case(
 
     ql, kl, vl = (local(t).requires_grad_() for t in (q, k, v))
     out, lse = attention(
-        ql, kl, vl, strategy=strategy, causal=causal, layout=layout, return_lse=True, **where
-    )
+        ql, kl, vl, strategy=strategy, causal=causal, layout=layout, return_lse=True,
+        seq_len=cfg.seq_len, **where,
+    )  # fmt: skip
     grads = torch.autograd.grad(out, (ql, kl, vl), local(do))
     out_err = max(rel_err(out, local(ref_out.detach())), rel_err(lse, local(ref_lse.detach(), 2)))
     grad_err = max(rel_err(gr, local(r)) for gr, r in zip(grads, ref_grads))
@@ -104,7 +105,8 @@ def _run_case(
         for _ in range(cfg.repeats + 1):
             sync_ranks(device)
             start = time.perf_counter()
-            attention(ql, kl, vl, strategy=strategy, causal=causal, layout=layout, **where)
+            attention(ql, kl, vl, strategy=strategy, causal=causal, layout=layout,
+                      seq_len=cfg.seq_len, **where)  # fmt: skip
             sync_ranks(device)
             times.append(time.perf_counter() - start)
     return {
@@ -119,18 +121,19 @@ def _run_case(
 
 def _timeline(ctx: WorkerContext, cfg: DemoConfig, strategy: Strategy, mesh) -> list[dict]:
     device, dtype = ctx.device, DTYPES[cfg.dtype]
-    length = cfg.seq_len // ctx.world
-    g = torch.Generator(device="cpu").manual_seed(cfg.seed + ctx.rank)
-    q = torch.randn(1, length, cfg.heads, cfg.head_dim, generator=g).to(device, dtype)
-    kv = torch.randn(1, length, cfg.heads_kv, cfg.head_dim, generator=g).to(device, dtype)
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     where = {"mesh": mesh} if strategy is Strategy.USP else {}
+    q, kv = (
+        shard(torch.randn(1, cfg.seq_len, heads, cfg.head_dim, generator=g).to(device, dtype),
+              layout="zigzag", **where)
+        for heads in (cfg.heads, cfg.heads_kv)
+    )  # fmt: skip
     with torch.no_grad():
-        attention(q, kv, kv, strategy=strategy, causal=True, layout="zigzag", **where)  # warm-up
+        run = dict(strategy=strategy, causal=True, layout="zigzag", seq_len=cfg.seq_len, **where)
+        attention(q, kv, kv, **run)  # warm-up
         sync_ranks(device)
         recorder = Recorder(ctx.rank, device)
-        attention(
-            q, kv, kv, strategy=strategy, causal=True, layout="zigzag", recorder=recorder, **where
-        )
+        attention(q, kv, kv, recorder=recorder, **run)
         spans = [s.as_dict() for s in recorder.spans()]
     gathered: list = [None] * ctx.world
     dist.all_gather_object(gathered, spans)
