@@ -80,10 +80,13 @@ def run(
         if joint[0] is None:
             jo = jlse = None
     else:
-        try:
-            wants_grad = torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (q, k, v, *joint)
-            )
+        jq, jk, jv = joint
+        try:  # written out: this is every call's host time
+            wants_grad = torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad
+                or (jk is not None and (jk.requires_grad or jv.requires_grad))
+                or (jq is not None and jq.requires_grad)
+            )  # fmt: skip
         except AttributeError:  # not tensors: the checks say so
             wants_grad = False
         call = prepare(
@@ -93,7 +96,6 @@ def run(
         if wants_grad:
             out, lse, jo, jlse = ShardedAttention.apply(q, k, v, *joint, call)
         else:
-            jq, jk, jv = joint
             out, lse, jo, jlse = forward_pass(
                 call, q, k, v, Joint(jq, jk, jv) if jk is not None else None
             )

@@ -29,7 +29,9 @@ from .auto import resolve_auto
 
 __all__ = ["call_by_names", "prepare", "site_of", "where_call_runs"]
 
-_TYPED = tuple(OPTION_NAMES.index(n) for n in ("causal", "softmax_scale", "deterministic"))
+_CAUSAL, _SCALE, _DETERMINISTIC = (
+    OPTION_NAMES.index(n) for n in ("causal", "softmax_scale", "deterministic")
+)
 
 
 def site_of(strategy: object, group, mesh, ring_impl: object, rt: Runtime) -> Site:
@@ -88,10 +90,14 @@ def _fast_key(site: Site, options, wants_grad: bool, q, k, v, joint: tuple) -> t
     unhashable options)."""
     try:
         # typed: causal=1 must not reuse the plan of causal=True (1 == True)
-        typed = tuple(type(options[i]) for i in _TYPED) if isinstance(options, tuple) else ()
+        typed = (
+            (type(options[_CAUSAL]), type(options[_SCALE]), type(options[_DETERMINISTIC]))
+            if type(options) is tuple
+            else ()
+        )
         key = (
             site.key, options, typed, wants_grad, _tensor_key(q), _tensor_key(k), _tensor_key(v),
-            joint[1] is not None and tuple(_tensor_key(t) for t in joint),
+            joint[1] is not None and (_tensor_key(joint[0]), _tensor_key(joint[1])),
         )  # fmt: skip
         hash(key)
     except (AttributeError, TypeError):
