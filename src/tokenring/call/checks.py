@@ -20,7 +20,7 @@ from ..schedules import STRATEGIES
 from ..schedules.geometry import local_lengths
 from .description import AUTO, CallDescription, JointShape, Options
 
-__all__ = ["describe", "strategy_problem", "strategy_refusals"]
+__all__ = ["describe", "refusals", "strategy_problem", "strategy_refusals"]
 
 
 def _tensor_problems(q, k, v) -> list[str]:
@@ -120,10 +120,14 @@ def _where(description: CallDescription) -> str:
     return f"{description.world} ranks"
 
 
+def refusals(call: CallDescription) -> list[str]:
+    """What the call's strategy declares it cannot do with this call (its schedule key)."""
+    return STRATEGIES[call.strategy].not_supported_reasons(call.schedule_key(0, Pass.FORWARD))
+
+
 def strategy_problem(description: CallDescription) -> str:
     """Why the call's strategy cannot run it (every reason), or "" if it can."""
-    key = description.schedule_key(0, Pass.FORWARD)
-    reasons = STRATEGIES[description.strategy].not_supported_reasons(key)
+    reasons = refusals(description)
     if not reasons:
         return ""
     return (
@@ -139,8 +143,9 @@ def strategy_refusals(
     """Why ``strategy`` cannot run a call of these shapes (empty if it can): what a tool
     asks before running it (the demo, the benchmark)."""
     options = Options(strategy=strategy, layout=layout, causal=causal, seq_len=seq_len)
-    call = CallDescription(options, 1, heads_q, heads_kv, 1, torch.float32, "cpu", world, ulysses)
-    return STRATEGIES[strategy].not_supported_reasons(call.schedule_key(0, Pass.FORWARD))
+    return refusals(
+        CallDescription(options, 1, heads_q, heads_kv, 1, torch.float32, "cpu", world, ulysses)
+    )
 
 
 def _length_problem(options: Options, length: int, world: int, rank: int) -> str:

@@ -134,11 +134,6 @@ class Options:
     def decode(text: str) -> Options:
         return Options.checked(**json.loads(text))
 
-    def describe(self) -> str:
-        strategy = getattr(self.strategy, "value", self.strategy)
-        mask = "causal" if self.causal else "full"
-        return f"{strategy}, {self.layout.value}, {mask}"
-
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Options))
 """The order of raw option values (``tokenring.attention`` hands them over so)."""
@@ -275,7 +270,8 @@ class CallDescription:
             else f"{self.world} ranks"
         )
         return (
-            f"{self.options.describe()}, {self.seq_len} tokens over {where}, batch "
+            f"{self.strategy.value}, {self.layout.value}, {self.mask.describe()}, "
+            f"{self.seq_len} tokens over {where}, batch "
             f"{self.batch}, heads {self.heads_q}/{self.heads_kv}, head_dim {self.head_dim}, "
             f"{dtype}"
         )

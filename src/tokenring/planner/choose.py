@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from ..call.checks import refusals
 from ..call.description import CallDescription
 from ..options import Layout, Pass, RingImpl, Strategy
-from ..schedules import STRATEGIES, build_schedule
+from ..schedules import build_schedule
 from ..schedules.usp import mesh_axes
 from .timing import Prediction, simulate_timing
 from .topology import Topology
@@ -188,7 +189,7 @@ def _schedules(call: CallDescription, pass_: Pass, stream_tail: bool = True) -> 
 
 
 def _refusal(call: CallDescription) -> str | None:
-    reasons = STRATEGIES[call.strategy].not_supported_reasons(call.schedule_key(0, Pass.FORWARD))
+    reasons = refusals(call)
     return "; ".join(reasons) if reasons else None
 
 
