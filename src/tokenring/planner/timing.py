@@ -32,6 +32,7 @@ from __future__ import annotations
 import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..call.description import CallDescription
 from ..execution.timeline import Span
@@ -69,8 +70,22 @@ class Prediction:
     host_ms: float
     slowest_rank: int
     steps: tuple[StepCost, ...]
-    spans: tuple[Span, ...]
+    timeline: tuple = field(repr=False, compare=False)
+    """What ``spans`` is drawn from: (transfer spans, each rank's stream, pass)."""
     synchronous: bool = False
+
+    @cached_property
+    def spans(self) -> tuple[Span, ...]:
+        """Every rank's kernels and transfers, by rank and start (made when asked: at
+        large P there are P^2 of them, and choosing needs only ``steps``)."""
+        comm, streams, phase = self.timeline
+        kernels = [
+            Span(rank, i.step, "compute", i.label, i.start * 1e3, i.end * 1e3, 0, phase)
+            for rank, stream in enumerate(streams)
+            for i in stream
+            if i.kind == "kernel"
+        ]
+        return tuple(sorted(comm + kernels, key=lambda s: (s.rank, s.start_ms)))
 
     @property
     def compute_ms(self) -> float:
@@ -182,6 +197,12 @@ class _Sim:
         self.wake: set[int] = set(range(len(schedules)))  # ranks to look at now
         self.host_seconds = [0.0] * len(schedules)
         self.spans: list[Span] = []
+        # each rank's group on each axis (looked up for every move)
+        self.groups: dict[str, dict[int, tuple[int, ...]]] = {
+            axis: {rank: group for group in groups for rank in group}
+            for axis, groups in axes.items()
+        }
+        self.routes: dict[tuple[int, int], object] = {}
         for rank, sched in enumerate(schedules):
             self.streams.append(self._stream(rank, sched))
 
@@ -227,14 +248,22 @@ class _Sim:
         """On a synchronous device an operation's host time is spent on its stream."""
         return [_Item("host", step, seconds, "host")] if self.sync else []
 
+    def _route(self, a: int, b: int):
+        """The route from rank ``a``'s device to rank ``b``'s (remembered per pair)."""
+        key = (self.placement[a], self.placement[b])
+        found = self.routes.get(key)
+        if found is None:
+            found = self.routes[key] = self.topo.links.route(*key)
+        return found
+
     def _global(self, rank: int, axis: str, peer: int) -> int:
-        for group in self.axes[axis]:
-            if rank in group:
-                return group[peer]
-        raise ValueError(f"rank {rank} is in no group of axis {axis!r}")
+        return self._members(rank, axis)[peer]
 
     def _members(self, rank: int, axis: str) -> tuple[int, ...]:
-        return next(g for g in self.axes[axis] if rank in g)
+        group = self.groups[axis].get(rank)
+        if group is None:
+            raise ValueError(f"rank {rank} is in no group of axis {axis!r}")
+        return group
 
     # -- posts and flows ------------------------------------------------------
     def _start_post(self, post: _Post) -> None:
@@ -282,7 +311,7 @@ class _Sim:
             latency = 0.0
             for b in coll.members:
                 if a != b:
-                    route = self.topo.links.route(self.placement[a], self.placement[b])
+                    route = self._route(a, b)
                     latency = max(latency, route.latency_us * 1e-6)
                     for r in route.via:
                         load[r] += 1.0 / (n - 1)
@@ -293,7 +322,7 @@ class _Sim:
                 self._finish(post)
 
     def _flow(self, src: int, dst: int, nbytes: float, owners: list) -> None:
-        route = self.topo.links.route(self.placement[src], self.placement[dst])
+        route = self._route(src, dst)
         cap = route.p2p_cap_gbps * 1e9 if route.p2p_cap_gbps else None
         load = dict.fromkeys(route.via, 1.0)
         self._add(_Flow((src, dst), load, cap, nbytes, route.latency_us * 1e-6, owners))
@@ -545,12 +574,6 @@ class _Sim:
             StepCost(s, ms * 1e3, c * 1e3, max(ms - c - h, 0.0) * 1e3, h * 1e3)
             for s, (ms, c, h) in sorted(steps.items())
         )
-        spans = self.spans + [
-            Span(rank, i.step, "compute", i.label, i.start * 1e3, i.end * 1e3, 0, self.pass_.value)
-            for rank, stream in enumerate(self.streams)
-            for i in stream
-            if i.kind == "kernel"
-        ]
         device_ms = ends[slowest] * 1e3
         if self.sync:
             host_ms, ms = sum(c.host_ms for c in costs), device_ms
@@ -563,7 +586,7 @@ class _Sim:
             host_ms,
             slowest,
             costs,
-            tuple(sorted(spans, key=lambda s: (s.rank, s.start_ms))),
+            (self.spans, self.streams, self.pass_.value),
             self.sync,
         )
 

@@ -71,8 +71,10 @@ def _causal_squares(pairs: dict[tuple[int, int], BlockKind]) -> list[Block]:
     return squares
 
 
-def cover(elements: tuple[Element, ...] | list[Element]) -> list[Block]:
-    """Cover exactly ``elements`` with few rectangular calls.
+@lru_cache(maxsize=8192)
+def cover(elements: tuple[Element, ...]) -> tuple[Block, ...]:
+    """Cover exactly ``elements`` with few rectangular calls (remembered: every rank's
+    schedule asks for the same few).
 
     Diagonal runs first (one causal call each), then the pairs left: per query
     cell, runs of consecutive key cells, stacked where neighbouring query cells
@@ -101,4 +103,4 @@ def cover(elements: tuple[Element, ...] | list[Element]) -> list[Block]:
             stacked[match] = (q0, i + 1, k0, k1, before + kinds)
         open_at[(k0, k1, stacked[match][1])] = match
     rectangles = [Block(q0, q1, k0, k1, combine(kinds)) for q0, q1, k0, k1, kinds in stacked]
-    return sorted(squares + rectangles, key=lambda b: (b.q0, b.k0))
+    return tuple(sorted(squares + rectangles, key=lambda b: (b.q0, b.k0)))

@@ -117,7 +117,7 @@ class ScheduleBuilder:
 
     def compute(
         self,
-        blocks: list[Block],
+        blocks: tuple[Block, ...],
         *,
         q: tuple[str, tuple[int, ...]],
         kv: tuple[str, tuple[int, ...]],

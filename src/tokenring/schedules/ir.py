@@ -348,13 +348,13 @@ class Schedule:
 
     def tokens(self, rows: Rows) -> int:
         """Tokens in ``rows``."""
-        return self.table(rows).tokens(rows.pieces)
+        return self.table(rows).tokens(rows.content[rows.start : rows.stop])
 
     def token_range(self, rows: Rows) -> tuple[int, int]:
         """Where ``rows`` sit in their slot's storage: tokens ``[a, b)``."""
         table = self.table(rows)
         a = table.tokens(rows.content[: rows.start])
-        return a, a + table.tokens(rows.pieces)
+        return a, a + table.tokens(rows.content[rows.start : rows.stop])
 
     @cached_property
     def lanes(self) -> tuple[Lane, ...]:

@@ -231,7 +231,7 @@ class _Emitter:
     def compute(self, visit: Visit, elements) -> None:
         local = visit.step == 0
         self.b.compute(
-            cover(list(elements)),
+            cover(tuple(elements)),
             q=(self.query_slot(visit.step), self.shard(visit.owner)),
             kv=(self.ring.kv, self.shard(self.ring.rank)),
             q_out="acc" if local else f"part{visit.step % 2}",
