@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -116,6 +121,44 @@ def test_empty_sequence_is_rejected():
 def test_wrong_rank_count_for_a_shard():
     with pytest.raises(ValueError, match="not initialized"):
         tr.token_ring_attn(*_qkv(), group=object())
+
+
+def test_a_launch_of_several_ranks_without_a_process_group_is_refused():
+    """Under torchrun (``WORLD_SIZE`` > 1) without ``init_process_group`` every rank would
+    run alone on its own shard and return a wrong result without a word: attention,
+    ``shard`` and ``unshard`` raise a ValueError that says what to call. In a process of
+    its own, as torchrun starts it; with ``WORLD_SIZE=1`` the same calls run."""
+    script = textwrap.dedent(
+        """
+        import os, torch, tokenring as tr
+        x = torch.zeros(1, 8, 2, 4)
+        calls = {"attention": lambda: tr.attention(x, x, x, causal=True),
+                 "shard": lambda: tr.shard(x, layout="zigzag"),
+                 "unshard": lambda: tr.unshard(x, layout="zigzag")}
+        for size in ("2", "1"):
+            os.environ["WORLD_SIZE"] = size
+            for name, call in calls.items():
+                try:
+                    call()
+                    print(size, name, "ran")
+                except ValueError as error:
+                    print(size, name, error)
+        """
+    )
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    expected = (
+        "WORLD_SIZE=2 in the environment (a launcher such as torchrun started 2 ranks), but "
+        "torch.distributed is not initialized, so each rank would run alone on its own part "
+        "of the sequence: call torch.distributed.init_process_group first"
+    )
+    assert lines == [f"2 {name} {expected}" for name in ("attention", "shard", "unshard")] + [
+        f"1 {name} ran" for name in ("attention", "shard", "unshard")
+    ], lines
 
 
 def heads_6_6(rank, world):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..execution.comm import group_world
 from ..options import Layout, parse_enum
 from ..runtime import runtime
 from ..schedules.geometry import PieceTable, chunk_ids, mesh_pieces, piece_table
@@ -36,15 +37,13 @@ class _Sharding:
 
 
 def _sharding(layout: Layout, group: dist.ProcessGroup | None, mesh: object) -> _Sharding:
+    """Who holds what for ``layout`` over ``group`` (one rank without torch.distributed)
+    or over ``mesh``."""
     if mesh is not None:
         if group is not None:
             raise ValueError("give group= or mesh=, not both")
         return _mesh_sharding(layout, mesh)
-    if not dist.is_available() or not dist.is_initialized():
-        if group is not None:
-            raise ValueError("group was given but torch.distributed is not initialized")
-        return _Sharding(layout, 1, 0, (chunk_ids(layout, 1, 0),), None)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world, rank = group_world(group)  # refuses a launch of several ranks without a group
     pieces = tuple(chunk_ids(layout, world, r) for r in range(world))
     return _Sharding(layout, world, rank, pieces, group)
 
