@@ -135,6 +135,31 @@ def expect_error(w, *, world: int, make, call: str = "token_ring_attn", **kwargs
     return "<no error>"
 
 
+def shard_check_case(w, *, world: int, differ: str, mesh: bool = False) -> str:
+    """``tr.shard(check=True)`` of a global tensor every rank makes alike but the last,
+    whose tensor ``differ``s: "" (not), "value" (one element by one unit in the last
+    place), "length" (a token more), "dtype" (float64); over the group of ``world`` ranks
+    or (``mesh``) a 2 x 2 mesh. The ValueError's message, or whether the shard equals the
+    unchecked one."""
+    from usp_cases import mesh_of
+
+    where = {"mesh": mesh_of(2, 2, True)} if mesh else {"group": w.group(world)}
+    group = where.get("group")
+    x = torch.randn(2, 4 * world + 1, 3, 8, generator=torch.Generator().manual_seed(5))
+    if torch.distributed.get_rank(group) == world - 1:
+        if differ == "value":
+            x[1, 3, 2, 7] = torch.nextafter(x[1, 3, 2, 7], torch.tensor(1.0))
+        elif differ == "length":
+            x = torch.cat([x, x[:, :1]], dim=1)
+        elif differ == "dtype":
+            x = x.double()
+    try:
+        checked = tr.shard(x, layout="zigzag", check=True, **where)
+    except ValueError as err:
+        return str(err)
+    return f"same shard: {torch.equal(checked, tr.shard(x, layout='zigzag', **where))}"
+
+
 def gradcheck_case(w, *, world: int, strategy: str, layout: str, causal: bool) -> bool:
     """torch.autograd.gradcheck of the whole sharded computation in float64.
 
