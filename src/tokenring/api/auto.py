@@ -10,6 +10,7 @@ so ``explain()`` can say why.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,8 @@ from ..call.description import CallDescription
 from ..execution.plan import Site
 from ..options import RingImpl, Strategy
 from ..planner.choose import PlanReport, plan_call
-from ..planner.machine import topology_for
+from ..planner.machine import auto_topology
+from ..planner.topology import Topology
 from ..runtime import Runtime
 from ..schedules.ir import GROUP_AXIS
 
@@ -42,6 +44,21 @@ def _device(call: CallDescription) -> torch.device:
     return torch.device(call.device_type)
 
 
+def _topology(rt: Runtime, call: CallDescription, world: int) -> Topology:
+    """The machine ``auto`` plans ``world`` ranks of ``call``'s devices for, found once per
+    topology setting, device type and size (``Runtime.topologies``); a setting that does
+    not fit (a file of fewer devices, one that cannot be read) warns then, once, and
+    says how to measure the machine: ``auto`` never fails a call for its topology."""
+    key = (rt.settings.topology, call.device_type, world)
+    found = rt.topologies.get(key)
+    if found is None:
+        found, problem = auto_topology(_device(call), world, rt.settings.topology)
+        if problem is not None:
+            warnings.warn(f"tokenring: {problem}", stacklevel=2)
+        rt.topologies[key] = found
+    return found
+
+
 def resolve_auto(rt: Runtime, call: CallDescription, site: Site) -> AutoChoice:
     """The strategy (and ring across, on a mesh) ``auto`` runs ``call`` with: the planner's
     fastest for this machine; over a mesh, USP with TokenRing or ring across."""
@@ -55,7 +72,7 @@ def resolve_auto(rt: Runtime, call: CallDescription, site: Site) -> AutoChoice:
     report = None
     if site.world > 1 or mesh:
         report = plan_call(
-            topology_for(_device(call), site.world, rt.settings.topology),
+            _topology(rt, call, site.world),
             call,
             backward=call.wants_grad,
             with_usp=False,

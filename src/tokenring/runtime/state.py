@@ -150,6 +150,9 @@ class Runtime:
     """Meshes by the names of their ring and ulysses groups, likewise."""
     auto: BoundedCache = field(default_factory=lambda: BoundedCache(256))
     """What ``strategy="auto"`` chose per call shape (``auto.AutoChoice``, with the report)."""
+    topologies: dict[tuple, object] = field(default_factory=dict)
+    """The machine ``auto`` plans for, by (topology setting, device type, ranks): read and
+    checked once (a setting that does not fit warns then, once)."""
     sites: dict[tuple, tuple] = field(default_factory=dict)
     """Where calls run, by (strategy, group, mesh, ring_impl): the site and its group's state."""
 
@@ -167,6 +170,9 @@ class Runtime:
             state.agreed.limit = self.settings.max_agreed
             state.calls.clear()  # prepared calls and plans carry the settings they were
             state.plans.clear()  # made with
+        self.auto.clear()  # so do auto's decisions (the topology, stream_tail_min)
+        if "topology" in changes:
+            self.topologies.clear()  # a file named again is read (and checked) again
         return self.settings
 
     def group(self, group: dist.ProcessGroup | None) -> GroupRuntime:
