@@ -225,6 +225,28 @@ def timeline_case(w, *, world: int, strategy: str, heads: tuple[int, int]) -> li
     return [s.as_dict() for s in recorder.spans()]
 
 
+def runtime_summary_case(w, *, world: int) -> dict:
+    """Many distinct forward calls on this rank's group of ``world``: every 1-D strategy
+    and ``auto``, both layouts, lengths that divide and that do not. Then what
+    ``str(tr.runtime())`` and ``repr`` print, and whether ``why()`` holds the planner's
+    explanation of every decision ``auto`` kept."""
+    group = w.group(world)
+    for seq in range(world, 13 * world):
+        q, k, v, _ = make_inputs(seq, 1, seq, (4, 2), 8, torch.float32)
+        for layout in ("contiguous", "zigzag"):
+            parts = [tr.shard(t, layout=layout, group=group) for t in (q, k, v)]
+            for strategy in ("tokenring", "ring", "ulysses", "allgather", "auto"):
+                tr.attention(*parts, strategy=strategy, layout=layout, causal=seq % 2 == 0,
+                             group=group, seq_len=seq)  # fmt: skip
+    rt = tr.runtime()
+    why = rt.why()
+    return {
+        "str": str(rt),
+        "repr": repr(rt),
+        "why": all(c.report is None or c.report.explain() in why for c in rt.auto.values()),
+    }
+
+
 def merge_flags_case(w, *, world: int, fused: bool) -> list[bool]:
     """The ``fused`` flag of every merge of one TokenRing forward, with the runtime's
     ``fused_merge`` set to ``fused`` (restored afterwards)."""

@@ -37,6 +37,31 @@ class AutoChoice:
     report: PlanReport | None
     description: CallDescription
 
+    def reason(self) -> str:
+        """Why, in one line: the planner's ``PlanReport.headline``, or why there was no
+        choice to make."""
+        if self.report is None:
+            return f"{self.strategy.value}: one rank, nothing to choose"
+        if not self.report.priced:
+            return f"{self.strategy.value}: no strategy can run it (the call's checks say why)"
+        return self.report.headline()
+
+    def summary(self) -> str:
+        """One line: the call's shape and ``reason``."""
+        d = self.description
+        dtype = str(d.dtype).removeprefix("torch.")
+        return (
+            f"{d.seq_len} tokens/{d.world} ranks {d.layout.value} {d.mask.describe()} "
+            f"heads {d.heads_q}/{d.heads_kv} {dtype} -> {self.reason()}"
+        )
+
+    def explain(self) -> str:
+        """The call as it runs, then the planner's whole explanation (``explain``)."""
+        report = self.report
+        why = report.explain() if report is not None and report.priced else self.reason()
+        topology = f" on {report.topology}" if report is not None else ""
+        return f"{self.description.summary()}{topology}\n{why}"
+
 
 def _device(call: CallDescription) -> torch.device:
     if call.device_type == "cuda":
