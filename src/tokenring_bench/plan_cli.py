@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -229,15 +230,15 @@ def _join_torchrun() -> bool:
 
 
 def _more_ranks_command(args: argparse.Namespace) -> str:
-    """The command that measures this machine's links too: this one under ``torchrun``
-    with a process per GPU (two CPU processes without GPUs)."""
+    """The command that measures the links too: this one under ``torchrun``, with a
+    process per GPU (two CPU processes without GPUs; ``N`` with one GPU here)."""
     import torch
 
-    ranks = max(torch.cuda.device_count(), 2)
-    extra = f" --base {args.base}" if args.base else ""
+    ranks = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    extra = f" --base {shlex.quote(args.base)}" if args.base else ""
     extra += f" --dtype {args.dtype}" if args.dtype != "bfloat16" else ""
     extra += f" --max-length {args.max_length}" if args.max_length else ""
-    return calibrate_command(ranks, args.output) + extra
+    return calibrate_command(ranks if ranks > 1 else "N", args.output) + extra
 
 
 def run_calibrate(args: argparse.Namespace, console: Console) -> int:

@@ -27,9 +27,10 @@ from .topology import Topology
 __all__ = ["auto_topology", "calibrate_command", "load_topology", "topology_for"]
 
 
-def calibrate_command(ranks: int, output: str | Path) -> str:
-    """The command that measures ``ranks`` ranks of this machine, links included, into
-    the topology file ``output`` (``tokenring calibrate`` under ``torchrun``)."""
+def calibrate_command(ranks: int | str, output: str | Path) -> str:
+    """The command that measures ``ranks`` ranks of this machine (a number, or a word
+    standing for one), links included, into the topology file ``output`` (``tokenring
+    calibrate`` under ``torchrun``)."""
     path = shlex.quote(str(output))
     return f"torchrun --nproc-per-node {ranks} -m tokenring_bench calibrate --output {path}"
 

@@ -23,13 +23,16 @@ import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
 from ..execution.comm import Lanes, group_world, make_lanes
 from ..execution.executor import TransferFailed
 from .meshes import SpMesh
+
+if TYPE_CHECKING:
+    from ..planner.topology import Topology
 
 __all__ = [
     "BoundedCache",
@@ -222,7 +225,7 @@ class Runtime:
     """Meshes by the names of their ring and ulysses groups, likewise."""
     auto: BoundedCache = field(default_factory=lambda: BoundedCache(256))
     """What ``strategy="auto"`` chose per call shape (``auto.AutoChoice``, with the report)."""
-    topologies: dict[tuple, object] = field(default_factory=dict)
+    topologies: dict[tuple, Topology] = field(default_factory=dict)
     """The machine ``auto`` plans for, by (topology setting, device type, ranks): read and
     checked once (a setting that does not fit warns then, once)."""
     sites: dict[tuple, tuple] = field(default_factory=dict)
