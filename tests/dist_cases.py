@@ -135,6 +135,31 @@ def expect_error(w, *, world: int, make, call: str = "token_ring_attn", **kwargs
     return "<no error>"
 
 
+def shard_check_case(w, *, world: int, differ: str, mesh: bool = False) -> str:
+    """``tr.shard(check=True)`` of a global tensor every rank makes alike but the last,
+    whose tensor ``differ``s: "" (not), "value" (one element by one unit in the last
+    place), "length" (a token more), "dtype" (float64); over the group of ``world`` ranks
+    or (``mesh``) a 2 x 2 mesh. The ValueError's message, or whether the shard equals the
+    unchecked one."""
+    from usp_cases import mesh_of
+
+    where = {"mesh": mesh_of(2, 2, True)} if mesh else {"group": w.group(world)}
+    group = where.get("group")
+    x = torch.randn(2, 4 * world + 1, 3, 8, generator=torch.Generator().manual_seed(5))
+    if torch.distributed.get_rank(group) == world - 1:
+        if differ == "value":
+            x[1, 3, 2, 7] = torch.nextafter(x[1, 3, 2, 7], torch.tensor(1.0))
+        elif differ == "length":
+            x = torch.cat([x, x[:, :1]], dim=1)
+        elif differ == "dtype":
+            x = x.double()
+    try:
+        checked = tr.shard(x, layout="zigzag", check=True, **where)
+    except ValueError as err:
+        return str(err)
+    return f"same shard: {torch.equal(checked, tr.shard(x, layout='zigzag', **where))}"
+
+
 def gradcheck_case(w, *, world: int, strategy: str, layout: str, causal: bool) -> bool:
     """torch.autograd.gradcheck of the whole sharded computation in float64.
 
@@ -198,6 +223,28 @@ def timeline_case(w, *, world: int, strategy: str, heads: tuple[int, int]) -> li
     )
     torch.autograd.grad(out, parts, tr.shard(do, layout="zigzag", group=group))
     return [s.as_dict() for s in recorder.spans()]
+
+
+def runtime_summary_case(w, *, world: int) -> dict:
+    """Many distinct forward calls on this rank's group of ``world``: every 1-D strategy
+    and ``auto``, both layouts, lengths that divide and that do not. Then what
+    ``str(tr.runtime())`` and ``repr`` print, and whether ``why()`` holds the planner's
+    explanation of every decision ``auto`` kept."""
+    group = w.group(world)
+    for seq in range(world, 13 * world):
+        q, k, v, _ = make_inputs(seq, 1, seq, (4, 2), 8, torch.float32)
+        for layout in ("contiguous", "zigzag"):
+            parts = [tr.shard(t, layout=layout, group=group) for t in (q, k, v)]
+            for strategy in ("tokenring", "ring", "ulysses", "allgather", "auto"):
+                tr.attention(*parts, strategy=strategy, layout=layout, causal=seq % 2 == 0,
+                             group=group, seq_len=seq)  # fmt: skip
+    rt = tr.runtime()
+    why = rt.why()
+    return {
+        "str": str(rt),
+        "repr": repr(rt),
+        "why": all(c.report is None or c.report.explain() in why for c in rt.auto.values()),
+    }
 
 
 def merge_flags_case(w, *, world: int, fused: bool) -> list[bool]:

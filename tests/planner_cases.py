@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 import tokenring as tr
@@ -43,6 +45,33 @@ def auto_case(w, *, world: int, layout: str, causal: bool) -> dict:
         "choice": first.strategy.value,
         "explained": report is not None and report.choice in report.explain(),
         "decided_once": tr.runtime().auto.get(mine) is first,
+    }
+
+
+def small_topology_case(w, *, world: int, path: str) -> dict:
+    """``auto`` over ``world`` ranks with the one-device topology file ``path`` as the
+    setting: its errors against float64 for two call shapes (causal zigzag, then
+    contiguous), every warning tokenring gave (even with Python's filter at "always"),
+    and the topology the planner priced the last call on."""
+    tr.configure(topology=path)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shape = dict(heads=(4, 2), dtype="float32", batch=2, head_dim=16, seq_len=True)
+            errors = [
+                check_attention(w, world=world, strategy="auto", seq=8 * world + extra, **how)
+                for extra, how in (
+                    (0, dict(layout="zigzag", causal=True, **shape)),
+                    (1, dict(layout="contiguous", causal=False, **shape)),
+                )
+            ]
+        (last,) = list(tr.runtime().auto.values())[-1:]
+    finally:
+        tr.configure(topology=None)
+    return {
+        "errors": errors,
+        "warnings": [str(c.message) for c in caught if str(c.message).startswith("tokenring")],
+        "topology": last.report.topology,
     }
 
 

@@ -185,3 +185,11 @@ def test_the_bench_says_why_a_column_is_blank():
     assert "peak+ GB:" in text and "CUDA only" in text and "ideal (T1/P): the single" in text
     on_gpu = printed([record("tokenring", peak_extra_gb=0.5)])
     assert "peak+ GB:" not in on_gpu and "0.50" in on_gpu
+
+
+def test_calibrate_refuses_a_max_length_below_two_block_sizes(tmp_path, capsys):
+    """The kernel table needs two lengths: said before anything is measured, exit 2."""
+    path = tmp_path / "never.json"
+    assert cli_main(["calibrate", "--output", str(path), "--max-length", "40"]) == 2
+    assert "--max-length 40: the kernel table needs two lengths at least" in capsys.readouterr().out
+    assert not path.exists()

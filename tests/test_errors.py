@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 import tokenring as tr
-from dist_cases import expect_error
+from dist_cases import expect_error, shard_check_case
 
 
 def all_ranks(world: int) -> str:
@@ -116,6 +121,69 @@ def test_empty_sequence_is_rejected():
 def test_wrong_rank_count_for_a_shard():
     with pytest.raises(ValueError, match="not initialized"):
         tr.token_ring_attn(*_qkv(), group=object())
+
+
+def test_a_launch_of_several_ranks_without_a_process_group_is_refused():
+    """Under torchrun (``WORLD_SIZE`` > 1) without ``init_process_group`` every rank would
+    run alone on its own shard and return a wrong result without a word: attention,
+    ``shard`` and ``unshard`` raise a ValueError that says what to call. In a process of
+    its own, as torchrun starts it; with ``WORLD_SIZE=1`` the same calls run."""
+    script = textwrap.dedent(
+        """
+        import os, torch, tokenring as tr
+        x = torch.zeros(1, 8, 2, 4)
+        calls = {"attention": lambda: tr.attention(x, x, x, causal=True),
+                 "shard": lambda: tr.shard(x, layout="zigzag"),
+                 "unshard": lambda: tr.unshard(x, layout="zigzag")}
+        for size in ("2", "1"):
+            os.environ["WORLD_SIZE"] = size
+            for name, call in calls.items():
+                try:
+                    call()
+                    print(size, name, "ran")
+                except ValueError as error:
+                    print(size, name, error)
+        """
+    )
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    expected = (
+        "WORLD_SIZE=2 in the environment (a launcher such as torchrun started 2 ranks), but "
+        "torch.distributed is not initialized, so each rank would run alone on its own part "
+        "of the sequence: call torch.distributed.init_process_group first"
+    )
+    assert lines == [f"2 {name} {expected}" for name in ("attention", "shard", "unshard")] + [
+        f"1 {name} ran" for name in ("attention", "shard", "unshard")
+    ], lines
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_shard_check_finds_a_global_tensor_that_differs_across_ranks(pool, world):
+    """``shard(check=True)``: a global tensor that differs on the last rank (one element by
+    one unit in the last place, a token more, another dtype) raises the same ValueError
+    on every rank, naming that rank; the same tensor everywhere passes and shards as
+    without the check. Over a group of ``world`` ranks, and over a 2 x 2 mesh."""
+    cases = [dict(world=world, differ=d) for d in ("", "value", "length", "dtype")]
+    if world == 4:
+        cases += [dict(world=4, differ=d, mesh=True) for d in ("", "value")]
+    where = "shard(check=True): the global tensor differs across ranks: "
+    advice = "; it must be the same full tensor on every rank (the same seed, or the same batch)"
+    last, rows = world - 1, 4 * world + 1
+    expected = {
+        "": "same shard: True",
+        "value": f"{where}the values of rank {last} differ from rank 0's{advice}",
+        "length": f"{where}rank 0 has shape (2, {rows}, 3, 8) torch.float32, rank {last} has "
+        f"shape (2, {rows + 1}, 3, 8) torch.float32{advice}",
+        "dtype": f"{where}rank 0 has shape (2, {rows}, 3, 8) torch.float32, rank {last} has "
+        f"shape (2, {rows}, 3, 8) torch.float64{advice}",
+    }
+    for case, messages in zip(cases, pool.run(shard_check_case, cases)):
+        want = expected[case["differ"]] if world > 1 else "same shard: True"
+        assert messages == [want] * len(messages), (case, messages)
 
 
 def heads_6_6(rank, world):

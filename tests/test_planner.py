@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenring as tr
-from planner_cases import auto_case, links_case
+from planner_cases import auto_case, links_case, small_topology_case
 from tokenring.call.description import CallDescription
 from tokenring.options import Layout, Pass, Strategy
 from tokenring.planner import Topology, load_topology, preset, preset_names, simulate_timing
@@ -386,6 +386,87 @@ def test_strategy_auto_is_exact_eager_and_compiled_and_remembers_why(pool):
             assert max(r["errors"].values()) <= 1e-5, (case, r)
             assert r["compiled_diff"] <= 1e-5 and r["explained"], (case, r)
             assert r["decided_once"], (case, r)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_auto_with_a_one_device_topology_file_plans_with_a_presets_links(pool, tmp_path, world):
+    """``tokenring calibrate`` on one process writes one device; named as the setting, it
+    does not fail ``auto`` over more ranks: exact against float64 (two call shapes),
+    planned with the file's device and the links of the preset matched to the devices,
+    and one warning per rank (for both shapes) with the command that measures them."""
+    path = tmp_path / "my.json"
+    replace(preset("cpu-gloo", 1), name="calibrated-cpu", measured_ranks=1).save(path)
+    (per_rank,) = pool.run(small_topology_case, [dict(world=world, path=str(path))])
+    command = f"torchrun --nproc-per-node {world} -m tokenring_bench calibrate --output {path}"
+    for r in per_rank:
+        for errors in r["errors"]:
+            assert errors.pop("dtype_ok") == 1.0 and max(errors.values()) <= 1e-5, r
+        assert r["topology"] == "calibrated-cpu + cpu-gloo links", r
+        (warning,) = r["warnings"]
+        assert warning.startswith(
+            f"tokenring: topology file '{path}' ('calibrated-cpu') has 1 device(s) (calibrated "
+            f"on 1 rank), not {world}: strategy='auto' plans {world} ranks with its device and "
+            f"the links of preset 'cpu-gloo'."
+        ), warning
+        assert warning.endswith(command), warning
+
+
+def test_auto_never_fails_for_its_topology_setting(tmp_path):
+    """Whatever the setting names, ``auto`` gets a topology of the call's size: a file of
+    fewer devices lends its device to the matched preset's links; a missing or unreadable
+    file, or a preset of fewer devices, gives way to the matched preset; each says so."""
+    from tokenring.planner import auto_topology
+
+    cpu = torch.device("cpu")
+    small = tmp_path / "one.json"
+    calibrated = replace(preset("cpu-gloo", 1), name="calibrated-cpu", measured_ranks=1)
+    calibrated.save(small)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    big = tmp_path / "many.json"
+    preset("cpu-gloo", 32).save(big)
+    for setting, name, problem in [
+        (None, "cpu-gloo", None),
+        ("h100-ib", "h100-ib", None),
+        (str(big), "cpu-gloo", None),
+        (str(small), "calibrated-cpu + cpu-gloo links", "has 1 device(s) (calibrated on 1 rank)"),
+        ("a10-pcie-4", "cpu-gloo", "preset 'a10-pcie-4' takes 1 to 4 devices, not 16"),
+        (str(tmp_path / "missing.json"), "cpu-gloo", "nor a readable topology file"),
+        (str(bad), "cpu-gloo", "nor a readable topology file"),
+    ]:
+        topo, said = auto_topology(cpu, 16, setting)
+        assert (topo.name, topo.devices) == (name, 16), setting
+        assert (said is None) == (problem is None) and (problem or "") in (said or ""), said
+    topo, _ = auto_topology(cpu, 16, str(small))
+    assert topo.device == calibrated.device and topo.links == preset("cpu-gloo", 16).links
+
+
+def test_calibrate_records_its_ranks_and_the_command_it_prints_measures_more(tmp_path, capsys):
+    """``tokenring calibrate`` on one process records 1 rank and prints the command that
+    measures several; that command, run as printed (under torchrun, 2 CPU processes),
+    records 2 ranks with their links, and only rank 0 prints."""
+    import shlex
+    import subprocess
+    import sys
+
+    from pool import free_port
+
+    path = tmp_path / "my.json"
+    assert cli_main(["calibrate", "--output", str(path), "--max-length", "64"]) == 0
+    one = Topology.load(path)
+    assert (one.measured_ranks, one.devices, one.device.kernel.lengths) == (1, 1, (32, 64))
+    command = capsys.readouterr().out.strip().splitlines()[-1]
+    assert command == (
+        f"torchrun --nproc-per-node 2 -m tokenring_bench calibrate --output {path} --max-length 64"
+    )
+    torchrun, *rest = shlex.split(command)
+    argv = [str(Path(sys.executable).with_name(torchrun)), f"--master-port={free_port()}", *rest]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    two = Topology.load(path)
+    assert (two.measured_ranks, two.devices) == (2, 2)
+    assert any(note.startswith("links measured: p2p_one_way_gbps=") for note in two.notes)
+    assert done.stdout.count("topology file:") == done.stdout.count("forward block kernel") == 1
 
 
 def test_calibrate_measures_the_device_and_says_what_it_could_not(tmp_path):

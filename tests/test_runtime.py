@@ -3,12 +3,14 @@ bounded per-group state."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
 import torch
 
 import tokenring as tr
+from dist_cases import runtime_summary_case
 from tokenring.runtime import Runtime, Settings
 
 
@@ -96,6 +98,24 @@ def test_every_merge_gets_the_fused_merge_setting(pool):
         (per_rank,) = pool.run(merge_flags_case, [dict(world=2, fused=fused)])
         for flags in per_rank:
             assert flags and set(flags) == {fused}, flags
+
+
+def test_the_runtime_prints_a_short_summary_whatever_was_called(pool):
+    """After many distinct calls of every 1-D strategy and ``auto`` on 2 gloo ranks (on top
+    of whatever earlier tests called), ``str(tr.runtime())`` and its repr are at most 40
+    lines of at most 120 characters, name every strategy used and count what does not
+    fit; ``why()`` holds the planner's explanation of every decision."""
+    (per_rank,) = pool.run(runtime_summary_case, [dict(world=2)], timeout=600)
+    for found in per_rank:
+        text = found["str"]
+        lines = text.splitlines()
+        assert found["repr"] == text and found["why"]
+        assert len(lines) <= 40 and max(map(len, lines)) <= 120, text
+        assert lines[0].startswith("tokenring runtime: ") and lines[1].startswith("settings: ")
+        for strategy in ("tokenring", "ring", "ulysses", "allgather"):
+            assert re.search(rf"(?<![a-z]){strategy} \d+", text), (strategy, text)
+        assert re.search(r"^auto: \d+ decision\(s\) \(", text, re.M), text
+        assert re.search(r"^  \.\.\. and \d+ more$", text, re.M), text
 
 
 def test_captured_call_needs_cuda_tensors():

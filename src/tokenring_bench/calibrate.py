@@ -36,6 +36,10 @@ __all__ = ["calibrate", "calibrate_device", "calibrate_links"]
 
 GPU_LENGTHS = tuple(2**n for n in range(7, 17))  # 128 .. 64K
 CPU_LENGTHS = tuple(2**n for n in range(5, 11))  # 32 .. 1K: CPU blocks are slow
+LINK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
+"""Bytes per rank each link measurement moves (gloo on a CPU is timed well with less)."""
+# torch 2.13 renamed the flat all-gather (the old name warns); older releases have only that
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 REF_HEADS, HEAD_DIM = 32, 128
 
 
@@ -172,19 +176,28 @@ def measure_merge_gbps(device: torch.device, dtype: torch.dtype) -> float:
     return moved / seconds / 1e9
 
 
+def _own_group() -> dist.ProcessGroup | None:
+    """A group of this rank alone when several run (under ``torchrun``), else None: the
+    one-rank call is timed on every rank at once, without traffic."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.new_group([dist.get_rank()], use_local_synchronization=True)
+
+
 def measure_call_us(device: torch.device, dtype: torch.dtype) -> float:
     """Host microseconds of a one-rank ``tr.attention`` call (queued, not waited for)."""
     import tokenring as tr
 
     q = torch.randn(1, 256, 8, 64, device=device, dtype=dtype)
+    group = _own_group()
     calls = 200
     for _ in range(20):
-        tr.attention(q, q, q, causal=True)
+        tr.attention(q, q, q, causal=True, group=group)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(calls):
-        tr.attention(q, q, q, causal=True)
+        tr.attention(q, q, q, causal=True, group=group)
     seconds = (time.perf_counter() - t0) / calls
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -268,7 +281,7 @@ def calibrate_links(device: torch.device, nbytes: int = 256 << 20) -> dict[str, 
             device,
         ),
         "all_gather_gbps": _bandwidth(
-            lambda: dist.all_gather_into_tensor(gathered, piece),
+            lambda: _ALL_GATHER(gathered, piece),
             piece.nbytes * (world - 1),
             device,
         ),
@@ -282,12 +295,14 @@ def calibrate(
     progress: Callable[[str], None] = print,
     lengths: tuple[int, ...] | None = None,
 ) -> Topology:
-    """``base`` (a preset) with what can be measured here measured; ``notes`` say which."""
+    """``base`` (a preset of as many devices as ranks) with what can be measured here
+    measured; ``notes`` say which, and ``measured_ranks`` on how many ranks."""
     measured = calibrate_device(base.device, device, dtype, progress, lengths)
     notes = [f"device measured by tokenring calibrate ({measured.name}, {dtype})"]
     links = base.links
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        found = calibrate_links(device)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        found = calibrate_links(device, LINK_BYTES.get(device.type, LINK_BYTES["cuda"]))
         progress(", ".join(f"{k} {v:.1f}" for k, v in found.items()))
         if isinstance(links, ClusterLinks):
             links = replace(
@@ -301,4 +316,4 @@ def calibrate(
             f"not_measured: links (one process: P2P, all-to-all and all-gather bandwidth come "
             f"from preset {base.name!r})"
         )
-    return Topology(f"calibrated-{measured.name}", measured, links, tuple(notes))
+    return Topology(f"calibrated-{measured.name}", measured, links, tuple(notes), world)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -13,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 import tokenring as tr
-from tokenring.planner import PlanReport, load_topology, preset_names
+from tokenring.planner import PlanReport, calibrate_command, load_topology, preset_names
 
 from .argtypes import DTYPE_HELP, DTYPE_METAVAR, dtype_name, positive_int
 
@@ -205,33 +206,85 @@ def add_calibrate_parser(sub) -> None:
         metavar=DTYPE_METAVAR,
         help=f"{DTYPE_HELP}; a CPU calibrates float32 (default: %(default)s)",
     )
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="longest block side of the kernel table (powers of two from 128 on a GPU, 32 on "
+        "a CPU): smaller is quicker and coarser (default: 65536 on a GPU, 1024 on a CPU)",
+    )
+
+
+def _join_torchrun() -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), initialise the process group (NCCL on
+    GPUs, gloo on CPU), each rank on its own GPU; True when this call did."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _more_ranks_command(args: argparse.Namespace) -> str:
+    """The command that measures the links too: this one under ``torchrun``, with a
+    process per GPU (two CPU processes without GPUs; ``N`` with one GPU here)."""
+    import torch
+
+    ranks = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    extra = f" --base {shlex.quote(args.base)}" if args.base else ""
+    extra += f" --dtype {args.dtype}" if args.dtype != "bfloat16" else ""
+    extra += f" --max-length {args.max_length}" if args.max_length else ""
+    return calibrate_command(ranks if ranks > 1 else "N", args.output) + extra
 
 
 def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     """``tokenring calibrate``: measure this device (and, under torchrun, the links) and
-    write the topology file from rank 0; exit status 2 on an unknown ``--base``."""
+    write the topology file; rank 0 alone writes and prints. Exit status 2 on an
+    unknown ``--base`` or a ``--max-length`` below the grid's second length."""
+    import torch.distributed as dist
+
+    started = _join_torchrun()
+    try:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return _calibrate(args, console if rank == 0 else Console(quiet=True))
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _calibrate(args: argparse.Namespace, console: Console) -> int:
+    """``run_calibrate`` once the process group (if any) is up; ``console`` prints on
+    rank 0 only."""
     import torch
     import torch.distributed as dist
 
     from tokenring.planner import topology_for
 
-    from .calibrate import calibrate
+    from .calibrate import CPU_LENGTHS, GPU_LENGTHS, calibrate
 
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        # under torchrun: every rank calibrates its device; rank 0 writes the file
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        started = True
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
+    grid = GPU_LENGTHS if device.type == "cuda" else CPU_LENGTHS
+    lengths = tuple(n for n in grid if n <= (args.max_length or grid[-1]))
+    if len(lengths) < 2:
+        console.print(
+            Text(
+                f"tokenring calibrate: --max-length {args.max_length}: the kernel table needs "
+                f"two lengths at least ({grid[0]}, {grid[1]}, ... on {device.type})",
+                style="red",
+            )
+        )
+        return 2
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     try:
-        base = load_topology(args.base, max(world, 1)) if args.base else topology_for(device, world)
+        base = load_topology(args.base, world) if args.base else topology_for(device, world)
     except ValueError as error:
         console.print(Text(f"tokenring calibrate: {error}", style="red"))
         return 2
@@ -240,12 +293,16 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
         console.print("CPU: calibrating float32 (the CPU kernels' dtype)")
         dtype = torch.float32
     console.print(Text(f"tokenring calibrate on {device} ({world} process(es)), base {base.name}"))
-    topo = calibrate(base, device, dtype, progress=lambda line: console.print(Text(line)))
+    topo = calibrate(base, device, dtype, lambda line: console.print(Text(line)), lengths)
     if not (dist.is_initialized() and dist.get_rank() != 0):
         topo.save(args.output)
-        for note in topo.notes:
-            console.print(Text(f"  {note}"))
-        console.print(Text(f"topology file: {args.output}"))
-    if started:
-        dist.destroy_process_group()
+    for note in topo.notes:
+        console.print(Text(f"  {note}"))
+    console.print(Text(f"topology file: {args.output} (measured on {world} rank(s))"))
+    if world == 1:
+        console.print(
+            "strategy='auto' over more ranks plans with this file's device and a preset's "
+            "links; to measure the links of several ranks too, run:"
+        )
+        console.print(Text(_more_ranks_command(args)), soft_wrap=True)  # one line, to copy
     return 0

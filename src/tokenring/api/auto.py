@@ -10,6 +10,7 @@ so ``explain()`` can say why.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,8 @@ from ..call.description import CallDescription
 from ..execution.plan import Site
 from ..options import RingImpl, Strategy
 from ..planner.choose import PlanReport, plan_call
-from ..planner.machine import topology_for
+from ..planner.machine import auto_topology
+from ..planner.topology import Topology
 from ..runtime import Runtime
 from ..schedules.ir import GROUP_AXIS
 
@@ -35,11 +37,51 @@ class AutoChoice:
     report: PlanReport | None
     description: CallDescription
 
+    def reason(self) -> str:
+        """Why, in one line: the planner's ``PlanReport.headline``, or why there was no
+        choice to make."""
+        if self.report is None:
+            return f"{self.strategy.value}: one rank, nothing to choose"
+        if not self.report.priced:
+            return f"{self.strategy.value}: no strategy can run it (the call's checks say why)"
+        return self.report.headline()
+
+    def summary(self) -> str:
+        """One line: the call's shape and ``reason``."""
+        d = self.description
+        dtype = str(d.dtype).removeprefix("torch.")
+        return (
+            f"{d.seq_len} tokens/{d.world} ranks {d.layout.value} {d.mask.describe()} "
+            f"heads {d.heads_q}/{d.heads_kv} {dtype} -> {self.reason()}"
+        )
+
+    def explain(self) -> str:
+        """The call as it runs, then the planner's whole explanation (``explain``)."""
+        report = self.report
+        why = report.explain() if report is not None and report.priced else self.reason()
+        topology = f" on {report.topology}" if report is not None else ""
+        return f"{self.description.summary()}{topology}\n{why}"
+
 
 def _device(call: CallDescription) -> torch.device:
     if call.device_type == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(call.device_type)
+
+
+def _topology(rt: Runtime, call: CallDescription, world: int) -> Topology:
+    """The machine ``auto`` plans ``world`` ranks of ``call``'s devices for, found once per
+    topology setting, device type and size (``Runtime.topologies``); a setting that does
+    not fit (a file of fewer devices, one that cannot be read) warns then, once, and
+    says how to measure the machine: ``auto`` never fails a call for its topology."""
+    key = (rt.settings.topology, call.device_type, world)
+    found = rt.topologies.get(key)
+    if found is None:
+        found, problem = auto_topology(_device(call), world, rt.settings.topology)
+        if problem is not None:
+            warnings.warn(f"tokenring: {problem}", stacklevel=2)
+        rt.topologies[key] = found
+    return found
 
 
 def resolve_auto(rt: Runtime, call: CallDescription, site: Site) -> AutoChoice:
@@ -55,7 +97,7 @@ def resolve_auto(rt: Runtime, call: CallDescription, site: Site) -> AutoChoice:
     report = None
     if site.world > 1 or mesh:
         report = plan_call(
-            topology_for(_device(call), site.world, rt.settings.topology),
+            _topology(rt, call, site.world),
             call,
             backward=call.wants_grad,
             with_usp=False,

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..execution.comm import group_ranks, group_world
+from ..execution.executor import TransferFailed
 from ..options import Layout, parse_enum
 from ..runtime import runtime
+from ..runtime.agreement import exchange
 from ..schedules.geometry import PieceTable, chunk_ids, mesh_pieces, piece_table
 
 __all__ = ["shard", "unshard"]
@@ -36,15 +39,13 @@ class _Sharding:
 
 
 def _sharding(layout: Layout, group: dist.ProcessGroup | None, mesh: object) -> _Sharding:
+    """Who holds what for ``layout`` over ``group`` (one rank without torch.distributed)
+    or over ``mesh``."""
     if mesh is not None:
         if group is not None:
             raise ValueError("give group= or mesh=, not both")
         return _mesh_sharding(layout, mesh)
-    if not dist.is_available() or not dist.is_initialized():
-        if group is not None:
-            raise ValueError("group was given but torch.distributed is not initialized")
-        return _Sharding(layout, 1, 0, (chunk_ids(layout, 1, 0),), None)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world, rank = group_world(group)  # refuses a launch of several ranks without a group
     pieces = tuple(chunk_ids(layout, world, r) for r in range(world))
     return _Sharding(layout, world, rank, pieces, group)
 
@@ -94,6 +95,46 @@ def _gather(x_local: torch.Tensor, how: _Sharding, table: PieceTable, dim: int) 
     return torch.cat(chunks, dim=dim)
 
 
+def _differing(values: list, reference: object) -> list[int]:
+    """Group ranks whose value is not ``reference``."""
+    return [r for r, value in enumerate(values) if value != reference]
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def _check_replicated(x: torch.Tensor, how: _Sharding) -> None:
+    """Raise the same ValueError on every rank of the sharding's group unless ``x`` is
+    bitwise the same tensor on all of them (``shard(check=True)``): shape and dtype
+    exchanged first (over the group's lanes, within the runtime's timeout), then group
+    rank 0's bytes broadcast and compared on every rank, and the verdicts exchanged."""
+    if how.world == 1:
+        return
+    rt = runtime()
+    lanes, timeout = rt.lanes(how.group), rt.settings.timeout
+    where = "shard(check=True): the global tensor differs across ranks"
+    advice = "it must be the same full tensor on every rank (the same seed, or the same batch)"
+    try:
+        records = exchange((tuple(x.shape), str(x.dtype)), lanes, timeout)
+        odd = _differing(records, records[0])
+        if odd:
+            shapes = [f"rank {r} has shape {records[r][0]} {records[r][1]}" for r in [0, *odd]]
+            raise ValueError(f"{where}: {', '.join(shapes)}; {advice}")
+        mine = x.detach().contiguous().reshape(-1).view(torch.uint8)
+        first = mine.clone() if how.rank == 0 else torch.empty_like(mine)
+        dist.broadcast(first, src=group_ranks(how.group)[0], group=how.group)
+        odd = _differing(exchange(torch.equal(mine, first), lanes, timeout), True)
+    except RuntimeError as err:
+        raise TransferFailed(
+            f"tokenring: shard(check=True) compares the global tensor across every rank of "
+            f"the group, and not every rank took part within the timeout of "
+            f"{timeout.total_seconds():g} s (check=True must be given on every rank): {err}"
+        ) from err
+    if odd:
+        raise ValueError(f"{where}: the values of {_ranks(odd)} differ from rank 0's; {advice}")
+
+
 class _Shard(torch.autograd.Function):
     """Replicated -> sharded. The gradient of a replicated input is the sum of every
     rank's contribution, so the backward gathers the shards' gradients."""
@@ -131,6 +172,7 @@ def shard(
     group: dist.ProcessGroup | None = None,
     mesh: object = None,
     dim: int = 1,
+    check: bool = False,
 ) -> torch.Tensor:
     """Return this rank's part of the global tensor ``x`` (a contiguous copy).
 
@@ -142,10 +184,15 @@ def shard(
     ``"ring"`` and ``"ulysses"`` (``strategy="usp"``), where rank (r, u) holds
     ``mesh_pieces(layout, ring, ulysses, r, u)``. Differentiable: the gradient of
     ``x`` is gathered from every rank's shard (a collective in the backward
-    pass), as befits a replicated tensor.
+    pass), as befits a replicated tensor. ``check=True`` (on every rank, collective)
+    first verifies that ``x`` is bitwise the same on every rank of the group and raises
+    the same ``ValueError`` on each, naming the ranks that differ, when it is not: it
+    costs a broadcast of ``x``, so use it while setting up, not in every step.
     """
     layout = parse_enum(Layout, layout, "layout")
     how = _sharding(layout, group, mesh)
+    if check:
+        _check_replicated(x, how)
     dim = dim % x.dim()
     if x.shape[dim] == 0:
         raise ValueError(f"shard: the sequence is empty (dim {dim} of shape {tuple(x.shape)})")

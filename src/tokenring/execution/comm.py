@@ -20,6 +20,7 @@ runtime (``runtime.py``) owns the lanes of each group.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -37,15 +38,32 @@ LANE_COUNT = 2
 
 
 def group_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """(world size, rank) of ``group``; (1, 0) when torch.distributed is not initialized."""
+    """(world size, rank) of ``group``; (1, 0) when torch.distributed is not initialized
+    and no launcher started several ranks (``_refuse_a_launch_without_a_group``)."""
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("group was given but torch.distributed is not initialized")
+        _refuse_a_launch_without_a_group()
         return 1, 0
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("this rank is not a member of the given group")
     return dist.get_world_size(group), rank
+
+
+def _refuse_a_launch_without_a_group() -> None:
+    """Raise when a launcher (torchrun) started several ranks (``WORLD_SIZE`` > 1) but no
+    process group was initialized: each rank would otherwise run alone on its own shard
+    and return a wrong result without a word. Asked only where a call found no process
+    group, so the distributed path never pays for it; every rank raises the same."""
+    size = os.environ.get("WORLD_SIZE", "")
+    if size.isdigit() and int(size) > 1:
+        raise ValueError(
+            f"WORLD_SIZE={size} in the environment (a launcher such as torchrun started "
+            f"{size} ranks), but torch.distributed is not initialized, so each rank would "
+            "run alone on its own part of the sequence: call "
+            "torch.distributed.init_process_group first"
+        )
 
 
 def group_ranks(group: dist.ProcessGroup | None) -> list[int]:

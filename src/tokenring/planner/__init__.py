@@ -14,7 +14,7 @@ import torch
 from ..call.description import CallDescription
 from ..options import Layout, parse_enum
 from .choose import Candidate, PlanReport, plan_call
-from .machine import load_topology, topology_for
+from .machine import auto_topology, calibrate_command, load_topology, topology_for
 from .presets import PRESETS, preset, preset_names
 from .timing import Prediction, StepCost, simulate_timing
 from .topology import Topology
@@ -26,6 +26,8 @@ __all__ = [
     "Prediction",
     "StepCost",
     "Topology",
+    "auto_topology",
+    "calibrate_command",
     "load_topology",
     "plan",
     "preset",

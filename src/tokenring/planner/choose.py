@@ -146,6 +146,16 @@ class PlanReport:
         lines += [f"refused {c.name}: {c.refused}" for c in self.candidates if c.refused]
         return "\n".join(lines)
 
+    def headline(self) -> str:
+        """``explain`` in one line: the choice, its predicted time and what dominates it,
+        and the runner-up with how much slower it is predicted to be."""
+        best = self.best
+        line = f"{best.name}: {best.predicted_ms:.3g} ms predicted, {best.dominant} dominates"
+        if len(self.priced) > 1:
+            second = self.priced[1]
+            line += f"; {second.name} {second.predicted_ms / best.predicted_ms:.2f}x"
+        return line
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "choice": self.choice if self.priced else None,

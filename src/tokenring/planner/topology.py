@@ -412,12 +412,15 @@ class ExplicitLinks(Links):
 
 @dataclass(frozen=True)
 class Topology:
-    """A machine as the planner sees it. ``notes``: where its numbers come from."""
+    """A machine as the planner sees it. ``notes``: where its numbers come from;
+    ``measured_ranks``: how many ranks ``tokenring calibrate`` measured it on (None: not
+    calibrated)."""
 
     name: str
     device: DeviceModel
     links: Links
     notes: tuple[str, ...] = ()
+    measured_ranks: int | None = None
 
     @property
     def devices(self) -> int:
@@ -436,6 +439,7 @@ class Topology:
             "device": self.device.to_dict(),
             "links": self.links.to_dict(),
             "notes": list(self.notes),
+            "measured_ranks": self.measured_ranks,
         }
 
     @classmethod
@@ -447,6 +451,7 @@ class Topology:
             device=DeviceModel.from_dict(d["device"]),
             links=Links.from_dict(d["links"]),
             notes=tuple(d.get("notes", ())),
+            measured_ranks=None if d.get("measured_ranks") is None else int(d["measured_ranks"]),
         )
 
     def save(self, path: str | Path) -> None:

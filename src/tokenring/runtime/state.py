@@ -9,7 +9,8 @@ library keeps state between calls.
 ``tokenring.runtime()`` returns the default runtime, made on first use; the
 environment variables ``TOKENRING_TIMEOUT_S``, ``TOKENRING_FUSED_MERGE`` and
 ``TOKENRING_TOPOLOGY`` are read then, and only then. ``tokenring.configure(...)`` changes settings
-at run time (see docs/architecture.md, "Runtime").
+at run time (see docs/architecture.md, "Runtime"). ``print(tokenring.runtime())`` is a
+short summary (``Runtime.summary``), ``runtime().why()`` why ``auto`` chose what it did.
 
 Plans and agreed checks are kept per group in call order, so that every
 member of a group, making the same calls, keeps and evicts the same entries
@@ -19,16 +20,19 @@ member of a group, making the same calls, keeps and evicts the same entries
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
 from ..execution.comm import Lanes, group_world, make_lanes
 from ..execution.executor import TransferFailed
 from .meshes import SpMesh
+
+if TYPE_CHECKING:
+    from ..planner.topology import Topology
 
 __all__ = [
     "BoundedCache",
@@ -129,9 +133,80 @@ class GroupRuntime:
     lanes: Lanes | None = None
 
 
-@dataclass
+SUMMARY_LINES, SUMMARY_WIDTH = 40, 120
+"""The most lines ``str(runtime())`` prints, and the most characters in each."""
+SUMMARY_GROUPS = 8
+"""Groups the summary shows, most recently made last (the rest are counted)."""
+
+
+def _counts(strategies: list[str]) -> str:
+    """``" (tokenring 3, ring 1)"``: how many of each, most first ("" for none)."""
+    found = Counter(strategies).most_common()
+    return f" ({', '.join(f'{name} {n}' for name, n in found)})" if found else ""
+
+
+def _group_lines(state: GroupRuntime) -> list[str]:
+    """A group's line (its lanes, prepared calls, plans by strategy, agreements), then one
+    line per plan, the most recently used first."""
+    plans = [plan.description for plan in reversed(state.plans.values())]
+    ranks = len(state.lanes.global_ranks) if state.lanes else 0
+    lanes = f"lanes over {ranks} rank{'s' * (ranks > 1)}" if ranks else "no lanes"
+    head = (
+        f"group {state.name!r} ({lanes}): {len(state.calls)} calls, {len(state.agreed)} "
+        f"agreed, {len(plans)} plans{_counts([d.strategy.value for d in plans])}"
+    )
+    return [head, *(f"  plan: {d.summary()}" for d in plans)]
+
+
+def _auto_lines(auto: BoundedCache) -> list[str]:
+    """``auto``'s line (decisions by strategy), then one line per decision with why, the
+    most recent first."""
+    choices = list(reversed(auto.values()))
+    counts = _counts([c.strategy.value for c in choices])
+    head = f"auto: {len(choices)} decision(s){counts}; the planner's reasons: tr.runtime().why()"
+    return [head, *(f"  {choice.summary()}" for choice in choices)]
+
+
+def _fit(blocks: list[list[str]], room: int) -> list[str]:
+    """Each block's first line, then as many of its other lines as fit in ``room`` lines,
+    shared evenly (what a short block leaves goes to the others); the rest counted in
+    a "... and N more" line."""
+    needs = [len(block) - 1 for block in blocks]
+    allowed = dict.fromkeys(range(len(blocks)), 0)
+    left = room - len(blocks)
+    by_need = sorted(allowed, key=needs.__getitem__)
+    for served, i in enumerate(by_need):
+        allowed[i] = min(needs[i], max(left, 0) // (len(by_need) - served))
+        left -= allowed[i]
+    lines: list[str] = []
+    for i, (head, *rest) in enumerate(blocks):
+        lines.append(head)
+        if len(rest) <= allowed[i]:
+            lines += rest
+        elif allowed[i] > 0:
+            lines += [*rest[: allowed[i] - 1], f"  ... and {len(rest) - allowed[i] + 1} more"]
+    return lines
+
+
+def _settings_line(settings: Settings) -> str:
+    """``settings: timeout=300s, fused_merge=True, ...``: every setting by name."""
+
+    def shown(value: object) -> str:
+        return f"{value.total_seconds():g}s" if isinstance(value, timedelta) else str(value)
+
+    return "settings: " + ", ".join(
+        f"{f.name}={shown(getattr(settings, f.name))}" for f in fields(settings)
+    )
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= SUMMARY_WIDTH else line[: SUMMARY_WIDTH - 3] + "..."
+
+
+@dataclass(repr=False)
 class Runtime:
-    """Settings and per-group state (see the module docstring)."""
+    """Settings and per-group state (see the module docstring). ``str()`` and ``repr()``
+    are ``summary()``; the attributes hold the detail."""
 
     settings: Settings = field(default_factory=Settings.from_env)
     groups: dict[str, GroupRuntime] = field(default_factory=dict)
@@ -150,8 +225,40 @@ class Runtime:
     """Meshes by the names of their ring and ulysses groups, likewise."""
     auto: BoundedCache = field(default_factory=lambda: BoundedCache(256))
     """What ``strategy="auto"`` chose per call shape (``auto.AutoChoice``, with the report)."""
+    topologies: dict[tuple, Topology] = field(default_factory=dict)
+    """The machine ``auto`` plans for, by (topology setting, device type, ranks): read and
+    checked once (a setting that does not fit warns then, once)."""
     sites: dict[tuple, tuple] = field(default_factory=dict)
     """Where calls run, by (strategy, group, mesh, ring_impl): the site and its group's state."""
+
+    def summary(self) -> str:
+        """What this runtime holds, in at most ``SUMMARY_LINES`` lines of at most
+        ``SUMMARY_WIDTH`` characters whatever was called: the settings; each group's
+        lanes, prepared calls and plans (counted by strategy, then a line per plan);
+        ``auto``'s decisions (counted by strategy, then a line per decision with why).
+        Lines that do not fit are counted ("... and N more"); ``groups``, ``auto`` and
+        ``settings`` hold everything, ``why()`` the planner's reasons in full."""
+        plans = sum(len(state.plans) for state in self.groups.values())
+        head = [
+            f"tokenring runtime: {len(self.groups)} group(s), {plans} plan(s), "
+            f"{len(self.auto)} auto decision(s), {len(self.meshes)} mesh(es)",
+            _settings_line(self.settings),
+        ]
+        groups = list(self.groups.values())
+        blocks = [_group_lines(state) for state in groups[-SUMMARY_GROUPS:]]
+        if len(groups) > SUMMARY_GROUPS:
+            hidden = len(groups) - SUMMARY_GROUPS
+            head.append(f"... and {hidden} more group(s): tr.runtime().groups")
+        lines = head + _fit([*blocks, _auto_lines(self.auto)], SUMMARY_LINES - len(head))
+        return "\n".join(_cut(line) for line in lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def why(self) -> str:
+        """Why ``strategy="auto"`` chose what it did, for every call shape it decided
+        (oldest first): the call as it runs, then the planner's explanation."""
+        return "\n\n".join(choice.explain() for choice in self.auto.values())
 
     def configure(self, **changes: Any) -> Settings:
         """Change settings (names of ``Settings``); returns the new settings."""
@@ -167,6 +274,9 @@ class Runtime:
             state.agreed.limit = self.settings.max_agreed
             state.calls.clear()  # prepared calls and plans carry the settings they were
             state.plans.clear()  # made with
+        self.auto.clear()  # so do auto's decisions (the topology, stream_tail_min)
+        if "topology" in changes:
+            self.topologies.clear()  # a file named again is read (and checked) again
         return self.settings
 
     def group(self, group: dist.ProcessGroup | None) -> GroupRuntime:
