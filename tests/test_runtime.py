@@ -111,7 +111,8 @@ def test_the_runtime_prints_a_short_summary_whatever_was_called(pool):
         lines = text.splitlines()
         assert found["repr"] == text and found["why"]
         assert len(lines) <= 40 and max(map(len, lines)) <= 120, text
-        assert lines[0].startswith("tokenring runtime: ") and lines[1].startswith("settings: ")
+        assert lines[0].startswith("tokenring runtime: ") and lines[2].startswith("settings: ")
+        assert lines[1].startswith("plans by strategy, every group: (")
         for strategy in ("tokenring", "ring", "ulysses", "allgather"):
             assert re.search(rf"(?<![a-z]){strategy} \d+", text), (strategy, text)
         assert re.search(r"^auto: \d+ decision\(s\) \(", text, re.M), text

@@ -238,10 +238,13 @@ class Runtime:
         ``auto``'s decisions (counted by strategy, then a line per decision with why).
         Lines that do not fit are counted ("... and N more"); ``groups``, ``auto`` and
         ``settings`` hold everything, ``why()`` the planner's reasons in full."""
-        plans = sum(len(state.plans) for state in self.groups.values())
+        plans = [
+            p.description.strategy.value for s in self.groups.values() for p in s.plans.values()
+        ]
         head = [
-            f"tokenring runtime: {len(self.groups)} group(s), {plans} plan(s), "
+            f"tokenring runtime: {len(self.groups)} group(s), {len(plans)} plan(s), "
             f"{len(self.auto)} auto decision(s), {len(self.meshes)} mesh(es)",
+            f"plans by strategy, every group:{_counts(plans) or ' none'}",
             _settings_line(self.settings),
         ]
         groups = list(self.groups.values())
