@@ -27,14 +27,23 @@ import torch
 import torch.distributed as dist
 
 from ..options import Pass
-from ..schedules.ir import Compute, Merge, Post, Rows, Schedule, Transfer, Wait
+from ..schedules.ir import COMPONENTS, Compute, Merge, Post, Schedule, Wait
 from ..schedules.masks import BlockKind
 from .collectives import post_collective
 from .comm import Lanes, Message
 from .kernels import BlockMask, KernelBackend
 from .kernels.base import accum_dtype
 from .merge import merge_into, write_into
-from .slots import SlotGeometry, SlotStore, from_rowmajor, to_rowmajor
+from .slots import (
+    ComputeStep,
+    MergeStep,
+    Run,
+    SlotGeometry,
+    SlotStore,
+    TransferStep,
+    from_rowmajor,
+    to_rowmajor,
+)
 from .timeline import Recorder, Sent
 
 __all__ = ["Execution", "TransferFailed", "run_backward", "run_forward"]
@@ -83,7 +92,9 @@ def _unpack(buffer: torch.Tensor, targets: list[torch.Tensor]) -> None:
         offset += n
 
 
-def _post_transfers(store: SlotStore, op: Post, lanes: Lanes) -> tuple[_Pending, list[Sent]]:
+def _post_transfers(
+    store: SlotStore, op: Post, steps: tuple[TransferStep, ...], lanes: Lanes
+) -> tuple[_Pending, list[Sent]]:
     """Point-to-point moves of one axis (a Post's transfers share their axis).
 
     On gloo every message costs a round of latency, so a transfer of several
@@ -93,11 +104,10 @@ def _post_transfers(store: SlotStore, op: Post, lanes: Lanes) -> tuple[_Pending,
     """
     pack = lanes.backend == "gloo"
     messages, sent, unpacks = [], [], []
-    for t in op.moves:
-        assert isinstance(t, Transfer)
-        tensors = [store.phys(t.rows, comp) for comp in store.components(t.rows)]
+    for t, step in zip(op.moves, steps):
+        tensors = [store.at(step.place, comp) for comp in step.components]
         if t.send:
-            sent.append(Sent(t.lane, sum(_nbytes(x) for x in tensors), store.kind(t.rows)))
+            sent.append(Sent(t.lane, sum(_nbytes(x) for x in tensors), step.kind))
         if pack and len(tensors) > 1:
             if t.send:
                 tensors = [_packed(tensors)]
@@ -118,14 +128,14 @@ def _post_transfers(store: SlotStore, op: Post, lanes: Lanes) -> tuple[_Pending,
     return _Pending(op, works, unpack if unpacks else None), sent
 
 
-def _post(store: SlotStore, op: Post, ex: Execution) -> _Pending:
+def _post(store: SlotStore, op: Post, steps, ex: Execution) -> _Pending:
     axis = op.moves[0].axis
     lanes = ex.lanes.get(axis)
     if lanes is None:
         raise AssertionError(f"a schedule that moves data on axis {axis!r} needs its lanes")
     move = op.collective
     if move is None:
-        pending, sent = _post_transfers(store, op, lanes)
+        pending, sent = _post_transfers(store, op, steps, lanes)
     else:
         work, finish, sent = post_collective(store, move, lanes, lanes.rank)
         pending = _Pending(op, {move.lane: [work]}, finish)
@@ -169,19 +179,6 @@ def _complete(schedule: Schedule, pass_: Pass, pending: _Pending, ex: Execution)
         ex.recorder.comm_waited(post.handle)
 
 
-def _compute_forward(store: SlotStore, op: Compute, ex: Execution) -> None:
-    out_b, lse_b = ex.kernel.forward(
-        store.view(op.q, "q"), store.view(op.kv, "k"), store.view(op.kv, "v"),
-        op.kind is BlockKind.DIAG, store.call.scale, _block_mask(store, op),
-    )  # fmt: skip
-    for sub, fresh, a, b in store.sub_runs(op.q_out, op.fresh_q):
-        out, lse = store.view(sub, "out"), store.view(sub, "lse")
-        if fresh:
-            write_into(out, lse, out_b[:, a:b], lse_b[:, :, a:b])
-        else:
-            merge_into(out, lse, out_b[:, a:b], lse_b[:, :, a:b], fused=ex.fused_merge)
-
-
 def _block_mask(store: SlotStore, op: Compute) -> BlockMask | None:
     """The explicit mask of a PARTIAL block (made once per plan), else None."""
     if op.kind is not BlockKind.PARTIAL:
@@ -189,47 +186,54 @@ def _block_mask(store: SlotStore, op: Compute) -> BlockMask | None:
     return store.geometry.block_mask(op, store.device)
 
 
-def _accumulate(store: SlotStore, rows: Rows, fresh: tuple[bool, ...], parts: dict) -> None:
-    for sub, is_fresh, a, b in store.sub_runs(rows, fresh):
+def _compute_forward(store: SlotStore, op: Compute, step: ComputeStep, ex: Execution) -> None:
+    view = store.kernel_view
+    out_b, lse_b = ex.kernel.forward(
+        view(step.q, "q"), view(step.kv, "k"), view(step.kv, "v"), step.causal,
+        store.call.scale, _block_mask(store, op),
+    )  # fmt: skip
+    for run in step.q_runs:
+        out, lse = view(run.place, "out"), view(run.place, "lse")
+        a, b = run.start, run.stop
+        if run.fresh:
+            write_into(out, lse, out_b[:, a:b], lse_b[:, :, a:b])
+        else:
+            merge_into(out, lse, out_b[:, a:b], lse_b[:, :, a:b], fused=ex.fused_merge)
+
+
+def _accumulate(store: SlotStore, runs: tuple[Run, ...], parts: dict) -> None:
+    for run in runs:
         for comp, value in parts.items():
-            target = store.view(sub, comp)
-            if is_fresh:
-                target.copy_(value[:, a:b])
+            target = store.kernel_view(run.place, comp)
+            if run.fresh:
+                target.copy_(value[:, run.start : run.stop])
             else:
-                target.add_(value[:, a:b])
+                target.add_(value[:, run.start : run.stop])
 
 
-def _compute_backward(store: SlotStore, op: Compute, ex: Execution) -> None:
-    out = store.view(op.q, "out") if store.has(op.q, "out") else None
+def _compute_backward(store: SlotStore, op: Compute, step: ComputeStep, ex: Execution) -> None:
+    view = store.kernel_view
+    out = view(step.q, "out") if "out" in store.tensors[step.q.slot] else None
     dq, dk, dv = ex.kernel.backward(
-        store.view(op.q, "do"),
-        store.view(op.q, "q"),
-        store.view(op.kv, "k"),
-        store.view(op.kv, "v"),
-        out,
-        store.view(op.q, "lse"),
-        store.view(op.q, "delta"),
-        op.kind is BlockKind.DIAG,
-        store.call.scale,
+        view(step.q, "do"), view(step.q, "q"), view(step.kv, "k"), view(step.kv, "v"), out,
+        view(step.q, "lse"), view(step.q, "delta"), step.causal, store.call.scale,
         _block_mask(store, op),
-    )
-    _accumulate(store, op.q_out, op.fresh_q, {"dq": dq})
-    if op.kv_out is not None:
-        _accumulate(store, op.kv_out, op.fresh_kv, {"dk": dk, "dv": dv})
+    )  # fmt: skip
+    _accumulate(store, step.q_runs, {"dq": dq})
+    if step.kv_runs:
+        _accumulate(store, step.kv_runs, {"dk": dk, "dv": dv})
 
 
-def _merge(store: SlotStore, op: Merge, pass_: Pass, ex: Execution) -> None:
+def _merge(store: SlotStore, step: MergeStep, pass_: Pass, ex: Execution) -> None:
+    view = store.kernel_view
     if pass_ is Pass.FORWARD:
         merge_into(
-            store.view(op.dst, "out"),
-            store.view(op.dst, "lse"),
-            store.view(op.src, "out"),
-            store.view(op.src, "lse"),
-            fused=ex.fused_merge,
-        )
+            view(step.dst, "out"), view(step.dst, "lse"), view(step.src, "out"),
+            view(step.src, "lse"), fused=ex.fused_merge,
+        )  # fmt: skip
         return
-    for comp in store.components(op.src):
-        store.view(op.dst, comp).add_(store.view(op.src, comp))
+    for comp in COMPONENTS[(pass_, store.schedule.slots[step.src.slot].kind)]:
+        view(step.dst, comp).add_(view(step.src, comp))
 
 
 def _execute(schedule: Schedule, pass_: Pass, store: SlotStore, ex: Execution) -> None:
@@ -237,26 +241,25 @@ def _execute(schedule: Schedule, pass_: Pass, store: SlotStore, ex: Execution) -
     recorder = ex.recorder
     if recorder is not None:
         recorder.phase = pass_.value
-    for op in schedule.ops:
+    forward = pass_ is Pass.FORWARD
+    for op, step in zip(schedule.ops, store.geometry.steps):
         match op:
             case Post():
-                pending[op.handle] = _post(store, op, ex)
+                pending[op.handle] = _post(store, op, step, ex)
             case Wait():
                 _complete(schedule, pass_, pending.pop(op.handle), ex)
             case Compute():
-                q0, q1 = store.span(op.q)
-                k0, k1 = store.span(op.kv)
-                if q0 == q1 or k0 == k1:
-                    continue  # an empty cell (contiguous shards of one token)
+                if step.empty:
+                    continue  # a cell of no tokens
                 token = recorder.compute_start(op) if recorder is not None else None
-                if pass_ is Pass.FORWARD:
-                    _compute_forward(store, op, ex)
+                if forward:
+                    _compute_forward(store, op, step, ex)
                 else:
-                    _compute_backward(store, op, ex)
+                    _compute_backward(store, op, step, ex)
                 if recorder is not None:
                     recorder.compute_end(token)
             case Merge():
-                _merge(store, op, pass_, ex)
+                _merge(store, step, pass_, ex)
     if pending:
         raise AssertionError(f"schedule left moves unwaited: {sorted(pending)}")
 

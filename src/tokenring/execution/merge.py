@@ -65,17 +65,14 @@ def merge_into_torch(
     out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> None:
     """``merge_into`` written with torch operations (any device; the reference)."""
-    lse_b = lse_b.to(lse.dtype)
-    peak = torch.maximum(lse, lse_b)
-    peak = torch.where(peak == float("-inf"), torch.zeros_like(peak), peak)
-    w_a = torch.exp(lse - peak)
-    w_b = torch.exp(lse_b - peak)
-    total = w_a + w_b
-    lse.copy_(peak + torch.log(total))
-    total = torch.where(total == 0, torch.ones_like(total), total)
+    new = torch.logaddexp(lse, lse_b.to(lse.dtype))  # stable; -inf with -inf gives -inf
+    # Rows that have seen no key on either side: weigh against 0 instead of -inf, so
+    # both weights are exp(-inf) = 0 (not NaN) and the row stays 0 with lse -inf.
+    safe = new.masked_fill(new == float("-inf"), 0.0)
     # Two passes over the large tensors (scale in place, then a fused multiply-add
     # that reads the partial in its own dtype) instead of four.
-    out.mul_(_rows(w_a / total)).addcmul_(out_b, _rows(w_b / total))
+    out.mul_(_rows(torch.exp(lse - safe))).addcmul_(out_b, _rows(torch.exp(lse_b - safe)))
+    lse.copy_(new)
 
 
 def write_into(

@@ -16,6 +16,9 @@ and an LSE of -inf).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
+
 import torch
 
 from ..call.description import CallDescription
@@ -35,9 +38,70 @@ from ..schedules.ir import (
     SlotSpec,
     Transfer,
 )
+from ..schedules.masks import BlockKind
 from .kernels.base import BlockMask, accum_dtype
 
-__all__ = ["SlotGeometry", "SlotStore", "from_rowmajor", "slot_tokens", "to_rowmajor"]
+__all__ = [
+    "ComputeStep",
+    "MergeStep",
+    "Place",
+    "SlotGeometry",
+    "SlotStore",
+    "TransferStep",
+    "from_rowmajor",
+    "slot_tokens",
+    "to_rowmajor",
+]
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where rows live: a slot and how to index its storage (the same for each of the
+    slot's components)."""
+
+    slot: str
+    index: tuple
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run of result cells written alike (all fresh, or all accumulated): where, and
+    which tokens of the block's result go there."""
+
+    place: Place
+    fresh: bool
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ComputeStep:
+    """A ``Compute`` resolved once per plan: where its inputs are, where each run of its
+    results goes, its kernel's mask, and whether it has tokens at all."""
+
+    q: Place
+    kv: Place
+    q_runs: tuple[Run, ...]
+    kv_runs: tuple[Run, ...]
+    causal: bool
+    empty: bool
+
+
+@dataclass(frozen=True)
+class MergeStep:
+    """One ``Merge``, resolved: the partial at ``src`` folds into the result at ``dst``."""
+
+    src: Place
+    dst: Place
+
+
+@dataclass(frozen=True)
+class TransferStep:
+    """One transfer of a ``Post``, resolved: where its rows are, which components move."""
+
+    place: Place
+    components: tuple[str, ...]
+    kind: SlotKind
 
 
 def to_rowmajor(x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +174,51 @@ class SlotGeometry:
         self._runs: dict[tuple[Rows, tuple[bool, ...]], list] = {}
         self._spans: dict[Rows, tuple[int, int]] = {}
         self._masks: dict[Compute, BlockMask] = {}
+        self._places: dict[Rows, Place] = {}
+
+    def place(self, rows: Rows) -> Place:
+        """Where ``rows`` live (made once per rows)."""
+        found = self._places.get(rows)
+        if found is None:
+            spec = self.schedule.slots[rows.slot]
+            component = COMPONENTS[(self.pass_, spec.kind)][0]
+            heads = self.heads(component, spec)
+            found = self._places[rows] = Place(rows.slot, self.index(rows, component, heads))
+        return found
+
+    def runs(self, rows: Rows, fresh: tuple[bool, ...]) -> tuple[Run, ...]:
+        return tuple(Run(self.place(sub), f, a, b) for sub, f, a, b in self.sub_runs(rows, fresh))
+
+    @cached_property
+    def steps(self) -> tuple:
+        """Every operation of the schedule resolved for this call's storage (a
+        ``ComputeStep``, ``MergeStep`` or the ``TransferStep`` s of a point-to-point
+        ``Post``; None for what needs nothing: waits and collectives), so a call only
+        indexes tensors."""
+        steps: list = []
+        for op in self.schedule.ops:
+            match op:
+                case Compute():
+                    (q0, q1), (k0, k1) = self.span(op.q), self.span(op.kv)
+                    kv_runs = self.runs(op.kv_out, op.fresh_kv) if op.kv_out is not None else ()
+                    steps.append(ComputeStep(
+                        self.place(op.q), self.place(op.kv), self.runs(op.q_out, op.fresh_q),
+                        kv_runs, op.kind is BlockKind.DIAG, q0 == q1 or k0 == k1,
+                    ))  # fmt: skip
+                case Merge():
+                    steps.append(MergeStep(self.place(op.src), self.place(op.dst)))
+                case Post(moves=moves) if op.collective is None:
+                    steps.append(tuple(
+                        TransferStep(
+                            self.place(t.rows),
+                            COMPONENTS[(self.pass_, self.schedule.slots[t.rows.slot].kind)],
+                            self.schedule.slots[t.rows.slot].kind,
+                        )
+                        for t in moves
+                    ))  # fmt: skip
+                case _:
+                    steps.append(None)
+        return tuple(steps)
 
     def heads(self, component: str, spec: SlotSpec) -> int:
         """Heads a slot holds of ``component``'s family."""
@@ -249,6 +358,15 @@ class SlotStore:
     def view(self, rows: Rows, component: str) -> torch.Tensor:
         """Kernel-facing view of ``rows``: ``[B, L, H, D]`` or ``[B, H, L]``."""
         phys = self.phys(rows, component)
+        return phys.permute(1, 0, 2, 3) if phys.dim() == 4 else phys.permute(1, 2, 0)
+
+    def at(self, place: Place, component: str) -> torch.Tensor:
+        """The storage at ``place`` (row-major)."""
+        return self.tensors[place.slot][component][place.index]
+
+    def kernel_view(self, place: Place, component: str) -> torch.Tensor:
+        """Kernel-facing view at ``place``: ``[B, L, H, D]`` or ``[B, H, L]``."""
+        phys = self.tensors[place.slot][component][place.index]
         return phys.permute(1, 0, 2, 3) if phys.dim() == 4 else phys.permute(1, 2, 0)
 
     def has(self, rows: Rows, component: str) -> bool:
