@@ -73,10 +73,12 @@ def test_cuda_kernel_matches_float64(kernel, dtype, heads, causal, seq, dim):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("layout,causal", [("zigzag", True), ("contiguous", False)])
 @pytest.mark.parametrize("heads", ["mha", "gqa"])
-def test_every_strategy_on_one_gpu_matches_float64(strategy, kernel, layout, causal, heads):
+@pytest.mark.parametrize("seq", [1024, 1001])
+def test_every_strategy_on_one_gpu_matches_float64(strategy, kernel, layout, causal, heads, seq):
     """One rank: each strategy's schedule reduces to local blocks; through the CUDA
-    adapters, forward and backward, within twice the kernel's own error plus a rounding."""
-    q, k, v, do = _inputs(1, 2, 1024, HEADS[heads], 128, torch.bfloat16, "cuda")
+    adapters, forward and backward, within twice the kernel's own error plus a rounding.
+    An odd length (1001) splits zigzag's two chunks unevenly (501 and 500 tokens)."""
+    q, k, v, do = _inputs(1, 2, seq, HEADS[heads], 128, torch.bfloat16, "cuda")
     single = kernel_errors(kernel, q, k, v, do, causal)
     parts = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = tr.attention(
@@ -94,6 +96,7 @@ def test_every_strategy_on_one_gpu_matches_float64(strategy, kernel, layout, cau
             "layout": layout,
             "causal": causal,
             "heads": heads,
+            "seq": seq,
             "errors": errs,
         },
     )
