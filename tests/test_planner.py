@@ -19,7 +19,7 @@ from planner_cases import auto_case, links_case, small_topology_case
 from tokenring.call.description import CallDescription
 from tokenring.options import Layout, Pass, Strategy
 from tokenring.planner import Topology, load_topology, preset, preset_names, simulate_timing
-from tokenring.planner.choose import _schedules
+from tokenring.planner.choose import _schedules, plan_call
 from tokenring.planner.topology import ClusterLinks, ExplicitLinks
 from tokenring_bench.calibrate import _table_row, calibrate
 from tokenring_bench.cli import main as cli_main
@@ -274,6 +274,42 @@ def test_auto_picks_the_measured_fastest_or_within_5_percent():
         pick = min(predicted, key=predicted.get)
         measured = {m: r["ms"] for m, r in rows.items()}
         assert measured[pick] <= 1.05 * min(measured.values()), (key, predicted, measured)
+
+
+CPU_ROWS = RUNS / "2026-12-06-cpu2-e053273-bench.json"
+
+
+def test_auto_on_cpu_picks_the_measured_fastest_or_within_5_percent():
+    """On the committed CPU bench rows (2 gloo processes, our four 1-D strategies, every
+    CPU case at 256 to 2,048 tokens, both passes; each row the median of six runs),
+    ``auto``'s pick on the ``cpu-gloo`` preset is the measured winner or within 5% of
+    it, and the preset predicts each strategy within a factor of two (it once predicted
+    100-2,600 times the measured time)."""
+    topo = preset("cpu-gloo", 2)
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for row in json.loads(CPU_ROWS.read_text()):
+        by_case.setdefault((row["case"], row["seq"], row["pass"]), {})[row["method"]] = row
+    assert len(by_case) == 24
+    for key, rows in by_case.items():
+        first = next(iter(rows.values()))
+        call = CallDescription.of_shape(
+            world=2, seq_len=first["seq"], heads_q=first["heads_q"],
+            heads_kv=first["heads_kv"], head_dim=first["head_dim"], dtype=torch.float32,
+            layout=Layout(first["layout"]), causal=first["causal"],
+            wants_grad=first["pass"] != "forward",
+        )  # fmt: skip
+        report = plan_call(topo, call, backward=first["pass"] != "forward", with_usp=False)
+        measured = {m: r["ms"] for m, r in rows.items()}
+        predicted = {c.name: c.predicted_ms for c in report.candidates if not c.refused}
+        assert set(predicted) == set(measured), (key, predicted, measured)
+        assert measured[report.choice] <= 1.05 * min(measured.values()), (
+            key,
+            report.choice,
+            predicted,
+            measured,
+        )
+        for m, ms in measured.items():
+            assert 0.5 <= predicted[m] / ms <= 2.0, (key, m, predicted[m], ms)
 
 
 def test_the_original_tokenring_observation_on_4_a10():

@@ -166,25 +166,47 @@ def npu_mesh_8(gpus: int) -> Topology:
     )
 
 
+@cache
+def _cpu() -> tuple[KernelModel, float]:
+    raw = json.loads(resources.files(__package__).joinpath("data/cpu-float32.json").read_text())
+    return KernelModel.from_dict(raw["kernel"]), float(raw["merge_gbps"])
+
+
+CPU_HOST = HostCosts(
+    call_us=35, compute_us=0, merge_us=200, post_us=420, transfer_us=300, wait_us=0
+)
+"""Host microseconds per operation of gloo processes on a CPU: fitted, with the link and
+the kernel factors below, by ``benchmarks/fit_cpu_preset.py`` to the committed CPU bench
+rows (``benchmarks/runs/2026-12-06-cpu2-e053273-bench.json``)."""
+
+CPU_KERNEL = {Pass.FORWARD: 1.15, Pass.BACKWARD: 1.43}
+"""The CPU kernel table (measured at head_dim 128) times these for the bench's head_dim 32."""
+
+
 def cpu_gloo(gpus: int) -> Topology:
-    """Processes on one CPU host over gloo (tests, the demo): synchronous kernels."""
-    kernel, _ = _h200()
+    """Processes on one CPU host over gloo (tests, the demo): synchronous kernels, the
+    block-kernel table measured on the 2-core development box (``data/cpu-float32.json``)."""
+    kernel, merge_gbps = _cpu()
     device = DeviceModel(
         "CPU",
-        replace(kernel.scaled({p: 2e-4 for p in Pass}), launch_us=20.0),
-        memory_gbps=10.0,
-        host=HostCosts(
-            call_us=80, compute_us=30, merge_us=10, post_us=60, transfer_us=20, wait_us=20
-        ),
+        kernel.scaled(CPU_KERNEL),
+        memory_gbps=merge_gbps,
+        host=CPU_HOST,
         synchronous=True,
         comm_yields_to_compute=False,
     )
-    links = ClusterLinks(gpus, max(gpus, 1), "mesh", intra_gbps=4.0, intra_latency_us=40.0)
+    links = ClusterLinks(
+        gpus, max(gpus, 1), "mesh", intra_gbps=0.17, intra_latency_us=110.0, p2p_cap_gbps=3.9
+    )
     return Topology(
         "cpu-gloo",
         device,
         links,
-        ("rough: a CPU block at ~0.1 TFLOP/s, gloo over shared memory ~4 GB/s per pair",),
+        (
+            "kernel table: tokenring calibrate --dtype fp32 on 2 gloo processes of 2 CPU cores",
+            "host costs, links and kernel factors fitted to the committed CPU bench rows "
+            "(benchmarks/fit_cpu_preset.py)",
+        ),
     )
 
 
