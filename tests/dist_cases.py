@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import tokenring as tr
-from reference import attention_reference, grad_floor, rel_err
+from reference import allowed_pairs, attention_reference, grad_floor, rel_err
 from tokenring.execution.kernels.cpu_flash import CpuFlash
 
 DTYPES = {
@@ -72,10 +72,14 @@ def check_attention(
     kernel: str = "auto",
     stream_tail: bool = False,
     seq_len: bool = False,
+    window: tuple[int, int] | None = None,
+    documents: tuple[int, ...] | None = None,
 ) -> dict[str, float]:
     """Run one strategy on this rank's shard and return its errors against float64 attention.
     ``stream_tail``: make TokenRing stream its last partial even at these small sizes;
-    ``seq_len``: pass the global length (what shards of unequal length need)."""
+    ``seq_len``: pass the global length (what shards of unequal length need);
+    ``window``, ``documents``: ``window_size`` and ``cu_seqlens`` (the reference's mask
+    from their definition)."""
     if stream_tail:
         previous = tr.runtime().settings.stream_tail_min
         tr.configure(stream_tail_min=0)
@@ -83,7 +87,8 @@ def check_attention(
             return check_attention(
                 w, world=world, strategy=strategy, layout=layout, causal=causal, heads=heads,
                 dtype=dtype, batch=batch, head_dim=head_dim, seq=seq, seed=seed,
-                backward=backward, kernel=kernel, seq_len=seq_len,
+                backward=backward, kernel=kernel, seq_len=seq_len, window=window,
+                documents=documents,
             )  # fmt: skip
         finally:
             tr.configure(stream_tail_min=previous)
@@ -91,11 +96,12 @@ def check_attention(
     dt = DTYPES[dtype]
     q, k, v, do = make_inputs(seed, batch, seq, heads, head_dim, dt)
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = attention_reference(qr, kr, vr, causal=causal)
+    allowed = allowed_pairs(seq, causal, window, documents)
+    ref_out, ref_lse = attention_reference(qr, kr, vr, causal=causal, allowed=allowed)
     ref_grads = torch.autograd.grad(ref_out, (qr, kr, vr), do.double()) if backward else None
 
     def local(x, dim=1):
-        return tr.shard(x, layout=layout, group=group, dim=dim)
+        return tr.shard(x, layout=layout, group=group, dim=dim, cu_seqlens=documents)
 
     ql, kl, vl = (local(t).requires_grad_(backward) for t in (q, k, v))
     out, lse = tr.attention(
@@ -109,6 +115,8 @@ def check_attention(
         return_lse=True,
         kernel=kernel,
         seq_len=seq if seq_len else None,
+        window_size=window,
+        cu_seqlens=list(documents) if documents is not None else None,
     )
     errs = {
         "out": rel_err(out, local(ref_out.detach())),
@@ -121,6 +129,19 @@ def check_attention(
             errs[name] = rel_err(g, local(r), grad_floor(local(r), ref_grads))
         errs["dtype_ok"] *= float(all(g.dtype == dt for g in grads))
     return errs
+
+
+def assert_errors_within(
+    tol: float, cases: list[dict], results: list, keys=("out", "lse", "dq", "dk", "dv")
+) -> None:
+    """Every rank's error of every case within ``tol`` (one message listing each miss)."""
+    failures = []
+    for case, per_rank in zip(cases, results):
+        for key in keys:
+            worst = max(r[key] for r in per_rank)
+            if not worst <= tol:
+                failures.append(f"{key} error {worst:.3g} in {case}")
+    assert not failures, "\n".join(failures)
 
 
 def expect_error(w, *, world: int, make, call: str = "token_ring_attn", **kwargs) -> str:
@@ -269,3 +290,60 @@ def merge_flags_case(w, *, world: int, fused: bool) -> list[bool]:
         executor.merge_into = real
         tr.configure(fused_merge=previous)
     return flags
+
+
+def sink_reference(q, k, v, sinks, allowed):
+    """Float64 attention with one extra logit per head in every row's softmax (a sink
+    whose value is zero): ``(out, lse)``, the LSE over the keys and the sink."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks.double()[None, :, None, None].expand(*scores.shape[:3], 1)
+    both = torch.cat([scores, sink], dim=-1)
+    probs = torch.softmax(both, dim=-1)[..., :-1]
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v), torch.logsumexp(both, dim=-1)
+
+
+def check_sinks(
+    w, *, world: int, strategy: str, layout: str, causal: bool, heads: tuple[int, int],
+    seq: int, window=None, documents=None, seed: int = 0,
+) -> dict[str, float]:  # fmt: skip
+    """``sinks=`` through ``tr.attention``, with a loss that reads the output and the LSE:
+    out, lse and the gradients of q, k, v and of the sinks (each rank's share, summed
+    over the group) against float64."""
+    group = w.group(world)
+    q, k, v, do = make_inputs(seed, 2, seq, heads, 8, torch.float32)
+    g = torch.Generator().manual_seed(seed + 1)
+    sinks = torch.randn(heads[0], generator=g)
+    dlse = torch.randn(2, heads[0], seq, generator=g)
+    allowed = allowed_pairs(seq, causal, window, documents)
+    ref = [t.double().requires_grad_() for t in (q, k, v, sinks)]
+    ref_out, ref_lse = sink_reference(*ref, allowed)
+    loss = (ref_out * do.double()).sum() + (ref_lse * dlse.double()).sum()
+    ref_grads = torch.autograd.grad(loss, ref)
+
+    def local(x, dim=1):
+        return tr.shard(x, layout=layout, group=group, dim=dim, cu_seqlens=documents)
+
+    parts = [local(t).requires_grad_() for t in (q, k, v)]
+    mine = sinks.clone().requires_grad_()
+    out, lse = tr.attention(
+        *parts, strategy=strategy, causal=causal, layout=layout, group=group, return_lse=True,
+        seq_len=seq, window_size=window, cu_seqlens=documents, sinks=mine,
+    )  # fmt: skip
+    loss = (out * local(do)).sum() + (lse * local(dlse, dim=2)).sum()
+    grads = torch.autograd.grad(loss, [*parts, mine])
+    dsinks = grads[3].clone()
+    if world > 1:
+        torch.distributed.all_reduce(dsinks, group=group)
+    errs = {
+        "out": rel_err(out, local(ref_out.detach())),
+        "lse": rel_err(lse, local(ref_lse.detach(), dim=2)),
+        "dsinks": rel_err(dsinks, ref_grads[3]),
+        "dsinks_dtype_ok": float(grads[3].dtype == sinks.dtype),
+    }
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        errs[name] = rel_err(got, local(want), grad_floor(local(want), ref_grads[:3]))
+    return errs

@@ -5,11 +5,35 @@ from __future__ import annotations
 import torch
 
 
-def attention_reference(q, k, v, *, causal: bool, scale: float | None = None):
+def allowed_pairs(seq: int, causal: bool, window=None, documents=None) -> torch.Tensor:
+    """Boolean ``[seq, seq]``: query ``i`` sees key ``j`` (causal: ``j <= i``; window
+    ``(left, right)``: ``i - left <= j <= i + right``, -1 unbounded; documents: the
+    offsets ``[0, ..., seq]``, no pair across a boundary), from the definition."""
+    i = torch.arange(seq)[:, None]
+    j = torch.arange(seq)[None, :]
+    ok = torch.ones(seq, seq, dtype=torch.bool)
+    if causal:
+        ok &= j <= i
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            ok &= j >= i - left
+        if right >= 0:
+            ok &= j <= i + right
+    if documents is not None:
+        doc = torch.zeros(seq, dtype=torch.long)
+        for boundary in documents[1:-1]:
+            doc[boundary:] += 1
+        ok &= doc[:, None] == doc[None, :]
+    return ok
+
+
+def attention_reference(q, k, v, *, causal: bool, scale: float | None = None, allowed=None):
     """Float64 attention on full ``[B, S, H, D]`` tensors; returns ``(out, lse)``.
 
     Written from the definition (explicit mask, softmax, GQA by repeating key
     and value heads) and differentiable, so it also gives reference gradients.
+    ``allowed`` (``allowed_pairs``) replaces the causal mask when given.
     """
     q, k, v = q.double(), k.double(), v.double()
     group = q.shape[2] // k.shape[2]
@@ -17,10 +41,11 @@ def attention_reference(q, k, v, *, causal: bool, scale: float | None = None):
     v = v.repeat_interleave(group, dim=2)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if causal:
+    if allowed is None and causal:
         s = q.shape[1]
         allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed.to(q.device), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v)
     return out, lse

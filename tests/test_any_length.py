@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tokenring as tr
-from dist_cases import check_attention
+from dist_cases import assert_errors_within, check_attention
 from tokenring.options import Layout
 from tokenring.schedules.geometry import local_lengths
 from usp_cases import joint_case, usp_case
@@ -76,23 +76,13 @@ def _cases(world: int, strategy: str, every: bool) -> list[dict]:
     return cases
 
 
-def _check(cases, results) -> None:
-    failures = []
-    for case, per_rank in zip(cases, results):
-        for key in ("out", "lse", "dq", "dk", "dv"):
-            worst = max(r[key] for r in per_rank)
-            if not worst <= FP32_TOL:
-                failures.append(f"{key} error {worst:.3g} in {case}")
-    assert not failures, "\n".join(failures)
-
-
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_at_lengths_that_do_not_divide(pool, world, strategy):
     """Forward and backward against float64 attention on the gathered sequence, both
     layouts, causal or not, MHA/GQA/MQA in turn, with ``seq_len`` given."""
     cases = _cases(world, strategy, every=False)
-    _check(cases, pool.run(check_attention, cases))
+    assert_errors_within(FP32_TOL, cases, pool.run(check_attention, cases))
 
 
 @pytest.mark.slow
@@ -100,7 +90,7 @@ def test_every_strategy_at_lengths_that_do_not_divide(pool, world, strategy):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_at_every_length(pool, world, strategy):
     cases = _cases(world, strategy, every=True)
-    _check(cases, pool.run(check_attention, cases, timeout=600))
+    assert_errors_within(FP32_TOL, cases, pool.run(check_attention, cases, timeout=600))
 
 
 def test_tokenring_streams_its_last_partial_at_uneven_lengths(pool):
@@ -113,7 +103,7 @@ def test_tokenring_streams_its_last_partial_at_uneven_lengths(pool):
         for layout in ("contiguous", "zigzag")
         for seq in (world - 1, 2 * world + 1)
     ]  # fmt: skip
-    _check(cases, pool.run(check_attention, cases))
+    assert_errors_within(FP32_TOL, cases, pool.run(check_attention, cases))
 
 
 def test_usp_at_lengths_that_do_not_divide(pool):

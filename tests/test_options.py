@@ -33,11 +33,12 @@ def test_seq_len_must_be_a_positive_int(value):
 def test_strings_and_enums_parse_to_the_same_options_and_survive_encoding():
     given = dict(strategy="usp", ring_impl="ring", layout="zigzag", causal=True,
                  softmax_scale=0.125, kernel="math", deterministic=True,
-                 joint_strategy="rear", seq_len=37)  # fmt: skip
+                 joint_strategy="rear", seq_len=37, window_size=[7, 0],
+                 cu_seqlens=torch.tensor([0, 5, 37]))  # fmt: skip
     parsed = Options.checked(**given)
     assert parsed == Options(
         Strategy.USP, RingImpl.RING, Layout.ZIGZAG, True, 0.125, "math", True,
-        JointStrategy.REAR, 37,
+        JointStrategy.REAR, 37, (7, 0), (0, 5, 37),
     )  # fmt: skip
     assert Options.decode(parsed.encode()) == parsed
     assert Options.of_values(parsed.values()) == (parsed, ())

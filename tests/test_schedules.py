@@ -387,7 +387,7 @@ def test_simulator_catches_a_gathered_gradient_that_is_not_zeroed():
     ],
 )
 def test_classify(q, k, causal, kind):
-    assert classify(Mask(causal), q, k) is kind
+    assert classify(Mask(causal), (q,), (k,)) is kind
 
 
 def test_classify_agrees_with_the_mask_token_by_token():
@@ -397,7 +397,7 @@ def test_classify_agrees_with_the_mask_token_by_token():
         if qa > qb or ka > kb:
             continue
         allowed = [mask.allows(i, j) for i in range(qa, qb) for j in range(ka, kb)]
-        kind = classify(mask, (qa, qb), (ka, kb))
+        kind = classify(mask, ((qa, qb),), ((ka, kb),))
         if kind is EMPTY:
             assert not any(allowed)
         elif kind is FULL:
@@ -456,8 +456,8 @@ def test_chunk_ids(layout, world, rank, chunks):
 
 
 def _spans(layout, world, pieces):
-    """Token ranges of ``pieces`` when every piece holds 4 tokens."""
-    return piece_table(layout, 8 * world, world).spans(pieces)
+    """The cells (position ranges) of ``pieces`` when every piece holds 4 tokens."""
+    return piece_table(layout, 8 * world, world).cells(pieces)
 
 
 def _zigzag(world, rank):
@@ -490,8 +490,12 @@ def _all(world):
             [Block(0, 1, 0, 1, DIAG), Block(1, 2, 0, 7, FULL), Block(1, 2, 7, 8, DIAG)],
         ),
         # queries with their own geometry: a chunk of new tokens against a longer cache
-        (((8, 12),), ((0, 6), (6, 12)), [Block(0, 1, 0, 2, PARTIAL)]),
-        (((8, 12),), ((0, 8), (8, 12)), [Block(0, 1, 0, 1, FULL), Block(0, 1, 1, 2, DIAG)]),
+        ((((8, 12),),), (((0, 6),), ((6, 12),)), [Block(0, 1, 0, 2, PARTIAL)]),
+        (
+            (((8, 12),),),
+            (((0, 8),), ((8, 12),)),
+            [Block(0, 1, 0, 1, FULL), Block(0, 1, 1, 2, DIAG)],
+        ),
     ],
 )
 def test_cover_makes_few_calls(q_cells, kv_cells, blocks):

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from ..call.checks import sink_problems
 from ..call.description import Options, encode_values
 from ..execution.joint import Joint
 from ..execution.passes import ShardedAttention, forward_pass
@@ -43,6 +44,7 @@ from ..options import JointStrategy, Layout, RingImpl, Strategy
 from ..schedules import STRATEGIES
 from .calls import prepare
 from .compiled import attention_op
+from .sinks import with_sinks
 
 __all__ = ["allgather_attn", "attention", "ring_attn", "run", "token_ring_attn", "ulysses_attn"]
 
@@ -66,15 +68,31 @@ def _traced(q, k, v, joint: tuple, options: tuple, group, mesh):
     return attention_op(q, k, v, *joint, encoded, wants_grad, *_group_names(group, mesh))
 
 
+def hashable(value: object) -> object:
+    """A list or tensor argument (``cu_seqlens``, ``window_size``) as a tuple of ints, so
+    that a repeated call finds its prepared call by value (a tensor is read here: on a
+    GPU, one host sync per call); anything else as given, for the checks to judge."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and not value.is_floating_point():
+        return tuple(value.tolist())
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
 def run(
     q, k, v, joint: tuple, options: tuple | Options, *, group, mesh, recorder: Recorder | None,
-    return_lse: bool,
+    return_lse: bool, sinks: torch.Tensor | None = None,
 ):  # fmt: skip
     """The one path of every attention call (the functions, the layer, the integrations):
     ``options`` as raw values of ``OPTION_NAMES`` or ``Options`` parsed already."""
     if torch.compiler.is_compiling():
         if recorder is not None:
             raise ValueError("recorder= records eager calls; it cannot run inside torch.compile")
+        problems = sink_problems(sinks, q)  # at trace time, on the ranks that have them
+        if sinks is not None and joint[1] is not None:
+            problems.append("joint tokens take no sinks (for now)")
+        if problems:
+            raise ValueError("; ".join(problems))
         values = options.values() if isinstance(options, Options) else options
         out, lse, jo, jlse = _traced(q, k, v, joint, values, group, mesh)
         if joint[0] is None:
@@ -91,7 +109,7 @@ def run(
             wants_grad = False
         call = prepare(
             q, k, v, joint, options, group=group, mesh=mesh, wants_grad=wants_grad,
-            recorder=recorder,
+            recorder=recorder, sinks=sinks,
         )  # fmt: skip
         if wants_grad:
             out, lse, jo, jlse = ShardedAttention.apply(q, k, v, *joint, call)
@@ -99,6 +117,8 @@ def run(
             out, lse, jo, jlse = forward_pass(
                 call, q, k, v, Joint(jq, jk, jv) if jk is not None else None
             )
+    if sinks is not None:
+        out, lse = with_sinks(out, lse, sinks)
     if joint[0] is None:
         return (out, lse) if return_lse else out
     return (out, lse, jo, jlse) if return_lse else (out, jo)
@@ -124,6 +144,9 @@ def attention(
     joint_v: torch.Tensor | None = None,
     joint_strategy: str | JointStrategy = "none",
     seq_len: int | None = None,
+    window_size: tuple[int, int] | None = None,
+    cu_seqlens: object = None,
+    sinks: torch.Tensor | None = None,
     recorder: Recorder | None = None,
 ):
     """Exact attention over a sequence sharded across the ranks of ``group`` (or ``mesh``).
@@ -147,6 +170,23 @@ def attention(
     kernels whose backward is not bitwise reproducible. ``recorder`` (optional,
     eager only) collects a per-step timeline and byte counts of both passes.
 
+    Masks beyond causal, in flash-attention's conventions, over global positions:
+    ``window_size=(left, right)``: query ``i`` sees key ``j`` when ``i - left <= j <=
+    i + right`` (``-1``: unbounded; with ``causal=True`` the right side must be 0 or
+    -1). ``cu_seqlens``: the offsets ``[0, ..., S]`` of documents packed in the
+    sequence (a list, tuple or 1-D integer tensor, the same on every rank; batch rows
+    share it); no query attends across a document boundary, and the global length is
+    ``cu_seqlens[-1]``. Shard with ``tokenring.shard(..., cu_seqlens=...)`` and the
+    same ``layout``: ``zigzag`` is then cut per document (docs/algorithms.md, "Packed
+    sequences"). Blocks the mask leaves empty are neither computed nor sent.
+    ``sinks``: optional per-head logits ``[heads_q]`` (any float dtype, on q's device,
+    the same on every rank) that join every row's softmax denominator once, with a
+    value of zero (gpt-oss's ``s_aux``); the returned LSE is the log of the whole
+    denominator, sink included. Its gradient, like a joint tensor's, is this rank's
+    share: summed over the group it is the unsharded model's.
+
+    The LSE is differentiable (a loss may read it) except with joint tokens.
+
     Joint tokens (MM-DiT text tokens), non-causal only: ``joint_k``, ``joint_v``
     ``[batch, joint_len, heads_kv, head_dim]`` and optionally ``joint_q``
     ``[batch, joint_len, heads_q, head_dim]``, the same full tensors on every rank
@@ -167,10 +207,10 @@ def attention(
     """
     # in OPTION_NAMES order (the fields of ``Options``)
     options = (strategy, ring_impl, layout, causal, softmax_scale, kernel, deterministic,
-               joint_strategy, seq_len)  # fmt: skip
+               joint_strategy, seq_len, hashable(window_size), hashable(cu_seqlens))  # fmt: skip
     return run(
         q, k, v, (joint_q, joint_k, joint_v), options, group=group, mesh=mesh, recorder=recorder,
-        return_lse=return_lse,
+        return_lse=return_lse, sinks=sinks,
     )  # fmt: skip
 
 

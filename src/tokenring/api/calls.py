@@ -85,7 +85,8 @@ def _tensor_key(t) -> tuple | None:
     return None if t is None else (t.shape, t.dtype, t.device, t.stride(-1))
 
 
-def _fast_key(site: Site, options, wants_grad: bool, q, k, v, joint: tuple) -> tuple | None:
+def _fast_key(site: Site, options, wants_grad: bool, q, k, v, joint: tuple,
+              sinks) -> tuple | None:  # fmt: skip
     """The raw arguments as a cache key (None when they cannot be one: not tensors,
     unhashable options)."""
     try:
@@ -98,6 +99,7 @@ def _fast_key(site: Site, options, wants_grad: bool, q, k, v, joint: tuple) -> t
         key = (
             site.key, options, typed, wants_grad, _tensor_key(q), _tensor_key(k), _tensor_key(v),
             joint[1] is not None and (_tensor_key(joint[0]), _tensor_key(joint[1])),
+            _tensor_key(sinks),
         )  # fmt: skip
         hash(key)
     except (AttributeError, TypeError):
@@ -106,11 +108,11 @@ def _fast_key(site: Site, options, wants_grad: bool, q, k, v, joint: tuple) -> t
 
 
 def _described(rt: Runtime, site: Site, q, k, v, joint: tuple, options: Options,
-               option_problems: tuple[str, ...], wants_grad: bool):  # fmt: skip
+               option_problems: tuple[str, ...], wants_grad: bool, sinks):  # fmt: skip
     """This rank's description (``auto`` resolved) and every problem with it."""
     description, problems = describe(
         q, k, v, joint, options, option_problems, world=site.world, rank=site.rank,
-        ulysses=site.ulysses, wants_grad=wants_grad,
+        ulysses=site.ulysses, wants_grad=wants_grad, sinks=sinks,
     )  # fmt: skip
     if problems:
         return description, problems, None
@@ -124,7 +126,7 @@ def _described(rt: Runtime, site: Site, q, k, v, joint: tuple, options: Options,
 
 
 def _prepare(rt: Runtime, site: Site, state: GroupRuntime, q, k, v, joint: tuple, options,
-             wants_grad: bool, recorder: Recorder | None) -> PreparedCall:  # fmt: skip
+             wants_grad: bool, recorder: Recorder | None, sinks) -> PreparedCall:  # fmt: skip
     """Describe, agree, plan; and say how the call runs: the lanes of the axes its
     schedules use, its joint-token collectives, the runtime's settings."""
     if isinstance(options, Options):
@@ -132,7 +134,7 @@ def _prepare(rt: Runtime, site: Site, state: GroupRuntime, q, k, v, joint: tuple
     else:
         parsed, option_problems = Options.of_values(options)
     description, problems, kernel = _described(
-        rt, site, q, k, v, joint, parsed, option_problems, wants_grad
+        rt, site, q, k, v, joint, parsed, option_problems, wants_grad, sinks
     )
     settings = rt.settings
     group_lanes = rt.lanes(site.group) if site.world > 1 else None
@@ -163,7 +165,7 @@ def _plan(state: GroupRuntime, site: Site, description: CallDescription, kernel,
 
 def prepare(
     q, k, v, joint: tuple, options: tuple | Options, *, group: dist.ProcessGroup | None,
-    mesh: object, wants_grad: bool, recorder: Recorder | None = None,
+    mesh: object, wants_grad: bool, recorder: Recorder | None = None, sinks=None,
 ) -> PreparedCall:  # fmt: skip
     """The call as prepared for the first call of its kind, reused by later identical
     calls: the description, the agreement and the plan are made once. Kept per group in
@@ -175,10 +177,10 @@ def prepare(
         else (options[0], options[1])
     )  # fmt: skip
     site, state = where_call_runs(rt, strategy, group, mesh, ring_impl)
-    key = _fast_key(site, options, wants_grad, q, k, v, joint) if recorder is None else None
+    key = _fast_key(site, options, wants_grad, q, k, v, joint, sinks) if recorder is None else None
     call = state.calls.get_fresh(key) if key is not None else None
     if call is None:
-        call = _prepare(rt, site, state, q, k, v, joint, options, wants_grad, recorder)
+        call = _prepare(rt, site, state, q, k, v, joint, options, wants_grad, recorder, sinks)
         if key is not None:
             state.calls.put(key, call)
     return call

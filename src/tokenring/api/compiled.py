@@ -76,7 +76,8 @@ def _(q, k, v, joint_q, joint_k, joint_v, *config) -> Outputs:
 
 @torch.library.custom_op("tokenring::attention_backward", mutates_args=())
 def attention_backward_op(
-    grad_out: Tensor, grad_joint_out: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+    grad_out: Tensor, grad_joint_out: Tensor | None, grad_lse: Tensor | None, q: Tensor,
+    k: Tensor, v: Tensor,
     out: Tensor, lse: Tensor, joint_q: Tensor | None, joint_k: Tensor | None,
     joint_v: Tensor | None, joint_out: Tensor | None, joint_lse: Tensor | None, options: str,
     grad: bool, group: str, ring_group: str, ulysses_group: str,
@@ -86,14 +87,16 @@ def attention_backward_op(
                  ulysses_group)  # fmt: skip
     joint = Joint(joint_q, joint_k, joint_v) if joint_k is not None else None
     (dq, dk, dv), shares = backward_pass(
-        call, grad_out, grad_joint_out, q, k, v, out, lse, joint, joint_out, joint_lse
-    )
+        call, grad_out, grad_joint_out, q, k, v, out, lse, joint, joint_out, joint_lse,
+        grad_lse if joint is None else None,
+    )  # fmt: skip
     return (dq.contiguous(), dk.contiguous(), dv.contiguous(),
             *(s.contiguous() if s is not None else q.new_empty(0) for s in shares))  # fmt: skip
 
 
 @attention_backward_op.register_fake
-def _(grad_out, grad_joint_out, q, k, v, out, lse, joint_q, joint_k, joint_v, *rest) -> Grads:
+def _(grad_out, grad_joint_out, grad_lse, q, k, v, out, lse, joint_q, joint_k, joint_v,
+      *rest) -> Grads:  # fmt: skip
     def like(t):
         return torch.empty_like(t, memory_format=torch.contiguous_format)
 
@@ -113,8 +116,10 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, grad_lse, grad_jo, grad_jlse):
     q, k, v, out, lse, jq, jk, jv, jo, jlse = ctx.saved_tensors
     has_q = jq is not None
+    if grad_out is None:  # only the LSE was used
+        grad_out = torch.zeros_like(out)
     grads = attention_backward_op(
-        grad_out, grad_jo if has_q else None, q, k, v, out, lse, jq, jk, jv,
+        grad_out, grad_jo if has_q else None, grad_lse, q, k, v, out, lse, jq, jk, jv,
         jo if has_q else None, jlse if has_q else None, *ctx.config,
     )  # fmt: skip
     dq, dk, dv, djq, djk, djv = grads

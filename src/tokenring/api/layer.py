@@ -9,7 +9,7 @@ from torch import nn
 from ..call.description import AUTO, Options
 from ..options import JointStrategy, Layout, RingImpl, Strategy
 from ..runtime.meshes import SpMesh
-from .attention import run
+from .attention import hashable, run
 
 __all__ = ["SequenceParallelAttention"]
 
@@ -74,14 +74,20 @@ class SequenceParallelAttention(nn.Module):
         joint_v: torch.Tensor | None = None,
         joint_strategy: str | JointStrategy = "none",
         seq_len: int | None = None,
+        window_size: tuple[int, int] | None = None,
+        cu_seqlens: object = None,
+        sinks: torch.Tensor | None = None,
         return_lse: bool = False,
     ):
         """``tokenring.attention`` with this layer's configuration (``seq_len``: the
-        global length, for shards of unequal length)."""
-        options = _with_call_options(self.options, causal, joint_strategy, seq_len)
+        global length, for shards of unequal length; ``window_size`` and ``cu_seqlens``:
+        the mask beyond ``causal``, and ``sinks``, as there)."""
+        options = _with_call_options(
+            self.options, causal, joint_strategy, seq_len, window_size, cu_seqlens
+        )
         return run(
             q, k, v, (joint_q, joint_k, joint_v), options, group=self.group, mesh=self.mesh,
-            recorder=None, return_lse=return_lse,
+            recorder=None, return_lse=return_lse, sinks=sinks,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -94,10 +100,13 @@ class SequenceParallelAttention(nn.Module):
         )
 
 
-def _with_call_options(options: Options, causal, joint_strategy, seq_len) -> tuple:
+def _with_call_options(
+    options: Options, causal, joint_strategy, seq_len, window_size, cu_seqlens
+) -> tuple:
     """A forward's options: the layer's, with this call's mask, joint side and length
     (as raw values, parsed and checked like ``tokenring.attention``'s)."""
     return (
         options.strategy, options.ring_impl, options.layout, causal, options.softmax_scale,
-        options.kernel, options.deterministic, joint_strategy, seq_len,
+        options.kernel, options.deterministic, joint_strategy, seq_len, hashable(window_size),
+        hashable(cu_seqlens),
     )  # fmt: skip

@@ -2,7 +2,8 @@
 
 Which tokens each rank holds is the layouts' arithmetic (``schedules.geometry``,
 docs/algorithms.md "Layouts"): any sequence length, the remainder spread so that
-per-rank lengths differ by at most one token.
+per-rank lengths differ by at most one token; with ``cu_seqlens`` the zigzag
+layout is cut per document ("Packed sequences" there).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..call.packing import read_documents
 from ..execution.comm import group_ranks, group_world
 from ..execution.executor import TransferFailed
 from ..options import Layout, parse_enum
@@ -66,9 +68,10 @@ def _mesh_sharding(layout: Layout, mesh: object) -> _Sharding:
 
 
 def _take(x: torch.Tensor, how: _Sharding, table: PieceTable, dim: int) -> torch.Tensor:
-    """This rank's part of a global tensor (a contiguous copy)."""
-    parts = [x.narrow(dim, a, b - a) for a, b in table.spans(how.mine)]
-    return torch.cat(parts, dim=dim).contiguous()
+    """This rank's part of a global tensor (a contiguous copy): its pieces in order, each
+    piece's runs of positions in order."""
+    parts = [x.narrow(dim, a, b - a) for piece in how.mine for a, b in table.cell(piece)]
+    return torch.cat(parts, dim=dim).contiguous() if parts else x.narrow(dim, 0, 0).contiguous()
 
 
 def _gather(x_local: torch.Tensor, how: _Sharding, table: PieceTable, dim: int) -> torch.Tensor:
@@ -85,14 +88,15 @@ def _gather(x_local: torch.Tensor, how: _Sharding, table: PieceTable, dim: int) 
         local = torch.cat([local, local.new_zeros(pad)], dim=dim)
     parts = [torch.empty_like(local) for _ in how.pieces]
     dist.all_gather(parts, local, group=how.group)
-    chunks: list[torch.Tensor] = [local.narrow(dim, 0, 0)] * table.count
+    runs: list[tuple[int, torch.Tensor]] = []  # (first position, its tokens)
     for pieces, part in zip(how.pieces, parts):
         offset = 0
         for piece in pieces:
-            n = table.length(piece)
-            chunks[piece] = part.narrow(dim, offset, n)
-            offset += n
-    return torch.cat(chunks, dim=dim)
+            for a, b in table.cell(piece):
+                runs.append((a, part.narrow(dim, offset, b - a)))
+                offset += b - a
+    runs.sort(key=lambda run: run[0])
+    return torch.cat([t for _, t in runs], dim=dim)
 
 
 def _differing(values: list, reference: object) -> list[int]:
@@ -173,6 +177,7 @@ def shard(
     mesh: object = None,
     dim: int = 1,
     check: bool = False,
+    cu_seqlens: object = None,
 ) -> torch.Tensor:
     """Return this rank's part of the global tensor ``x`` (a contiguous copy).
 
@@ -188,18 +193,36 @@ def shard(
     first verifies that ``x`` is bitwise the same on every rank of the group and raises
     the same ``ValueError`` on each, naming the ranks that differ, when it is not: it
     costs a broadcast of ``x``, so use it while setting up, not in every step.
+
+    ``cu_seqlens``: the offsets ``[0, ..., S]`` of documents packed in the sequence
+    (flash-attention's convention; a list, tuple or 1-D integer tensor, the same on
+    every rank). ``layout="zigzag"`` is then cut per document: rank ``r`` holds chunk
+    ``r`` of every document, then chunk ``2P - 1 - r`` of every document
+    (docs/algorithms.md, "Packed sequences"); ``contiguous`` is unchanged. Give
+    ``tokenring.attention`` and ``unshard`` the same ``cu_seqlens``.
     """
     layout = parse_enum(Layout, layout, "layout")
+    documents, problem = read_documents(cu_seqlens)
+    if problem:
+        raise ValueError(f"shard: {problem}")
     how = _sharding(layout, group, mesh)
     if check:
         _check_replicated(x, how)
     dim = dim % x.dim()
     if x.shape[dim] == 0:
         raise ValueError(f"shard: the sequence is empty (dim {dim} of shape {tuple(x.shape)})")
-    return _Shard.apply(x, how, piece_table(layout, x.shape[dim], how.world), dim)
+    if documents and documents[-1] != x.shape[dim]:
+        raise ValueError(
+            f"shard: cu_seqlens ends at {documents[-1]}, but the sequence (dim {dim} of shape "
+            f"{tuple(x.shape)}) holds {x.shape[dim]} tokens"
+        )
+    table = piece_table(layout, x.shape[dim], how.world, documents)
+    return _Shard.apply(x, how, table, dim)
 
 
-def _agreed_length(how: _Sharding, local: int, seq_len: int | None, device) -> int:
+def _agreed_length(
+    how: _Sharding, local: int, seq_len: int | None, device, documents: tuple[int, ...]
+) -> int:
     """The global length, from every rank's local length (one small all-gather): every
     rank raises the same ValueError when the parts do not follow the layout."""
     lengths = [local]
@@ -209,7 +232,12 @@ def _agreed_length(how: _Sharding, local: int, seq_len: int | None, device) -> i
         dist.all_gather_into_tensor(every, mine, group=how.group)
         lengths = [int(n) for n in every.tolist()]
     total = sum(lengths) if seq_len is None else seq_len
-    table = piece_table(how.layout, total, how.world) if total >= 0 else None
+    if documents and documents[-1] != total:
+        raise ValueError(
+            f"unshard: cu_seqlens ends at {documents[-1]}, but the parts hold {total} tokens "
+            f"together ({lengths} in group rank order)"
+        )
+    table = piece_table(how.layout, total, how.world, documents) if total >= 0 else None
     expected = [table.tokens(p) for p in how.pieces] if table is not None else None
     if expected != lengths:
         raise ValueError(
@@ -229,6 +257,7 @@ def unshard(
     mesh: object = None,
     dim: int = 1,
     seq_len: int | None = None,
+    cu_seqlens: object = None,
 ) -> torch.Tensor:
     """Gather every rank's shard and return the full tensor, in global order, on every rank.
 
@@ -237,10 +266,14 @@ def unshard(
     against the layout with one small all-gather, so every rank raises the same
     ``ValueError`` when they do not follow it. Differentiable: every rank is
     assumed to hold the same gradient of the full result (a replicated loss), and
-    each shard receives its own slice.
+    each shard receives its own slice. ``cu_seqlens``: as given to ``shard``.
     """
     layout = parse_enum(Layout, layout, "layout")
+    documents, problem = read_documents(cu_seqlens)
+    if problem:
+        raise ValueError(f"unshard: {problem}")
     how = _sharding(layout, group, mesh)
     dim = dim % x_local.dim()
-    total = _agreed_length(how, x_local.shape[dim], seq_len, x_local.device)
-    return _Unshard.apply(x_local, how, piece_table(layout, total, how.world), dim)
+    total = _agreed_length(how, x_local.shape[dim], seq_len, x_local.device, documents)
+    table = piece_table(layout, total, how.world, documents)
+    return _Unshard.apply(x_local, how, table, dim)

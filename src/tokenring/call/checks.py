@@ -20,7 +20,7 @@ from ..schedules import STRATEGIES
 from ..schedules.geometry import local_lengths
 from .description import AUTO, CallDescription, JointShape, Options
 
-__all__ = ["describe", "refusals", "strategy_problem", "strategy_refusals"]
+__all__ = ["describe", "refusals", "sink_problems", "strategy_problem", "strategy_refusals"]
 
 
 def _tensor_problems(q, k, v) -> list[str]:
@@ -79,6 +79,8 @@ def _joint_problems(q, k, joint: tuple, options: Options) -> list[str]:
         ]
     if options.causal:
         return ["joint tokens need causal=False (joint attention has no mask), got causal=True"]
+    if not options.mask.plain:
+        return ["joint tokens take no cu_seqlens or window_size (for now)"]
     if jk is None or jv is None:
         return ["joint_k and joint_v must be given together (joint_q is optional)"]
     problems = []
@@ -148,6 +150,21 @@ def strategy_refusals(
     )
 
 
+def sink_problems(sinks: object, q: object) -> list[str]:
+    """What is wrong with ``sinks`` for queries ``q`` (``[B, L, heads_q, D]``)."""
+    if sinks is None:
+        return []
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        what = sinks.dtype if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        return [f"sinks must be a floating-point tensor [heads_q], got {what}"]
+    heads = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+    if sinks.dim() != 1 or (heads is not None and sinks.shape[0] != heads):
+        return [f"sinks must be [heads_q] = [{heads}], got shape {tuple(sinks.shape)}"]
+    if isinstance(q, torch.Tensor) and sinks.device != q.device:
+        return [f"sinks must be on q's device ({q.device}), got {sinks.device}"]
+    return []
+
+
 def _length_problem(options: Options, length: int, world: int, rank: int) -> str:
     """Whether this rank's shard follows the layout of the global length."""
     if options.seq_len is None:
@@ -156,19 +173,21 @@ def _length_problem(options: Options, length: int, world: int, rank: int) -> str
         return (
             "the local sequence is empty (seq_local == 0), and no seq_len says the whole one is not"
         )
-    expected = local_lengths(options.layout, options.seq_len, world)
+    expected = local_lengths(options.layout, options.seq_len, world, options.cu_seqlens)
     if length == expected[rank]:
         return ""
+    packed = " with these cu_seqlens" if options.cu_seqlens else ""
     return (
         f"q has {length} tokens, but the {options.layout.value} layout of seq_len="
-        f"{options.seq_len} tokens over {world} ranks gives rank {rank} {expected[rank]} "
-        f"(every rank: {', '.join(map(str, expected))}); shard with tokenring.shard"
+        f"{options.seq_len} tokens{packed} over {world} ranks gives rank {rank} "
+        f"{expected[rank]} (every rank: {', '.join(map(str, expected))}); shard with "
+        "tokenring.shard" + (" and the same cu_seqlens" if options.cu_seqlens else "")
     )
 
 
 def describe(
     q, k, v, joint: tuple, options: Options, option_problems: tuple[str, ...], *,
-    world: int, rank: int, ulysses: int = 1, wants_grad: bool = False,
+    world: int, rank: int, ulysses: int = 1, wants_grad: bool = False, sinks=None,
 ) -> tuple[CallDescription, tuple[str, ...]]:  # fmt: skip
     """This rank's call as a description, and every problem found (``option_problems``:
     what ``Options.parse`` found). ``rank``: this rank's place in the layout (logical
@@ -183,6 +202,9 @@ def describe(
     if shapes_ok:
         length = q.shape[1]
         problems += _joint_problems(q, k, joint, options)
+        problems += sink_problems(sinks, q)
+        if sinks is not None and joint[1] is not None:
+            problems.append("joint tokens take no sinks (for now)")
         problems.append(_length_problem(options, length, world, rank))
         seq_len = options.seq_len if options.seq_len is not None else world * length
         jk, jq = joint[1], joint[0]
@@ -201,6 +223,7 @@ def describe(
             ulysses=ulysses,
             joint=joint_shape,
             wants_grad=wants_grad,
+            sinks=sinks is not None,
         )
     else:
         description = CallDescription(

@@ -25,6 +25,7 @@ from ..options import JointStrategy, Layout, Pass, RingImpl, Strategy, read_enum
 from ..schedules.geometry import Geometry, PieceTable, local_lengths, piece_table
 from ..schedules.key import ScheduleKey
 from ..schedules.masks import Mask
+from .packing import read_documents, read_window
 
 __all__ = ["AUTO", "OPTION_NAMES", "CallDescription", "JointShape", "Options", "encode_values"]
 
@@ -63,6 +64,10 @@ def _parse_value(name: str, value: object) -> tuple[object, str]:
             value,
             "" if ok else f"kernel must be a str (tokenring.kernel_names()), got {value!r}",
         )
+    if name == "cu_seqlens":
+        return read_documents(value)
+    if name == "window_size":
+        return read_window(value, causal=False)  # the causal side: Options.parse
     if name == "seq_len":
         ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
         return (
@@ -78,7 +83,9 @@ class Options:
 
     ``strategy`` may be ``"auto"`` until the planner resolves it. ``seq_len`` is the
     global sequence length, needed when shards are of unequal length (``None``: every
-    rank holds the same number of tokens, ``world`` times its own).
+    rank holds the same number of tokens, ``world`` times its own). ``window_size``
+    ``(left, right)`` (``(-1, -1)``: none) and ``cu_seqlens`` (document offsets; empty:
+    one document) complete the mask (``schedules.masks.Mask``).
     """
 
     strategy: Strategy | str = Strategy.TOKENRING
@@ -90,6 +97,8 @@ class Options:
     deterministic: bool = False
     joint_strategy: JointStrategy = JointStrategy.NONE
     seq_len: int | None = None
+    window_size: tuple[int, int] = (-1, -1)
+    cu_seqlens: tuple[int, ...] = ()
 
     @classmethod
     def parse(cls, **given: object) -> tuple[Options, tuple[str, ...]]:
@@ -104,6 +113,17 @@ class Options:
                     problems.append(problem)
                 else:
                     values[f.name] = value
+        if values.get("causal") and "window_size" in values:
+            window, problem = read_window(values["window_size"], causal=True)
+            if problem:
+                problems.append(problem)
+                values["window_size"] = window
+        documents = values.get("cu_seqlens", ())
+        seq_len = values.get("seq_len")
+        if documents and seq_len is not None and documents[-1] != seq_len:
+            problems.append(f"cu_seqlens ends at {documents[-1]}, but seq_len is {seq_len}")
+        if documents and seq_len is None:
+            values["seq_len"] = documents[-1]
         return cls(**values), tuple(problems)
 
     @classmethod
@@ -128,6 +148,11 @@ class Options:
         """These options as one string (the custom op's argument; ``decode`` reverses)."""
         plain = {k: v.value if isinstance(v, Enum) else v for k, v in asdict(self).items()}
         return json.dumps(plain, sort_keys=True)
+
+    @property
+    def mask(self) -> Mask:
+        """Which pairs attend, over global positions."""
+        return Mask(self.causal, self.window_size, self.cu_seqlens)
 
     @staticmethod
     @lru_cache(maxsize=256)
@@ -175,6 +200,9 @@ class CallDescription:
     ulysses: int = 1
     joint: JointShape | None = None
     wants_grad: bool = False
+    sinks: bool = False
+    """Per-head sink logits join the softmax (``api/sinks.py``): applied on top of the
+    attention, but part of what the ranks agree on."""
 
     @classmethod
     def of_shape(
@@ -215,7 +243,7 @@ class CallDescription:
 
     @property
     def mask(self) -> Mask:
-        return Mask(causal=self.options.causal)
+        return self.options.mask
 
     @property
     def scale(self) -> float:
@@ -230,12 +258,12 @@ class CallDescription:
     @cached_property
     def table(self) -> PieceTable:
         """The pieces of the sequence (``schedules.geometry``)."""
-        return piece_table(self.layout, self.seq_len, self.world)
+        return piece_table(self.layout, self.seq_len, self.world, self.options.cu_seqlens)
 
     @cached_property
     def local_lengths(self) -> tuple[int, ...]:
         """Tokens each rank holds (logical rank order for a mesh)."""
-        return local_lengths(self.layout, self.seq_len, self.world)
+        return local_lengths(self.layout, self.seq_len, self.world, self.options.cu_seqlens)
 
     def streams_tail(self, minimum: int) -> bool:
         """Whether TokenRing returns its last partial in halves: when the longest query

@@ -295,20 +295,21 @@ def run_backward(
     """Backward pass of one rank.
 
     ``tensors`` holds ``q, k, v, out, do`` as ``[B, L, H, D]`` and ``lse`` in
-    row-major storage ``[L, B, H]`` (as ``run_forward`` returned it). Returns
+    row-major storage ``[L, B, H]`` (as ``run_forward`` returned it), and ``dlse``, the
+    LSE's gradient in the same storage, when it has one. Returns
     ``dq, dk, dv`` in the input dtype.
     """
     schedule, call = geometry.schedule, geometry.call
     out = to_rowmajor(tensors["out"])
     do = to_rowmajor(tensors["do"])
     wide = accum_dtype(call.dtype)
-    query = {
-        "q": to_rowmajor(tensors["q"]),
-        "do": do,
-        "lse": tensors["lse"],
-        "delta": (do.to(wide) * out.to(wide)).sum(dim=-1),
-        "out": out,
-    }
+    delta = (do.to(wide) * out.to(wide)).sum(dim=-1)
+    query = {"q": to_rowmajor(tensors["q"]), "do": do, "lse": tensors["lse"], "delta": delta}
+    if "dlse" in tensors:  # the LSE's own gradient (``passes.backward_pass``): kernels
+        # then form delta from ``delta`` (``delta_surrogate``), not from ``out``
+        query["delta"] = delta - tensors["dlse"].to(wide)
+    else:
+        query["out"] = out
     local = {"q": query, "kv": {"k": to_rowmajor(tensors["k"]), "v": to_rowmajor(tensors["v"])}}
     store = SlotStore(geometry, local, tensors["q"].device)
     _execute(schedule, Pass.BACKWARD, store, ex)

@@ -36,7 +36,8 @@ def forward_pass(call: PreparedCall, q, k, v, joint: Joint | None):
     plan, ex = call.plan, call.ex
     p = plan.description
     if plan.site.world == 1:
-        out, lse = ex.kernel.forward(q, k, v, p.causal, p.scale)
+        mask = plan.whole_mask(q.device)
+        out, lse = ex.kernel.forward(q, k, v, p.causal and mask is None, p.scale, mask)
     else:
         out, rowmajor = run_forward(
             plan.forward_geometry, q, k, v, ex, keep_accum=joint is not None
@@ -54,17 +55,28 @@ def forward_pass(call: PreparedCall, q, k, v, joint: Joint | None):
 
 
 def backward_pass(
-    call: PreparedCall, grad_out, grad_jo, q, k, v, out, lse, joint: Joint | None, jo, jlse
-):
+    call: PreparedCall, grad_out, grad_jo, q, k, v, out, lse, joint: Joint | None, jo, jlse,
+    grad_lse=None,
+):  # fmt: skip
     """``(dq, dk, dv)`` and, with joint tokens, this rank's shares ``(djq, djk, djv)``
-    (``djq`` None without joint queries); ``lse`` as ``forward_pass`` returned it."""
+    (``djq`` None without joint queries); ``lse`` as ``forward_pass`` returned it.
+
+    ``grad_lse`` (``[B, H, L]``, or None): the gradient of the LSE, without joint tokens.
+    Since ``d lse / d s_ij = p_ij``, it enters as ``delta - grad_lse`` where every
+    block's backward forms ``p * (dp - delta)``: no other change to any schedule."""
     plan = call.plan
     p = plan.description
     kernel = plan.backward_kernel
     if plan.site.world == 1:
         wide = accum_dtype(p.dtype)
         delta = (grad_out.to(wide) * out.to(wide)).sum(-1).transpose(1, 2)
-        dq, dk, dv = kernel.backward(grad_out, q, k, v, out, lse, delta, p.causal, p.scale)
+        if grad_lse is not None:  # the kernel forms delta from ``delta``, not ``out``
+            delta = delta - grad_lse.to(wide)
+        mask = plan.whole_mask(q.device)
+        dq, dk, dv = kernel.backward(
+            grad_out, q, k, v, out if grad_lse is None else None, lse, delta,
+            p.causal and mask is None, p.scale, mask,
+        )  # fmt: skip
     else:
         dq, dk, dv = run_backward(
             plan.backward_geometry,
@@ -75,6 +87,7 @@ def backward_pass(
                 "out": out,
                 "do": grad_out,
                 "lse": lse.permute(2, 0, 1).contiguous(),
+                **({"dlse": grad_lse.permute(2, 0, 1)} if grad_lse is not None else {}),
             },
             replace(call.ex, kernel=kernel),
         )
@@ -96,19 +109,26 @@ class ShardedAttention(torch.autograd.Function):
         out, lse, jo, jlse = forward_pass(call, q, k, v, joint)
         ctx.call = call
         ctx.has = (jq is not None, joint is not None)
+        ctx.set_materialize_grads(False)  # an unused LSE's gradient stays None
         ctx.save_for_backward(q, k, v, out, lse, jq, jk, jv, jo, jlse)
-        ctx.mark_non_differentiable(lse)
+        if joint is not None:  # with joint tokens the LSEs are for inspection only
+            ctx.mark_non_differentiable(lse)
         if jlse is not None:
             ctx.mark_non_differentiable(jlse)
         return out, lse, jo, jlse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse, grad_jo, grad_jlse):
-        del grad_lse, grad_jlse  # LSEs are returned for inspection; not differentiable
+        del grad_jlse
         q, k, v, out, lse, jq, jk, jv, jo, jlse = ctx.saved_tensors
         has_q, has_joint = ctx.has
         joint = Joint(jq if has_q else None, jk, jv) if has_joint else None
+        if grad_out is None:  # only the LSE was used
+            grad_out = torch.zeros_like(out)
+        if grad_jo is None and jo is not None:
+            grad_jo = torch.zeros_like(jo)
         (dq, dk, dv), (djq, djk, djv) = backward_pass(
-            ctx.call, grad_out, grad_jo, q, k, v, out, lse, joint, jo, jlse
-        )
+            ctx.call, grad_out, grad_jo, q, k, v, out, lse, joint, jo, jlse,
+            None if has_joint else grad_lse,
+        )  # fmt: skip
         return dq, dk, dv, djq, djk, djv, None

@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import torch
 import torch.distributed as dist
 
 from ..call.description import CallDescription
 from ..options import Pass
 from ..schedules import Schedule, build_schedule
-from .kernels import BlockSpec, KernelBackend, select_kernel
+from .kernels import BlockMask, BlockSpec, KernelBackend, select_kernel
 from .slots import SlotGeometry
 
 __all__ = ["Plan", "Site", "block_spec", "choose_kernel"]
@@ -47,6 +48,7 @@ def block_spec(call: CallDescription, *, backward: bool = False) -> BlockSpec:
     return BlockSpec(
         call.device_type, call.dtype, call.head_dim, call.heads_q, call.heads_kv, call.causal,
         backward=backward, deterministic=backward and call.options.deterministic,
+        masked=not call.mask.plain,
     )  # fmt: skip
 
 
@@ -94,6 +96,25 @@ class Plan:
     @cached_property
     def backward_geometry(self) -> SlotGeometry:
         return SlotGeometry(self.backward, Pass.BACKWARD, self.description)
+
+    @cached_property
+    def _whole_masks(self) -> dict[torch.device, BlockMask]:
+        return {}
+
+    def whole_mask(self, device: torch.device) -> BlockMask | None:
+        """One rank's mask over its whole shard (queries and keys alike), made once per
+        device; None when the mask is plain (a causal or full kernel call)."""
+        call = self.description
+        if call.mask.plain:
+            return None
+        found = self._whole_masks.get(device)
+        if found is None:
+            table = call.table
+            pieces = range(table.count)
+            positions = torch.tensor([x for p in pieces for x in table.positions_of(p)])
+            allowed = call.mask.allowed(positions, positions)
+            found = self._whole_masks[device] = BlockMask(allowed.to(device))
+        return found
 
     @cached_property
     def backward_kernel(self) -> KernelBackend:

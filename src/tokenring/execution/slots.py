@@ -251,7 +251,8 @@ class SlotGeometry:
     def positions(self, rows: Rows) -> torch.Tensor:
         """Global positions of the tokens of ``rows`` (1-D, on the CPU)."""
         table = self.schedule.table(rows)
-        return torch.cat([torch.arange(*table.span(p)) for p in rows.pieces])
+        runs = [torch.arange(a, b) for p in rows.pieces for a, b in table.cell(p)]
+        return torch.cat(runs) if runs else torch.zeros(0, dtype=torch.long)
 
     def block_mask(self, op: Compute, device: torch.device) -> BlockMask:
         """The explicit mask of a masked block, from its rows' positions (made once)."""

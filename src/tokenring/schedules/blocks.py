@@ -1,8 +1,8 @@
 """Pure functions: which (query cell, key cell) pairs a mask allows, and how to cover
 them with as few rectangular kernel calls as possible.
 
-Cells are pieces of the sequence, given by their global token ranges (a run of
-cells is in increasing global order: a shard, or shards gathered over ranks).
+Cells are pieces of the sequence, given by their global positions (each a tuple of
+ranges; a run of cells is a shard, or shards gathered over ranks).
 ``relations`` classifies every pair with ``masks.classify``; ``cover`` turns
 the non-empty pairs into kernel calls: causal squares along runs of diagonal
 cells, and rectangles of the rest (FULL, or masked where a pair is PARTIAL).
@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .geometry import Span
-from .masks import BlockKind, Mask, classify, combine
+from .masks import BlockKind, Cell, Mask, classify, combine
 
 __all__ = ["Block", "Element", "cover", "relations"]
 
@@ -24,7 +23,7 @@ Element = tuple[int, int, BlockKind]
 
 @lru_cache(maxsize=8192)
 def relations(
-    q_cells: tuple[Span, ...], kv_cells: tuple[Span, ...], mask: Mask
+    q_cells: tuple[Cell, ...], kv_cells: tuple[Cell, ...], mask: Mask
 ) -> tuple[Element, ...]:
     """All non-empty (query cell, key cell) pairs between two runs of cells, given by
     their token ranges (remembered, since every rank's schedule asks for the same)."""

@@ -61,7 +61,7 @@ class ScheduleBuilder:
     ) -> tuple[Element, ...]:
         """The (query cell, key cell) pairs of two runs of pieces that the mask lets meet."""
         return relations(
-            self.geometry.q.spans(q_pieces), self.geometry.kv.spans(kv_pieces), self.mask
+            self.geometry.q.cells(q_pieces), self.geometry.kv.cells(kv_pieces), self.mask
         )
 
     def tokens(self, rows: Rows) -> int:

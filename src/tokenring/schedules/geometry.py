@@ -14,12 +14,21 @@ every rank holds two of them (see docs/algorithms.md, "Layouts"):
 Either way per-rank lengths differ by at most one token, and a piece may be
 empty (``S < 2P``). A ``PieceTable`` holds the global bounds of every piece;
 schedules address pieces by index and read their token ranges from it, so no
-code assumes equal lengths. Pure: no process state.
+code assumes equal lengths.
+
+Packed sequences (documents with offsets ``cu_seqlens``): ``contiguous`` splits
+the packed sequence as one; ``zigzag`` cuts *each document* into ``2P`` chunks
+and piece ``c`` gathers chunk ``c`` of every document, in document order, so
+rank ``r`` holds chunk ``r`` of every document, then chunk ``2P - 1 - r`` of
+every document (``packed_zigzag``). A piece is then several runs of positions,
+one per document (``PieceTable.runs``); with one document it is the zigzag
+above. Pure: no process state.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from ..options import Layout
 
@@ -30,6 +39,7 @@ __all__ = [
     "chunk_ids",
     "local_lengths",
     "mesh_pieces",
+    "packed_zigzag",
     "piece_table",
 ]
 
@@ -39,15 +49,19 @@ Span = tuple[int, int]
 
 @dataclass(frozen=True)
 class PieceTable:
-    """Global token bounds of a sequence's pieces: piece ``i`` is
-    ``[bounds[i], bounds[i + 1])``, in increasing global order."""
+    """The pieces of a sequence. ``bounds``: the pieces laid end to end in index order,
+    piece ``i`` holding tokens ``[bounds[i], bounds[i + 1])`` of that order (what sizes
+    and offsets read). ``runs``: where each piece's tokens sit in the sequence, as
+    ranges of global positions in the piece's own order; ``None`` when the pieces are
+    in global order and ``bounds`` are their positions (every unpacked layout)."""
 
     bounds: tuple[int, ...]
+    runs: tuple[tuple[Span, ...], ...] | None = None
     _hash: int = field(default=0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # tables key many caches; hash the (possibly long) bounds once
-        object.__setattr__(self, "_hash", hash(self.bounds))
+        object.__setattr__(self, "_hash", hash((self.bounds, self.runs)))
 
     def __hash__(self) -> int:
         return self._hash
@@ -68,13 +82,26 @@ class PieceTable:
         return range(self.bounds[0], self.bounds[-1])
 
     def span(self, piece: int) -> Span:
+        """Where ``piece`` sits among the pieces laid end to end (not its positions when
+        the table has ``runs``: see ``cell``)."""
         return self.bounds[piece], self.bounds[piece + 1]
+
+    def cell(self, piece: int) -> tuple[Span, ...]:
+        """The global positions of ``piece``'s tokens, as ranges in its own order."""
+        if self.runs is None:
+            return ((self.bounds[piece], self.bounds[piece + 1]),)
+        return self.runs[piece]
+
+    def cells(self, pieces: tuple[int, ...]) -> tuple[tuple[Span, ...], ...]:
+        """``cell`` of each of ``pieces``: what masks classify."""
+        return tuple(self.cell(p) for p in pieces)
+
+    def positions_of(self, piece: int) -> list[int]:
+        """Every global position of ``piece``, in its own order."""
+        return [x for a, b in self.cell(piece) for x in range(a, b)]
 
     def length(self, piece: int) -> int:
         return self.bounds[piece + 1] - self.bounds[piece]
-
-    def spans(self, pieces: tuple[int, ...]) -> tuple[Span, ...]:
-        return tuple(self.span(p) for p in pieces)
 
     def tokens(self, pieces: tuple[int, ...] | list[int]) -> int:
         """Tokens in ``pieces`` together."""
@@ -113,11 +140,42 @@ def _split(total: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
-def piece_table(layout: Layout, seq_len: int, world: int) -> PieceTable:
-    """The ``2 * world`` pieces of a sequence of ``seq_len`` tokens in ``layout``."""
+def packed_zigzag(documents: tuple[int, ...], parts: int) -> PieceTable:
+    """``parts`` pieces of a packed sequence (document offsets ``documents``, ``[0, ...,
+    S]``): each document is cut into ``parts`` chunks of ``n // parts`` tokens, the
+    ``n mod parts`` left over going one each to the next chunks in a count that runs on
+    from document to document (chunk ``c`` of a document continues where the previous
+    document's extra tokens stopped, wrapping after ``parts - 1``); piece ``c`` is chunk
+    ``c`` of every document, one run per non-empty chunk. Rank ``r`` of ``P`` (pieces
+    ``r`` and ``2P - 1 - r``, ``parts = 2P``) then holds within one token of every other
+    rank, whatever the document lengths; with one document this is the zigzag table."""
+    runs: list[list[Span]] = [[] for _ in range(parts)]
+    cursor = 0  # the chunk the next left-over token goes to
+    for start, stop in pairwise(documents):
+        base, extra = divmod(stop - start, parts)
+        given = {(cursor + i) % parts for i in range(extra)}
+        cursor = (cursor + extra) % parts
+        for c in range(parts):
+            size = base + (c in given)
+            if size:
+                runs[c].append((start, start + size))
+            start += size
+    lengths = [sum(b - a for a, b in piece) for piece in runs]
+    table = PieceTable.from_lengths(lengths)
+    return PieceTable(table.bounds, tuple(tuple(piece) for piece in runs))
+
+
+def piece_table(
+    layout: Layout, seq_len: int, world: int, documents: tuple[int, ...] = ()
+) -> PieceTable:
+    """The ``2 * world`` pieces of a sequence of ``seq_len`` tokens in ``layout``;
+    ``documents``: the offsets of the documents packed in it (``cu_seqlens``; none or
+    one document: the sequence is one), which cut a zigzag layout per document."""
     if seq_len < 0 or world < 1:
         raise ValueError(f"no layout of {seq_len} tokens over {world} ranks")
     if layout is Layout.ZIGZAG:
+        if len(documents) > 2 and world > 1:  # on one rank, balance needs no reordering
+            return packed_zigzag(documents, 2 * world)
         return PieceTable.from_lengths(_split(seq_len, 2 * world))
     lengths = []
     for shard in _split(seq_len, world):
@@ -149,8 +207,10 @@ def mesh_pieces(layout: Layout, ring: int, ulysses: int, r: int, u: int) -> tupl
     return (r * ulysses + u, (2 * ring - 1 - r) * ulysses + (ulysses - 1 - u))
 
 
-def local_lengths(layout: Layout, seq_len: int, world: int) -> tuple[int, ...]:
+def local_lengths(
+    layout: Layout, seq_len: int, world: int, documents: tuple[int, ...] = ()
+) -> tuple[int, ...]:
     """Tokens each rank holds (1-D rank order, or logical mesh rank ``r * ulysses + u``,
     which holds the same pieces as 1-D rank ``r * ulysses + u`` does)."""
-    table = piece_table(layout, seq_len, world)
+    table = piece_table(layout, seq_len, world, documents)
     return tuple(table.tokens(chunk_ids(layout, world, r)) for r in range(world))

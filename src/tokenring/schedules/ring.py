@@ -53,9 +53,9 @@ def kv_still_needed(
     all P schedules costs O(P^2) relations, not O(P^3))."""
     P = len(shards)
     spans, lo, hi = [(0, 0)] * (P + 1), None, None
-    kv_cells = geometry.kv.spans(shards[owner])
+    kv_cells = geometry.kv.cells(shards[owner])
     for s in range(P - 1, -1, -1):
-        q_cells = geometry.q.spans(shards[(owner + s) % P])
+        q_cells = geometry.q.cells(shards[(owner + s) % P])
         for _, j, _ in relations(q_cells, kv_cells, mask):
             lo = j if lo is None else min(lo, j)
             hi = j + 1 if hi is None else max(hi, j + 1)
@@ -123,9 +123,13 @@ def emit_ring(b: ScheduleBuilder, ring: RingAxis, backward: bool) -> tuple[str, 
             kv_owner=owner,
         )
 
+    # where no rank needs another's keys (documents that each lie on one rank), the dk, dv
+    # accumulators stay home: each holds its own shard's gradient after step 0
+    crossing = any(travelling_rows(owner, 1) != (0, 0) for owner in range(P))
+    grads_travel = backward and P > 1 and crossing
     kv_wait = b.post("kv@1", 0, kv_transfers(1, ring.kv))
     visit(0, r, ring.kv, "dkv0" if backward else None)
-    grad_wait = b.post("dkv@1", 0, grad_transfers(1)) if backward and P > 1 else None
+    grad_wait = b.post("dkv@1", 0, grad_transfers(1)) if grads_travel else None
 
     for t in range(1, P):
         owner = ring.peer(-t)
@@ -134,15 +138,15 @@ def emit_ring(b: ScheduleBuilder, ring: RingAxis, backward: bool) -> tuple[str, 
         if backward:
             b.reset("dkv_block")
         visit(t, owner, f"kv_in{t % 2}", "dkv_block" if backward else None)
-        if backward:
+        if grads_travel:
             b.wait(grad_wait, t)
             held = ring.shards[owner]
             for k0, k1 in _runs(sorted({j for _, j, _ in needed(owner)})):
                 b.merge(Rows("dkv_block", held, k0, k1), Rows(f"dkv{t % 2}", held, k0, k1), t)
             grad_wait = b.post(f"dkv@{t + 1}", t, grad_transfers(t + 1))
-    if backward and P > 1:
+    if grads_travel:
         b.wait(grad_wait, P)
-    home = "dkv0" if P == 1 else f"dkv{P % 2}"  # where the full turn ends
+    home = f"dkv{P % 2}" if grads_travel else "dkv0"  # where the full turn ends
     return "acc", home if backward else None
 
 

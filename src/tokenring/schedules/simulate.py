@@ -360,7 +360,7 @@ class _Run:
     def positions(self, rank: int, rows: Rows) -> list[list[int]]:
         """Global positions of every token of ``rows``, per cell."""
         table = self.schedules[rank].table(rows)
-        return [list(range(*table.span(p))) for p in rows.pieces]
+        return [table.positions_of(p) for p in rows.pieces]
 
     def kernel_pairs(
         self, rank: int, op: Compute, q_pos: list[list[int]], kv_pos: list[list[int]]
@@ -524,7 +524,7 @@ def check_coverage(
                     continue  # a piece of no tokens holds no result
                 for head, cell in enumerate(row):
                     expected: Counter = Counter()
-                    for x in range(*own.span(piece)):
+                    for x in own.positions_of(piece):
                         for y in other.positions:
                             if not (allowed(y, x) if kv_side else allowed(x, y)):
                                 continue

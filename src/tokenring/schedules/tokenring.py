@@ -99,7 +99,7 @@ class Visit:
 def _meets(
     geometry: Geometry, mask: Mask, q_pieces: tuple[int, ...], kv_pieces: tuple[int, ...]
 ) -> tuple[Element, ...]:
-    return relations(geometry.q.spans(q_pieces), geometry.kv.spans(kv_pieces), mask)
+    return relations(geometry.q.cells(q_pieces), geometry.kv.cells(kv_pieces), mask)
 
 
 @lru_cache(maxsize=2048)
