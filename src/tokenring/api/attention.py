@@ -72,6 +72,8 @@ def hashable(value: object) -> object:
     """A list or tensor argument (``cu_seqlens``, ``window_size``) as a tuple of ints, so
     that a repeated call finds its prepared call by value (a tensor is read here: on a
     GPU, one host sync per call); anything else as given, for the checks to judge."""
+    if value is None:
+        return None
     if isinstance(value, torch.Tensor) and value.dim() == 1 and not value.is_floating_point():
         return tuple(value.tolist())
     if isinstance(value, list):

@@ -241,8 +241,9 @@ class CallDescription:
     def causal(self) -> bool:
         return self.options.causal
 
-    @property
+    @cached_property
     def mask(self) -> Mask:
+        """Which pairs attend (made once: every call on one rank reads it)."""
         return self.options.mask
 
     @property

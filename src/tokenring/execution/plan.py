@@ -98,15 +98,20 @@ class Plan:
         return SlotGeometry(self.backward, Pass.BACKWARD, self.description)
 
     @cached_property
+    def plain(self) -> bool:
+        """Whether the call's mask is full or causal alone (no window, one document)."""
+        return self.description.mask.plain
+
+    @cached_property
     def _whole_masks(self) -> dict[torch.device, BlockMask]:
         return {}
 
     def whole_mask(self, device: torch.device) -> BlockMask | None:
         """One rank's mask over its whole shard (queries and keys alike), made once per
         device; None when the mask is plain (a causal or full kernel call)."""
-        call = self.description
-        if call.mask.plain:
+        if self.plain:
             return None
+        call = self.description
         found = self._whole_masks.get(device)
         if found is None:
             table = call.table
