@@ -10,7 +10,8 @@
 # method, ~150 s), bench-rest (llama3-gqa and dit-mha, every method, ~270 s),
 # graph (CUDA-graph probe, ~40 s), host (host-time profile, ~30 s), overhead (host time
 # per call against SDPA and a minimal ring, benchmarks/host_overhead.py, ~90 s), calibrate
-# (tokenring calibrate: the planner's per-device table, ~40 s).
+# (tokenring calibrate: the planner's per-device table, ~40 s), masks (block kernels under
+# document and window masks against dense causal cuDNN, benchmarks/mask_kernels.py).
 # Summaries go to stdout; $OUT/gpu-run.tgz holds the logs, JSON and pictures.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -45,6 +46,7 @@ for s in "$@"; do
         graph) stage graph 120 python benchmarks/graph_probe.py ;;
         host) stage host 90 python benchmarks/host_profile.py ;;
         overhead) stage overhead 240 python benchmarks/host_overhead.py --json "$work/host-overhead.json" ;;
+        masks) stage masks 240 python benchmarks/mask_kernels.py --json "$work/mask-kernels.json" ;;
         calibrate) stage calibrate 240 python -m tokenring_bench.cli calibrate \
             --output "$work/calibrated-topology.json" ;;
         *) echo "unknown stage $s" ;;

@@ -292,3 +292,89 @@ def test_compiled_call_matches_eager_on_one_gpu(strategy):
     worst = max(rel_err(b, a) for a, b in zip(*results))
     _record("one-gpu-compile", {"strategy": strategy, "worst": worst})
     assert worst <= 1e-2, worst
+
+
+def _masked_reference(q, k, v, do, allowed):
+    """Float64 out, LSE and gradients under ``allowed`` (``[Lq, Lk]``, every row allowed
+    at least one key)."""
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    out, lse = attention_reference(qr, kr, vr, causal=False, allowed=allowed)
+    grads = torch.autograd.grad(out, (qr, kr, vr), do.double())
+    return out.detach(), lse.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("shape", [(200, 328), (256, 256), (77, 500)])
+def test_efficient_kernel_takes_an_explicit_block_mask(dtype, shape):
+    """The memory-efficient kernel under a block mask (what documents and windows need):
+    rows with keys against float64, rows with none a zero partial with an LSE of -inf,
+    forward and backward (the LSE and delta of the allowed rows)."""
+    from tokenring.execution.kernels import BlockMask, select_kernel
+    from tokenring.execution.kernels.base import BlockSpec
+
+    lq, lk = shape
+    dt = DTYPES[dtype]
+    q, k, v, do = _inputs(3, 2, max(lq, lk), (8, 2), 64, dt, "cuda")
+    q, do, k, v = q[:, :lq], do[:, :lq], k[:, :lk], v[:, :lk]
+    g = torch.Generator().manual_seed(lq)
+    allowed = torch.rand(lq, lk, generator=g) < 0.3
+    allowed[5] = False  # a row that attends nothing in this block
+    spec = BlockSpec("cuda", dt, 64, 8, 2, False, backward=True, masked=True)
+    kernel = select_kernel("auto", spec)
+    assert kernel.name == "efficient"
+    mask = BlockMask(allowed.cuda())
+    scale = 64**-0.5
+    out, lse = kernel.forward(q, k, v, False, scale, mask)
+    rows = allowed.any(1)
+    ref_out, ref_lse, ref_grads = _masked_reference(q[:, rows], k, v, do[:, rows], allowed[rows])
+    delta = (do.float() * out.float()).sum(-1).transpose(1, 2)
+    grads = kernel.backward(do, q, k, v, out, lse, delta, False, scale, mask)
+    errs = {
+        "out": rel_err(out[:, rows], ref_out),
+        "lse": rel_err(lse[:, :, rows], ref_lse),
+        "empty_rows_ok": float(
+            bool((out[:, ~rows] == 0).all()) and bool(torch.isneginf(lse[:, :, ~rows]).all())
+        ),
+    }
+    # dq of the allowed rows; dk, dv of every key (the empty row contributes nothing)
+    errs["dq"] = rel_err(grads[0][:, rows], ref_grads[0])
+    errs["dk"] = rel_err(grads[1], ref_grads[1])
+    errs["dv"] = rel_err(grads[2], ref_grads[2])
+    _record("masked-kernel", {"dtype": dtype, "shape": shape, "errors": errs})
+    tol = 2e-2 if dtype == "bfloat16" else 1e-4
+    assert errs["empty_rows_ok"] == 1.0
+    bad = {n: e for n, e in errs.items() if n != "empty_rows_ok" and not e <= tol}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_documents_windows_and_sinks_on_one_gpu(strategy, dtype):
+    """Every strategy on one GPU under packed documents, a causal window and sinks, S=1001,
+    forward and backward (q, k, v and the sinks) against float64."""
+    from dist_cases import sink_reference
+    from reference import allowed_pairs
+
+    seq, documents, window = 1001, [0, 1, 300, 301, 777, 1001], (127, 0)
+    dt = DTYPES[dtype]
+    q, k, v, do = _inputs(4, 2, seq, (8, 2), 64, dt, "cuda")
+    sinks = torch.randn(8, generator=torch.Generator().manual_seed(9)).cuda()
+    allowed = allowed_pairs(seq, True, window, documents).cuda()
+    ref = [t.double().requires_grad_() for t in (q, k, v, sinks)]
+    ref_out, ref_lse = sink_reference(*ref, allowed)
+    ref_grads = torch.autograd.grad(ref_out, ref, do.double())
+    parts = [t.clone().requires_grad_() for t in (q, k, v)]
+    mine = sinks.clone().requires_grad_()
+    out, lse = tr.attention(
+        *parts, strategy=strategy, causal=True, layout="zigzag", window_size=window,
+        cu_seqlens=documents, sinks=mine, return_lse=True,
+    )  # fmt: skip
+    grads = torch.autograd.grad(out, [*parts, mine], do)
+    errs = {"out": rel_err(out, ref_out), "lse": rel_err(lse, ref_lse)}
+    errs.update(
+        {n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads)}
+    )
+    _record("one-gpu-masked", {"strategy": strategy, "dtype": dtype, "errors": errs})
+    tol = 2e-2 if dtype == "bfloat16" else 1e-4
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, bad

@@ -65,12 +65,18 @@ class BlockMask:
         self.any_empty = bool(self.empty_rows.any())
         self._additive: dict[torch.dtype, torch.Tensor] = {}
 
-    def additive(self, dtype: torch.dtype) -> torch.Tensor:
-        """The mask as a bias to add to the scores: 0 where allowed, -inf elsewhere."""
-        found = self._additive.get(dtype)
+    def additive(self, dtype: torch.dtype, align: int = 1) -> torch.Tensor:
+        """The mask as a bias to add to the scores: 0 where allowed, -inf elsewhere
+        (``[len_q, len_k]``, made once per dtype); ``align``: rows stored ``align``
+        elements apart (a padded view), for kernels that need aligned rows."""
+        found = self._additive.get((dtype, align))
         if found is None:
-            zeros = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
-            found = self._additive[dtype] = zeros.masked_fill(~self.allowed, float("-inf"))
+            rows, cols = self.allowed.shape
+            width = -(-cols // align) * align
+            storage = torch.zeros(rows, width, dtype=dtype, device=self.allowed.device)
+            found = storage[:, :cols]
+            found.masked_fill_(~self.allowed, float("-inf"))
+            self._additive[(dtype, align)] = found
         return found
 
 

@@ -9,6 +9,8 @@ so the rest of the library sees one contract (see ``base``):
   always passed in q's memory layout here;
 - flash returns ``(B, H, L)``;
 - memory-efficient pads LSE to a multiple of 32 rows and needs a contiguous one back;
+  it alone takes an additive bias, so it runs the blocks that need an explicit mask
+  (documents, windows), the bias's rows stored 16 elements apart as it requires;
   its backward misreads ``out`` unless it is contiguous ``[B, L, H, D]``: with the
   row-major views the executor hands over (batch stride below sequence stride) dq
   came out 34% off and dk 16% with no error raised (H200, torch 2.11,
@@ -164,14 +166,27 @@ class EfficientAttention(_CudaBackend):
     head_dim_multiple = 8
     native_gqa = False
     deterministic_backward = False
+    explicit_masks = True
 
-    def _forward(self, q, k, v, causal, scale):
+    @staticmethod
+    def _bias(mask, q, k):
+        """The block's mask as the kernel's bias ``[B, H, Lq, Lk]`` (broadcast views)."""
+        bias = mask.additive(q.dtype, align=16)
+        return bias.expand(q.shape[0], q.shape[2], *bias.shape)
+
+    def _forward(self, q, k, v, causal, scale, bias=None):
         out, lse, *_ = torch._scaled_dot_product_efficient_attention(
-            _t(q), _t(k), _t(v), None, True, 0.0, causal, scale=scale
+            _t(q), _t(k), _t(v), bias, True, 0.0, causal, scale=scale
         )
         return _t(out), lse[:, :, : q.shape[1]]
 
-    def _backward(self, do, q, k, v, out, lse, delta, causal, scale):
+    def _masked_forward(self, q, k, v, mask, scale):
+        return self._forward(q, k, v, False, scale, self._bias(mask, q, k))
+
+    def _masked_backward(self, do, q, k, v, out, lse, delta, mask, scale):
+        return self._backward(do, q, k, v, out, lse, delta, False, scale, self._bias(mask, q, k))
+
+    def _backward(self, do, q, k, v, out, lse, delta, causal, scale, bias=None):
         if out is None:
             out = delta_surrogate(do, delta)
         out = out.contiguous()  # see the module docstring
@@ -183,7 +198,7 @@ class EfficientAttention(_CudaBackend):
             _t(q),
             _t(k),
             _t(v),
-            None,
+            bias,
             _t(out),
             lse_padded,
             seed,

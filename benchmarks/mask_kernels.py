@@ -1,0 +1,113 @@
+"""Block kernels under document and window masks against dense causal cuDNN, per
+allowed token pair (issue 19's yardstick), on one GPU, side by side in one run.
+
+For each mask over a block of S queries and S keys (bf16, 32 heads, head_dim 128,
+batch 1): the time of one kernel call forward, and forward + backward, through
+the library's kernel contract (``tokenring.execution.kernels``), and the rate in
+allowed pairs per second divided by the dense causal cuDNN rate (its pairs:
+``S (S + 1) / 2``). Today a masked block runs on the memory-efficient kernel with
+an additive bias over the whole block (every pair computed, the masked ones
+thrown away), so its rate falls with the fraction of pairs the mask allows:
+the baseline that document- and window-aware kernels must beat.
+
+    python benchmarks/mask_kernels.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import torch
+
+from tokenring.execution.kernels import BlockMask, select_kernel
+from tokenring.execution.kernels.base import BlockSpec
+from tokenring.schedules.masks import Mask
+
+
+def _time(fn, repeats: int = 5) -> float:
+    """Median seconds of ``fn`` over ``repeats`` CUDA-event timed calls, after a warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _documents(seq: int, low: int, high: int, seed: int) -> tuple[int, ...]:
+    rng = random.Random(seed)
+    bounds = [0]
+    while bounds[-1] < seq:
+        bounds.append(min(seq, bounds[-1] + rng.randint(low, high)))
+    return tuple(bounds)
+
+
+def measure(seq: int, heads: int, dim: int) -> list[dict]:
+    dt = torch.bfloat16
+    q, k, v, do = (torch.randn(1, seq, heads, dim, device="cuda", dtype=dt) for _ in range(4))
+    scale = dim**-0.5
+    dense = select_kernel("cudnn", BlockSpec("cuda", dt, dim, heads, heads, True, backward=True))
+    masked = select_kernel(
+        "auto", BlockSpec("cuda", dt, dim, heads, heads, False, backward=True, masked=True)
+    )
+    positions = torch.arange(seq, device="cuda")
+    cases = {
+        "documents 2K-8K": Mask(True, (-1, -1), _documents(seq, 2048, 8192, 0)),
+        "window 4K": Mask(True, (4095, 0)),
+        "64 documents of 512": Mask(True, (-1, -1), tuple(range(0, seq + 1, 512))[:65]),
+    }
+    rows = []
+
+    def run(kernel, causal, mask, backward):
+        out, lse = kernel.forward(q, k, v, causal, scale, mask)
+        if backward:
+            delta = (do.float() * out.float()).sum(-1).transpose(1, 2)
+            kernel.backward(do, q, k, v, out, lse, delta, causal, scale, mask)
+
+    dense_pairs = seq * (seq + 1) // 2
+    base = {b: _time(lambda b=b: run(dense, True, None, b)) for b in (False, True)}
+    rows.append(dict(mask="dense causal (cuDNN)", kernel=dense.name, pairs=dense_pairs,
+                     forward_s=base[False], fwd_bwd_s=base[True], rate_fwd=1.0,
+                     rate_fwd_bwd=1.0))  # fmt: skip
+    for name, mask in cases.items():
+        if seq < 64 * 512 and name.startswith("64"):
+            continue
+        allowed = mask.allowed(positions, positions)
+        pairs = int(allowed.sum())
+        block = BlockMask(allowed)
+        t = {b: _time(lambda b=b, m=block: run(masked, False, m, b)) for b in (False, True)}
+        rows.append(dict(
+            mask=name, kernel=masked.name, pairs=pairs, forward_s=t[False], fwd_bwd_s=t[True],
+            rate_fwd=(pairs / t[False]) / (dense_pairs / base[False]),
+            rate_fwd_bwd=(pairs / t[True]) / (dense_pairs / base[True]),
+        ))  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq", type=int, default=32768)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    rows = measure(args.seq, args.heads, args.head_dim)
+    print(f"S={args.seq}, heads {args.heads}, head_dim {args.head_dim}, bf16, one block")
+    for r in rows:
+        print(f"  {r['mask']:<22} {r['kernel']:<10} pairs {r['pairs']:>12,}  "
+              f"fwd {r['forward_s'] * 1e3:8.2f} ms ({r['rate_fwd']:.2f}x)  "
+              f"fwd+bwd {r['fwd_bwd_s'] * 1e3:8.2f} ms ({r['rate_fwd_bwd']:.2f}x)")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
