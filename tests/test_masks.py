@@ -275,3 +275,53 @@ def test_a_short_window_talks_only_to_neighbours(world):
         assert _sends(ring, "kv_result") == (world * world * L if pass_ is Pass.BACKWARD else 0)
         for scheds in (tokenring, ring):
             check_coverage(simulate(scheds, 4, 2), scheds, reference(True, (L // 2, 0), ()), 4, 2)
+
+
+# -- a block cut into the kernel calls that compute it ------------------------
+
+
+def test_sub_calls_compute_every_allowed_pair_once_and_documents_need_no_mask():
+    """``sub_calls`` of blocks between two ranks' pieces (every layout, random packings
+    and windows): each allowed pair in exactly one call, by the call's kind (every pair,
+    the causal triangle by local index, or the mask), nothing else; without a window no
+    call needs a mask."""
+    from collections import Counter
+
+    from tokenring.schedules.blocks import sub_calls
+
+    rng = random.Random(7)
+    for _ in range(300):
+        world = rng.randint(1, 4)
+        seq = rng.randint(1, 40)
+        causal = rng.random() < 0.6
+        window = random_window(rng, causal) if rng.random() < 0.5 else (-1, -1)
+        documents = random_packing(rng, seq, world) if rng.random() < 0.8 else ()
+        layout = rng.choice(list(Layout))
+        table = piece_table(layout, seq, world, documents)
+        mask = Mask(causal, window, documents)
+        allowed = reference(causal, window, documents)
+        q_pieces = chunk_ids(layout, world, rng.randrange(world))
+        kv_pieces = rng.choice(
+            [chunk_ids(layout, world, rng.randrange(world)), tuple(range(2 * world))]
+        )
+        q_pos = [x for p in q_pieces for x in table.positions_of(p)]
+        kv_pos = [x for p in kv_pieces for x in table.positions_of(p)]
+        got: Counter = Counter()
+        calls = sub_calls(table.cells(q_pieces), table.cells(kv_pieces), mask)
+        for q0, q1, k0, k1, kind in calls:
+            for a in range(q0, q1):
+                for b in range(k0, k1):
+                    x, y = q_pos[a], kv_pos[b]
+                    if kind is BlockKind.DIAG:
+                        assert q1 - q0 == k1 - k0 and q_pos[q0:q1] == kv_pos[k0:k1]
+                        keep = b - k0 <= a - q0
+                    elif kind is BlockKind.PARTIAL:
+                        keep = allowed(x, y)
+                    else:
+                        keep = True
+                    if keep:
+                        got[(x, y)] += 1
+        want = Counter((x, y) for x in q_pos for y in kv_pos if allowed(x, y))
+        assert got == want
+        if window == (-1, 0 if causal else -1):
+            assert all(kind is not BlockKind.PARTIAL for *_, kind in calls)

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from ..call.description import CallDescription
 from ..options import Pass
 from ..schedules import Schedule, build_schedule
+from ..schedules.masks import Mask
+from .block_masks import block_mask
 from .kernels import BlockMask, BlockSpec, KernelBackend, select_kernel
 from .slots import SlotGeometry
 
@@ -48,7 +50,7 @@ def block_spec(call: CallDescription, *, backward: bool = False) -> BlockSpec:
     return BlockSpec(
         call.device_type, call.dtype, call.head_dim, call.heads_q, call.heads_kv, call.causal,
         backward=backward, deterministic=backward and call.options.deterministic,
-        masked=not call.mask.plain,
+        masked=call.mask.window != Mask(call.causal).window,  # documents need none
     )  # fmt: skip
 
 
@@ -114,11 +116,8 @@ class Plan:
         call = self.description
         found = self._whole_masks.get(device)
         if found is None:
-            table = call.table
-            pieces = range(table.count)
-            positions = torch.tensor([x for p in pieces for x in table.positions_of(p)])
-            allowed = call.mask.allowed(positions, positions)
-            found = self._whole_masks[device] = BlockMask(allowed.to(device))
+            cells = call.table.cells(tuple(range(call.table.count)))
+            found = self._whole_masks[device] = block_mask(cells, cells, call.mask, device)
         return found
 
     @cached_property

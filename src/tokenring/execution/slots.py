@@ -39,6 +39,7 @@ from ..schedules.ir import (
     Transfer,
 )
 from ..schedules.masks import BlockKind
+from .block_masks import block_mask
 from .kernels.base import BlockMask, accum_dtype
 
 __all__ = [
@@ -255,11 +256,12 @@ class SlotGeometry:
         return torch.cat(runs) if runs else torch.zeros(0, dtype=torch.long)
 
     def block_mask(self, op: Compute, device: torch.device) -> BlockMask:
-        """The explicit mask of a masked block, from its rows' positions (made once)."""
+        """The mask of a masked block, from its rows' positions (made once)."""
         found = self._masks.get(op)
         if found is None:
-            allowed = op.mask.allowed(self.positions(op.q), self.positions(op.kv))
-            found = self._masks[op] = BlockMask(allowed.to(device))
+            q_table, kv_table = self.schedule.table(op.q), self.schedule.table(op.kv)
+            q_cells, kv_cells = q_table.cells(op.q.pieces), kv_table.cells(op.kv.pieces)
+            found = self._masks[op] = block_mask(q_cells, kv_cells, op.mask, device)
         return found
 
     def own_tokens(self, slot: str) -> int:

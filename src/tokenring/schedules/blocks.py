@@ -15,7 +15,7 @@ from functools import lru_cache
 
 from .masks import BlockKind, Cell, Mask, classify, combine
 
-__all__ = ["Block", "Element", "cover", "relations"]
+__all__ = ["Block", "Element", "SubCall", "cover", "relations", "sub_calls"]
 
 Element = tuple[int, int, BlockKind]
 """(query cell, key cell, how they meet), cells as local indices; never EMPTY."""
@@ -71,35 +71,112 @@ def _causal_squares(pairs: dict[tuple[int, int], BlockKind]) -> list[Block]:
 
 
 @lru_cache(maxsize=8192)
-def cover(elements: tuple[Element, ...]) -> tuple[Block, ...]:
+def cover(elements: tuple[Element, ...], mix: bool = True) -> tuple[Block, ...]:
     """Cover exactly ``elements`` with few rectangular calls (remembered: every rank's
     schedule asks for the same few).
 
     Diagonal runs first (one causal call each), then the pairs left: per query
     cell, runs of consecutive key cells, stacked where neighbouring query cells
-    have the same run; a call that holds a PARTIAL pair is a masked call.
+    have the same run; a call that holds a PARTIAL pair is a masked call. With
+    ``mix=False`` FULL and PARTIAL pairs never share a call (so that the dense ones
+    run on a kernel without a mask).
     """
     pairs = {(i, j): kind for i, j, kind in elements}
     squares = _causal_squares(pairs)
     covered = {(i, j) for s in squares for i in range(s.q0, s.q1) for j in range(s.k0, s.k1)}
     rest = sorted((i, j) for (i, j) in pairs if (i, j) not in covered)
+
+    def masked(kind: BlockKind) -> bool:
+        return not mix and kind is BlockKind.PARTIAL
+
     rows: list[tuple[int, int, int, list[BlockKind]]] = []  # (query cell, k0, k1, kinds)
     for i, j in rest:
         last = rows[-1] if rows else None
-        if last is not None and last[0] == i and last[2] == j:
+        if (
+            last is not None and last[0] == i and last[2] == j
+            and masked(pairs[(i, j)]) == masked(last[3][-1])
+        ):  # fmt: skip
             rows[-1] = (i, last[1], j + 1, [*last[3], pairs[(i, j)]])
         else:
             rows.append((i, j, j + 1, [pairs[(i, j)]]))
     stacked: list[tuple[int, int, int, int, list[BlockKind]]] = []  # q0, q1, k0, k1, kinds
-    open_at: dict[tuple[int, int, int], int] = {}  # (k0, k1, q1) of a block -> its index
+    open_at: dict[tuple[int, int, int, bool], int] = {}  # (k0, k1, q1, masked) -> index
     for i, k0, k1, kinds in rows:
-        match = open_at.pop((k0, k1, i), None)
+        flag = masked(kinds[0])
+        match = open_at.pop((k0, k1, i, flag), None)
         if match is None:
             match = len(stacked)
             stacked.append((i, i + 1, k0, k1, kinds))
         else:
             q0, _, _, _, before = stacked[match]
             stacked[match] = (q0, i + 1, k0, k1, before + kinds)
-        open_at[(k0, k1, stacked[match][1])] = match
+        open_at[(k0, k1, stacked[match][1], flag)] = match
     rectangles = [Block(q0, q1, k0, k1, combine(kinds)) for q0, q1, k0, k1, kinds in stacked]
     return tuple(sorted(squares + rectangles, key=lambda b: (b.q0, b.k0)))
+
+
+SubCall = tuple[int, int, int, int, BlockKind]
+"""One kernel call inside a block: query tokens [q0, q1) against key tokens [k0, k1),
+offsets within the block, of kind FULL, DIAG or PARTIAL."""
+
+
+def _tile(mask: Mask, cells: tuple[Cell, ...]) -> int:
+    """The grid a window's band is cut on (0: none): half the window, a power of two,
+    at least 4 and coarse enough that a block has at most 256 tiles per side."""
+    reach = max(w for w in mask.window if w >= 0) if mask.window != Mask(mask.causal).window else -1
+    if reach < 0:
+        return 0
+    tile = 4
+    while tile * 2 <= reach // 2:
+        tile *= 2
+    span = sum(b - a for cell in cells for a, b in cell)
+    while span > 256 * tile:
+        tile *= 2
+    return tile
+
+
+def _sub_cells(cells: tuple[Cell, ...], mask: Mask) -> tuple[tuple[Cell, ...], list[int]]:
+    """The block's cells cut into single ranges, at every run's end, every document
+    boundary and, under a window, every multiple of its tile (``_tile``), each one cell
+    of its own; and where each starts among the block's tokens."""
+    tile = _tile(mask, cells)
+    out: list[Cell] = []
+    starts: list[int] = []
+    offset = 0
+    for cell in cells:
+        for a, b in cell:
+            while a < b:
+                end = b
+                if mask.documents:
+                    end = min(end, mask.documents[mask.document(a) + 1])
+                if tile:
+                    end = min(end, (a // tile + 1) * tile)
+                out.append(((a, end),))
+                starts.append(offset)
+                offset += end - a
+                a = end
+    starts.append(offset)
+    return tuple(out), starts
+
+
+@lru_cache(maxsize=1024)
+def sub_calls(
+    q_cells: tuple[Cell, ...], kv_cells: tuple[Cell, ...], mask: Mask
+) -> tuple[SubCall, ...]:
+    """The kernel calls that compute exactly the pairs ``mask`` allows between a block's
+    query and key cells, as few as ``cover`` makes them.
+
+    Cut at document boundaries and at the ends of runs, the cells become ranges that
+    on the two sides of self-attention are equal or disjoint, and inside one document
+    such ranges meet as FULL, DIAG or EMPTY under a causal or full mask: documents
+    alone need no explicit mask at all, only dense and causal calls. Under a window
+    the ranges are also cut on a grid of about half the window, so that tiles wholly
+    inside the band are dense calls (merged into rectangles), tiles outside it are
+    skipped, and only the tiles its edges cut (PARTIAL) take a mask.
+    """
+    q_sub, q_starts = _sub_cells(q_cells, mask)
+    kv_sub, kv_starts = _sub_cells(kv_cells, mask)
+    return tuple(
+        (q_starts[b.q0], q_starts[b.q1], kv_starts[b.k0], kv_starts[b.k1], b.kind)
+        for b in cover(relations(q_sub, kv_sub, mask), mix=False)
+    )

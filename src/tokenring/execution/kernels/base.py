@@ -55,15 +55,35 @@ class BlockSpec:
     """Some blocks need an explicit mask (``BlockMask``)."""
 
 
-class BlockMask:
-    """Which (query, key) pairs of one block attend: ``allowed``, boolean ``[len_q, len_k]``,
-    made once per plan from the block's global positions (``masks.Mask.allowed``)."""
+@dataclass(frozen=True)
+class SubBlock:
+    """One kernel call inside a block: query tokens ``[q0, q1)`` against key tokens
+    ``[k0, k1)`` of the block, causal (a square on the same positions) or under its own
+    explicit ``mask``, or neither (every pair)."""
 
-    def __init__(self, allowed: torch.Tensor):
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    causal: bool
+    mask: BlockMask | None = None
+
+
+class BlockMask:
+    """Which (query, key) pairs of one block attend, made once per plan from the block's
+    global positions (``execution/block_masks.py``). Either ``allowed``, boolean
+    ``[len_q, len_k]`` (one masked kernel call), or ``calls``: the few dense, causal or
+    masked calls on parts of the block that compute exactly the allowed pairs (what
+    documents become), merged by the kernel contract itself, so that any kernel runs
+    them and only the parts a window cuts need a kernel that takes masks."""
+
+    def __init__(self, allowed: torch.Tensor | None, calls: tuple[SubBlock, ...] | None = None):
         self.allowed = allowed
-        self.empty_rows = ~allowed.any(dim=1)
-        self.any_empty = bool(self.empty_rows.any())
-        self._additive: dict[torch.dtype, torch.Tensor] = {}
+        self.calls = calls
+        if allowed is not None:
+            self.empty_rows = ~allowed.any(dim=1)
+            self.any_empty = bool(self.empty_rows.any())
+        self._additive: dict[tuple[torch.dtype, int], torch.Tensor] = {}
 
     def additive(self, dtype: torch.dtype, align: int = 1) -> torch.Tensor:
         """The mask as a bias to add to the scores: 0 where allowed, -inf elsewhere
@@ -129,6 +149,8 @@ class KernelBackend(ABC):
         """Block attention; see the module docstring for shapes."""
         if q.shape[1] == 0 or k.shape[1] == 0:  # no queries, or no keys: an empty partial
             return _empty_forward(q)
+        if mask is not None and mask.calls is not None:
+            return self._forward_calls(q, k, v, scale, mask.calls)
         if not self.native_gqa and k.shape[2] != q.shape[2]:
             k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
         if mask is None:
@@ -156,6 +178,8 @@ class KernelBackend(ABC):
         heads_kv = k.shape[2]
         if q.shape[1] == 0 or k.shape[1] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        if mask is not None and mask.calls is not None:
+            return self._backward_calls(do, q, k, v, out, lse, delta, scale, mask.calls)
         if not (self.native_gqa or heads_kv == q.shape[2]):
             k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
         if mask is None:
@@ -168,6 +192,44 @@ class KernelBackend(ABC):
         if dk.shape[2] != heads_kv:
             dk, dv = fold_heads(dk, heads_kv), fold_heads(dv, heads_kv)
         return dq, dk, dv
+
+    def _forward_calls(self, q, k, v, scale, calls: tuple[SubBlock, ...]):
+        """A block as its sub-calls, each partial merged into the block's result (rows
+        no call reaches: a zero partial with an LSE of -inf)."""
+        wide = accum_dtype(q.dtype)
+        out = torch.zeros(q.shape, dtype=wide, device=q.device)
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=wide,
+                         device=q.device)  # fmt: skip
+        for c in calls:
+            part, part_lse = self.forward(
+                q[:, c.q0 : c.q1], k[:, c.k0 : c.k1], v[:, c.k0 : c.k1], c.causal, scale, c.mask
+            )
+            before = lse[:, :, c.q0 : c.q1]
+            merged = torch.logaddexp(before, part_lse.to(wide))
+            # rows with no key yet on either side stay (0, -inf): no -inf - -inf
+            base = merged.masked_fill(torch.isneginf(merged), 0.0)
+            keep = torch.exp(before - base).transpose(1, 2).unsqueeze(-1)
+            take = torch.exp(part_lse.to(wide) - base).transpose(1, 2).unsqueeze(-1)
+            rows = out[:, c.q0 : c.q1]
+            rows.copy_(rows * keep + part.to(wide) * take)
+            before.copy_(merged)
+        return out.to(q.dtype), lse
+
+    def _backward_calls(self, do, q, k, v, out, lse, delta, scale, calls: tuple[SubBlock, ...]):
+        """A block's gradients as the sum of its sub-calls' (each takes the global LSE
+        and delta of its rows, so they are independent)."""
+        wide = accum_dtype(q.dtype)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=wide, device=t.device) for t in (q, k, v))
+        for c in calls:
+            qs, ks = slice(c.q0, c.q1), slice(c.k0, c.k1)
+            gq, gk, gv = self.backward(
+                do[:, qs], q[:, qs], k[:, ks], v[:, ks], None if out is None else out[:, qs],
+                lse[:, :, qs], delta[:, :, qs], c.causal, scale, c.mask,
+            )  # fmt: skip
+            dq[:, qs] += gq
+            dk[:, ks] += gk
+            dv[:, ks] += gv
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
     @abstractmethod
     def _forward(self, q, k, v, causal, scale):
