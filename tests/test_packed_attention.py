@@ -174,3 +174,43 @@ def test_shard_checks_the_documents_against_the_sequence():
     x = torch.randn(1, 10, 2, 4)
     with pytest.raises(ValueError, match="cu_seqlens ends at 9, but the sequence"):
         tr.shard(x, layout="zigzag", cu_seqlens=[0, 4, 9])
+
+
+def test_split_kernel_runs_dense_parts_and_masked_parts_on_their_own_backends():
+    """``SplitMasks`` (what CUDA gets: cuDNN for dense calls, the memory-efficient kernel
+    for masked ones), here with CPU backends: a block under documents and a window, cut
+    into sub-calls, equals float64 attention under the mask, forward and backward, and
+    each part ran on the backend meant for it."""
+    from reference import allowed_pairs, attention_reference, rel_err
+    from tokenring.execution.block_masks import block_mask
+    from tokenring.execution.kernels import CpuFlash, MathKernel, SplitMasks
+    from tokenring.schedules.masks import Mask
+
+    seq, documents, window = 40, (0, 7, 8, 29, 40), (5, 0)
+    ran = []
+
+    class Spy(MathKernel):
+        def _masked_forward(self, q, k, v, mask, scale):
+            ran.append("masked")
+            return super()._masked_forward(q, k, v, mask, scale)
+
+    class DenseSpy(CpuFlash):
+        def _forward(self, q, k, v, causal, scale, bias=None):
+            ran.append("dense")
+            return super()._forward(q, k, v, causal, scale, bias)
+
+    kernel = SplitMasks(DenseSpy(), Spy())
+    cells = (((0, seq),),)
+    mask = block_mask(cells, cells, Mask(True, window, documents), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, seq, 2, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    out, lse = kernel.forward(q, k, v, False, 8**-0.5, mask)
+    allowed = allowed_pairs(seq, True, window, documents)
+    refs = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_reference(*refs, causal=False, allowed=allowed)
+    ref_grads = torch.autograd.grad(ref_out, refs, do)
+    delta = (do * out).sum(-1).transpose(1, 2)
+    grads = kernel.backward(do, q, k, v, out, lse, delta, False, 8**-0.5, mask)
+    assert rel_err(out, ref_out) < 1e-12 and rel_err(lse, ref_lse) < 1e-12
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(grads, ref_grads))
+    assert "dense" in ran and "masked" in ran

@@ -35,4 +35,4 @@ def block_mask(
             allowed = mask.allowed(q_pos[q0:q1], kv_pos[k0:k1])
             explicit = BlockMask(allowed.to(device))
         calls.append(SubBlock(q0, q1, k0, k1, kind is BlockKind.DIAG, explicit))
-    return BlockMask(None, tuple(calls))
+    return BlockMask(None, tuple(calls), rows=len(q_pos))

@@ -6,12 +6,14 @@ from .base import BlockMask, BlockSpec, KernelBackend, delta_surrogate
 from .cpu_flash import CpuFlash
 from .cuda_sdpa import CudnnAttention, EfficientAttention, FlashAttention
 from .reference import MathKernel
+from .split import SplitMasks, split_if_faster
 
 __all__ = [
     "BACKENDS",
     "BlockMask",
     "BlockSpec",
     "KernelBackend",
+    "SplitMasks",
     "delta_surrogate",
     "kernel_names",
     "select_kernel",
@@ -49,6 +51,10 @@ def _describe(spec: BlockSpec) -> str:
 def select_kernel(choice: str, spec: BlockSpec) -> KernelBackend:
     """The backend for ``choice`` ("auto" or a name); ValueError explains every refusal."""
     if choice == "auto":
+        if spec.masked:  # dense calls on the fastest, masked ones on a kernel that takes masks
+            split = split_if_faster(spec, BACKENDS)
+            if split is not None:
+                return split
         rejected = []
         for backend in BACKENDS:
             reasons = backend.not_supported_reasons(spec)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -77,9 +78,15 @@ class BlockMask:
     documents become), merged by the kernel contract itself, so that any kernel runs
     them and only the parts a window cuts need a kernel that takes masks."""
 
-    def __init__(self, allowed: torch.Tensor | None, calls: tuple[SubBlock, ...] | None = None):
+    def __init__(self, allowed: torch.Tensor | None, calls: tuple[SubBlock, ...] | None = None,
+                 rows: int = 0):  # fmt: skip
         self.allowed = allowed
         self.calls = calls
+        if calls is not None:  # ``rows``: the block's query tokens
+            spans = sorted((c.q0, c.q1) for c in calls)
+            # each query row in at most one call: results are written, not merged
+            self.disjoint = all(a[1] <= b[0] for a, b in pairwise(spans))
+            self.every_row = self.disjoint and sum(b - a for a, b in spans) == rows
         if allowed is not None:
             self.empty_rows = ~allowed.any(dim=1)
             self.any_empty = bool(self.empty_rows.any())
@@ -150,7 +157,7 @@ class KernelBackend(ABC):
         if q.shape[1] == 0 or k.shape[1] == 0:  # no queries, or no keys: an empty partial
             return _empty_forward(q)
         if mask is not None and mask.calls is not None:
-            return self._forward_calls(q, k, v, scale, mask.calls)
+            return self._forward_calls(q, k, v, scale, mask)
         if not self.native_gqa and k.shape[2] != q.shape[2]:
             k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
         if mask is None:
@@ -193,13 +200,25 @@ class KernelBackend(ABC):
             dk, dv = fold_heads(dk, heads_kv), fold_heads(dv, heads_kv)
         return dq, dk, dv
 
-    def _forward_calls(self, q, k, v, scale, calls: tuple[SubBlock, ...]):
+    def _forward_calls(self, q, k, v, scale, mask: BlockMask):
         """A block as its sub-calls, each partial merged into the block's result (rows
         no call reaches: a zero partial with an LSE of -inf)."""
+        calls = mask.calls
         wide = accum_dtype(q.dtype)
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+        if mask.disjoint:  # each row's result comes from one call: write it there
+            out = torch.empty_like(q) if mask.every_row else torch.zeros_like(q)
+            lse = torch.full(lse_shape, float("-inf"), dtype=wide, device=q.device)
+            for c in calls:
+                part, part_lse = self.forward(
+                    q[:, c.q0 : c.q1], k[:, c.k0 : c.k1], v[:, c.k0 : c.k1], c.causal, scale,
+                    c.mask,
+                )  # fmt: skip
+                out[:, c.q0 : c.q1] = part
+                lse[:, :, c.q0 : c.q1] = part_lse
+            return out, lse
         out = torch.zeros(q.shape, dtype=wide, device=q.device)
-        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=wide,
-                         device=q.device)  # fmt: skip
+        lse = torch.full(lse_shape, float("-inf"), dtype=wide, device=q.device)
         for c in calls:
             part, part_lse = self.forward(
                 q[:, c.q0 : c.q1], k[:, c.k0 : c.k1], v[:, c.k0 : c.k1], c.causal, scale, c.mask
