@@ -210,19 +210,14 @@ class KernelBackend(ABC):
             out = torch.empty_like(q) if mask.every_row else torch.zeros_like(q)
             lse = torch.full(lse_shape, float("-inf"), dtype=wide, device=q.device)
             for c in calls:
-                part, part_lse = self.forward(
-                    q[:, c.q0 : c.q1], k[:, c.k0 : c.k1], v[:, c.k0 : c.k1], c.causal, scale,
-                    c.mask,
-                )  # fmt: skip
+                part, part_lse = self.forward(*_parts(c, q, k, v), c.causal, scale, c.mask)
                 out[:, c.q0 : c.q1] = part
                 lse[:, :, c.q0 : c.q1] = part_lse
             return out, lse
         out = torch.zeros(q.shape, dtype=wide, device=q.device)
         lse = torch.full(lse_shape, float("-inf"), dtype=wide, device=q.device)
         for c in calls:
-            part, part_lse = self.forward(
-                q[:, c.q0 : c.q1], k[:, c.k0 : c.k1], v[:, c.k0 : c.k1], c.causal, scale, c.mask
-            )
+            part, part_lse = self.forward(*_parts(c, q, k, v), c.causal, scale, c.mask)
             before = lse[:, :, c.q0 : c.q1]
             merged = torch.logaddexp(before, part_lse.to(wide))
             # rows with no key yet on either side stay (0, -inf): no -inf - -inf
@@ -242,7 +237,7 @@ class KernelBackend(ABC):
         for c in calls:
             qs, ks = slice(c.q0, c.q1), slice(c.k0, c.k1)
             gq, gk, gv = self.backward(
-                do[:, qs], q[:, qs], k[:, ks], v[:, ks], None if out is None else out[:, qs],
+                _part(do, qs), *_parts(c, q, k, v), None if out is None else _part(out, qs),
                 lse[:, :, qs], delta[:, :, qs], c.causal, scale, c.mask,
             )  # fmt: skip
             dq[:, qs] += gq
@@ -277,6 +272,18 @@ def _empty_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device=q.device,
     )  # fmt: skip
     return torch.zeros_like(q), lse
+
+
+def _part(x: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows of a ``[B, L, H, D]`` tensor, contiguous: a slice of a batch of several rows is
+    not dense, and kernels that fix strides per plan (cuDNN) need all their tensors
+    laid out alike (a strided slice crashed cuDNN's backward on an H100)."""
+    return x[:, rows].contiguous()
+
+
+def _parts(c: SubBlock, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keys = slice(c.k0, c.k1)
+    return _part(q, slice(c.q0, c.q1)), _part(k, keys), _part(v, keys)
 
 
 def delta_surrogate(do: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
