@@ -199,7 +199,7 @@ def test_split_kernel_runs_dense_parts_and_masked_parts_on_their_own_backends():
             ran.append("dense")
             return super()._forward(q, k, v, causal, scale, bias)
 
-    kernel = SplitMasks(DenseSpy(), Spy())
+    kernel = SplitMasks(DenseSpy(), Spy(), small=0)
     cells = (((0, seq),),)
     mask = block_mask(cells, cells, Mask(True, window, documents), torch.device("cpu"))
     g = torch.Generator().manual_seed(0)

@@ -16,14 +16,17 @@ from .base import BlockMask, BlockSpec, KernelBackend
 
 __all__ = ["SplitMasks"]
 
+SMALL = 64
+"""Sub-calls with fewer query or key tokens run on the mask-taking kernel."""
+
 
 class SplitMasks(KernelBackend):
     """``dense`` for calls without a mask, ``masked`` for calls with one."""
 
     explicit_masks = True
 
-    def __init__(self, dense: KernelBackend, masked: KernelBackend):
-        self.dense, self.masked = dense, masked
+    def __init__(self, dense: KernelBackend, masked: KernelBackend, small: int = SMALL):
+        self.dense, self.masked, self.small = dense, masked, small
         self.name = f"{dense.name}+{masked.name}"
         self.device_types = dense.device_types & masked.device_types
         self.dtypes = dense.dtypes & masked.dtypes
@@ -34,9 +37,15 @@ class SplitMasks(KernelBackend):
         unmasked = replace(spec, masked=False)
         return self.dense.not_supported_reasons(unmasked) + self.masked.not_supported_reasons(spec)
 
+    def _for_dense(self, q, k) -> KernelBackend:
+        """The dense kernel, or for calls of a few tokens the other one (cuDNN's backward
+        crashed on the tiny sub-calls of short documents, one H100, cuDNN 9.19:
+        ``benchmarks/cudnn_small_probe.py``)."""
+        return self.masked if min(q.shape[1], k.shape[1]) < self.small else self.dense
+
     def forward(self, q, k, v, causal: bool, scale: float, mask: BlockMask | None = None):
         if mask is None:
-            return self.dense.forward(q, k, v, causal, scale)
+            return self._for_dense(q, k).forward(q, k, v, causal, scale)
         if mask.calls is None:
             return self.masked.forward(q, k, v, causal, scale, mask)
         return self._forward_calls(q, k, v, scale, mask)
@@ -44,7 +53,7 @@ class SplitMasks(KernelBackend):
     def backward(self, do, q, k, v, out, lse, delta, causal: bool, scale: float,
                  mask: BlockMask | None = None):  # fmt: skip
         if mask is None:
-            return self.dense.backward(do, q, k, v, out, lse, delta, causal, scale)
+            return self._for_dense(q, k).backward(do, q, k, v, out, lse, delta, causal, scale)
         if mask.calls is None:
             return self.masked.backward(do, q, k, v, out, lse, delta, causal, scale, mask)
         return self._backward_calls(do, q, k, v, out, lse, delta, scale, mask.calls)
