@@ -12,10 +12,11 @@ from reference import rel_err
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
 }
 
 
-def tiny_causal_lm(family: str, seed: int = 0):
+def tiny_causal_lm(family: str, seed: int = 0, **config_overrides):
     """A 2-layer GQA model (4 query heads, 2 key/value heads) with random weights, float64."""
     import transformers
 
@@ -23,7 +24,7 @@ def tiny_causal_lm(family: str, seed: int = 0):
     config = config_cls(
         vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        attn_implementation="sdpa",
+        attn_implementation="sdpa", **config_overrides,
     )  # fmt: skip
     torch.manual_seed(seed)
     return model_cls(config).double()
@@ -32,8 +33,6 @@ def tiny_causal_lm(family: str, seed: int = 0):
 def llm_case(w, *, world: int, family: str, layout: str, strategy: str, seq: int = 32) -> dict:
     """Logits, loss and every parameter gradient of the sharded model (summed over the
     group as documented) against the same model on one process."""
-    from tokenring.integrations.transformers import enable, shard_batch
-
     group = w.group(world)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, 101, (2, seq), generator=g)
@@ -45,22 +44,82 @@ def llm_case(w, *, world: int, family: str, layout: str, strategy: str, seq: int
     ref.loss.backward()
 
     model = tiny_causal_lm(family)
+    logits, loss, grads, _ = _sharded_training_step(model, batch, group, strategy, layout)
+    restored = model.config._attn_implementation
+    return {
+        "logits": rel_err(logits, tr.shard(ref.logits.detach(), layout=layout, group=group)),
+        "loss": abs(loss.item() - ref.loss.item()) / abs(ref.loss.item()),
+        "grads": max(rel_err(a, p.grad) for a, p in zip(grads, reference.parameters())),
+        "restored": restored == "sdpa",
+    }
+
+
+def _sharded_training_step(model, batch, group, strategy, layout):
+    """``enable`` + ``shard_batch`` + forward + backward; the loss and every gradient
+    summed over the group, and this rank's logits."""
+    from tokenring.integrations.transformers import enable, shard_batch
+
     handle = enable(model, group=group, strategy=strategy, layout=layout)
     part = shard_batch(batch, layout=layout, group=group)
     out = model(**part)
     out.loss.backward()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss, group=group)
-    grad_err = 0.0
-    for p, r in zip(model.parameters(), reference.parameters(), strict=True):
+    grads = []
+    for p in model.parameters():
         grad = p.grad.clone()
         dist.all_reduce(grad, group=group)
-        grad_err = max(grad_err, rel_err(grad, r.grad))
+        grads.append(grad)
     handle.disable()
-    restored = model.config._attn_implementation
+    return out.logits, loss, grads, part
+
+
+def packed_llm_case(w, *, world: int, layout: str, strategy: str) -> dict:
+    """Llama on a ``DataCollatorWithFlattening`` batch (documents of 5, 1, 13 and 10
+    tokens): logits against each document run alone on one process; loss and every
+    gradient (summed over the group) against the unsharded model on the packed batch."""
+    from transformers import DataCollatorWithFlattening
+
+    group = w.group(world)
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (5, 1, 13, 10)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": d} for d in docs]
+    )
+    reference = tiny_causal_lm("llama")
+    # without a cache, transformers reads the restarting positions as packed documents
+    packed = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+    ref = reference(**packed, use_cache=False)
+    ref.loss.backward()
+    alone = torch.cat([reference(input_ids=torch.tensor([d])).logits for d in docs], dim=1)
+
+    model = tiny_causal_lm("llama")
+    logits, loss, grads, part = _sharded_training_step(model, batch, group, strategy, layout)
+    cu = [0, 5, 6, 19, 29]
+    mine = tr.shard(alone.detach(), layout=layout, group=group, cu_seqlens=cu)
     return {
-        "logits": rel_err(out.logits, tr.shard(ref.logits.detach(), layout=layout, group=group)),
+        "reference_packed": rel_err(ref.logits, alone),
+        "logits_vs_alone": rel_err(logits, mine),
         "loss": abs(loss.item() - ref.loss.item()) / abs(ref.loss.item()),
-        "grads": grad_err,
-        "restored": restored == "sdpa",
+        "grads": max(rel_err(a, p.grad) for a, p in zip(grads, reference.parameters())),
+        "documents_found": float(tuple(part.get("tokenring_cu_seqlens", ())) == tuple(cu)),
+    }
+
+
+def windowed_llm_case(w, *, world: int, layout: str, strategy: str, seq: int = 29) -> dict:
+    """Mistral with a sliding window of 5 over a sequence of ``seq``: logits, loss and
+    every gradient (summed over the group) against the same model on one process."""
+    group = w.group(world)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 101, (2, seq), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    reference = tiny_causal_lm("mistral", sliding_window=5)
+    ref = reference(**batch)
+    ref.loss.backward()
+    model = tiny_causal_lm("mistral", sliding_window=5)
+    logits, loss, grads, _ = _sharded_training_step(model, batch, group, strategy, layout)
+    return {
+        "logits": rel_err(logits, tr.shard(ref.logits.detach(), layout=layout, group=group)),
+        "loss": abs(loss.item() - ref.loss.item()) / abs(ref.loss.item()),
+        "grads": max(rel_err(a, p.grad) for a, p in zip(grads, reference.parameters())),
     }

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diffusers_cases import dit_case, tiny_flux
-from integration_cases import llm_case, tiny_causal_lm
+from integration_cases import llm_case, packed_llm_case, tiny_causal_lm, windowed_llm_case
 from tokenring.integrations.transformers import enable, shard_batch
 
 
@@ -40,20 +40,38 @@ def test_a_sequence_parallel_transformers_model_equals_the_model_on_one_process(
             assert r["restored"], (case, r)
 
 
+def test_packed_batches_and_sliding_windows_train_like_the_model_on_one_process(pool):
+    """Llama on a DataCollatorWithFlattening batch: each document's logits equal the
+    document run alone; loss and gradients summed over the group equal the unsharded
+    model's on the packed batch. Mistral with a window of 5 tokens over 29: logits, loss
+    and gradients equal the unsharded model's. 2 and 3 processes, both layouts."""
+    packed = [
+        dict(world=w, layout=layout, strategy=s)
+        for w, layout, s in [(2, "zigzag", "tokenring"), (3, "contiguous", "ring"),
+                             (2, "contiguous", "allgather"), (2, "zigzag", "ulysses")]
+    ]  # fmt: skip
+    for case, per_rank in zip(packed, pool.run(packed_llm_case, packed, timeout=600)):
+        for r in per_rank:
+            assert r["reference_packed"] <= 1e-12, r  # the one-process reference itself
+            assert r["logits_vs_alone"] <= 1e-12 and r["grads"] <= 1e-12, (case, r)
+            assert r["loss"] <= 1e-6 and r["documents_found"] == 1.0, (case, r)
+    windowed = [
+        dict(world=w, layout=layout, strategy=s)
+        for w, layout, s in [(2, "contiguous", "tokenring"), (3, "zigzag", "ring"),
+                             (2, "zigzag", "allgather")]
+    ]  # fmt: skip
+    for case, per_rank in zip(windowed, pool.run(windowed_llm_case, windowed, timeout=600)):
+        for r in per_rank:
+            assert r["logits"] <= 1e-12 and r["grads"] <= 1e-12, (case, r)
+            assert r["loss"] <= 1e-6, (case, r)
+
+
 def test_enable_and_shard_batch_refuse_what_they_cannot_do():
     import transformers
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))
     with pytest.raises(ValueError, match="supports model families llama, mistral, qwen2, qwen3"):
         enable(gpt2)
-    windowed = transformers.MistralForCausalLM(
-        transformers.MistralConfig(
-            vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, sliding_window=8,
-        )
-    )  # fmt: skip
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        enable(windowed)
     ids = torch.randint(0, 101, (2, 16))
     with pytest.raises(ValueError, match="padding"):
         shard_batch(
@@ -62,8 +80,8 @@ def test_enable_and_shard_batch_refuse_what_they_cannot_do():
                 "attention_mask": torch.ones(2, 16).index_fill(1, torch.tensor([15]), 0),
             }
         )
-    packed = torch.cat([torch.arange(8), torch.arange(8)]).expand(2, 16)
-    with pytest.raises(ValueError, match="packed sequences"):
+    packed = torch.stack([torch.cat([torch.arange(8), torch.arange(8)]), torch.arange(16)])
+    with pytest.raises(ValueError, match="the rows of the batch are packed differently"):
         shard_batch({"input_ids": ids, "position_ids": packed})
     with pytest.raises(ValueError, match="shard_batch takes"):
         shard_batch({"input_ids": ids, "pixel_values": ids})

@@ -10,10 +10,13 @@ training decoder LLMs, through transformers' own registries, and undoable.
 ``enable`` registers an attention function and a mask function under a name of
 its own (``AttentionInterface.register``, ``AttentionMaskInterface.register``)
 and switches the model to it (``set_attn_implementation``): nothing of
-transformers is patched. The mask function is where causality is kept: it
-accepts only the plain causal mask (our attention applies it over global
-positions) and refuses sliding windows, custom masks and padding, so none is
-silently lost.
+transformers is patched. Masks are applied by the attention itself, over global
+positions: causal; a layer's sliding window (transformers' ``sliding_window=W``,
+which reaches the attention function as a keyword, is ``window_size=(W - 1, 0)``);
+and packed documents, which ``shard_batch`` finds in the global ``position_ids`` by
+transformers' own rule (a new document wherever consecutive positions do not
+differ by one) and hands down as ``cu_seqlens``. The mask function builds nothing
+and refuses padding, so no mask is silently lost.
 
 Loss and gradients: ``shard_batch`` shifts the labels for next-token prediction
 *before* sharding (``shift_labels``, which transformers' causal-LM loss takes as
@@ -50,18 +53,26 @@ SEQ_LEN_KEY = "tokenring_seq_len"
 """The keyword ``shard_batch`` adds to a batch: the sequence's global length, which the
 model hands down to the attention function with its other keyword arguments."""
 
+DOCUMENTS_KEY = "tokenring_cu_seqlens"
+"""The keyword ``shard_batch`` adds to a packed batch: the documents' global offsets."""
+
+COLLATOR_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+"""What ``DataCollatorWithFlattening`` may add for flash-attention: offsets of the
+*unsharded* batch, which must never reach a rank as if they were its own; ``shard_batch``
+drops them and derives the documents from ``position_ids``."""
+
 
 def _transformers():
     try:
         import transformers
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError(
             "tokenring.integrations.transformers needs transformers: "
             "pip install 'tokenring-attention[transformers]'"
         ) from None
-    return transformers, AttentionInterface, AttentionMaskInterface, causal_mask_function
+    return transformers, AttentionInterface, AttentionMaskInterface
 
 
 @dataclass
@@ -89,12 +100,6 @@ def _check_model(model) -> None:
             f"tokenring.integrations.transformers supports model families "
             f"{', '.join(SUPPORTED_FAMILIES)}; this model is {family!r}"
         )
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True):
-        raise ValueError(
-            f"this {family} model uses sliding-window attention (sliding_window={window}); "
-            "tokenring computes full causal attention only"
-        )
     if getattr(config, "attention_dropout", 0.0):
         raise ValueError(
             f"attention_dropout={config.attention_dropout}: tokenring computes attention "
@@ -115,7 +120,7 @@ def enable(
     or, with ``strategy="usp"``, over ``mesh``; returns a handle whose ``disable()``
     restores the previous implementation. Feed it ``shard_batch`` parts with the same
     ``layout`` and ``group``/``mesh``."""
-    _, interface, mask_interface, causal_mask_function = _transformers()
+    _, interface, mask_interface = _transformers()
     _check_model(model)
     usp = strategy == "usp" or (strategy == "auto" and mesh is not None)
     where = {"mesh": mesh, "group": None} if usp else {"mesh": None, "group": group}
@@ -126,35 +131,34 @@ def enable(
     ):
         if dropout:
             raise ValueError(f"attention dropout {dropout}: tokenring computes no dropout")
-        if kwargs.get("sliding_window") is not None:
-            raise ValueError("sliding-window attention: tokenring computes full causal attention")
+        window = kwargs.get("sliding_window")
         # transformers hands [batch, heads, seq, head_dim]; tokenring takes [batch, seq, ...]
         options = replace(
             chosen, causal=bool(getattr(module, "is_causal", True)), softmax_scale=scaling,
             seq_len=kwargs.get(SEQ_LEN_KEY),
+            window_size=(window - 1, 0) if window is not None else (-1, -1),
+            cu_seqlens=kwargs.get(DOCUMENTS_KEY, ()),
         )  # fmt: skip
         out = run(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            (None, None, None), options.values(), recorder=None, return_lse=False, **where,
+            (None, None, None), options.values(), recorder=None, return_lse=False,
+            sinks=kwargs.get("s_aux"), **where,
         )  # fmt: skip
         return out, None
 
-    def causal_only(
+    def no_mask(
         batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
         attention_mask=None, **kwargs,
     ):  # fmt: skip
-        if mask_function is not causal_mask_function:
-            raise ValueError(
-                "tokenring supports the plain causal mask only (no sliding window, packed "
-                f"sequences or custom mask functions); the model asked for {mask_function!r}"
-            )
+        # the supported families ask for the causal mask or the sliding-window causal
+        # mask only, and the attention applies both (the window from its keyword)
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padding: tokenring's layouts cannot skip padded tokens")
-        return None  # causality is applied by the attention itself, on global positions
+        return None
 
     name = f"tokenring_{next(_NAMES)}"
     interface.register(name, sequence_parallel_attention)
-    mask_interface.register(name, causal_only)
+    mask_interface.register(name, no_mask)
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
     return TransformersHandle(model, name, previous, chosen)
@@ -172,8 +176,13 @@ def shard_batch(
     for ``model(**part)``: ``input_ids`` (or ``inputs_embeds``), global ``position_ids``,
     labels shifted before sharding (``labels`` and ``shift_labels``) and
     ``num_items_in_batch`` (see the module docstring for the loss). A padding
-    ``attention_mask`` must be all ones; packed sequences (positions that restart)
-    are refused."""
+    ``attention_mask`` must be all ones. A packed batch (``position_ids`` that restart,
+    as ``DataCollatorWithFlattening`` makes them; every row packed alike) is sharded
+    per document exactly as ``tokenring.shard(x, layout=..., dim=1, cu_seqlens=cu)``
+    does, ``cu`` found from the positions (transformers' rule), and no document
+    attends another; the collator's own ``cu_seq_lens_*``/``max_length_*`` describe
+    the unsharded batch and are dropped."""
+    batch = {k: v for k, v in batch.items() if k not in COLLATOR_KEYS}
     known = {"input_ids", "inputs_embeds", "labels", "position_ids", "attention_mask"}
     unknown = set(batch) - known
     if unknown:
@@ -188,19 +197,18 @@ def shard_batch(
             "padding (attention_mask with zeros): tokenring's layouts shard whole sequences; "
             "pack or trim the batch to equal lengths without padding"
         )
-    positions = batch.get("position_ids")
-    default = torch.arange(seq, device=tokens.device).expand(rows, seq)
-    if positions is not None and not torch.equal(positions.expand(rows, seq), default):
-        raise ValueError(
-            "position_ids must be 0, 1, ..., seq-1 in every row (packed sequences, whose "
-            "positions restart, are not supported)"
-        )
+    given = batch.get("position_ids")
+    positions = torch.arange(seq, device=tokens.device).expand(rows, seq)
+    documents: tuple[int, ...] = ()
+    if given is not None:
+        positions = given.expand(rows, seq)
+        documents = _documents(positions)
     where = {"mesh": mesh} if mesh is not None else {"group": group}
 
     def mine(x: torch.Tensor) -> torch.Tensor:
-        return shard(x, layout=layout, dim=1, **where)
+        return shard(x, layout=layout, dim=1, cu_seqlens=documents or None, **where)
 
-    positions = mine(default.contiguous())
+    positions = mine(positions.contiguous())
     part: dict[str, Any] = {
         "position_ids": positions,
         # all ones: keeps transformers from reading the jumps of a zigzag shard's
@@ -210,6 +218,8 @@ def shard_batch(
         # the global length, for shards of unequal length
         SEQ_LEN_KEY: seq,
     }
+    if len(documents) > 2:
+        part[DOCUMENTS_KEY] = documents
     part["input_ids" if "input_ids" in batch else "inputs_embeds"] = mine(tokens)
     labels = batch.get("labels")
     if labels is not None:
@@ -218,3 +228,18 @@ def shard_batch(
         part["labels"] = part["shift_labels"] = local
         part["num_items_in_batch"] = int((shifted != ignore_index).sum())
     return part
+
+
+def _documents(positions: torch.Tensor) -> tuple[int, ...]:
+    """Document offsets ``[0, ..., seq]`` from global ``position_ids`` ``[rows, seq]`` by
+    transformers' rule (``masking_utils.find_packed_sequence_indices``: a document starts
+    wherever a position is not the previous one plus one); every row must agree."""
+    starts = positions[:, 1:] != positions[:, :-1] + 1
+    if not bool((starts == starts[:1]).all()):
+        raise ValueError(
+            "position_ids: the rows of the batch are packed differently; tokenring shards "
+            "every row alike (one packing per batch: DataCollatorWithFlattening makes one row)"
+        )
+    seq = positions.shape[1]
+    cuts = (torch.nonzero(starts[0]).flatten() + 1).tolist()
+    return (0, *cuts, seq)
