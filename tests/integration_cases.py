@@ -13,7 +13,14 @@ FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
 }
+GPT_OSS = dict(
+    head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+    experts_implementation="eager",  # the grouped matmul takes no float64
+    attn_implementation="eager",  # gpt-oss has no sdpa path (its sinks)
+)  # fmt: skip
+"""A tiny gpt-oss: sinks, sliding and full layers alternating, a mixture of experts."""
 
 
 def tiny_causal_lm(family: str, seed: int = 0, **config_overrides):
@@ -21,11 +28,12 @@ def tiny_causal_lm(family: str, seed: int = 0, **config_overrides):
     import transformers
 
     config_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
-    config = config_cls(
+    settings = dict(
         vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        attn_implementation="sdpa", **config_overrides,
+        attn_implementation="sdpa",
     )  # fmt: skip
+    config = config_cls(**{**settings, **config_overrides})
     torch.manual_seed(seed)
     return model_cls(config).double()
 
@@ -106,17 +114,21 @@ def packed_llm_case(w, *, world: int, layout: str, strategy: str) -> dict:
     }
 
 
-def windowed_llm_case(w, *, world: int, layout: str, strategy: str, seq: int = 29) -> dict:
-    """Mistral with a sliding window of 5 over a sequence of ``seq``: logits, loss and
-    every gradient (summed over the group) against the same model on one process."""
+def windowed_llm_case(
+    w, *, world: int, layout: str, strategy: str, seq: int = 29, family: str = "mistral"
+) -> dict:
+    """Mistral with a sliding window of 5 over a sequence of ``seq`` (or gpt-oss: sinks,
+    a window of 5 and full layers alternating): logits, loss and every gradient (summed
+    over the group; the sinks' included) against the same model on one process."""
     group = w.group(world)
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(0, 101, (2, seq), generator=g)
     batch = {"input_ids": ids, "labels": ids.clone()}
-    reference = tiny_causal_lm("mistral", sliding_window=5)
+    config = GPT_OSS if family == "gpt_oss" else {"sliding_window": 5}
+    reference = tiny_causal_lm(family, **config)
     ref = reference(**batch)
     ref.loss.backward()
-    model = tiny_causal_lm("mistral", sliding_window=5)
+    model = tiny_causal_lm(family, **config)
     logits, loss, grads, _ = _sharded_training_step(model, batch, group, strategy, layout)
     return {
         "logits": rel_err(logits, tr.shard(ref.logits.detach(), layout=layout, group=group)),

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from diffusers_cases import dit_case, tiny_flux
-from integration_cases import llm_case, packed_llm_case, tiny_causal_lm, windowed_llm_case
+from integration_cases import (
+    GPT_OSS,
+    llm_case,
+    packed_llm_case,
+    tiny_causal_lm,
+    windowed_llm_case,
+)
 from tokenring.integrations.transformers import enable, shard_batch
 
 
@@ -43,8 +49,9 @@ def test_a_sequence_parallel_transformers_model_equals_the_model_on_one_process(
 def test_packed_batches_and_sliding_windows_train_like_the_model_on_one_process(pool):
     """Llama on a DataCollatorWithFlattening batch: each document's logits equal the
     document run alone; loss and gradients summed over the group equal the unsharded
-    model's on the packed batch. Mistral with a window of 5 tokens over 29: logits, loss
-    and gradients equal the unsharded model's. 2 and 3 processes, both layouts."""
+    model's on the packed batch. Mistral with a window of 5 tokens over 29, and gpt-oss
+    (sinks; sliding and full layers alternating): logits, loss and every gradient (the
+    sinks' too) equal the unsharded model's. 2 and 3 processes, both layouts."""
     packed = [
         dict(world=w, layout=layout, strategy=s)
         for w, layout, s in [(2, "zigzag", "tokenring"), (3, "contiguous", "ring"),
@@ -60,6 +67,11 @@ def test_packed_batches_and_sliding_windows_train_like_the_model_on_one_process(
         for w, layout, s in [(2, "contiguous", "tokenring"), (3, "zigzag", "ring"),
                              (2, "zigzag", "allgather")]
     ]  # fmt: skip
+    # gpt-oss: sinks, sliding (5) and full layers alternating, experts
+    windowed += [
+        dict(world=w, layout=layout, strategy=s, family="gpt_oss")
+        for w, layout, s in [(2, "zigzag", "tokenring"), (3, "contiguous", "ring")]
+    ]  # fmt: skip
     for case, per_rank in zip(windowed, pool.run(windowed_llm_case, windowed, timeout=600)):
         for r in per_rank:
             assert r["logits"] <= 1e-12 and r["grads"] <= 1e-12, (case, r)
@@ -72,6 +84,9 @@ def test_enable_and_shard_batch_refuse_what_they_cannot_do():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))
     with pytest.raises(ValueError, match="supports model families llama, mistral, qwen2, qwen3"):
         enable(gpt2)
+    routed = tiny_causal_lm("gpt_oss", **GPT_OSS, output_router_logits=True)
+    with pytest.raises(ValueError, match="output_router_logits=True"):
+        enable(routed)
     ids = torch.randint(0, 101, (2, 16))
     with pytest.raises(ValueError, match="padding"):
         shard_batch(

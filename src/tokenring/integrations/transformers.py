@@ -44,7 +44,7 @@ from ..call.description import Options
 
 __all__ = ["SUPPORTED_FAMILIES", "TransformersHandle", "enable", "shard_batch"]
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss")
 """``config.model_type`` of the decoder families tested (tests/test_integrations.py)."""
 
 _NAMES = itertools.count()
@@ -99,6 +99,11 @@ def _check_model(model) -> None:
         raise ValueError(
             f"tokenring.integrations.transformers supports model families "
             f"{', '.join(SUPPORTED_FAMILIES)}; this model is {family!r}"
+        )
+    if getattr(config, "output_router_logits", False):
+        raise ValueError(
+            "output_router_logits=True: the router's auxiliary loss would be computed over "
+            "this rank's tokens only, not the batch's; set config.output_router_logits = False"
         )
     if getattr(config, "attention_dropout", 0.0):
         raise ValueError(
