@@ -539,3 +539,42 @@ def test_calibrate_measures_links_between_processes(pool):
     keys = {"p2p_one_way_gbps", "p2p_both_ways_gbps", "all_to_all_gbps", "all_gather_gbps"}
     for found in per_rank:
         assert set(found) == keys and all(v > 0 for v in found.values()), found
+
+
+def test_the_planner_prices_documents_and_windows():
+    """Masks change what runs, so they change the ranking: a short window makes the
+    neighbour-talking rings win and costs less than the dense call; documents that each
+    fill one rank's shard need no communication, so contiguous beats zigzag and the call
+    is priced far below the dense one; the layout left open is chosen and reported."""
+    shape = dict(topology="h100-nvswitch-8", gpus=8, seq=65536, heads_q=32, heads_kv=8,
+                 head_dim=128, causal=True, backward=True)  # fmt: skip
+    dense = tr.plan(**shape)
+    windowed = tr.plan(**shape, window=(4095, 0))
+    assert windowed.choice in ("tokenring", "ring")
+    assert windowed.best.predicted_ms < 0.8 * dense.best.predicted_ms
+    assert {lay.value for lay, _, _ in windowed.layouts} == {"contiguous", "zigzag"}
+    packed = tr.plan(**shape, documents=[8192] * 8)
+    assert packed.layout.value == "contiguous"
+    assert packed.best.term_ms("comm") == 0.0
+    assert packed.best.predicted_ms < 0.3 * dense.best.predicted_ms
+    assert "layouts: contiguous" in packed.explain()
+    fixed = tr.plan(**shape, documents=[8192] * 8, layout="zigzag")
+    assert fixed.layout.value == "zigzag" and fixed.layouts == ()
+    with pytest.raises(ValueError, match="documents must add up to seq=65536, got 8192"):
+        tr.plan(**shape, documents=[8192])
+    with pytest.raises(ValueError, match="the right side must be 0 or -1"):
+        tr.plan(**shape, window=(10, 3))
+
+
+def test_plan_cli_reads_document_lengths_and_windows():
+    import argparse
+
+    from tokenring_bench.plan_cli import document_lengths, window_pair
+
+    assert document_lengths("512x3,100") == [512, 512, 512, 100]
+    assert window_pair("4095,0") == (4095, 0)
+    for bad in ("512x", "0x4", "a,b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            document_lengths(bad)
+    with pytest.raises(argparse.ArgumentTypeError):
+        window_pair("4095")

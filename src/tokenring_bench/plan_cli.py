@@ -37,6 +37,32 @@ USP_NAMING = (
 )
 
 
+def document_lengths(text: str) -> list[int]:
+    """``--documents``: ``LENGTH`` or ``LENGTHxCOUNT`` items, comma-separated."""
+    lengths: list[int] = []
+    for item in text.split(","):
+        length, times_given, count = item.strip().partition("x")
+        try:
+            n, times = int(length), int(count) if times_given else 1
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not LENGTH or LENGTHxCOUNT (e.g. 512x16,57344)"
+            ) from None
+        if n < 1 or times < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: lengths and counts must be positive")
+        lengths += [n] * times
+    return lengths
+
+
+def window_pair(text: str) -> tuple[int, int]:
+    """``--window``: ``LEFT,RIGHT``."""
+    try:
+        left, right = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LEFT,RIGHT (e.g. 4095,0)") from None
+    return left, right
+
+
 def add_plan_parser(sub) -> None:
     """The ``plan`` subcommand's options (every one with its help and default)."""
     p = sub.add_parser(
@@ -87,6 +113,23 @@ def add_plan_parser(sub) -> None:
         choices=["contiguous", "zigzag"],
         default=None,
         help="default: zigzag when causal, else contiguous",
+    )
+    p.add_argument(
+        "--documents",
+        type=document_lengths,
+        default=None,
+        metavar="LENGTHS",
+        help="lengths of documents packed in the sequence, adding up to --seq: "
+        "comma-separated, each LENGTH or LENGTHxCOUNT (e.g. 512x16,57344); without "
+        "--layout both layouts are priced (default: one document)",
+    )
+    p.add_argument(
+        "--window",
+        type=window_pair,
+        default=None,
+        metavar="LEFT,RIGHT",
+        help="a sliding window as window_size: query i sees keys i-LEFT..i+RIGHT, -1 "
+        "unbounded (default: none)",
     )
     p.add_argument(
         "--json", action="store_true", help="print one JSON object instead (default: a table)"
@@ -165,6 +208,8 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
             backward=args.backward,
             dtype=args.dtype,
             layout=args.layout,
+            documents=args.documents,
+            window=args.window,
         )
     except ValueError as error:
         console.print(Text(f"tokenring plan: {error}", style="red"))

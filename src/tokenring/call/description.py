@@ -210,12 +210,16 @@ class CallDescription:
         batch: int = 1, dtype: torch.dtype = torch.bfloat16, layout: Layout | None = None,
         causal: bool = False, strategy: Strategy = Strategy.TOKENRING, ulysses: int = 1,
         device_type: str = "cuda", wants_grad: bool = False,
+        window_size: tuple[int, int] = (-1, -1), cu_seqlens: tuple[int, ...] = (),
     ) -> CallDescription:  # fmt: skip
         """A call described by its shapes alone (the planner's questions, tools, tests);
         ``layout`` defaults to zigzag when causal (what balances the work)."""
         if layout is None:
             layout = Layout.ZIGZAG if causal else Layout.CONTIGUOUS
-        options = Options(strategy=strategy, layout=layout, causal=causal, seq_len=seq_len)
+        options = Options(
+            strategy=strategy, layout=layout, causal=causal, seq_len=seq_len,
+            window_size=window_size, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
         return cls(
             options, batch, heads_q, heads_kv, head_dim, dtype, device_type, world, ulysses,
             wants_grad=wants_grad,

@@ -7,11 +7,14 @@ asks it once per call shape; ``tokenring plan`` is the command line.
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..call.description import CallDescription
+from ..call.packing import read_window
 from ..options import Layout, parse_enum
 from .choose import Candidate, PlanReport, plan_call
 from .machine import auto_topology, calibrate_command, load_topology, topology_for
@@ -64,6 +67,8 @@ def plan(
     dtype: str | torch.dtype = "bf16",
     layout: str | Layout | None = None,
     usp: bool = True,
+    documents: list[int] | tuple[int, ...] | None = None,
+    window: tuple[int, int] | None = None,
 ) -> PlanReport:
     """Rank every strategy (and USP split, with ``usp``) for one attention call of ``seq``
     tokens over ``gpus`` devices of ``topology`` (a preset name, a file, or a Topology);
@@ -71,7 +76,10 @@ def plan(
     ``"fp16"`` / ``"float16"``, ``"fp32"`` / ``"float32"`` or a torch dtype. ``layout``
     defaults to zigzag when causal (what balances the work), else contiguous.
     ``.choice`` is the fastest, ``.explain()`` says why, ``.to_dict()`` is what
-    ``tokenring plan --json`` prints."""
+    ``tokenring plan --json`` prints. ``documents``: the lengths of documents packed in
+    the sequence (summing to ``seq``); ``window``: ``(left, right)`` as ``window_size``
+    (docs/algorithms.md, section 1): blocks they leave empty are neither computed nor
+    sent, and a block they cut is priced as the sub-calls it runs as."""
     for name, value in (
         ("gpus", gpus),
         ("seq", seq),
@@ -91,9 +99,32 @@ def plan(
         )
     if layout is not None:
         layout = parse_enum(Layout, layout, "layout")
-    call = CallDescription.of_shape(
-        world=gpus, seq_len=seq, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
-        batch=batch, dtype=DTYPES[dtype], layout=layout, causal=bool(causal),
-        wants_grad=bool(backward),
-    )  # fmt: skip
-    return plan_call(load_topology(topology, gpus), call, backward=bool(backward), with_usp=usp)
+    cu_seqlens: tuple[int, ...] = ()
+    if documents is not None:
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in documents):
+            raise ValueError(f"documents must be positive int lengths, got {documents!r}")
+        if sum(documents) != seq:
+            raise ValueError(f"documents must add up to seq={seq}, got {sum(documents)}")
+        cu_seqlens = tuple(itertools.accumulate(documents, initial=0))
+    window_size, problem = read_window(window, bool(causal))
+    if problem:
+        raise ValueError(problem)
+    machine = load_topology(topology, gpus)
+
+    def report(lay: Layout | None) -> PlanReport:
+        call = CallDescription.of_shape(
+            world=gpus, seq_len=seq, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
+            batch=batch, dtype=DTYPES[dtype], layout=lay, causal=bool(causal),
+            wants_grad=bool(backward), window_size=window_size, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
+        return plan_call(machine, call, backward=bool(backward), with_usp=usp)
+
+    if layout is not None or (documents is None and window is None):
+        return report(layout)
+    # a mask: which layout suits it is part of the question (a short window or many
+    # short documents favour contiguous shards; long causal documents, zigzag)
+    reports = [report(lay) for lay in Layout]
+    priced = [r for r in reports if r.priced]
+    best = min(priced or reports, key=lambda r: r.best.predicted_ms if r.priced else 0.0)
+    layouts = tuple((r.layout, r.best.name, r.best.predicted_ms) for r in priced)
+    return replace(best, layouts=layouts)

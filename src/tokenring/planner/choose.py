@@ -96,6 +96,8 @@ class PlanReport:
     call: CallDescription
     backward: bool
     candidates: tuple[Candidate, ...]
+    layouts: tuple[tuple[Layout, str, float], ...] = ()
+    """When the layout was left to the planner: each layout's best (name, ms)."""
 
     @property
     def world(self) -> int:
@@ -143,6 +145,9 @@ class PlanReport:
                 f"runner-up {second.name}: {second.predicted_ms:.3f} ms "
                 f"({second.predicted_ms / best.predicted_ms:.2f}x), {second.dominant} dominates"
             )
+        if len(self.layouts) > 1:
+            each = [f"{lay.value} {name} {ms:.3f} ms" for lay, name, ms in self.layouts]
+            lines.append("layouts: " + ", ".join(each))
         lines += [f"refused {c.name}: {c.refused}" for c in self.candidates if c.refused]
         return "\n".join(lines)
 
@@ -162,6 +167,8 @@ class PlanReport:
             "topology": self.topology,
             "world": self.world,
             "seq": self.call.seq_len,
+            "layout": self.layout.value,
+            "layouts": {lay.value: {"choice": name, "ms": ms} for lay, name, ms in self.layouts},
             "candidates": [c.to_dict() for c in self.candidates],
         }
 

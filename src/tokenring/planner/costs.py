@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..call.description import CallDescription
 from ..options import Pass
+from ..schedules.blocks import sub_calls
 from ..schedules.ir import (
     COMPONENTS,
     FAMILY,
@@ -27,6 +28,11 @@ from ..schedules.ir import (
 )
 from ..schedules.masks import BlockKind
 from .topology import DeviceModel
+
+MASKED_SLOWDOWN = 5.0
+"""How much slower per computed pair a kernel call under an explicit mask runs than a
+dense one (one H100: the memory-efficient kernel with a bias against cuDNN, 32K x 32K,
+benchmarks/RESULTS.md 0e)."""
 
 __all__ = ["collective_pair_bytes", "compute_seconds", "merge_seconds", "rows_bytes"]
 
@@ -80,12 +86,20 @@ def compute_seconds(
     """Device time of one block kernel call and the accumulations it implies."""
     spec = sched.slots[op.q.slot]
     heads = _heads(call, "q", spec.head_parts, op.q.part.count)
-    lq, lk = sched.tokens(op.q), sched.tokens(op.kv)
-    # a masked block is priced as a full one (an upper bound)
-    causal = op.kind is BlockKind.DIAG
-    seconds = device.kernel.seconds(
-        pass_, lq, lk, causal, call.batch * heads, call.head_dim, call.itemsize >= 4
-    )
+    bh, wide = call.batch * heads, call.itemsize >= 4
+    if op.kind is BlockKind.PARTIAL:  # as it runs: its sub-calls (execution/block_masks.py)
+        q_cells = sched.table(op.q).cells(op.q.pieces)
+        kv_cells = sched.table(op.kv).cells(op.kv.pieces)
+        seconds = 0.0
+        for q0, q1, k0, k1, kind in sub_calls(q_cells, kv_cells, op.mask):
+            part = device.kernel.seconds(
+                pass_, q1 - q0, k1 - k0, kind is BlockKind.DIAG, bh, call.head_dim, wide
+            )
+            seconds += part * (MASKED_SLOWDOWN if kind is BlockKind.PARTIAL else 1.0)
+    else:
+        lq, lk = sched.tokens(op.q), sched.tokens(op.kv)
+        causal = op.kind is BlockKind.DIAG
+        seconds = device.kernel.seconds(pass_, lq, lk, causal, bh, call.head_dim, wide)
     # Cells that accumulate instead of overwrite add one merge pass over their rows.
     if not all(op.fresh_q):
         seconds += _stream_seconds(rows_bytes(sched, op.q_out, pass_, call), device)
