@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .masks import BlockKind, Cell, Mask, classify, combine
+from .masks import BlockKind, Cell, Mask, classify, classify_in_document, combine
 
 __all__ = ["Block", "Element", "SubCall", "cover", "relations", "sub_calls"]
 
@@ -176,7 +176,18 @@ def sub_calls(
     """
     q_sub, q_starts = _sub_cells(q_cells, mask)
     kv_sub, kv_starts = _sub_cells(kv_cells, mask)
+    # each cut cell lies in one document: only pairs within a document are classified
+    # (sum of squares of the documents' cell counts, not the square of the block's)
+    by_document: dict[int, list[int]] = {}
+    for j, ((a, _),) in enumerate(kv_sub):
+        by_document.setdefault(mask.document(a), []).append(j)
+    elements = []
+    for i, (span,) in enumerate(q_sub):
+        for j in by_document.get(mask.document(span[0]), ()):
+            kind = classify_in_document(mask, span, kv_sub[j][0])
+            if kind is not BlockKind.EMPTY:
+                elements.append((i, j, kind))
     return tuple(
         (q_starts[b.q0], q_starts[b.q1], kv_starts[b.k0], kv_starts[b.k1], b.kind)
-        for b in cover(relations(q_sub, kv_sub, mask), mix=False)
+        for b in cover(tuple(elements), mix=False)
     )

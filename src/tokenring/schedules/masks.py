@@ -31,7 +31,7 @@ import torch
 
 from .geometry import Span
 
-__all__ = ["BlockKind", "Cell", "Mask", "classify", "combine"]
+__all__ = ["BlockKind", "Cell", "Mask", "classify", "classify_in_document", "combine"]
 
 Cell = tuple[Span, ...]
 """The positions of one piece: ranges ``[a, b)`` of global positions."""
@@ -132,6 +132,12 @@ def _range_kind(mask: Mask, q: Span, k: Span) -> BlockKind:
     if q == k and high == 0 and least >= low:
         return BlockKind.DIAG
     return BlockKind.PARTIAL
+
+
+def classify_in_document(mask: Mask, q: Span, k: Span) -> BlockKind:
+    """``classify`` of two non-empty ranges known to lie in one document (what the
+    document-cut cells of ``blocks.sub_calls`` are): the window and causality alone."""
+    return _range_kind(mask, q, k)
 
 
 def _split(mask: Mask, cell: Cell) -> list[tuple[int, Span]]:
