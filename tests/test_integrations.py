@@ -121,8 +121,9 @@ def test_enable_is_undone_by_disable_and_leaves_one_process_results_unchanged():
 def test_the_training_example_runs_under_torchrun_and_the_loss_falls():
     """examples/train_llama.py on 4 CPU processes: sequence parallel 2 x data parallel 2."""
     example = Path(__file__).resolve().parent.parent / "examples" / "train_llama.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-               str(example), "--sp", "2", "--seq", "256", "--steps", "4"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "4", str(example), "--sp", "2", "--seq", "256",
+               "--steps", "4"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", done.stdout)]
@@ -175,8 +176,9 @@ def test_the_flux_example_runs_under_torchrun_and_matches_the_unsharded_model():
     """examples/flux_sp.py on 4 CPU processes: a denoising loop with USP 2 x 2 inside
     the transformer, against the same loop unsharded."""
     example = Path(__file__).resolve().parent.parent / "examples" / "flux_sp.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-               str(example), "--ulysses", "2", "--ring", "2", "--size", "8"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "4", str(example), "--ulysses", "2", "--ring", "2",
+               "--size", "8"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     (err,) = re.findall(r"relative difference ([0-9.e+-]+);", done.stdout)

@@ -134,8 +134,9 @@ def test_the_readmes_first_example_runs_under_torchrun_on_two_cpu_processes(tmp_
     2 gloo processes: both ranks finish and match attention on the whole sequence."""
     example = tmp_path / "example.py"
     example.write_text(readme_block("## Use"))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               str(example)]  # fmt: skip
+    # --standalone: a free port of its own, not 29500 (another launch may hold it)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", str(example)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     found = dict(re.findall(r"rank (\d): max \|out - attention on the whole sequence\| = (\S+)",
