@@ -38,7 +38,7 @@ def main() -> None:
     out["kernel_bf16"] = kernel.to_dict()
     out["merge_gbps"] = cal.measure_merge_gbps(device, torch.bfloat16)
     out["call_us"] = cal.measure_call_us(device, torch.bfloat16)
-    timer = cal._timer(device)
+    timer = cal.call_timer(device)
     checks = []
     for heads in (8, 24, 64):
         for lq, lk, causal in HEAD_CHECKS:

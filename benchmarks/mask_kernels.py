@@ -26,21 +26,7 @@ from tokenring.execution.block_masks import block_mask
 from tokenring.execution.kernels import BlockMask, select_kernel
 from tokenring.execution.kernels.base import BlockSpec
 from tokenring.schedules.masks import Mask
-
-
-def _time(fn, repeats: int = 5) -> float:
-    """Median seconds of ``fn`` over ``repeats`` CUDA-event timed calls, after a warm-up."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+from tokenring_bench.calibrate import call_timer
 
 
 def _documents(seq: int, low: int, high: int, seed: int) -> tuple[int, ...]:
@@ -60,6 +46,8 @@ def measure(seq: int, heads: int, dim: int) -> list[dict]:
         "auto", BlockSpec("cuda", dt, dim, heads, heads, False, backward=True, masked=True)
     )
     positions = torch.arange(seq, device="cuda")
+    timer = call_timer(q.device)  # median of 5 CUDA-event timed calls, after a warm-up
+
     cases = {
         "documents 2K-8K": Mask(True, (-1, -1), _documents(seq, 2048, 8192, 0)),
         "window 4K": Mask(True, (4095, 0)),
@@ -74,7 +62,7 @@ def measure(seq: int, heads: int, dim: int) -> list[dict]:
             kernel.backward(do, q, k, v, out, lse, delta, causal, scale, mask)
 
     dense_pairs = seq * (seq + 1) // 2
-    base = {b: _time(lambda b=b: run(dense, True, None, b)) for b in (False, True)}
+    base = {b: timer(lambda b=b: run(dense, True, None, b), 5) for b in (False, True)}
     rows.append(dict(mask="dense causal", how="one call", kernel=dense.name, calls=1,
                      pairs=dense_pairs,
                      forward_s=base[False], fwd_bwd_s=base[True], rate_fwd=1.0,
@@ -96,7 +84,8 @@ def measure(seq: int, heads: int, dim: int) -> list[dict]:
         }
         for how, (kernel, block) in ways.items():
             t = {
-                b: _time(lambda b=b, k=kernel, m=block: run(k, False, m, b)) for b in (False, True)
+                b: timer(lambda b=b, k=kernel, m=block: run(k, False, m, b), 5)
+                for b in (False, True)
             }
             calls = len(block.calls) if block.calls is not None else 1
             rows.append(dict(

@@ -292,20 +292,6 @@ def merge_flags_case(w, *, world: int, fused: bool) -> list[bool]:
     return flags
 
 
-def sink_reference(q, k, v, sinks, allowed):
-    """Float64 attention with one extra logit per head in every row's softmax (a sink
-    whose value is zero): ``(out, lse)``, the LSE over the keys and the sink."""
-    q, k, v = q.double(), k.double(), v.double()
-    group = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    sink = sinks.double()[None, :, None, None].expand(*scores.shape[:3], 1)
-    both = torch.cat([scores, sink], dim=-1)
-    probs = torch.softmax(both, dim=-1)[..., :-1]
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v), torch.logsumexp(both, dim=-1)
-
-
 def check_sinks(
     w, *, world: int, strategy: str, layout: str, causal: bool, heads: tuple[int, int],
     seq: int, window=None, documents=None, seed: int = 0,
@@ -320,7 +306,7 @@ def check_sinks(
     dlse = torch.randn(2, heads[0], seq, generator=g)
     allowed = allowed_pairs(seq, causal, window, documents)
     ref = [t.double().requires_grad_() for t in (q, k, v, sinks)]
-    ref_out, ref_lse = sink_reference(*ref, allowed)
+    ref_out, ref_lse = attention_reference(*ref[:3], causal=causal, allowed=allowed, sinks=ref[3])
     loss = (ref_out * do.double()).sum() + (ref_lse * dlse.double()).sum()
     ref_grads = torch.autograd.grad(loss, ref)
 

@@ -28,12 +28,16 @@ def allowed_pairs(seq: int, causal: bool, window=None, documents=None) -> torch.
     return ok
 
 
-def attention_reference(q, k, v, *, causal: bool, scale: float | None = None, allowed=None):
+def attention_reference(
+    q, k, v, *, causal: bool, scale: float | None = None, allowed=None, sinks=None
+):
     """Float64 attention on full ``[B, S, H, D]`` tensors; returns ``(out, lse)``.
 
     Written from the definition (explicit mask, softmax, GQA by repeating key
     and value heads) and differentiable, so it also gives reference gradients.
-    ``allowed`` (``allowed_pairs``) replaces the causal mask when given.
+    ``allowed`` (``allowed_pairs``) replaces the causal mask when given. ``sinks``
+    (``[H]``): one more logit per head in every row's softmax, with a value of zero;
+    the LSE then counts it.
     """
     q, k, v = q.double(), k.double(), v.double()
     group = q.shape[2] // k.shape[2]
@@ -46,6 +50,11 @@ def attention_reference(q, k, v, *, causal: bool, scale: float | None = None, al
         allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
     if allowed is not None:
         scores = scores.masked_fill(~allowed.to(q.device), float("-inf"))
+    if sinks is not None:
+        sink = sinks.double()[None, :, None, None].expand(*scores.shape[:3], 1)
+        with_sink = torch.cat([scores, sink], dim=-1)
+        probs = torch.softmax(with_sink, dim=-1)[..., :-1]
+        return torch.einsum("bhqk,bkhd->bqhd", probs, v), torch.logsumexp(with_sink, dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v)
     return out, lse

@@ -351,7 +351,6 @@ def test_efficient_kernel_takes_an_explicit_block_mask(dtype, shape):
 def test_documents_windows_and_sinks_on_one_gpu(strategy, dtype):
     """Every strategy on one GPU under packed documents, a causal window and sinks, S=1001,
     forward and backward (q, k, v and the sinks) against float64."""
-    from dist_cases import sink_reference
     from reference import allowed_pairs
 
     seq, documents, window = 1001, [0, 1, 300, 301, 777, 1001], (127, 0)
@@ -360,7 +359,7 @@ def test_documents_windows_and_sinks_on_one_gpu(strategy, dtype):
     sinks = torch.randn(8, generator=torch.Generator().manual_seed(9)).cuda()
     allowed = allowed_pairs(seq, True, window, documents).cuda()
     ref = [t.double().requires_grad_() for t in (q, k, v, sinks)]
-    ref_out, ref_lse = sink_reference(*ref, allowed)
+    ref_out, ref_lse = attention_reference(*ref[:3], causal=True, allowed=allowed, sinks=ref[3])
     ref_grads = torch.autograd.grad(ref_out, ref, do.double())
     parts = [t.clone().requires_grad_() for t in (q, k, v)]
     mine = sinks.clone().requires_grad_()

@@ -32,7 +32,7 @@ from tokenring.planner.topology import (
     block_flops,
 )
 
-__all__ = ["calibrate", "calibrate_device", "calibrate_links"]
+__all__ = ["calibrate", "calibrate_device", "calibrate_links", "call_timer"]
 
 GPU_LENGTHS = tuple(2**n for n in range(7, 17))  # 128 .. 64K
 CPU_LENGTHS = tuple(2**n for n in range(5, 11))  # 32 .. 1K: CPU blocks are slow
@@ -43,7 +43,7 @@ _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 REF_HEADS, HEAD_DIM = 32, 128
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
+def call_timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
     """Seconds per call of ``fn`` (median of ``repeats``), GPU-timed on CUDA."""
 
     def cuda_time(fn: Callable[[], object], repeats: int) -> float:
@@ -122,7 +122,7 @@ def measure_kernels(
     progress: Callable[[str], None] = print,
 ) -> KernelModel:
     """The block-kernel table of ``KernelModel`` on ``device``."""
-    timer = _timer(device)
+    timer = call_timer(device)
     full: dict[Pass, tuple[tuple[float, ...], ...]] = {}
     causal: dict[Pass, tuple[float, ...]] = {}
     for pass_ in Pass:
@@ -162,7 +162,7 @@ def measure_kernels(
 
 def measure_merge_gbps(device: torch.device, dtype: torch.dtype) -> float:
     """GB/s a forward LSE merge of a 16K x 32-head block streams (bytes read and written)."""
-    timer = _timer(device)
+    timer = call_timer(device)
     length = 16384 if device.type == "cuda" else 1024
     gen = torch.Generator(device=device).manual_seed(1)
     out = torch.randn(

@@ -90,9 +90,7 @@ def run(
     if torch.compiler.is_compiling():
         if recorder is not None:
             raise ValueError("recorder= records eager calls; it cannot run inside torch.compile")
-        problems = sink_problems(sinks, q)  # at trace time, on the ranks that have them
-        if sinks is not None and joint[1] is not None:
-            problems.append("joint tokens take no sinks (for now)")
+        problems = sink_problems(sinks, q, joint[1])  # at trace time, where they are
         if problems:
             raise ValueError("; ".join(problems))
         values = options.values() if isinstance(options, Options) else options

@@ -150,10 +150,13 @@ def strategy_refusals(
     )
 
 
-def sink_problems(sinks: object, q: object) -> list[str]:
-    """What is wrong with ``sinks`` for queries ``q`` (``[B, L, heads_q, D]``)."""
+def sink_problems(sinks: object, q: object, joint_k: object = None) -> list[str]:
+    """What is wrong with ``sinks`` for queries ``q`` (``[B, L, heads_q, D]``), with joint
+    keys ``joint_k`` or none."""
     if sinks is None:
         return []
+    if joint_k is not None:
+        return ["joint tokens take no sinks (for now)"]
     if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
         what = sinks.dtype if isinstance(sinks, torch.Tensor) else type(sinks).__name__
         return [f"sinks must be a floating-point tensor [heads_q], got {what}"]
@@ -202,9 +205,7 @@ def describe(
     if shapes_ok:
         length = q.shape[1]
         problems += _joint_problems(q, k, joint, options)
-        problems += sink_problems(sinks, q)
-        if sinks is not None and joint[1] is not None:
-            problems.append("joint tokens take no sinks (for now)")
+        problems += sink_problems(sinks, q, joint[1])
         problems.append(_length_problem(options, length, world, rank))
         seq_len = options.seq_len if options.seq_len is not None else world * length
         jk, jq = joint[1], joint[0]

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from ..call.description import CallDescription
 from ..options import Pass
 from ..schedules import Schedule, build_schedule
-from ..schedules.masks import Mask
 from .block_masks import block_mask
 from .kernels import BlockMask, BlockSpec, KernelBackend, select_kernel
 from .slots import SlotGeometry
@@ -50,7 +49,7 @@ def block_spec(call: CallDescription, *, backward: bool = False) -> BlockSpec:
     return BlockSpec(
         call.device_type, call.dtype, call.head_dim, call.heads_q, call.heads_kv, call.causal,
         backward=backward, deterministic=backward and call.options.deterministic,
-        masked=call.mask.window != Mask(call.causal).window,  # documents need none
+        masked=call.mask.windowed,  # documents alone run as dense sub-calls
     )  # fmt: skip
 
 

@@ -13,7 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .masks import BlockKind, Cell, Mask, classify, classify_in_document, combine
+from .masks import (
+    BlockKind,
+    Cell,
+    Mask,
+    classify,
+    classify_in_document,
+    combine,
+    split_at_documents,
+)
 
 __all__ = ["Block", "Element", "SubCall", "cover", "relations", "sub_calls"]
 
@@ -123,9 +131,9 @@ offsets within the block, of kind FULL, DIAG or PARTIAL."""
 def _tile(mask: Mask, cells: tuple[Cell, ...]) -> int:
     """The grid a window's band is cut on (0: none): half the window, a power of two,
     at least 4 and coarse enough that a block has at most 256 tiles per side."""
-    reach = max(w for w in mask.window if w >= 0) if mask.window != Mask(mask.causal).window else -1
-    if reach < 0:
+    if not mask.windowed:
         return 0
+    reach = max(w for w in mask.window if w >= 0)
     tile = 4
     while tile * 2 <= reach // 2:
         tile *= 2
@@ -144,13 +152,9 @@ def _sub_cells(cells: tuple[Cell, ...], mask: Mask) -> tuple[tuple[Cell, ...], l
     starts: list[int] = []
     offset = 0
     for cell in cells:
-        for a, b in cell:
+        for _, (a, b) in split_at_documents(mask, cell):
             while a < b:
-                end = b
-                if mask.documents:
-                    end = min(end, mask.documents[mask.document(a) + 1])
-                if tile:
-                    end = min(end, (a // tile + 1) * tile)
+                end = min(b, (a // tile + 1) * tile) if tile else b
                 out.append(((a, end),))
                 starts.append(offset)
                 offset += end - a

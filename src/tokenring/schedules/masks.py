@@ -31,7 +31,15 @@ import torch
 
 from .geometry import Span
 
-__all__ = ["BlockKind", "Cell", "Mask", "classify", "classify_in_document", "combine"]
+__all__ = [
+    "BlockKind",
+    "Cell",
+    "Mask",
+    "classify",
+    "classify_in_document",
+    "combine",
+    "split_at_documents",
+]
 
 Cell = tuple[Span, ...]
 """The positions of one piece: ranges ``[a, b)`` of global positions."""
@@ -72,9 +80,14 @@ class Mask:
         return self._hash
 
     @property
+    def windowed(self) -> bool:
+        """A sliding window beyond what causality already says."""
+        return self.window != ((-1, 0) if self.causal else (-1, -1))
+
+    @property
     def plain(self) -> bool:
         """Full or causal only: no window, one document."""
-        return self.window == ((-1, 0) if self.causal else (-1, -1)) and not self.documents
+        return not self.windowed and not self.documents
 
     @property
     def offsets(self) -> tuple[float, float]:
@@ -113,7 +126,7 @@ class Mask:
 
     def describe(self) -> str:
         parts = ["causal" if self.causal else "full"]
-        if self.window != ((-1, 0) if self.causal else (-1, -1)):
+        if self.windowed:
             parts.append(f"window {self.window}")
         if self.documents:
             parts.append(f"{len(self.documents) - 1} documents")
@@ -140,7 +153,7 @@ def classify_in_document(mask: Mask, q: Span, k: Span) -> BlockKind:
     return _range_kind(mask, q, k)
 
 
-def _split(mask: Mask, cell: Cell) -> list[tuple[int, Span]]:
+def split_at_documents(mask: Mask, cell: Cell) -> list[tuple[int, Span]]:
     """The non-empty ranges of ``cell`` cut at document boundaries, with their document."""
     found = []
     for a, b in cell:
@@ -160,7 +173,7 @@ def classify(mask: Mask, q: Cell, k: Cell) -> BlockKind:
         if qa >= qb or ka >= kb:
             return BlockKind.EMPTY
         return _range_kind(mask, q[0], k[0])
-    qs, ks = _split(mask, q), _split(mask, k)
+    qs, ks = split_at_documents(mask, q), split_at_documents(mask, k)
     if not qs or not ks:
         return BlockKind.EMPTY
     if len(qs) == 1 and len(ks) == 1:

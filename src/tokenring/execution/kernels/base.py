@@ -276,8 +276,9 @@ def _empty_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _part(x: torch.Tensor, rows: slice) -> torch.Tensor:
     """Rows of a ``[B, L, H, D]`` tensor, contiguous: a slice of a batch of several rows is
-    not dense, and kernels that fix strides per plan (cuDNN) need all their tensors
-    laid out alike (a strided slice crashed cuDNN's backward on an H100)."""
+    not dense, and cuDNN fixes the strides of ``out`` and ``do`` per plan from the first
+    call (``cuda_sdpa``), so every part of a sub-call is handed over laid out alike. (The
+    crash met on the way to this was cuDNN's 1 x 1 calls: ``split.SMALL``.)"""
     return x[:, rows].contiguous()
 
 
