@@ -346,11 +346,34 @@ def test_efficient_kernel_takes_an_explicit_block_mask(dtype, shape):
     assert not bad, bad
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_flash_varlen_runs_masked_blocks(dtype):
+    """Flash's variable-length call with windows (``kernel="flash-varlen"``) on random
+    masked blocks of both layouts (documents of 1 token, windows, causal or not, batch
+    1 and 2, MHA/GQA/MQA): the block's output, LSE and gradients against float64 under
+    the explicit mask (the same blocks as the CPU test of the packing)."""
+    import random
+
+    from test_varlen_kernels import check_varlen_kernel, random_blocks
+    from tokenring.execution.kernels import select_kernel
+    from tokenring.execution.kernels.base import BlockSpec
+
+    dt = DTYPES[dtype]
+    kernel = select_kernel("flash-varlen", BlockSpec("cuda", dt, 64, 4, 2, False, masked=True))
+    errs = check_varlen_kernel(kernel, random_blocks(random.Random(5), 60), dt, "cuda")
+    worst = {n: max(e[n] for e in errs) for n in errs[0]}
+    _record("flash-varlen-blocks", {"dtype": dtype, "worst": worst})
+    bad = {n: e for n, e in worst.items() if not e <= 2e-2}
+    assert not bad, bad
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_documents_windows_and_sinks_on_one_gpu(strategy, dtype):
+@pytest.mark.parametrize("dtype,kernel", [("bfloat16", "auto"), ("bfloat16", "efficient"),
+                                          ("float32", "auto")])  # fmt: skip
+def test_documents_windows_and_sinks_on_one_gpu(strategy, dtype, kernel):
     """Every strategy on one GPU under packed documents, a causal window and sinks, S=1001,
-    forward and backward (q, k, v and the sinks) against float64."""
+    forward and backward (q, k, v and the sinks) against float64; in bf16 ``auto`` runs
+    the masked blocks as flash's variable-length calls, ``efficient`` as sub-calls."""
     from reference import allowed_pairs
 
     seq, documents, window = 1001, [0, 1, 300, 301, 777, 1001], (127, 0)
@@ -365,14 +388,15 @@ def test_documents_windows_and_sinks_on_one_gpu(strategy, dtype):
     mine = sinks.clone().requires_grad_()
     out, lse = tr.attention(
         *parts, strategy=strategy, causal=True, layout="zigzag", window_size=window,
-        cu_seqlens=documents, sinks=mine, return_lse=True,
+        cu_seqlens=documents, sinks=mine, return_lse=True, kernel=kernel,
     )  # fmt: skip
     grads = torch.autograd.grad(out, [*parts, mine], do)
     errs = {"out": rel_err(out, ref_out), "lse": rel_err(lse, ref_lse)}
     errs.update(
         {n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads)}
     )
-    _record("one-gpu-masked", {"strategy": strategy, "dtype": dtype, "errors": errs})
+    _record("one-gpu-masked", {"strategy": strategy, "dtype": dtype, "kernel": kernel,
+                               "errors": errs})  # fmt: skip
     tol = 2e-2 if dtype == "bfloat16" else 1e-4
     bad = {n: e for n, e in errs.items() if not e <= tol}
     assert not bad, bad

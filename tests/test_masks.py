@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
@@ -61,6 +62,42 @@ def random_window(rng: random.Random, causal: bool) -> tuple[int, int]:
     left = rng.choice([-1, 0, 1, 3, 7])
     right = 0 if causal else rng.choice([-1, 0, 2, 5])
     return left, right
+
+
+@dataclass(frozen=True)
+class RandomBlock:
+    """A block between ranks' pieces under a random mask (``random_block``)."""
+
+    mask: Mask
+    allowed: object  # allowed(i, j) from the definition (``reference``)
+    plain: bool  # no window beyond causality
+    own: bool  # the keys are the queries' own pieces
+    q_cells: tuple
+    kv_cells: tuple
+    q_pos: list[int]
+    kv_pos: list[int]
+
+
+def random_block(rng: random.Random, max_world: int = 4, max_seq: int = 40) -> RandomBlock:
+    """Any layout, a random packing (documents of 1 token, shorter than a chunk, ``1 mod
+    2P``) or none, a random window or none, causal or not; the queries of one rank
+    against its own keys or every key."""
+    world = rng.randint(1, max_world)
+    seq = rng.randint(1, max_seq)
+    causal = rng.random() < 0.6
+    window = random_window(rng, causal) if rng.random() < 0.5 else (-1, -1)
+    documents = random_packing(rng, seq, world) if rng.random() < 0.8 else ()
+    layout = rng.choice(list(Layout))
+    table = piece_table(layout, seq, world, documents)
+    q_pieces = chunk_ids(layout, world, rng.randrange(world))
+    kv_pieces = rng.choice([q_pieces, tuple(range(2 * world))])
+    return RandomBlock(
+        Mask(causal, window, documents), reference(causal, window, documents),
+        window == (-1, 0 if causal else -1), kv_pieces == q_pieces,
+        table.cells(q_pieces), table.cells(kv_pieces),
+        [x for p in q_pieces for x in table.positions_of(p)],
+        [x for p in kv_pieces for x in table.positions_of(p)],
+    )  # fmt: skip
 
 
 # -- the packed zigzag rule ---------------------------------------------------
@@ -291,37 +328,65 @@ def test_sub_calls_compute_every_allowed_pair_once_and_documents_need_no_mask():
 
     rng = random.Random(7)
     for _ in range(300):
-        world = rng.randint(1, 4)
-        seq = rng.randint(1, 40)
-        causal = rng.random() < 0.6
-        window = random_window(rng, causal) if rng.random() < 0.5 else (-1, -1)
-        documents = random_packing(rng, seq, world) if rng.random() < 0.8 else ()
-        layout = rng.choice(list(Layout))
-        table = piece_table(layout, seq, world, documents)
-        mask = Mask(causal, window, documents)
-        allowed = reference(causal, window, documents)
-        q_pieces = chunk_ids(layout, world, rng.randrange(world))
-        kv_pieces = rng.choice(
-            [chunk_ids(layout, world, rng.randrange(world)), tuple(range(2 * world))]
-        )
-        q_pos = [x for p in q_pieces for x in table.positions_of(p)]
-        kv_pos = [x for p in kv_pieces for x in table.positions_of(p)]
+        b = random_block(rng)
         got: Counter = Counter()
-        calls = sub_calls(table.cells(q_pieces), table.cells(kv_pieces), mask)
+        calls = sub_calls(b.q_cells, b.kv_cells, b.mask)
         for q0, q1, k0, k1, kind in calls:
             for a in range(q0, q1):
-                for b in range(k0, k1):
-                    x, y = q_pos[a], kv_pos[b]
+                for c in range(k0, k1):
+                    x, y = b.q_pos[a], b.kv_pos[c]
                     if kind is BlockKind.DIAG:
-                        assert q1 - q0 == k1 - k0 and q_pos[q0:q1] == kv_pos[k0:k1]
-                        keep = b - k0 <= a - q0
+                        assert q1 - q0 == k1 - k0 and b.q_pos[q0:q1] == b.kv_pos[k0:k1]
+                        keep = c - k0 <= a - q0
                     elif kind is BlockKind.PARTIAL:
-                        keep = allowed(x, y)
+                        keep = b.allowed(x, y)
                     else:
                         keep = True
                     if keep:
                         got[(x, y)] += 1
+        want = Counter((x, y) for x in b.q_pos for y in b.kv_pos if b.allowed(x, y))
+        assert got == want
+        if b.plain:
+            assert all(kind is not BlockKind.PARTIAL for *_, kind in calls)
+
+
+def test_varlen_segments_compute_every_allowed_pair_once_under_bottom_right_windows():
+    """``varlen_block``: each segment read as flash-attention reads a sequence (query
+    ``i`` of ``sq`` sees key ``j`` of ``sk`` when ``i + sk - sq - left <= j <= i + sk -
+    sq + right``, -1 unbounded) computes every allowed pair exactly once and nothing
+    else; no query row of a segment sees nothing; rows are distinct within a group;
+    ``disjoint`` and ``every_row`` say the truth; causal documents (no window) in
+    either layout are written, never merged."""
+    from collections import Counter
+
+    from tokenring.schedules.segments import varlen_block
+
+    rng = random.Random(11)
+    for _ in range(400):
+        b = random_block(rng)
+        q_pos, kv_pos, allowed = b.q_pos, b.kv_pos, b.allowed
+        block = varlen_block(b.q_cells, b.kv_cells, b.mask)
+        got: Counter = Counter()
+        rows_seen: Counter = Counter()
+        for group in block.groups:
+            assert len({(s.left, s.right) for s in group}) == 1
+            rows = [r for s in group for r in range(s.q0, s.q1)]
+            assert len(rows) == len(set(rows))
+            for s in group:
+                keys = [c for a0, a1 in s.keys for c in range(a0, a1)]
+                sq, sk = s.q1 - s.q0, len(keys)
+                assert sq > 0 and sk > 0 and s.left >= -1 and s.right >= -1
+                for i in range(sq):
+                    lo = i + sk - sq - s.left if s.left >= 0 else 0
+                    hi = i + sk - sq + s.right if s.right >= 0 else sk - 1
+                    seen = [keys[j] for j in range(max(lo, 0), min(hi, sk - 1) + 1)]
+                    assert seen, "a query row with no key"
+                    rows_seen[s.q0 + i] += 1
+                    for c in seen:
+                        got[(q_pos[s.q0 + i], kv_pos[c])] += 1
         want = Counter((x, y) for x in q_pos for y in kv_pos if allowed(x, y))
         assert got == want
-        if window == (-1, 0 if causal else -1):
-            assert all(kind is not BlockKind.PARTIAL for *_, kind in calls)
+        assert block.disjoint == all(n == 1 for n in rows_seen.values())
+        assert block.every_row == (block.disjoint and len(rows_seen) == len(q_pos))
+        if b.plain and b.own:
+            assert block.disjoint

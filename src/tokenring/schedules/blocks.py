@@ -23,7 +23,7 @@ from .masks import (
     split_at_documents,
 )
 
-__all__ = ["Block", "Element", "SubCall", "cover", "relations", "sub_calls"]
+__all__ = ["Block", "Element", "SubCall", "cover", "cut_cells", "relations", "sub_calls"]
 
 Element = tuple[int, int, BlockKind]
 """(query cell, key cell, how they meet), cells as local indices; never EMPTY."""
@@ -143,11 +143,12 @@ def _tile(mask: Mask, cells: tuple[Cell, ...]) -> int:
     return tile
 
 
-def _sub_cells(cells: tuple[Cell, ...], mask: Mask) -> tuple[tuple[Cell, ...], list[int]]:
+def cut_cells(
+    cells: tuple[Cell, ...], mask: Mask, tile: int = 0
+) -> tuple[tuple[Cell, ...], list[int]]:
     """The block's cells cut into single ranges, at every run's end, every document
-    boundary and, under a window, every multiple of its tile (``_tile``), each one cell
-    of its own; and where each starts among the block's tokens."""
-    tile = _tile(mask, cells)
+    boundary and every multiple of ``tile`` (0: none), each one cell of its own; and
+    where each starts among the block's tokens (one more entry: the block's length)."""
     out: list[Cell] = []
     starts: list[int] = []
     offset = 0
@@ -178,8 +179,8 @@ def sub_calls(
     inside the band are dense calls (merged into rectangles), tiles outside it are
     skipped, and only the tiles its edges cut (PARTIAL) take a mask.
     """
-    q_sub, q_starts = _sub_cells(q_cells, mask)
-    kv_sub, kv_starts = _sub_cells(kv_cells, mask)
+    q_sub, q_starts = cut_cells(q_cells, mask, _tile(mask, q_cells))
+    kv_sub, kv_starts = cut_cells(kv_cells, mask, _tile(mask, kv_cells))
     # each cut cell lies in one document: only pairs within a document are classified
     # (sum of squares of the documents' cell counts, not the square of the block's)
     by_document: dict[int, list[int]] = {}

@@ -5,8 +5,10 @@ from __future__ import annotations
 from .base import BlockMask, BlockSpec, KernelBackend, delta_surrogate
 from .cpu_flash import CpuFlash
 from .cuda_sdpa import CudnnAttention, EfficientAttention, FlashAttention
+from .cuda_varlen import FlashVarlen
 from .reference import MathKernel
 from .split import SplitMasks, split_if_faster
+from .varlen import VarlenMasks
 
 __all__ = [
     "BACKENDS",
@@ -21,7 +23,14 @@ __all__ = [
 
 BACKENDS: tuple[KernelBackend, ...] = tuple(
     sorted(
-        (CudnnAttention(), FlashAttention(), EfficientAttention(), CpuFlash(), MathKernel()),
+        (
+            CudnnAttention(),
+            FlashAttention(),
+            FlashVarlen(),
+            EfficientAttention(),
+            CpuFlash(),
+            MathKernel(),
+        ),
         key=lambda b: -b.priority,
     )
 )
@@ -43,6 +52,8 @@ def _describe(spec: BlockSpec) -> str:
     ]
     if spec.masked:
         parts.append("explicit block masks")
+    elif spec.documents:
+        parts.append("documents")
     if spec.backward:
         parts.append(f"backward, deterministic={spec.deterministic}")
     return ", ".join(parts)
@@ -51,6 +62,13 @@ def _describe(spec: BlockSpec) -> str:
 def select_kernel(choice: str, spec: BlockSpec) -> KernelBackend:
     """The backend for ``choice`` ("auto" or a name); ValueError explains every refusal."""
     if choice == "auto":
+        if spec.masked or spec.documents:  # a whole masked block in a few calls, if one can
+            varlen = next(
+                (b for b in BACKENDS if isinstance(b, VarlenMasks)
+                 and not b.not_supported_reasons(spec)), None,
+            )  # fmt: skip
+            if varlen is not None:
+                return varlen
         if spec.masked:  # dense calls on the fastest, masked ones on a kernel that takes masks
             split = split_if_faster(spec, BACKENDS)
             if split is not None:

@@ -24,7 +24,9 @@ Each backend declares what it supports and explains every refusal in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import pairwise
 
 import torch
@@ -35,6 +37,7 @@ __all__ = [
     "KernelBackend",
     "accum_dtype",
     "delta_surrogate",
+    "empty_forward",
     "expand_heads",
     "fold_heads",
 ]
@@ -53,7 +56,10 @@ class BlockSpec:
     backward: bool = False
     deterministic: bool = False
     masked: bool = False
-    """Some blocks need an explicit mask (``BlockMask``)."""
+    """Some blocks need an explicit mask (``BlockMask``): a window."""
+    documents: bool = False
+    """Blocks are cut at document boundaries (dense and causal sub-calls, or sequences
+    of a variable-length call)."""
 
 
 @dataclass(frozen=True)
@@ -76,21 +82,53 @@ class BlockMask:
     ``[len_q, len_k]`` (one masked kernel call), or ``calls``: the few dense, causal or
     masked calls on parts of the block that compute exactly the allowed pairs (what
     documents become), merged by the kernel contract itself, so that any kernel runs
-    them and only the parts a window cuts need a kernel that takes masks."""
+    them and only the parts a window cuts need a kernel that takes masks. A mask made
+    from positions also offers ``varlen`` (``schedules.segments.VarlenBlock``): the
+    block as the sequences of variable-length calls, for kernels that take windows.
+    ``calls`` and ``varlen`` are made when a kernel first asks (each kernel reads one).
+    """
 
-    def __init__(self, allowed: torch.Tensor | None, calls: tuple[SubBlock, ...] | None = None,
-                 rows: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        allowed: torch.Tensor | None,
+        calls: tuple[SubBlock, ...] | Callable[[], tuple[SubBlock, ...]] | None = None,
+        rows: int = 0,
+        varlen: Callable[[], object] | None = None,
+    ):
         self.allowed = allowed
-        self.calls = calls
-        if calls is not None:  # ``rows``: the block's query tokens
-            spans = sorted((c.q0, c.q1) for c in calls)
-            # each query row in at most one call: results are written, not merged
-            self.disjoint = all(a[1] <= b[0] for a, b in pairwise(spans))
-            self.every_row = self.disjoint and sum(b - a for a, b in spans) == rows
+        self.rows = rows  # the block's query tokens
+        self._calls = calls
+        self._varlen = varlen
+        self.derived: dict = {}
+        """What a kernel makes of this mask once (its index tensors), by the kernel."""
         if allowed is not None:
             self.empty_rows = ~allowed.any(dim=1)
             self.any_empty = bool(self.empty_rows.any())
         self._additive: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+
+    @property
+    def calls(self) -> tuple[SubBlock, ...] | None:
+        if callable(self._calls):
+            self._calls = self._calls()
+        return self._calls
+
+    @cached_property
+    def disjoint(self) -> bool:
+        """Each query row in at most one call: results are written, not merged."""
+        spans = sorted((c.q0, c.q1) for c in self.calls)
+        return all(a[1] <= b[0] for a, b in pairwise(spans))
+
+    @cached_property
+    def every_row(self) -> bool:
+        """``disjoint``, and every query row in a call."""
+        return self.disjoint and sum(c.q1 - c.q0 for c in self.calls) == self.rows
+
+    @cached_property
+    def varlen(self):
+        """The block as variable-length sequences (``schedules.segments.VarlenBlock``)."""
+        if self._varlen is None:
+            raise ValueError("this block mask was not made from positions")
+        return self._varlen()
 
     def additive(self, dtype: torch.dtype, align: int = 1) -> torch.Tensor:
         """The mask as a bias to add to the scores: 0 where allowed, -inf elsewhere
@@ -155,7 +193,7 @@ class KernelBackend(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Block attention; see the module docstring for shapes."""
         if q.shape[1] == 0 or k.shape[1] == 0:  # no queries, or no keys: an empty partial
-            return _empty_forward(q)
+            return empty_forward(q)
         if mask is not None and mask.calls is not None:
             return self._forward_calls(q, k, v, scale, mask)
         if not self.native_gqa and k.shape[2] != q.shape[2]:
@@ -265,7 +303,7 @@ class KernelBackend(ABC):
         return f"<kernel {self.name}>"
 
 
-def _empty_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def empty_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A block with no keys (or no queries): zero output, LSE -inf (the merge's identity)."""
     lse = torch.full(
         (q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=accum_dtype(q.dtype),
