@@ -354,7 +354,8 @@ def test_varlen_segments_compute_every_allowed_pair_once_under_bottom_right_wind
     """``varlen_block``: each segment read as flash-attention reads a sequence (query
     ``i`` of ``sq`` sees key ``j`` of ``sk`` when ``i + sk - sq - left <= j <= i + sk -
     sq + right``, -1 unbounded) computes every allowed pair exactly once and nothing
-    else; no query row of a segment sees nothing; rows are distinct within a group;
+    else; no query row of a segment sees nothing; ``pairs`` counts them; rows are
+    distinct within a group;
     ``disjoint`` and ``every_row`` say the truth; causal documents (no window) in
     either layout are written, never merged."""
     from collections import Counter
@@ -373,6 +374,7 @@ def test_varlen_segments_compute_every_allowed_pair_once_under_bottom_right_wind
             rows = [r for s in group for r in range(s.q0, s.q1)]
             assert len(rows) == len(set(rows))
             for s in group:
+                pairs = 0
                 keys = [c for a0, a1 in s.keys for c in range(a0, a1)]
                 sq, sk = s.q1 - s.q0, len(keys)
                 assert sq > 0 and sk > 0 and s.left >= -1 and s.right >= -1
@@ -381,9 +383,11 @@ def test_varlen_segments_compute_every_allowed_pair_once_under_bottom_right_wind
                     hi = i + sk - sq + s.right if s.right >= 0 else sk - 1
                     seen = [keys[j] for j in range(max(lo, 0), min(hi, sk - 1) + 1)]
                     assert seen, "a query row with no key"
+                    pairs += len(seen)
                     rows_seen[s.q0 + i] += 1
                     for c in seen:
                         got[(q_pos[s.q0 + i], kv_pos[c])] += 1
+                assert s.pairs == pairs
         want = Counter((x, y) for x in q_pos for y in kv_pos if allowed(x, y))
         assert got == want
         assert block.disjoint == all(n == 1 for n in rows_seen.values())

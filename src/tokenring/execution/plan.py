@@ -49,7 +49,7 @@ def block_spec(call: CallDescription, *, backward: bool = False) -> BlockSpec:
     return BlockSpec(
         call.device_type, call.dtype, call.head_dim, call.heads_q, call.heads_kv, call.causal,
         backward=backward, deterministic=backward and call.options.deterministic,
-        masked=call.mask.windowed, documents=bool(call.mask.documents),
+        masked=call.mask.windowed, documents=call.mask.mean_document,
     )  # fmt: skip
 
 

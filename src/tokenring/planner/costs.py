@@ -10,6 +10,7 @@ accumulates, the input dtype on the wire); ``lse`` and ``delta`` are float32.
 from __future__ import annotations
 
 from ..call.description import CallDescription
+from ..execution.kernels import prefers_varlen
 from ..options import Pass
 from ..schedules.blocks import sub_calls
 from ..schedules.ir import (
@@ -27,12 +28,18 @@ from ..schedules.ir import (
     SlotKind,
 )
 from ..schedules.masks import BlockKind
+from ..schedules.segments import varlen_block
 from .topology import DeviceModel
 
 MASKED_SLOWDOWN = 5.0
 """How much slower per computed pair a kernel call under an explicit mask runs than a
 dense one (one H100: the memory-efficient kernel with a bias against cuDNN, 32K x 32K,
 benchmarks/RESULTS.md 0e)."""
+
+VARLEN_SLOWDOWN = 2.0
+"""How much slower per allowed pair flash's variable-length call runs than the dense
+kernel the tables measure (one H100, 32K: dense causal flash 0.53x of cuDNN forward,
+0.57x forward and backward; under a 4K window 0.43x and 0.46x; RESULTS.md 0e)."""
 
 __all__ = ["collective_pair_bytes", "compute_seconds", "merge_seconds", "rows_bytes"]
 
@@ -87,7 +94,9 @@ def compute_seconds(
     spec = sched.slots[op.q.slot]
     heads = _heads(call, "q", spec.head_parts, op.q.part.count)
     bh, wide = call.batch * heads, call.itemsize >= 4
-    if op.kind is BlockKind.PARTIAL:  # as it runs: its sub-calls (execution/block_masks.py)
+    if op.kind is BlockKind.PARTIAL and _runs_varlen(call, device):
+        seconds = _varlen_seconds(sched, op, pass_, call, device, bh)
+    elif op.kind is BlockKind.PARTIAL:  # as it runs: its sub-calls (execution/block_masks.py)
         q_cells = sched.table(op.q).cells(op.q.pieces)
         kv_cells = sched.table(op.kv).cells(op.kv.pieces)
         seconds = 0.0
@@ -105,6 +114,30 @@ def compute_seconds(
         seconds += _stream_seconds(rows_bytes(sched, op.q_out, pass_, call), device)
     if op.kv_out is not None and not all(op.fresh_kv):
         seconds += _stream_seconds(rows_bytes(sched, op.kv_out, pass_, call), device)
+    return seconds
+
+
+def _runs_varlen(call: CallDescription, device: DeviceModel) -> bool:
+    """Whether ``auto`` runs the call's masked blocks as variable-length calls (a GPU
+    with such a kernel: flash; never the CPU's kernels)."""
+    return not device.synchronous and prefers_varlen(call.mask.windowed, call.mask.mean_document)
+
+
+def _varlen_seconds(
+    sched: Schedule, op: Compute, pass_: Pass, call: CallDescription, device: DeviceModel,
+    batch_heads: int,
+) -> float:  # fmt: skip
+    """A masked block as it runs on the GPU: one call per window group
+    (``schedules/segments.py``), priced as a dense call with the group's queries and
+    as many keys per query as it allows, at flash's rate (``VARLEN_SLOWDOWN``)."""
+    q_cells = sched.table(op.q).cells(op.q.pieces)
+    kv_cells = sched.table(op.kv).cells(op.kv.pieces)
+    seconds = 0.0
+    for rows, pairs in varlen_block(q_cells, kv_cells, op.mask).sizes:
+        keys = max(1, round(pairs / rows))
+        seconds += VARLEN_SLOWDOWN * device.kernel.seconds(
+            pass_, rows, keys, False, batch_heads, call.head_dim, call.itemsize >= 4
+        )
     return seconds
 
 

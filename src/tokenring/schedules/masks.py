@@ -95,6 +95,13 @@ class Mask:
         left, right = self.window
         return (-left if left >= 0 else -math.inf, right if right >= 0 else math.inf)
 
+    @property
+    def mean_document(self) -> int:
+        """The mean document length in tokens (0: one document)."""
+        if not self.documents:
+            return 0
+        return max(1, round(self.documents[-1] / (len(self.documents) - 1)))
+
     def document(self, position: int) -> int:
         """The index of the document holding ``position`` (0 with one document)."""
         return bisect_right(self.documents, position) - 1 if self.documents else 0

@@ -49,6 +49,31 @@ class Segment:
     def len_k(self) -> int:
         return sum(b - a for a, b in self.keys)
 
+    @property
+    def pairs(self) -> int:
+        """How many (query, key) pairs the window lets attend: query ``i`` sees keys
+        ``max(0, i + shift - left) .. min(sk - 1, i + shift + right)`` (``shift = sk -
+        sq``), never none (the segment is trimmed), summed in closed form."""
+        sq, sk = self.q1 - self.q0, self.len_k
+        shift = sk - sq
+        high = sq * (sk - 1) if self.right < 0 else _sum_min(sq, shift + self.right, sk - 1)
+        low = 0 if self.left < 0 else _sum_max0(sq, shift - self.left)
+        return high - low + sq
+
+
+def _sum_max0(n: int, a: int) -> int:
+    """``sum(max(0, i + a) for i in range(n))``."""
+    start = max(0, -a)
+    if start >= n:
+        return 0
+    return (start + a + n - 1 + a) * (n - start) // 2
+
+
+def _sum_min(n: int, b: int, c: int) -> int:
+    """``sum(min(c, i + b) for i in range(n))``."""
+    free = min(n, max(0, c - b + 1))  # rows below the clamp
+    return (2 * b + free - 1) * free // 2 + c * (n - free)
+
 
 @dataclass(frozen=True)
 class VarlenBlock:
@@ -59,6 +84,11 @@ class VarlenBlock:
     groups: tuple[tuple[Segment, ...], ...]
     disjoint: bool
     every_row: bool
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """Per group: its query rows and the pairs it computes (what the planner prices)."""
+        return tuple((sum(s.q1 - s.q0 for s in g), sum(s.pairs for s in g)) for g in self.groups)
 
 
 def _pair(mask: Mask, q: Span, k: Span, q_at: int, k_at: int) -> Segment | None:

@@ -18,6 +18,7 @@ __all__ = [
     "SplitMasks",
     "delta_surrogate",
     "kernel_names",
+    "prefers_varlen",
     "select_kernel",
 ]
 
@@ -34,6 +35,24 @@ BACKENDS: tuple[KernelBackend, ...] = tuple(
         key=lambda b: -b.priority,
     )
 )
+
+
+VARLEN_DOCUMENTS_BELOW = 3072
+"""Documents shorter than this on average run as variable-length calls; longer ones
+as one sub-call each on the fastest dense kernel. One H100, S = 32K, bf16, per allowed
+pair against dense causal cuDNN (benchmarks/RESULTS.md 0e): 64 documents of 512 run at
+0.20x as flash's variable-length call and 0.03x as cuDNN sub-calls (each costs about
+100 us where its arithmetic takes a few); documents of 2K-8K at 0.50x and 0.74x (flash is 0.53x of
+cuDNN on dense blocks). The crossover, where a sub-call's overhead equals flash's
+slower rate on one document, lies near 3K tokens. Windows always run as
+variable-length calls (0.43x against 0.14x)."""
+
+
+def prefers_varlen(windowed: bool, mean_document: int) -> bool:
+    """Whether ``auto`` runs masked blocks as variable-length calls, where a kernel can:
+    under a window, or documents shorter than ``VARLEN_DOCUMENTS_BELOW`` on average
+    (``mean_document``, 0 for one document)."""
+    return windowed or 0 < mean_document < VARLEN_DOCUMENTS_BELOW
 
 
 def kernel_names() -> list[str]:
@@ -53,7 +72,7 @@ def _describe(spec: BlockSpec) -> str:
     if spec.masked:
         parts.append("explicit block masks")
     elif spec.documents:
-        parts.append("documents")
+        parts.append(f"documents of {spec.documents} tokens on average")
     if spec.backward:
         parts.append(f"backward, deterministic={spec.deterministic}")
     return ", ".join(parts)
@@ -62,7 +81,8 @@ def _describe(spec: BlockSpec) -> str:
 def select_kernel(choice: str, spec: BlockSpec) -> KernelBackend:
     """The backend for ``choice`` ("auto" or a name); ValueError explains every refusal."""
     if choice == "auto":
-        if spec.masked or spec.documents:  # a whole masked block in a few calls, if one can
+        # a whole masked block in a few calls, where a kernel can
+        if prefers_varlen(spec.masked, spec.documents):
             varlen = next(
                 (b for b in BACKENDS if isinstance(b, VarlenMasks)
                  and not b.not_supported_reasons(spec)), None,

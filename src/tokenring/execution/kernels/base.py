@@ -57,9 +57,9 @@ class BlockSpec:
     deterministic: bool = False
     masked: bool = False
     """Some blocks need an explicit mask (``BlockMask``): a window."""
-    documents: bool = False
-    """Blocks are cut at document boundaries (dense and causal sub-calls, or sequences
-    of a variable-length call)."""
+    documents: int = 0
+    """The mean document length when blocks are cut at document boundaries (dense and
+    causal sub-calls, or sequences of a variable-length call); 0: one document."""
 
 
 @dataclass(frozen=True)
