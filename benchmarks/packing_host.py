@@ -40,8 +40,10 @@ def measure(seq: int, documents: int, calls: int, layout: str, group=None) -> di
         return time.perf_counter() - t
 
     call(fixed)
-    repeated = statistics.median(call(fixed) for _ in range(calls))
-    fresh = statistics.median(call(cu) for cu in packings)
+    # alternated, so that a change in the machine's load moves both alike
+    times = [(call(fixed), call(cu)) for cu in packings]
+    repeated = statistics.median(t for t, _ in times)
+    fresh = statistics.median(t for _, t in times)
     return dict(
         world=world, seq=seq, documents=documents, layout=layout, repeated_ms=repeated * 1e3,
         fresh_ms=fresh * 1e3, ratio=fresh / repeated,

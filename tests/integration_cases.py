@@ -21,6 +21,13 @@ GPT_OSS = dict(
     attn_implementation="eager",  # gpt-oss has no sdpa path (its sinks)
 )  # fmt: skip
 """A tiny gpt-oss: sinks, sliding and full layers alternating, a mixture of experts."""
+WINDOWED = {
+    "mistral": {"sliding_window": 5},
+    # Qwen2's layers from max_window_layers on slide: layer 0 full, layer 1 a window of 5
+    "qwen2": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1},
+    "gpt_oss": GPT_OSS,
+}
+"""Models with sliding-window layers, as ``windowed_llm_case`` builds them."""
 
 
 def tiny_causal_lm(family: str, seed: int = 0, **config_overrides):
@@ -117,15 +124,18 @@ def packed_llm_case(w, *, world: int, layout: str, strategy: str) -> dict:
 def windowed_llm_case(
     w, *, world: int, layout: str, strategy: str, seq: int = 29, family: str = "mistral"
 ) -> dict:
-    """Mistral with a sliding window of 5 over a sequence of ``seq`` (or gpt-oss: sinks,
-    a window of 5 and full layers alternating): logits, loss and every gradient (summed
-    over the group; the sinks' included) against the same model on one process."""
+    """Mistral with a sliding window of 5 over a sequence of ``seq`` (Qwen2: a full layer
+    and a sliding one; gpt-oss: sinks, a window of 5 and full layers alternating):
+    logits, loss and every gradient (summed over the group; the sinks' included)
+    against the same model on one process; ``layer_kinds``: how many kinds of layer the
+    model has (full, sliding)."""
     group = w.group(world)
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(0, 101, (2, seq), generator=g)
     batch = {"input_ids": ids, "labels": ids.clone()}
-    config = GPT_OSS if family == "gpt_oss" else {"sliding_window": 5}
+    config = WINDOWED[family]
     reference = tiny_causal_lm(family, **config)
+    kinds = set(getattr(reference.config, "layer_types", None) or ["sliding_attention"])
     ref = reference(**batch)
     ref.loss.backward()
     model = tiny_causal_lm(family, **config)
@@ -134,4 +144,5 @@ def windowed_llm_case(
         "logits": rel_err(logits, tr.shard(ref.logits.detach(), layout=layout, group=group)),
         "loss": abs(loss.item() - ref.loss.item()) / abs(ref.loss.item()),
         "grads": max(rel_err(a, p.grad) for a, p in zip(grads, reference.parameters())),
+        "layer_kinds": len(kinds),
     }

@@ -49,9 +49,10 @@ def test_a_sequence_parallel_transformers_model_equals_the_model_on_one_process(
 def test_packed_batches_and_sliding_windows_train_like_the_model_on_one_process(pool):
     """Llama on a DataCollatorWithFlattening batch: each document's logits equal the
     document run alone; loss and gradients summed over the group equal the unsharded
-    model's on the packed batch. Mistral with a window of 5 tokens over 29, and gpt-oss
-    (sinks; sliding and full layers alternating): logits, loss and every gradient (the
-    sinks' too) equal the unsharded model's. 2 and 3 processes, both layouts."""
+    model's on the packed batch. Mistral with a window of 5 tokens over 29, Qwen2 with a
+    full and a sliding layer, and gpt-oss (sinks; sliding and full layers alternating):
+    logits, loss and every gradient (the sinks' too) equal the unsharded model's. 2, 3
+    and 4 processes, both layouts."""
     packed = [
         dict(world=w, layout=layout, strategy=s)
         for w, layout, s in [(2, "zigzag", "tokenring"), (3, "contiguous", "ring"),
@@ -67,15 +68,19 @@ def test_packed_batches_and_sliding_windows_train_like_the_model_on_one_process(
         for w, layout, s in [(2, "contiguous", "tokenring"), (3, "zigzag", "ring"),
                              (2, "zigzag", "allgather")]
     ]  # fmt: skip
+    # Qwen2: a full layer, then a sliding one
+    windowed += [dict(world=2, layout="zigzag", strategy="tokenring", family="qwen2")]
     # gpt-oss: sinks, sliding (5) and full layers alternating, experts
     windowed += [
         dict(world=w, layout=layout, strategy=s, family="gpt_oss")
-        for w, layout, s in [(2, "zigzag", "tokenring"), (3, "contiguous", "ring")]
+        for w, layout, s in [(2, "zigzag", "tokenring"), (4, "contiguous", "ring")]
     ]  # fmt: skip
     for case, per_rank in zip(windowed, pool.run(windowed_llm_case, windowed, timeout=600)):
         for r in per_rank:
             assert r["logits"] <= 1e-12 and r["grads"] <= 1e-12, (case, r)
             assert r["loss"] <= 1e-6, (case, r)
+            if case.get("family") in ("qwen2", "gpt_oss"):
+                assert r["layer_kinds"] == 2, (case, r)  # full and sliding layers
 
 
 def test_enable_and_shard_batch_refuse_what_they_cannot_do():

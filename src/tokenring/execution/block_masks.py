@@ -33,11 +33,14 @@ def block_mask(
     its sub-calls and its variable-length sequences, each made when a kernel asks."""
 
     def calls() -> tuple[SubBlock, ...]:
-        q_pos, kv_pos = _positions(q_cells), _positions(kv_cells)
         found = []
+        positions = None  # made only for a call that needs an explicit mask
         for q0, q1, k0, k1, kind in sub_calls(q_cells, kv_cells, mask):
             explicit = None
             if kind is BlockKind.PARTIAL:
+                if positions is None:
+                    positions = _positions(q_cells), _positions(kv_cells)
+                q_pos, kv_pos = positions
                 allowed = mask.allowed(q_pos[q0:q1], kv_pos[k0:k1])
                 explicit = BlockMask(allowed.to(device))
             found.append(SubBlock(q0, q1, k0, k1, kind is BlockKind.DIAG, explicit))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from .base import BlockMask, BlockSpec, KernelBackend, delta_surrogate
 from .cpu_flash import CpuFlash
 from .cuda_sdpa import CudnnAttention, EfficientAttention, FlashAttention
@@ -78,8 +80,11 @@ def _describe(spec: BlockSpec) -> str:
     return ", ".join(parts)
 
 
+@lru_cache(maxsize=256)
 def select_kernel(choice: str, spec: BlockSpec) -> KernelBackend:
-    """The backend for ``choice`` ("auto" or a name); ValueError explains every refusal."""
+    """The backend for ``choice`` ("auto" or a name); ValueError explains every refusal.
+    Remembered: a pure function of the spec and this installation, asked again by every
+    fresh description (a packed batch makes one per step)."""
     if choice == "auto":
         # a whole masked block in a few calls, where a kernel can
         if prefers_varlen(spec.masked, spec.documents):
