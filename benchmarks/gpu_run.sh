@@ -7,7 +7,8 @@
 #
 # Stages and their rough time on 2 x H100: tests (gpu tests, ~80 s), peers
 # (peer correctness, needs .whl carried), demo (~20 s), bench-llama2 (every
-# method, ~150 s), bench-rest (llama3-gqa and dit-mha, every method, ~270 s),
+# method, ~150 s), bench-rest (llama3-gqa and dit-mha, every method, ~270 s), bench-masks
+# (llama3-gqa-docs and llama3-gqa-window: packed documents, a window),
 # graph (CUDA-graph probe, ~40 s), host (host-time profile, ~30 s), overhead (host time
 # per call against SDPA and a minimal ring, benchmarks/host_overhead.py, ~90 s), calibrate
 # (tokenring calibrate: the planner's per-device table, ~40 s), masks (block kernels under
@@ -43,6 +44,8 @@ for s in "$@"; do
             --output-dir "$work/bench-llama2" --timeout 270 ;;
         bench-rest) stage bench-rest 420 python -m tokenring_bench.cli bench --cases llama3-gqa dit-mha \
             --output-dir "$work/bench-rest" --timeout 410 ;;
+        bench-masks) stage bench-masks 300 python -m tokenring_bench.cli bench \
+            --cases llama3-gqa-docs llama3-gqa-window --output-dir "$work/bench-masks" --timeout 290 ;;
         graph) stage graph 120 python benchmarks/graph_probe.py ;;
         host) stage host 90 python benchmarks/host_profile.py ;;
         overhead) stage overhead 240 python benchmarks/host_overhead.py --json "$work/host-overhead.json" ;;

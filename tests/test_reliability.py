@@ -605,11 +605,13 @@ def test_demo_exits_cleanly_and_leaves_no_process(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(360)
 def test_bench_runs_end_to_end_on_cpu_and_leaves_no_process(tmp_path: Path) -> None:
-    """``tokenring bench`` on 2 CPU processes (one small case): every row of ours checked
+    """``tokenring bench`` on 2 CPU processes (small cases: one dense, one of packed
+    documents, one with a window): every row of ours checked
     and timed, every peer listed (run or with its reason), JSON and both PNGs written and
     no partial file left; printed: names as they are (``[fa]``), a line per method that
     did not run, and why the peak-memory column is blank."""
     command = [sys.executable, "-m", "tokenring_bench.cli", "bench", "--cases", "llama2-mha"]
+    command += ["llama3-gqa-docs", "llama3-gqa-window"]  # packed documents; a window
     command += ["--seq", "256", "--repeats", "2", "--timeout", "240"]
     command += ["--output-dir", str(tmp_path)]
     done = _run_and_check_no_process_left(command)
@@ -631,6 +633,12 @@ def test_bench_runs_end_to_end_on_cpu_and_leaves_no_process(tmp_path: Path) -> N
     for r in ours:
         assert r["status"] == "ok" and r["max_rel_err"] <= 1e-4 and r["ms"] > 0, r
         assert r["peak_extra_gb"] is None, r  # CUDA only: null in the JSON, not NaN
+    masked = {(r["case"], r["documents"] > 1, r["window"][0]) for r in ours}
+    assert masked == {("llama2-mha", False, -1), ("llama3-gqa-docs", True, -1),
+                      ("llama3-gqa-window", False, 63)}, masked  # fmt: skip
+    for r in records:
+        if r["case"] != "llama2-mha" and r["method"] not in ("tokenring", "ring", "auto"):
+            assert r["status"] == "ok" or "documents or windows" in r["status"], r
     peers = {r["method"] for r in records} - {"tokenring", "ring", "auto"}
     assert {"torch-cp-allgather", "torch-cp-alltoall"} <= {p.split(" ")[0] for p in peers}
     for r in records:

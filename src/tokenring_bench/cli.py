@@ -18,6 +18,7 @@ from rich.text import Text
 from tokenring.execution.timeline import Span
 
 from .argtypes import DTYPE_HELP, dtype_name, positive_int, positive_seconds
+from .cases import CASE_NAMES
 from .demo import DemoConfig, demo_worker, tolerance
 from .launch import WorkerFailed, default_world, run_local
 from .plan_cli import add_calibrate_parser, add_plan_parser, run_calibrate, run_plan
@@ -299,8 +300,8 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument(
         "--cases",
         nargs="*",
-        choices=["llama2-mha", "llama3-gqa", "dit-mha"],
-        help="cases to run (default: all)",
+        choices=CASE_NAMES,
+        help="cases to run (default: all; docs/benchmarking.md)",
     )
     bench.add_argument(
         "--seq",

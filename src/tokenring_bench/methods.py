@@ -20,7 +20,8 @@ from tokenring.api.attention import attention
 from tokenring.api.meshes import sp_mesh
 from tokenring.api.sharding import shard
 from tokenring.call.checks import strategy_refusals
-from tokenring.execution.kernels import BlockSpec, KernelBackend, select_kernel
+from tokenring.execution.block_masks import block_mask
+from tokenring.execution.kernels import BlockMask, BlockSpec, KernelBackend, select_kernel
 from tokenring.execution.timeline import Recorder
 from tokenring.options import Layout
 from tokenring.options import Strategy as TrStrategy
@@ -82,8 +83,9 @@ class _Sharded:
     def run(self, index: int, backward: bool, recorder: Recorder | None = None) -> None:
         q, k, v, do = self.shards[index % len(self.shards)]
         kwargs = dict(
-            causal=self.case.causal, layout=self.case.layout, recorder=recorder, **self.options
-        )
+            causal=self.case.causal, layout=self.case.layout, recorder=recorder, **self.options,
+            **self.case.mask_options,
+        )  # fmt: skip
         if not backward:
             with torch.no_grad():
                 self.last = {"out": attention(q, k, v, **kwargs)}
@@ -98,16 +100,18 @@ class _Sharded:
     def local_results(self, backward, full):
         self.run(0, backward)
         return [
-            (name, value, shard(full[name], layout=self.case.layout, **self.sharding))
+            (name, value, shard(full[name], layout=self.case.layout, **self.sharding,
+                                **self.case.shard_options))
             for name, value in self.last.items()
-        ]
+        ]  # fmt: skip
 
 
-def _shards(inputs: GlobalInputs, layout: str, sharding: dict) -> list[tuple[torch.Tensor, ...]]:
+def _shards(inputs: GlobalInputs, case: Case, sharding: dict) -> list[tuple[torch.Tensor, ...]]:
     shards = []
+    keywords = dict(layout=case.layout, **sharding, **case.shard_options)
     for q, k, v, do in inputs.sets:
-        parts = [shard(t, layout=layout, **sharding).requires_grad_() for t in (q, k, v)]
-        shards.append((*parts, shard(do, layout=layout, **sharding)))
+        parts = [shard(t, **keywords).requires_grad_() for t in (q, k, v)]
+        shards.append((*parts, shard(do, **keywords)))
     return shards
 
 
@@ -131,7 +135,7 @@ class Strategy:
 
     def prepare(self, case: Case, inputs: GlobalInputs, backward: bool) -> Prepared:
         options = {"strategy": self.name}
-        return _Sharded(options, {}, case, _shards(inputs, case.layout, {}))
+        return _Sharded(options, {}, case, _shards(inputs, case, {}))
 
 
 @dataclass
@@ -144,7 +148,7 @@ class Auto:
         return []  # auto picks among what can run; if nothing can, the call says why
 
     def prepare(self, case: Case, inputs: GlobalInputs, backward: bool) -> Prepared:
-        return _Sharded({"strategy": "auto"}, {}, case, _shards(inputs, case.layout, {}))
+        return _Sharded({"strategy": "auto"}, {}, case, _shards(inputs, case, {}))
 
 
 @dataclass
@@ -171,7 +175,7 @@ class Usp:
             self._mesh = sp_mesh(ulysses=self.ulysses, ring=self.ring)
         options = {"strategy": "usp", "mesh": self._mesh, "ring_impl": self.ring_impl}
         sharding = {"mesh": self._mesh}
-        return _Sharded(options, sharding, case, _shards(inputs, case.layout, sharding))
+        return _Sharded(options, sharding, case, _shards(inputs, case, sharding))
 
 
 def usp_splits(world: int) -> list[Usp]:
@@ -185,19 +189,32 @@ class _Single:
     case: Case
     sets: list[tuple[torch.Tensor, ...]]
     scale: float
+    mask: BlockMask | None = None
 
     def call(self, index: int, backward: bool) -> dict[str, torch.Tensor]:
         q, k, v, do = self.sets[index % len(self.sets)]
         causal = self.case.causal
-        out, lse = self.kernel.forward(q, k, v, causal, self.scale)
+        mask = self._mask(q.device)
+        if mask is not None:
+            causal = False  # the block's mask says it all
+        out, lse = self.kernel.forward(q, k, v, causal, self.scale, mask)
         if not backward:
             return {"out": out}
         delta = (do.float() * out.float()).sum(-1).transpose(1, 2)
-        dq, dk, dv = self.kernel.backward(do, q, k, v, out, lse, delta, causal, self.scale)
+        dq, dk, dv = self.kernel.backward(do, q, k, v, out, lse, delta, causal, self.scale, mask)
         return {"out": out, "dq": dq, "dk": dk, "dv": dv}
 
     def run(self, index: int, backward: bool, recorder: Recorder | None = None) -> None:
         self.call(index, backward)
+
+    def _mask(self, device: torch.device) -> BlockMask | None:
+        """The whole sequence's mask as one block (what one rank runs), made once."""
+        if not self.case.mask_options:
+            return None
+        if self.mask is None:
+            cells = (((0, self.case.seq),),)
+            self.mask = block_mask(cells, cells, self.case.mask, device)
+        return self.mask
 
     def session(self) -> AbstractContextManager:
         return nullcontext()
@@ -217,15 +234,11 @@ class SingleDevice:
 
     def kernel_for(self, case: Case, device: torch.device) -> KernelBackend:
         dtype = getattr(torch, case.dtype)
+        mask = case.mask
         spec = BlockSpec(
-            device.type,
-            dtype,
-            case.head_dim,
-            case.heads_q,
-            case.heads_kv,
-            case.causal,
-            backward=True,
-        )
+            device.type, dtype, case.head_dim, case.heads_q, case.heads_kv, case.causal,
+            backward=True, masked=mask.windowed, documents=mask.mean_document,
+        )  # fmt: skip
         return select_kernel("auto", spec)
 
     def prepare(self, case: Case, inputs: GlobalInputs, backward: bool = True) -> _Single:
@@ -272,6 +285,8 @@ class PeerMethod:
         return self.peer.name
 
     def not_supported_reasons(self, case: Case, world: int, backward: bool) -> list[str]:
+        if case.mask_options:
+            return ["not run under documents or windows (the bench's adapter passes neither)"]
         return self.peer.not_supported_reasons(
             PeerCase(
                 world=world,

@@ -130,6 +130,8 @@ def _record(case: Case, pass_: str, method: str, world: int, **fields) -> dict:
         "causal": case.causal,
         "layout": case.layout,
         "dtype": case.dtype,
+        "documents": max(len(case.documents) - 1, 1),
+        "window": list(case.window),
         "pass": pass_,
         "method": method,
         "world": world,
