@@ -95,7 +95,7 @@ WINDOW = {"cuda": (4095, 0), "cpu": (63, 0)}
 
 def packed_documents(seq: int, median: int) -> tuple[int, ...]:
     """Document offsets ``[0, ..., seq]``: lengths drawn from a log-normal distribution
-    (``median``, sigma 1: a quarter of the documents under half the median, one in
+    (``median``, sigma 1: a quarter of the documents under half the median, one in a
     hundred over ten times it), at least 16 tokens, the last cut to fit; seeded by
     ``seq``, so a length always gets the same packing."""
     rng = random.Random(seq)
