@@ -133,6 +133,15 @@ class VarlenMasks(KernelBackend):
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         batch, len_q, heads, dim = q.shape
         groups = _groups(mask, len_q, k.shape[1], batch, q.device)
+        if len(groups) == 1 and groups[0].q_rows is None and groups[0].k_rows is None:
+            # one call over the whole block in order: its gradients are the block's
+            g = groups[0]
+            rows_out = delta_surrogate(do, delta) if out is None else out
+            whole_lse = lse[0].to(accum_dtype(q.dtype)).contiguous()
+            gq, gk, gv = self._varlen_backward(
+                do[0], q[0], k[0], v[0], rows_out[0], whole_lse, g, scale
+            )
+            return gq.unsqueeze(0), gk.unsqueeze(0), gv.unsqueeze(0)
         wide = accum_dtype(q.dtype)
         dq, dk, dv = (torch.zeros(t.shape, dtype=wide, device=t.device) for t in (q, k, v))
         for g in groups:
