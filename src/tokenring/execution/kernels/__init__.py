@@ -42,12 +42,12 @@ BACKENDS: tuple[KernelBackend, ...] = tuple(
 VARLEN_DOCUMENTS_BELOW = 3072
 """Documents shorter than this on average run as variable-length calls; longer ones
 as one sub-call each on the fastest dense kernel. One H100, S = 32K, bf16, per allowed
-pair against dense causal cuDNN (benchmarks/RESULTS.md 0e): 64 documents of 512 run at
-0.20x as flash's variable-length call and 0.03x as cuDNN sub-calls (each costs about
-100 us where its arithmetic takes a few); documents of 2K-8K at 0.50x and 0.74x (flash is 0.53x of
-cuDNN on dense blocks). The crossover, where a sub-call's overhead equals flash's
-slower rate on one document, lies near 3K tokens. Windows always run as
-variable-length calls (0.43x against 0.14x)."""
+pair against dense causal cuDNN, forward (benchmarks/RESULTS.md 0e): 64 documents of
+512 run at 0.23x as flash's variable-length call and 0.05x as cuDNN sub-calls (each
+costs about 75 us where its arithmetic takes a few); documents of 2K-8K at 0.54x and
+0.80x (flash is 0.56x of cuDNN on dense blocks). The crossover, where a sub-call's
+overhead equals flash's slower rate on one document, lies near 3K tokens. Windows
+always run as variable-length calls (0.47x against 0.21x)."""
 
 
 def prefers_varlen(windowed: bool, mean_document: int) -> bool:
