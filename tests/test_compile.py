@@ -64,3 +64,27 @@ def test_compiled_calls_refuse_unknown_groups_and_recorders(pool):
         assert "recorder= records eager calls" in said["recorder"], said
         assert "does not know this mesh" in said["unknown_mesh"], said
         assert float(said["mesh_known_after_setup"]) <= 1e-6, said
+
+
+def test_options_are_constant_to_dynamo_without_importing_it_with_tokenring():
+    """``encode_values`` is marked as torch's ``assume_constant_result`` marks a function
+    (checked against torch's own decorator, so that a torch that marks otherwise fails
+    here, loudly), and ``import tokenring`` does not import Dynamo (a second per
+    process that never compiles)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from tokenring.call.description import encode_values
+
+    def probe():
+        return 0
+
+    torch.compiler.assume_constant_result(probe)
+    marks = {name for name in vars(probe) if name.startswith("_dynamo")}
+    assert marks == {"_dynamo_marked_constant"}, marks
+    assert encode_values._dynamo_marked_constant is True
+    code = "import sys, tokenring; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr

@@ -164,7 +164,16 @@ OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Options))
 """The order of raw option values (``tokenring.attention`` hands them over so)."""
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing Dynamo when tokenring
+    is imported (a second of ``import tokenring``, paid by every process that never
+    compiles): the decorator only marks the function, as done here
+    (``tests/test_compile.py`` checks that torch's still marks it so)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def encode_values(values: tuple) -> str:
     """Raw option values, parsed (one ValueError with every problem) and encoded: what a
     compiled call passes its custom op, worked out once at trace time."""
