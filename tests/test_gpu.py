@@ -367,6 +367,22 @@ def test_flash_varlen_runs_masked_blocks(dtype):
     assert not bad, bad
 
 
+def test_a_device_cu_seqlens_costs_no_host_sync_once_read():
+    """A ``cu_seqlens`` tensor on the GPU is read once (one sync); the same tensor passed
+    again costs no host sync at all (``torch.cuda.set_sync_debug_mode("error")`` raises on
+    any), forward under documents on one GPU."""
+    q = torch.randn(1, 256, 4, 64, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 100, 256], device="cuda", dtype=torch.int32)
+    first = tr.attention(q, q, q, causal=True, cu_seqlens=cu)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = tr.attention(q, q, q, causal=True, cu_seqlens=cu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(again, first)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype,kernel", [("bfloat16", "auto"), ("bfloat16", "efficient"),
                                           ("float32", "auto")])  # fmt: skip

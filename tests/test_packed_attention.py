@@ -234,3 +234,26 @@ def test_usp_under_documents_and_windows(pool):
     results = pool.run(usp_masked_case, cases)
     assert_errors_within(FP32_TOL, cases, results)
     assert all(r["roundtrip"] == 1.0 for per_rank in results for r in per_rank)
+
+
+def test_a_cu_seqlens_tensor_is_read_once_per_tensor_and_version(monkeypatch):
+    """The same ``cu_seqlens`` tensor passed again is not read again (on a GPU a read is a
+    host sync; every layer of a model gets the same tensor), a tensor changed in place is
+    read again, and the results equal the packing given as a list."""
+    from tokenring.runtime import runtime
+
+    q = torch.randn(1, 12, 2, 8, generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    first = tr.attention(q, q, q, causal=True, cu_seqlens=cu)
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real(t))
+    again = tr.attention(q, q, q, causal=True, cu_seqlens=cu)
+    assert reads == [] and torch.equal(again, first)
+    cu[1] = 7  # in place: the version counter moves, the tensor is read again
+    changed = tr.attention(q, q, q, causal=True, cu_seqlens=cu)
+    assert reads == [1]
+    assert torch.equal(changed, tr.attention(q, q, q, causal=True, cu_seqlens=[0, 7, 12]))
+    assert not torch.equal(changed, first)
+    held = [entry for entry in runtime().read_tensors.values() if entry[0]() is cu]
+    assert [values for _, _, values in held] == [(0, 7, 12)]

@@ -41,6 +41,7 @@ from ..execution.joint import Joint
 from ..execution.passes import ShardedAttention, forward_pass
 from ..execution.timeline import Recorder
 from ..options import JointStrategy, Layout, RingImpl, Strategy
+from ..runtime import runtime
 from ..schedules import STRATEGIES
 from .calls import prepare
 from .compiled import attention_op
@@ -70,12 +71,16 @@ def _traced(q, k, v, joint: tuple, options: tuple, group, mesh):
 
 def hashable(value: object) -> object:
     """A list or tensor argument (``cu_seqlens``, ``window_size``) as a tuple of ints, so
-    that a repeated call finds its prepared call by value (a tensor is read here: on a
-    GPU, one host sync per call); anything else as given, for the checks to judge."""
+    that a repeated call finds its prepared call by value; anything else as given, for the
+    checks to judge. A tensor is read once (on a GPU, one host sync) and remembered by
+    identity and version (``Runtime.read_ints``): every layer of a model passed the same
+    ``cu_seqlens`` tensor costs one sync per step, not one per layer."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor) and value.dim() == 1 and not value.is_floating_point():
-        return tuple(value.tolist())
+        if torch.compiler.is_compiling():
+            return tuple(value.tolist())
+        return runtime().read_ints(value)
     if isinstance(value, list):
         return tuple(value)
     return value

@@ -20,11 +20,13 @@ member of a group, making the same calls, keeps and evicts the same entries
 from __future__ import annotations
 
 import os
+import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 
 from ..execution.comm import Lanes, group_world, make_lanes
@@ -230,6 +232,21 @@ class Runtime:
     checked once (a setting that does not fit warns then, once)."""
     sites: dict[tuple, tuple] = field(default_factory=dict)
     """Where calls run, by (strategy, group, mesh, ring_impl): the site and its group's state."""
+    read_tensors: BoundedCache = field(default_factory=lambda: BoundedCache(64))
+    """Integer tensors read to the host (``cu_seqlens`` on a device), by identity: a tensor
+    passed again unchanged is not read again (no host sync). See ``read_ints``."""
+
+    def read_ints(self, tensor: torch.Tensor) -> tuple[int, ...]:
+        """A 1-D integer tensor's values, read once per tensor and version: the same tensor
+        object, not modified in place since (its version counter), is answered from
+        memory. The entry holds a weak reference, so a tensor made later at the same
+        address is never taken for it."""
+        found = self.read_tensors.get_fresh(id(tensor))
+        if found is not None and found[0]() is tensor and found[1] == tensor._version:
+            return found[2]
+        values = tuple(tensor.tolist())
+        self.read_tensors.put(id(tensor), (weakref.ref(tensor), tensor._version, values))
+        return values
 
     def summary(self) -> str:
         """What this runtime holds, in at most ``SUMMARY_LINES`` lines of at most
