@@ -103,21 +103,25 @@ class VarlenMasks(KernelBackend):
         wide = accum_dtype(q.dtype)
         block = mask.varlen
         groups = _groups(mask, len_q, k.shape[1], batch, q.device)
+
+        def call(g: VarlenGroup) -> tuple[torch.Tensor, torch.Tensor]:
+            part, part_lse = self._varlen_forward(
+                _pack(q, g.q_rows), _pack(k, g.k_rows), _pack(v, g.k_rows), g, scale
+            )
+            part_lse = part_lse.view(heads, batch, g.rows_q).transpose(0, 1).to(wide)
+            return part.view(batch, g.rows_q, heads, dim), part_lse
+
+        if len(groups) == 1 and groups[0].q_rows is None:  # the whole block in order
+            return call(groups[0])
         lse = torch.full((batch, heads, len_q), float("-inf"), dtype=wide, device=q.device)
         if block.disjoint:  # every row from one call: written where it belongs
             out = torch.empty_like(q) if block.every_row else torch.zeros_like(q)
         else:
             out = torch.zeros(q.shape, dtype=wide, device=q.device)
         for g in groups:
-            part, part_lse = self._varlen_forward(
-                _pack(q, g.q_rows), _pack(k, g.k_rows), _pack(v, g.k_rows), g, scale
-            )
-            part = part.view(batch, g.rows_q, heads, dim)
-            part_lse = part_lse.view(heads, batch, g.rows_q).transpose(0, 1).to(wide)
-            if g.q_rows is None:
-                out, lse = (part, part_lse) if block.disjoint else _merged(
-                    out, lse, part, part_lse
-                )  # fmt: skip
+            part, part_lse = call(g)
+            if g.q_rows is None:  # every row, merged with another group's
+                out, lse = _merged(out, lse, part, part_lse)
             elif block.disjoint:
                 out.index_copy_(1, g.q_rows, part)
                 lse.index_copy_(2, g.q_rows, part_lse)
