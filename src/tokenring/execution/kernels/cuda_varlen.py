@@ -37,7 +37,7 @@ class FlashVarlen(VarlenMasks, FlashAttention):
         if lse.dim() != 2:
             raise RuntimeError(
                 f"flash's variable-length LSE came as {tuple(lse.shape)}, not [heads, "
-                f"total] as in PyTorch 2.11-2.13: this PyTorch ({torch.__version__}) lays it "
+                f"total] as in PyTorch 2.11 (checked): this PyTorch ({torch.__version__}) lays it "
                 "out otherwise; pass kernel='efficient' to run masked blocks without it"
             )
         return out, lse
