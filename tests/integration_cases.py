@@ -146,3 +146,28 @@ def windowed_llm_case(
         "grads": max(rel_err(a, p.grad) for a, p in zip(grads, reference.parameters())),
         "layer_kinds": len(kinds),
     }
+
+
+def unsharded_call_case(w, *, world: int) -> dict:
+    """After ``enable`` on several ranks, a call on whole sequences (not ``shard_batch``
+    parts) and ``generate``: the error each raises on this rank ("" if none), and whether
+    ``generate`` after ``disable()`` gives the tokens it gave before ``enable``."""
+    from tokenring.integrations.transformers import enable
+
+    group = w.group(world)
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(0, 101, (1, 12), generator=torch.Generator().manual_seed(5))
+    settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    before = model.generate(ids, **settings)
+    handle = enable(model, group=group)
+    found = {}
+    for name, call in (("forward", lambda: model(input_ids=ids)),
+                       ("generate", lambda: model.generate(ids, **settings))):  # fmt: skip
+        try:
+            call()
+            found[name] = ""
+        except ValueError as err:
+            found[name] = str(err)
+    handle.disable()
+    after = model.generate(ids, **settings)
+    return {**found, "same_after_disable": bool(torch.equal(after, before))}

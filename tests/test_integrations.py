@@ -18,6 +18,7 @@ from integration_cases import (
     llm_case,
     packed_llm_case,
     tiny_causal_lm,
+    unsharded_call_case,
     windowed_llm_case,
 )
 from tokenring.integrations.transformers import enable, shard_batch
@@ -81,6 +82,18 @@ def test_packed_batches_and_sliding_windows_train_like_the_model_on_one_process(
             assert r["loss"] <= 1e-6, (case, r)
             if case.get("family") in ("qwen2", "gpt_oss"):
                 assert r["layer_kinds"] == 2, (case, r)  # full and sliding layers
+
+
+def test_calls_that_did_not_come_from_shard_batch_raise_on_every_rank(pool):
+    """``enable`` on 2 ranks, then the model on whole sequences and ``generate``: the same
+    ``ValueError`` on every rank (each rank would otherwise take its whole sequence for a
+    shard of a longer one, wrong without an error); ``disable()`` gives ``generate``
+    back, token for token."""
+    from tokenring.integrations.transformers import UNSHARDED_CALL
+
+    for r in pool.run(unsharded_call_case, [dict(world=2)], timeout=300)[0]:
+        assert r["forward"] == UNSHARDED_CALL and r["generate"] == UNSHARDED_CALL, r
+        assert r["same_after_disable"], r
 
 
 def test_enable_and_shard_batch_refuse_what_they_cannot_do():

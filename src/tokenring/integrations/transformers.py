@@ -62,6 +62,27 @@ COLLATOR_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k
 drops them and derives the documents from ``position_ids``."""
 
 
+UNSHARDED_CALL = (
+    "this model's attention is sequence-parallel (tokenring.integrations.transformers."
+    "enable) but the call did not come from shard_batch: every rank would take its whole "
+    "sequence for a shard of a longer one. Feed the model shard_batch(batch) parts; for "
+    "generate or evaluation on whole sequences call handle.disable() first (generate over "
+    "a sharded KV cache is not supported yet)"
+)
+"""What a call of an enabled model on more than one rank raises when its inputs did not
+come from ``shard_batch`` (``generate``, evaluation on whole sequences): it would
+otherwise be wrong without an error."""
+
+
+def _group_size(group: dist.ProcessGroup | None, mesh: object) -> int:
+    """How many ranks the model's attention is spread over (1 without a process group)."""
+    if mesh is not None:
+        return mesh.size()
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
 def _transformers():
     try:
         import transformers
@@ -131,11 +152,15 @@ def enable(
     where = {"mesh": mesh, "group": None} if usp else {"mesh": None, "group": group}
     chosen = Options.checked(strategy=strategy, layout=layout, ring_impl=ring_impl)
 
+    ranks = _group_size(group, mesh if usp else None)
+
     def sequence_parallel_attention(
         module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
     ):
         if dropout:
             raise ValueError(f"attention dropout {dropout}: tokenring computes no dropout")
+        if ranks > 1 and SEQ_LEN_KEY not in kwargs:
+            raise ValueError(UNSHARDED_CALL)
         window = kwargs.get("sliding_window")
         # transformers hands [batch, heads, seq, head_dim]; tokenring takes [batch, seq, ...]
         options = replace(
