@@ -578,3 +578,39 @@ def test_plan_cli_reads_document_lengths_and_windows():
             document_lengths(bad)
     with pytest.raises(argparse.ArgumentTypeError):
         window_pair("4095")
+
+
+MASK_ROWS = RUNS / "2026-12-06-h100x1-796d368-mask-kernels.json"
+
+
+def _documents_2k_8k(seq: int) -> list[int]:
+    """The document lengths ``benchmarks/mask_kernels.py`` draws for "documents 2K-8K"."""
+    import random
+    from itertools import pairwise
+
+    rng, bounds = random.Random(0), [0]
+    while bounds[-1] < seq:
+        bounds.append(min(seq, bounds[-1] + rng.randint(2048, 8192)))
+    return [b - a for a, b in pairwise(bounds)]
+
+
+def test_masked_calls_are_priced_as_one_gpu_measured_them():
+    """One rank's masked call as the planner prices it (``h100-nvswitch-8``: a 4K window
+    and 64 documents of 512 as flash's variable-length calls, documents of 2K-8K as cuDNN
+    sub-calls, what ``auto`` runs) against what one H100 measured for the same block
+    with that kernel (``MASK_ROWS``, S = 32K, 32 heads, bf16): within 20 %, forward and
+    forward + backward; the dense causal block too."""
+    rows = {(r["mask"], r["how"], r["kernel"]): r for r in json.loads(MASK_ROWS.read_text())}
+    cases = {
+        ("dense causal", "one call", "cudnn"): {},
+        ("window 4K", "varlen calls", "flash-varlen"): {"window": (4095, 0)},
+        ("documents 2K-8K", "sub-calls", "cudnn+efficient"): {"documents": _documents_2k_8k(32768)},
+        ("64 documents of 512", "varlen calls", "flash-varlen"): {"documents": [512] * 64},
+    }
+    shape = dict(topology="h100-nvswitch-8", gpus=1, seq=32768, heads_q=32, heads_kv=32,
+                 head_dim=128, causal=True, layout="contiguous")  # fmt: skip
+    for key, mask in cases.items():
+        for backward, measured in ((False, "forward_s"), (True, "fwd_bwd_s")):
+            predicted = tr.plan(**shape, backward=backward, **mask).best.predicted_ms
+            ratio = predicted / (rows[key][measured] * 1e3)
+            assert 0.8 <= ratio <= 1.2, (key, backward, predicted, ratio)
