@@ -236,6 +236,26 @@ def test_usp_under_documents_and_windows(pool):
     assert all(r["roundtrip"] == 1.0 for per_rank in results for r in per_rank)
 
 
+@pytest.mark.slow
+def test_usp_under_documents_and_windows_on_degenerate_meshes(pool):
+    """USP on 4 x 1 (Ulysses alone) and 1 x 4 (the ring alone) meshes under packed
+    documents and windows, both rings, against float64 under the mask."""
+    from usp_mask_cases import usp_masked_case
+
+    cases = [
+        dict(world=4, ring_impl=ring, layout=layout, causal=causal, seq=seq,
+             documents=documents, window=window, ulysses=u, ring=4 // u)
+        for u in (4, 1)
+        for ring, layout, causal, seq, documents, window in [
+            ("tokenring", "zigzag", True, 37, (0, 1, 9, 10, 30, 37), (5, 0)),
+            ("ring", "contiguous", False, 29, (0, 13, 14, 29), (3, 2)),
+        ]
+    ]  # fmt: skip
+    results = pool.run(usp_masked_case, cases)
+    assert_errors_within(FP32_TOL, cases, results)
+    assert all(r["roundtrip"] == 1.0 for per_rank in results for r in per_rank)
+
+
 def test_a_cu_seqlens_tensor_is_read_once_per_tensor_and_version(monkeypatch):
     """The same ``cu_seqlens`` tensor passed again is not read again (on a GPU a read is a
     host sync; every layer of a model gets the same tensor), a tensor changed in place is

@@ -12,11 +12,12 @@ from usp_cases import mesh_of
 
 def usp_masked_case(
     w, *, world: int, ring_impl: str, layout: str, causal: bool, seq: int, documents=None,
-    window=None,
+    window=None, ulysses: int = 2, ring: int = 2,
 ) -> dict[str, float]:  # fmt: skip
-    """A 2 x 2 mesh (Ulysses inner): out, lse and gradients against float64 under the
-    mask written from its definition, and whether unshard inverts shard."""
-    mesh = mesh_of(2, 2, True)
+    """A ``ulysses`` x ``ring`` mesh (Ulysses inner; 2 x 2 unless said): out, lse and
+    gradients against float64 under the mask written from its definition, and whether
+    unshard inverts shard."""
+    mesh = mesh_of(ulysses, ring, True)
     q, k, v, do = make_inputs(1, 2, seq, (4, 2), 8, torch.float32)
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     allowed = allowed_pairs(seq, causal, window, documents)
