@@ -20,8 +20,10 @@ from tokenring.api.attention import attention
 from tokenring.api.meshes import sp_mesh
 from tokenring.api.sharding import shard
 from tokenring.call.checks import strategy_refusals
+from tokenring.call.description import CallDescription
 from tokenring.execution.block_masks import block_mask
-from tokenring.execution.kernels import BlockMask, BlockSpec, KernelBackend, select_kernel
+from tokenring.execution.kernels import BlockMask, KernelBackend, select_kernel
+from tokenring.execution.plan import block_spec
 from tokenring.execution.timeline import Recorder
 from tokenring.options import Layout
 from tokenring.options import Strategy as TrStrategy
@@ -233,13 +235,15 @@ class SingleDevice:
         return []
 
     def kernel_for(self, case: Case, device: torch.device) -> KernelBackend:
-        dtype = getattr(torch, case.dtype)
-        mask = case.mask
-        spec = BlockSpec(
-            device.type, dtype, case.head_dim, case.heads_q, case.heads_kv, case.causal,
-            backward=True, masked=mask.windowed, documents=mask.mean_document,
+        """What ``auto`` runs the whole sequence with on one device (the library's own
+        question of a call: ``execution.plan.block_spec``)."""
+        call = CallDescription.of_shape(
+            world=1, seq_len=case.seq, heads_q=case.heads_q, heads_kv=case.heads_kv,
+            head_dim=case.head_dim, batch=case.batch, dtype=getattr(torch, case.dtype),
+            layout=Layout(case.layout), causal=case.causal, device_type=device.type,
+            window_size=case.window, cu_seqlens=case.documents,
         )  # fmt: skip
-        return select_kernel("auto", spec)
+        return select_kernel("auto", block_spec(call, backward=True))
 
     def prepare(self, case: Case, inputs: GlobalInputs, backward: bool = True) -> _Single:
         device = inputs.sets[0][0].device

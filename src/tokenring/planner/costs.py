@@ -95,7 +95,7 @@ def compute_seconds(
     heads = _heads(call, "q", spec.head_parts, op.q.part.count)
     bh, wide = call.batch * heads, call.itemsize >= 4
     if op.kind is BlockKind.PARTIAL and _runs_varlen(call, device):
-        seconds = _varlen_seconds(sched, op, pass_, call, device, bh)
+        seconds = _varlen_seconds(sched, op, pass_, call, device, bh, wide)
     elif op.kind is BlockKind.PARTIAL:  # as it runs: its sub-calls (execution/block_masks.py)
         q_cells = sched.table(op.q).cells(op.q.pieces)
         kv_cells = sched.table(op.kv).cells(op.kv.pieces)
@@ -125,7 +125,7 @@ def _runs_varlen(call: CallDescription, device: DeviceModel) -> bool:
 
 def _varlen_seconds(
     sched: Schedule, op: Compute, pass_: Pass, call: CallDescription, device: DeviceModel,
-    batch_heads: int,
+    batch_heads: int, wide: bool,
 ) -> float:  # fmt: skip
     """A masked block as it runs on the GPU: one call per window group
     (``schedules/segments.py``), priced as a dense call with the group's queries and
@@ -136,7 +136,7 @@ def _varlen_seconds(
     for rows, pairs in varlen_block(q_cells, kv_cells, op.mask).sizes:
         keys = max(1, round(pairs / rows))
         seconds += VARLEN_SLOWDOWN * device.kernel.seconds(
-            pass_, rows, keys, False, batch_heads, call.head_dim, call.itemsize >= 4
+            pass_, rows, keys, False, batch_heads, call.head_dim, wide
         )
     return seconds
 

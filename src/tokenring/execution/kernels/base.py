@@ -100,11 +100,10 @@ class BlockMask:
         self._calls = calls
         self._varlen = varlen
         self.derived: dict = {}
-        """What a kernel makes of this mask once (its index tensors), by the kernel."""
+        """What kernels make of this mask once (index tensors, the additive bias), by key."""
         if allowed is not None:
             self.empty_rows = ~allowed.any(dim=1)
             self.any_empty = bool(self.empty_rows.any())
-        self._additive: dict[tuple[torch.dtype, int], torch.Tensor] = {}
 
     @property
     def calls(self) -> tuple[SubBlock, ...] | None:
@@ -134,14 +133,15 @@ class BlockMask:
         """The mask as a bias to add to the scores: 0 where allowed, -inf elsewhere
         (``[len_q, len_k]``, made once per dtype); ``align``: rows stored ``align``
         elements apart (a padded view), for kernels that need aligned rows."""
-        found = self._additive.get((dtype, align))
+        key = ("additive", dtype, align)
+        found = self.derived.get(key)
         if found is None:
             rows, cols = self.allowed.shape
             width = -(-cols // align) * align
             storage = torch.zeros(rows, width, dtype=dtype, device=self.allowed.device)
             found = storage[:, :cols]
             found.masked_fill_(~self.allowed, float("-inf"))
-            self._additive[(dtype, align)] = found
+            self.derived[key] = found
         return found
 
 
