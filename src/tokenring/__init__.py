@@ -12,6 +12,7 @@ calls, ``planner`` the cost model).
 from __future__ import annotations
 
 from .api.attention import allgather_attn, attention, ring_attn, token_ring_attn, ulysses_attn
+from .api.cache import KVCache
 from .api.capture import CapturedCall
 from .api.layer import SequenceParallelAttention
 from .api.meshes import sp_mesh
@@ -25,6 +26,7 @@ from .runtime import Settings, configure, destroy_lanes, runtime, setup_lanes
 __all__ = [
     "CapturedCall",
     "JointStrategy",
+    "KVCache",
     "Layout",
     "PlanReport",
     "RingImpl",

@@ -113,7 +113,7 @@ def _shares(store: SlotStore, gathered: Rows, placement, heads: int, move, typed
         for comp in comps:
             per_row = (p.batch, heads) if FAMILY[comp] == "row" else (p.batch, heads, p.head_dim)
             for i, cell in enumerate(cells):
-                a, z = store.span(gathered.cell(cell))
+                a, z = store.span(_cell(gathered, cell))
                 piece = _Piece(comp, i, (z - a, *per_row), dtypes[comp], offset)
                 pieces.append(piece)
                 if typed:
@@ -123,6 +123,11 @@ def _shares(store: SlotStore, gathered: Rows, placement, heads: int, move, typed
         layouts.append(_Layout(tuple(pieces), offset))
     typed_as = next(iter(dtypes.values())) if typed else None
     return _Shares(tuple(layouts), typed_as)
+
+
+def _cell(rows: Rows, index: int) -> Rows:
+    """Cell ``index`` of ``rows`` (counted from their first cell, as placements count)."""
+    return rows.cell(rows.start + index)
 
 
 def _heads_of(store: SlotStore, rows: Rows) -> int:
@@ -155,12 +160,12 @@ def _post_all_to_all(store: SlotStore, move: AllToAll, lanes: Lanes, me: int):
         for piece in layout.pieces:
             target = shares.view(send, m, piece)
             if to_heads:
-                source = store.phys(shard.cell(piece.cell), piece.component)
+                source = store.phys(_cell(shard, piece.cell), piece.component)
                 lo = move.parts[m] * size
                 target.copy_(source[:, :, lo : lo + size])
             else:  # my gathered copy of member m's cell
                 cell = move.placement[m][piece.cell]
-                target.copy_(store.phys(whole.cell(cell), piece.component))
+                target.copy_(store.phys(_cell(whole, cell), piece.component))
     work = lanes.all_to_all_single(recv, send, move.lane)
 
     def unpack() -> None:
@@ -172,9 +177,9 @@ def _post_all_to_all(store: SlotStore, move: AllToAll, lanes: Lanes, me: int):
                 got = shares.view(recv, s, piece)
                 if to_heads:
                     cell = move.placement[s][piece.cell]
-                    store.phys(whole.cell(cell), piece.component).copy_(got)
+                    store.phys(_cell(whole, cell), piece.component).copy_(got)
                     continue
-                target = store.phys(shard.cell(piece.cell), piece.component)
+                target = store.phys(_cell(shard, piece.cell), piece.component)
                 lo = move.parts[s] * size
                 target = target[:, :, lo : lo + size]
                 # several members hold the same replicated key/value heads: sum them
@@ -192,7 +197,7 @@ def _post_all_gather(store: SlotStore, move: AllGather, lanes: Lanes, me: int):
     device = store.device
     send, recv = shares.alloc(device, members=1), shares.alloc(device)
     for piece in shares.layouts[me].pieces:
-        source = store.phys(move.src.cell(piece.cell), piece.component)
+        source = store.phys(_cell(move.src, piece.cell), piece.component)
         shares.view(send, 0, piece).copy_(source)
     work = lanes.all_gather_single(recv, send, move.lane)
 
@@ -200,7 +205,7 @@ def _post_all_gather(store: SlotStore, move: AllGather, lanes: Lanes, me: int):
         for s in range(members):
             for piece in shares.layouts[s].pieces:
                 cell = move.placement[s][piece.cell]
-                target = store.phys(move.dst.cell(cell), piece.component)
+                target = store.phys(_cell(move.dst, cell), piece.component)
                 target.copy_(shares.view(recv, s, piece))
 
     return work, unpack, _sent_own(shares, me)
@@ -215,13 +220,13 @@ def _post_reduce_scatter(store: SlotStore, move: ReduceScatter, lanes: Lanes, me
     for m in range(members):
         for piece in shares.layouts[m].pieces:
             cell = move.placement[m][piece.cell]
-            source = store.phys(move.src.cell(cell), piece.component)
+            source = store.phys(_cell(move.src, cell), piece.component)
             shares.view(send, m, piece).copy_(source)
     work = lanes.reduce_scatter_single(recv, send, move.lane)
 
     def unpack() -> None:
         for piece in shares.layouts[me].pieces:
-            target = store.phys(move.dst.cell(piece.cell), piece.component)
+            target = store.phys(_cell(move.dst, piece.cell), piece.component)
             target.copy_(shares.view(recv, 0, piece))
 
     return work, unpack, _sent_theirs(shares, me)

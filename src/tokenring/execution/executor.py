@@ -188,9 +188,10 @@ def _block_mask(store: SlotStore, op: Compute) -> BlockMask | None:
 
 def _compute_forward(store: SlotStore, op: Compute, step: ComputeStep, ex: Execution) -> None:
     view = store.kernel_view
+    lengths = None if step.ragged is None else store.key_lengths[step.ragged]
     out_b, lse_b = ex.kernel.forward(
         view(step.q, "q"), view(step.kv, "k"), view(step.kv, "v"), step.causal,
-        store.call.scale, _block_mask(store, op),
+        store.call.scale, _block_mask(store, op), key_lengths=lengths,
     )  # fmt: skip
     for run in step.q_runs:
         out, lse = view(run.place, "out"), view(run.place, "lse")
@@ -272,13 +273,20 @@ def run_forward(
     ex: Execution,
     *,
     keep_accum: bool = False,
+    kv_rowmajor: bool = False,
+    key_lengths: Mapping[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward pass of one rank (``geometry``: its schedule and call): returns ``out``
     ``[B, L, H, D]`` (input dtype, or with ``keep_accum`` the accumulation dtype, for more
-    merging) and ``lse`` in row-major storage ``[L, B, H]`` (float32)."""
+    merging) and ``lse`` in row-major storage ``[L, B, H]`` (float32). ``kv_rowmajor``:
+    ``k``, ``v`` are row-major already (``[L, B, H, D]``: a KV cache's storage, bound
+    without a copy); ``key_lengths``: the valid tokens per batch row of each ragged piece
+    (``Geometry.ragged``)."""
     schedule, call = geometry.schedule, geometry.call
-    local = {"q": {"q": to_rowmajor(q)}, "kv": {"k": to_rowmajor(k), "v": to_rowmajor(v)}}
-    store = SlotStore(geometry, local, q.device)
+    if not kv_rowmajor:
+        k, v = to_rowmajor(k), to_rowmajor(v)
+    local = {"q": {"q": to_rowmajor(q)}, "kv": {"k": k, "v": v}}
+    store = SlotStore(geometry, local, q.device, key_lengths)
     _execute(schedule, Pass.FORWARD, store, ex)
     result = schedule.query_result
     lse = store.own(result, "lse")

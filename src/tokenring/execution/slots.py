@@ -16,6 +16,7 @@ and an LSE of -inf).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -86,6 +87,9 @@ class ComputeStep:
     kv_runs: tuple[Run, ...]
     causal: bool
     empty: bool
+    ragged: int | None = None
+    """The ragged key/value piece the block's keys are (``Geometry.ragged``), whose valid
+    length per batch row the call supplies; None for every other block."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ class SlotGeometry:
                     steps.append(ComputeStep(
                         self.place(op.q), self.place(op.kv), self.runs(op.q_out, op.fresh_q),
                         kv_runs, op.kind is BlockKind.DIAG, q0 == q1 or k0 == k1,
+                        self._ragged(op),
                     ))  # fmt: skip
                 case Merge():
                     steps.append(MergeStep(self.place(op.src), self.place(op.dst)))
@@ -220,6 +225,15 @@ class SlotGeometry:
                 case _:
                     steps.append(None)
         return tuple(steps)
+
+    def _ragged(self, op: Compute) -> int | None:
+        ragged = self.schedule.geometry.ragged
+        pieces = op.kv.pieces
+        if not ragged or not any(p in ragged for p in pieces):
+            return None
+        if len(pieces) != 1:
+            raise AssertionError(f"a ragged piece shares a kernel call: {op}")
+        return pieces[0]
 
     def heads(self, component: str, spec: SlotSpec) -> int:
         """Heads a slot holds of ``component``'s family."""
@@ -319,8 +333,11 @@ class SlotStore:
         geometry: SlotGeometry,
         local: dict[str, dict[str, torch.Tensor]],
         device: torch.device,
+        key_lengths: Mapping[int, torch.Tensor] | None = None,
     ):
         self.geometry = geometry
+        self.key_lengths = key_lengths or {}
+        """Per ragged key/value piece, its valid tokens per batch row (``[batch]``)."""
         self.schedule = geometry.schedule
         self.pass_ = geometry.pass_
         self.call = geometry.call

@@ -28,9 +28,35 @@ from .ir import (
     Transfer,
     Wait,
 )
-from .masks import Mask
+from .masks import BlockKind, Mask
 
 __all__ = ["ScheduleBuilder"]
+
+
+def _ragged_alone(
+    blocks: tuple[Block, ...], kv_content: tuple[int, ...], ragged: frozenset[int]
+) -> tuple[Block, ...]:
+    """``blocks`` with every ragged key/value piece (``Geometry.ragged``) in kernel calls
+    of its own, so that the executor can hand a call the valid length of each batch row
+    (a FULL or masked block cut into column ranges stays exact; a causal square never
+    holds a ragged piece: its positions are not the queries')."""
+    out: list[Block] = []
+    for b in blocks:
+        pieces = kv_content[b.k0 : b.k1]
+        if not any(p in ragged for p in pieces) or len(pieces) == 1:
+            out.append(b)
+            continue
+        if b.kind is BlockKind.DIAG:
+            raise AssertionError("schedule bug: a causal square over a ragged piece")
+        start = b.k0
+        for k in range(b.k0, b.k1 + 1):  # cut before and after every ragged cell
+            if k == b.k1 or kv_content[k] in ragged:
+                if k > start:
+                    out.append(Block(b.q0, b.q1, start, k, b.kind))
+                if k < b.k1:
+                    out.append(Block(b.q0, b.q1, k, k + 1, b.kind))
+                start = k + 1
+    return tuple(out)
 
 
 class ScheduleBuilder:
@@ -134,6 +160,8 @@ class ScheduleBuilder:
         key/value slot and its result; results land at the same cells of the out slots
         as their queries and keys."""
         (q_slot, q_content), (kv_slot, kv_content) = q, kv
+        if self.geometry.ragged:
+            blocks = _ragged_alone(blocks, kv_content, self.geometry.ragged)
         for b in blocks:
             out_rows = Rows(q_out, q_content, b.q0, b.q1, q_part)
             kv_rows = Rows(kv_out, kv_content, b.k0, b.k1, kv_part) if kv_out is not None else None
@@ -165,6 +193,17 @@ class ScheduleBuilder:
             q_owner=self.rank,
             kv_owner=self.rank,
         )
+
+    def wrote(self, slot: str) -> bool:
+        """Whether any operation so far writes ``slot``."""
+        return bool(self._written.get(slot))
+
+    def identity(self, rows: Rows) -> None:
+        """``rows`` of a ``zeroed`` result slot start as the merge's identity: merges may
+        accumulate into them before anything is written."""
+        if not self.slots[rows.slot].zeroed:
+            raise AssertionError(f"schedule bug: {rows.slot} does not start zeroed")
+        self._mark(rows)
 
     def merge(self, src: Rows, dst: Rows, step: int) -> None:
         if not self.tokens(src):

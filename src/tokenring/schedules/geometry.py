@@ -36,6 +36,7 @@ __all__ = [
     "Geometry",
     "PieceTable",
     "Span",
+    "canonical",
     "chunk_ids",
     "local_lengths",
     "mesh_pieces",
@@ -123,14 +124,31 @@ class PieceTable:
 @dataclass(frozen=True)
 class Geometry:
     """The pieces of a call's queries and of its keys/values. Self-attention over one
-    sharded sequence has the same table on both sides."""
+    sharded sequence has the same table on both sides.
+
+    ``ragged``: key/value pieces whose batch rows hold fewer valid tokens than the
+    piece's length, a prefix whose length per row is known only when the call runs
+    (a KV cache's part on one rank: ``schedules/cache.py``). The schedule computes
+    such a piece in kernel calls of its own (``ScheduleBuilder.compute``), which the
+    executor hands the valid lengths."""
 
     q: PieceTable
     kv: PieceTable
+    ragged: frozenset[int] = frozenset()
 
     @classmethod
     def self_attention(cls, table: PieceTable) -> Geometry:
         return cls(table, table)
+
+
+def canonical(table: PieceTable, piece: int) -> int:
+    """The first piece of ``table`` holding the same positions as ``piece``: pieces
+    replicated on several ranks (queries every rank holds) are one piece's data."""
+    cell = table.cell(piece)
+    for i in range(table.count):
+        if table.cell(i) == cell:
+            return i
+    raise AssertionError("a piece is always its own match")
 
 
 def _split(total: int, parts: int) -> list[int]:

@@ -34,7 +34,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
+from .geometry import PieceTable, canonical
 from .ir import (
     GROUP_AXIS,
     AllGather,
@@ -70,7 +72,7 @@ class ScheduleError(AssertionError):
     """A schedule violates a data-flow rule."""
 
 
-Label = tuple[int, int]  # (global piece, global head of the slot's family)
+Label = tuple[int, int]  # (global piece, global head of the slot's family): _label_piece
 
 
 @dataclass
@@ -92,6 +94,13 @@ class Simulation:
     query_results: list[list[list[Cell]]]
     kv_results: list[list[list[Cell]] | None]
     sends: list[list[tuple[int, Move, SlotKind]]]
+
+
+@lru_cache(maxsize=4096)
+def _label_piece(table: PieceTable, piece: int) -> int:
+    """The piece a cell's label names: replicated pieces (the same positions on several
+    ranks, such as queries every rank holds) carry one label, so their results merge."""
+    return canonical(table, piece)
 
 
 def _family_heads(kind: SlotKind, heads_q: int, heads_kv: int) -> int:
@@ -116,9 +125,10 @@ class _Run:
                 heads = _family_heads(spec.kind, heads_q, heads_kv) // spec.head_parts
                 grid = [[Cell(zero=spec.zeroed) for _ in range(heads)] for _ in range(spec.cells)]
                 if spec.local and spec.kind in (SlotKind.QUERY, SlotKind.KV):
+                    table = sched.geometry.q if spec.kind is SlotKind.QUERY else sched.geometry.kv
                     for i, piece in enumerate(sched.pieces):
                         for h in range(heads):
-                            grid[i][h] = Cell((piece, h))
+                            grid[i][h] = Cell((_label_piece(table, piece), h))
                 slots[name] = grid
             self.state.append(slots)
         self.p2p: dict[tuple, deque] = defaultdict(deque)  # (src, dst, axis, lane) -> payloads
@@ -165,7 +175,7 @@ class _Run:
                     raise ScheduleError(f"rank {rank}: reads {rows} before its receive completed")
                 if c.label is None and not (c.zero and zeros_ok):
                     raise ScheduleError(f"rank {rank}: reads {rows}, which was never written")
-                if c.label is not None and c.label[0] != piece:
+                if c.label is not None and c.label[0] != _label_piece(table, piece):
                     raise ScheduleError(
                         f"rank {rank}: {rows} says piece {piece} where piece {c.label[0]} is"
                     )
@@ -533,7 +543,7 @@ def check_coverage(
                                     expected[(x, y, h)] += 1
                             else:
                                 expected[(x, y, head // group)] += 1
-                    if expected and cell.label != (piece, head):
+                    if expected and cell.label != (_label_piece(own, piece), head):
                         raise ScheduleError(
                             f"rank {rank}: the result of piece {piece}, head {head} holds "
                             f"{cell.label}"

@@ -71,6 +71,8 @@ def _describe(spec: BlockSpec) -> str:
         f"heads={spec.heads_q}/{spec.heads_kv}",
         f"causal={spec.causal}",
     ]
+    if spec.ragged:
+        parts.append("per-row key lengths (a KV cache)")
     if spec.masked:
         parts.append("explicit block masks")
     elif spec.documents:
@@ -94,7 +96,7 @@ def select_kernel(choice: str, spec: BlockSpec) -> KernelBackend:
             )  # fmt: skip
             if varlen is not None:
                 return varlen
-        if spec.masked:  # dense calls on the fastest, masked ones on a kernel that takes masks
+        if spec.masked or spec.ragged:  # dense calls on the fastest, the rest on another
             split = split_if_faster(spec, BACKENDS)
             if split is not None:
                 return split

@@ -40,6 +40,8 @@ __all__ = [
     "empty_forward",
     "expand_heads",
     "fold_heads",
+    "padding_bias",
+    "valid_keys",
 ]
 
 
@@ -60,6 +62,9 @@ class BlockSpec:
     documents: int = 0
     """The mean document length when blocks are cut at document boundaries (dense and
     causal sub-calls, or sequences of a variable-length call); 0: one document."""
+    ragged: bool = False
+    """Some blocks' keys hold a valid prefix per batch row, its length given when the
+    block runs (a KV cache's part: ``key_lengths``)."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,8 @@ class KernelBackend(ABC):
     native_gqa: bool = False
     deterministic_backward: bool = True
     explicit_masks: bool = False
+    padded_keys: bool = False
+    """Takes ``key_lengths`` (``_ragged_forward``)."""
 
     def available_reasons(self) -> list[str]:
         """Why this backend cannot run on this installation at all (empty if it can)."""
@@ -180,6 +187,10 @@ class KernelBackend(ABC):
             reasons.append("backward is not deterministic (deterministic=True asked)")
         if spec.masked and not self.explicit_masks:
             reasons.append("takes no explicit block mask")
+        if spec.ragged and not self.padded_keys:
+            reasons.append("takes no per-row key lengths (a KV cache)")
+        if spec.ragged and spec.backward:
+            reasons.append("a KV cache's blocks have no backward")
         return reasons
 
     def forward(
@@ -190,10 +201,20 @@ class KernelBackend(ABC):
         causal: bool,
         scale: float,
         mask: BlockMask | None = None,
+        key_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block attention; see the module docstring for shapes."""
+        """Block attention; see the module docstring for shapes. ``key_lengths``: int
+        ``[batch]`` on the block's device, row ``b`` attends only keys ``[0,
+        key_lengths[b])`` (never with ``causal`` or ``mask``)."""
         if q.shape[1] == 0 or k.shape[1] == 0:  # no queries, or no keys: an empty partial
             return empty_forward(q)
+        if key_lengths is not None:
+            if not self.native_gqa and k.shape[2] != q.shape[2]:
+                k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
+            out, lse = self._ragged_forward(q, k, v, scale, key_lengths)
+            none = key_lengths == 0  # rows with no valid key: the merge's identity
+            out = out.masked_fill(none[:, None, None, None], 0.0)
+            return out, lse.masked_fill(none[:, None, None], float("-inf"))
         if mask is not None and mask.calls is not None:
             return self._forward_calls(q, k, v, scale, mask)
         if not self.native_gqa and k.shape[2] != q.shape[2]:
@@ -299,8 +320,29 @@ class KernelBackend(ABC):
         """``_backward`` under an explicit mask (backends with ``explicit_masks``)."""
         raise NotImplementedError(f"kernel {self.name} takes no explicit block mask")
 
+    def _ragged_forward(self, q, k, v, scale, key_lengths: torch.Tensor):
+        """``_forward`` where row ``b`` sees keys ``[0, key_lengths[b])`` (``padded_keys``
+        backends; rows with none are cleared by ``forward``)."""
+        raise NotImplementedError(f"kernel {self.name} takes no per-row key lengths")
+
     def __repr__(self) -> str:
         return f"<kernel {self.name}>"
+
+
+def valid_keys(key_lengths: torch.Tensor, len_k: int) -> torch.Tensor:
+    """Boolean ``[batch, 1, 1, len_k]``: which keys of each row are valid."""
+    cols = torch.arange(len_k, device=key_lengths.device)
+    return (cols < key_lengths[:, None])[:, None, None, :]
+
+
+def padding_bias(key_lengths: torch.Tensor, len_k: int, dtype: torch.dtype,
+                 align: int = 1) -> torch.Tensor:  # fmt: skip
+    """``valid_keys`` as a bias to add to the scores, 0 or -inf, ``[batch, 1, 1, len_k]``;
+    ``align``: rows stored ``align`` elements apart, for kernels that need it."""
+    width = -(-len_k // align) * align
+    bias = torch.zeros(key_lengths.shape[0], 1, 1, width, dtype=dtype, device=key_lengths.device)
+    bias = bias[..., :len_k]
+    return bias.masked_fill_(~valid_keys(key_lengths, len_k), float("-inf"))
 
 
 def empty_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

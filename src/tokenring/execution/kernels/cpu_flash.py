@@ -7,7 +7,7 @@ from functools import cache
 
 import torch
 
-from .base import KernelBackend, delta_surrogate
+from .base import KernelBackend, delta_surrogate, padding_bias
 
 __all__ = ["CpuFlash"]
 
@@ -38,6 +38,7 @@ class CpuFlash(KernelBackend):
     max_head_dim = 1024
     native_gqa = True
     explicit_masks = True
+    padded_keys = True
 
     def _forward(self, q, k, v, causal, scale, bias=None):
         # the torch-namespace binding of the aten op: a few microseconds less host time
@@ -63,6 +64,9 @@ class CpuFlash(KernelBackend):
 
     def _masked_backward(self, do, q, k, v, out, lse, delta, mask, scale):
         return self._backward(do, q, k, v, out, lse, delta, False, scale, mask.additive(q.dtype))
+
+    def _ragged_forward(self, q, k, v, scale, key_lengths):
+        return self._forward(q, k, v, False, scale, padding_bias(key_lengths, k.shape[1], q.dtype))
 
     def _backward(self, do, q, k, v, out, lse, delta, causal, scale, bias=None):
         if out is None:

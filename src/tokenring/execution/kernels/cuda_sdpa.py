@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KernelBackend, delta_surrogate
+from .base import KernelBackend, delta_surrogate, padding_bias
 
 __all__ = ["CudnnAttention", "EfficientAttention", "FlashAttention"]
 
@@ -167,6 +167,7 @@ class EfficientAttention(_CudaBackend):
     native_gqa = False
     deterministic_backward = False
     explicit_masks = True
+    padded_keys = True
 
     @staticmethod
     def _bias(mask, q, k):
@@ -182,6 +183,10 @@ class EfficientAttention(_CudaBackend):
 
     def _masked_forward(self, q, k, v, mask, scale):
         return self._forward(q, k, v, False, scale, self._bias(mask, q, k))
+
+    def _ragged_forward(self, q, k, v, scale, key_lengths):
+        bias = padding_bias(key_lengths, k.shape[1], q.dtype, align=16)
+        return self._forward(q, k, v, False, scale, bias.expand(-1, q.shape[2], q.shape[1], -1))
 
     def _masked_backward(self, do, q, k, v, out, lse, delta, mask, scale):
         return self._backward(do, q, k, v, out, lse, delta, False, scale, self._bias(mask, q, k))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KernelBackend, accum_dtype, expand_heads, fold_heads
+from .base import KernelBackend, accum_dtype, expand_heads, fold_heads, valid_keys
 
 __all__ = ["MathKernel"]
 
@@ -38,6 +38,7 @@ class MathKernel(KernelBackend):
     max_head_dim = 1 << 16
     native_gqa = True
     explicit_masks = True
+    padded_keys = True
 
     def _forward(self, q, k, v, causal, scale, allowed=None):
         p, lse = _probabilities(q, k, None, causal, scale, allowed)
@@ -49,6 +50,9 @@ class MathKernel(KernelBackend):
 
     def _masked_backward(self, do, q, k, v, out, lse, delta, mask, scale):
         return self._backward(do, q, k, v, out, lse, delta, False, scale, mask.allowed)
+
+    def _ragged_forward(self, q, k, v, scale, key_lengths):
+        return self._forward(q, k, v, False, scale, valid_keys(key_lengths, k.shape[1]))
 
     def _backward(self, do, q, k, v, out, lse, delta, causal, scale, allowed=None):
         heads, heads_kv = q.shape[2], k.shape[2]

@@ -21,9 +21,11 @@ SMALL = 64
 
 
 class SplitMasks(KernelBackend):
-    """``dense`` for calls without a mask, ``masked`` for calls with one."""
+    """``dense`` for calls without a mask, ``masked`` for calls with one or with per-row
+    key lengths."""
 
     explicit_masks = True
+    padded_keys = True
 
     def __init__(self, dense: KernelBackend, masked: KernelBackend, small: int = SMALL):
         self.dense, self.masked, self.small = dense, masked, small
@@ -34,7 +36,7 @@ class SplitMasks(KernelBackend):
         self.deterministic_backward = dense.deterministic_backward and masked.deterministic_backward
 
     def not_supported_reasons(self, spec: BlockSpec) -> list[str]:
-        unmasked = replace(spec, masked=False)
+        unmasked = replace(spec, masked=False, ragged=False)
         return self.dense.not_supported_reasons(unmasked) + self.masked.not_supported_reasons(spec)
 
     def _for_dense(self, q, k) -> KernelBackend:
@@ -43,7 +45,10 @@ class SplitMasks(KernelBackend):
         ``benchmarks/cudnn_small_probe.py``)."""
         return self.masked if min(q.shape[1], k.shape[1]) < self.small else self.dense
 
-    def forward(self, q, k, v, causal: bool, scale: float, mask: BlockMask | None = None):
+    def forward(self, q, k, v, causal: bool, scale: float, mask: BlockMask | None = None,
+                key_lengths=None):  # fmt: skip
+        if key_lengths is not None:
+            return self.masked.forward(q, k, v, causal, scale, key_lengths=key_lengths)
         if mask is None:
             return self._for_dense(q, k).forward(q, k, v, causal, scale)
         if mask.calls is None:
@@ -69,7 +74,7 @@ def split_if_faster(spec: BlockSpec, backends: tuple[KernelBackend, ...]) -> Ker
     """For a spec with masks: the best backend for dense calls paired with the best one
     that takes masks, when they differ (None when one backend is best at both, or none
     takes masks)."""
-    unmasked = replace(spec, masked=False)
+    unmasked = replace(spec, masked=False, ragged=False)
     dense = next((b for b in backends if not b.not_supported_reasons(unmasked)), None)
     masked = next((b for b in backends if not b.not_supported_reasons(spec)), None)
     if dense is None or masked is None or dense is masked:

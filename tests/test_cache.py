@@ -1,0 +1,202 @@
+"""``tokenring.KVCache``: prefill (sharded and replicated, any chunk length) and decode
+steps against float64 attention over each row's whole history; the cache schedules
+checked symbolically; bytes per decode step against the formula; errors on every rank.
+
+CI runs a sample of the matrix (every world size, each head grouping, both query
+layouts, ragged rows, causal and not); the full sweep is marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import tokenring as tr
+from cache_cases import cache_error, cache_steps
+from tokenring.call.description import CallDescription
+from tokenring.options import Pass, Strategy
+from tokenring.planner.costs import collective_pair_bytes
+from tokenring.schedules.cache import CacheKey, cache_schedule
+from tokenring.schedules.ir import Post
+from tokenring.schedules.simulate import check_coverage, simulate
+
+HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
+F64_TOL = 1e-12
+
+
+def _steps(sharded: bool, ragged: bool) -> list:
+    """A prefill of 9 tokens, decode steps of one token, a chunk of 5 (ragged: rows with
+    3 and 5 real tokens, and a step where row 1 adds nothing), then one more token."""
+    return [
+        (9, sharded, None),
+        (1, False, None),
+        (1, False, [1, 0] if ragged else None),
+        (5, sharded, [3, 5] if ragged else None),
+        (1, False, None),
+    ]
+
+
+def _check(cases, results) -> None:
+    for case, per_rank in zip(cases, results):
+        world = case["world"]
+        for errors, lengths, _replicated in per_rank:
+            assert max(errors) < F64_TOL, (case, errors)
+            expected = [sum(n if new is None else new[b] for n, _, new in case["steps"])
+                        for b in range(case["batch"])]  # fmt: skip
+            assert lengths == expected, case
+        for start in range(0, len(per_rank), world):  # each group that ran the case
+            group = per_rank[start : start + world]
+            for other in group[1:]:  # replicated outputs: the same bits on every rank
+                assert all(torch.equal(a, b) for a, b in zip(group[0][2], other[2])), case
+
+
+def _cases(worlds, strategies, heads, sharded_options, ragged_options, causal_options):
+    return [
+        dict(
+            world=world,
+            seed=world + 7 * i,
+            batch=2,
+            heads=HEADS[h],
+            head_dim=8,
+            capacity=32,
+            strategy=s,
+            steps=_steps(sh, rg),
+            causal=c,
+        )
+        for i, (world, s, h, sh, rg, c) in enumerate(
+            itertools.product(
+                worlds, strategies, heads, sharded_options, ragged_options, causal_options
+            )
+        )
+    ]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_prefill_and_decode_match_attention_over_the_history(pool, world):
+    """Replicated and sharded prefill, decode steps of one token and a chunk of several,
+    ragged rows: every step equals float64 attention over each row's history; replicated
+    outputs are bitwise the same on every rank; lengths count the real tokens."""
+    cases = [
+        dict(
+            world=world,
+            seed=world,
+            batch=2,
+            heads=HEADS[h],
+            head_dim=8,
+            capacity=32,
+            strategy="auto",
+            steps=_steps(sharded, ragged),
+            causal=causal,
+        )
+        for h, sharded, ragged, causal in [
+            ("gqa", True, True, True),
+            ("mqa", False, True, False),
+            ("mha", True, False, False),
+        ]
+    ]
+    _check(cases, pool.run(cache_steps, cases))
+
+
+@pytest.mark.parametrize("strategy", ["tokenring", "ring", "allgather", "ulysses"])
+def test_every_strategy_runs_a_sharded_prefill(pool, strategy):
+    """Sharded chunks through each strategy's own schedule over the cache's geometry
+    (Ulysses where the heads divide), at P = 2 and 4."""
+    cases = _cases([2, 4], [strategy], ["gqa"], [True], [True], [True])
+    _check(cases, pool.run(cache_steps, cases))
+
+
+@pytest.mark.slow
+def test_the_whole_cache_matrix(pool):
+    cases = _cases([1, 2, 3, 4], ["tokenring", "ring", "allgather"], list(HEADS), [False, True],
+                   [False, True], [True, False])  # fmt: skip
+    cases += _cases([2, 4], ["ulysses"], ["mha", "gqa"], [True], [False, True], [True, False])
+    _check(cases, pool.run(cache_steps, cases, timeout=900))
+
+
+def test_low_precision_within_the_kernels_own_error(pool):
+    """bfloat16: every step within bfloat16's rounding of float64 attention."""
+    cases = [dict(world=2, seed=3, batch=2, heads=HEADS["gqa"], head_dim=8, capacity=32,
+                  steps=_steps(True, True), dtype="bfloat16")]  # fmt: skip
+    for errors, _, _ in pool.run(cache_steps, cases)[0]:
+        assert max(errors) < 2e-2, errors
+
+
+@pytest.mark.parametrize(
+    "given, steps, sharded, says",
+    [
+        ({}, [5, 4], False, "past the capacity of 8"),
+        ({}, [3, 6], True, "past the capacity of 8"),
+        ({"strategy": "usp"}, [3], True, "runs over a mesh"),
+        ({"strategy": "sideways"}, [1], False, "strategy must be one of"),
+        ({"new_lengths": [4]}, [3], False, "new_lengths must hold 1 ints in [0, 3]"),
+    ],
+)
+def test_errors_are_the_same_on_every_rank(pool, given, steps, sharded, says):
+    cases = [dict(world=2, steps=steps, sharded=sharded, **given)]
+    (per_rank,) = pool.run(cache_error, cases)
+    assert per_rank[0] is not None and says in per_rank[0], per_rank
+    assert len(set(per_rank)) == 1, per_rank
+
+
+def test_sharded_parts_that_are_not_the_layouts_are_refused(pool):
+    """Ranks holding parts other than ``tokenring.shard(..., layout="contiguous")`` gives
+    raise one error naming what they hold, on every rank."""
+    (per_rank,) = pool.run(_uneven_parts, [dict(world=2)])
+    assert len(set(per_rank)) == 1 and "[2, 2]" in per_rank[0] and "[3, 1]" in per_rank[0]
+
+
+def _uneven_parts(w, *, world):
+    cache = tr.KVCache(batch=1, capacity=8, heads_kv=1, head_dim=4, group=w.group(world))
+    x = torch.ones(1, 3 if w.rank % 2 == 0 else 1, 1, 4)
+    try:
+        cache.attend(x, x, x, sharded=True)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_one_process_cache_properties():
+    cache = tr.KVCache(batch=3, capacity=10, heads_kv=2, head_dim=4)
+    assert cache.local_capacity == 10 and cache.lengths.dtype == torch.int64
+    x, kv = torch.randn(3, 4, 2, 4), torch.randn(3, 4, 2, 4)
+    out = cache.attend(x, kv, kv, new_lengths=torch.tensor([4, 2, 0]))
+    assert cache.lengths.tolist() == [4, 2, 0]
+    assert out.shape == x.shape and bool((out[2] == 0).all()) and bool((out[1, 2:] == 0).all())
+    cache.reset()
+    assert cache.lengths.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="heads_kv must be a positive int"):
+        tr.KVCache(batch=1, capacity=4, heads_kv=0, head_dim=4)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("strategy", [Strategy.TOKENRING, Strategy.RING, Strategy.ALLGATHER])
+def test_cache_schedules_compute_every_allowed_pair_once(world, sharded, strategy):
+    """Symbolically: every rank's result holds each allowed (query, key) pair once: every
+    cached key, and the chunk's keys by the mask (replicated queries: on every rank)."""
+    for cell, chunk, causal in itertools.product((0, 3), (1, 5), (True, False)):
+        keys = [CacheKey(strategy, world, r, cell, chunk, sharded, causal, heads_q=2, heads_kv=1)
+                for r in range(world)]  # fmt: skip
+        scheds = [cache_schedule(key) for key in keys]
+        sim = simulate(scheds, 2, 1)
+        check_coverage(sim, scheds, (lambda x, y: y <= x) if causal else (lambda x, y: True))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_a_decode_step_moves_the_formulas_bytes_whatever_the_cache_holds(world):
+    """Replicated queries: each rank sends its partial (out and LSE, float32) to every
+    other rank, ``(P - 1) B L H_q (D + 1) 4`` bytes, the same for any cache size."""
+    batch, chunk, heads_q, head_dim = 3, 2, 8, 16
+    call = CallDescription.of_shape(world=world, seq_len=chunk, heads_q=heads_q, heads_kv=2,
+                                    head_dim=head_dim, batch=batch)  # fmt: skip
+    formula = (world - 1) * batch * chunk * heads_q * (head_dim + 1) * 4
+    for cell in (0, 16, 4096):
+        for rank in range(world):
+            key = CacheKey(Strategy.TOKENRING, world, rank, cell, chunk, False, True, heads_q=8,
+                           heads_kv=2)  # fmt: skip
+            sched = cache_schedule(key)
+            moves = [m for op in sched.ops if isinstance(op, Post) for m in op.moves]
+            sent = sum(collective_pair_bytes(sched, m, Pass.FORWARD, call) for m in moves)
+            assert sent * (world - 1) == formula, (cell, rank)
