@@ -8,7 +8,8 @@
 # Stages and their rough time on 2 x H100: tests (gpu tests, ~80 s), peers
 # (peer correctness, needs .whl carried), demo (~20 s), bench-llama2 (every
 # method, ~150 s), bench-rest (llama3-gqa and dit-mha, every method, ~270 s), bench-masks
-# (llama3-gqa-docs and llama3-gqa-window: packed documents, a window),
+# (llama3-gqa-docs and llama3-gqa-window: packed documents, a window), decode (a KV cache's
+# decode step on one GPU, benchmarks/decode_cache.py), cache-tests (tests/test_gpu_cache.py),
 # graph (CUDA-graph probe, ~40 s), host (host-time profile, ~30 s), overhead (host time
 # per call against SDPA and a minimal ring, benchmarks/host_overhead.py, ~90 s), calibrate
 # (tokenring calibrate: the planner's per-device table, ~40 s), masks (block kernels under
@@ -37,7 +38,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 for s in "$@"; do
     case $s in
         tests) stage tests 300 env TOKENRING_GPU_RECORD="$work/gpu-tests.jsonl" \
-            python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider ;;
+            python -m pytest -m gpu tests/test_gpu.py tests/test_gpu_cache.py -q -p no:cacheprovider ;;
         peers) stage peers 300 python -m pytest -m gpu tests/test_peers.py -q -p no:cacheprovider ;;
         demo) stage demo 120 python -m tokenring_bench.cli demo --output "$work/demo-timeline.png" ;;
         bench-llama2) stage bench-llama2 280 python -m tokenring_bench.cli bench --cases llama2-mha \
@@ -49,6 +50,9 @@ for s in "$@"; do
         graph) stage graph 120 python benchmarks/graph_probe.py ;;
         host) stage host 90 python benchmarks/host_profile.py ;;
         overhead) stage overhead 240 python benchmarks/host_overhead.py --json "$work/host-overhead.json" ;;
+        decode) stage decode 300 python benchmarks/decode_cache.py --json "$work/decode-cache.json" ;;
+        cache-tests) stage cache-tests 200 python -m pytest -m gpu tests/test_gpu_cache.py -q \
+            -p no:cacheprovider ;;
         masks) stage masks 240 python benchmarks/mask_kernels.py --json "$work/mask-kernels.json" ;;
         calibrate) stage calibrate 240 python -m tokenring_bench.cli calibrate \
             --output "$work/calibrated-topology.json" ;;

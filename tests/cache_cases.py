@@ -19,16 +19,22 @@ def _history_reference(q, keys, values, before: int, causal: bool):
     return attention_reference(q, keys, values, causal=False, allowed=allowed)
 
 
-def cache_steps(w, *, world, seed, batch, heads, head_dim, capacity, steps, strategy="auto",
-                causal=True, dtype="float64"):  # fmt: skip
+def cache_steps(w, *, world, **case):
+    """``run_steps`` on this rank's group of ``world`` ranks, on the CPU."""
+    return run_steps(w.group(world), "cpu", **case)
+
+
+def run_steps(group, device, *, seed, batch, heads, head_dim, capacity, steps, strategy="auto",
+              causal=True, dtype="float64", capture=False):  # fmt: skip
     """Run ``steps`` (each ``(L, sharded, new_lengths or None)``) on one cache; per step the
     worst error against float64 attention over each row's whole history (real query rows;
-    padded ones must be zero), and the replicated outputs (bitwise checks across ranks)."""
-    group = w.group(world)
+    padded ones must be zero), and the replicated outputs (bitwise checks across ranks).
+    ``capture``: one-token replicated steps run as a captured step (CUDA)."""
     dt = DTYPES[dtype]
     hq, hkv = heads
     cache = tr.KVCache(batch=batch, capacity=capacity, heads_kv=hkv, head_dim=head_dim,
-                       dtype=dt, group=group)  # fmt: skip
+                       dtype=dt, device=device, group=group)  # fmt: skip
+    captured = None
     g = torch.Generator().manual_seed(seed)
     hist_k = [torch.zeros(1, 0, hkv, head_dim, dtype=torch.float64) for _ in range(batch)]
     hist_v = [h.clone() for h in hist_k]
@@ -38,13 +44,19 @@ def cache_steps(w, *, world, seed, batch, heads, head_dim, capacity, steps, stra
                    for h in (hq, hkv, hkv))  # fmt: skip
         q, k, v = (t.to(dt) for t in (q, k, v))
         real = list(new_lengths) if new_lengths is not None else [length] * batch
-        given = (q, k, v)
+        given = tuple(t.to(device) for t in (q, k, v))
         if sharded:
             given = tuple(tr.shard(t, layout="contiguous", group=group, dim=1) for t in given)
-        out, lse = cache.attend(
-            *given, causal=causal, sharded=sharded, strategy=strategy, return_lse=True,
-            new_lengths=None if new_lengths is None else torch.tensor(real),
-        )  # fmt: skip
+        if capture and length == 1 and not sharded and new_lengths is None:
+            if captured is None:
+                captured = cache.capture(*given, causal=causal, return_lse=True)
+            out, lse = captured(*given)
+        else:
+            out, lse = cache.attend(
+                *given, causal=causal, sharded=sharded, strategy=strategy, return_lse=True,
+                new_lengths=None if new_lengths is None else torch.tensor(real),
+            )  # fmt: skip
+        out, lse = out.cpu(), lse.cpu()
         if sharded:
             out = tr.unshard(out, layout="contiguous", group=group, dim=1, seq_len=length)
             lse = tr.unshard(lse, layout="contiguous", group=group, dim=2, seq_len=length)

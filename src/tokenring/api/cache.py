@@ -23,6 +23,7 @@ from ..call.description import AUTO, CallDescription, Options
 from ..execution.comm import group_world
 from ..execution.executor import Execution, run_forward
 from ..execution.kernels import BlockSpec, KernelBackend, select_kernel
+from ..execution.kernels.cache_flash import PAGE
 from ..execution.slots import SlotGeometry
 from ..options import Layout, Pass, Strategy
 from ..runtime import runtime
@@ -32,6 +33,7 @@ from ..schedules import STRATEGIES
 from ..schedules.cache import CacheKey, cache_schedule, chunk_parts
 from ..schedules.ir import GROUP_AXIS, Schedule
 from ..schedules.key import ScheduleKey
+from .cache_capture import CapturedStep
 
 __all__ = ["KVCache"]
 
@@ -89,7 +91,7 @@ class KVCache:
         if self.world > 1:
             rt.remember(group)
         self.local_capacity = -(-capacity // self.world)
-        self._k = self._v = torch.empty(0)
+        self._k = self._v = torch.empty(0, 0)
         self._grow(1)
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self._host: list[int] = [0] * batch
@@ -99,16 +101,20 @@ class KVCache:
     def _grow(self, staging: int) -> None:
         """Make room after the local capacity for ``staging`` tokens: this rank's part of
         a chunk sits there while it attends (next to the cache, as its key piece), and
-        tokens a rank does not keep are written past the capacity, where nothing reads."""
+        tokens a rank does not keep are written past the capacity, where nothing reads.
+        Batch-major (each row's tokens contiguous, what flash-attention's cache reads
+        take), rows rounded up to its pages on CUDA."""
         rows = self.local_capacity + staging
-        if self._k.shape[0] >= rows:
+        if self._k.shape[1] >= rows:
             return
-        shape = (rows, self.batch, self.heads_kv, self.head_dim)
+        if self.device.type == "cuda":
+            rows = -(-rows // PAGE) * PAGE
+        shape = (self.batch, rows, self.heads_kv, self.head_dim)
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self._k.numel():
-            k[: self.local_capacity] = self._k[: self.local_capacity]
-            v[: self.local_capacity] = self._v[: self.local_capacity]
+            k[:, : self.local_capacity] = self._k[:, : self.local_capacity]
+            v[:, : self.local_capacity] = self._v[:, : self.local_capacity]
         self._k, self._v = k, v
 
     def reset(self) -> None:
@@ -150,7 +156,23 @@ class KVCache:
             out, lse = self._attend(q, k, v, causal, sharded, softmax_scale, strategy, new_lengths)
         return (out, lse) if return_lse else out
 
-    def _attend(self, q, k, v, causal, sharded, scale, strategy, new_lengths):
+    def capture(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+        softmax_scale: float | None = None, return_lse: bool = False, warmup: int = 2,
+    ) -> CapturedStep:  # fmt: skip
+        """One decode step (replicated ``q``, ``k``, ``v`` of these shapes) captured in a
+        CUDA graph: ``step(q, k, v)`` then appends and attends as ``attend`` does, the
+        lengths advancing on the device, with one graph launch and no host sync
+        (``api/cache_capture.py``). Collective: every rank captures at the same point.
+        The cache is left as it was (the warm-up and capture calls append nothing)."""
+        return CapturedStep(
+            self, q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+            warmup=warmup,
+        )  # fmt: skip
+
+    def _attend(self, q, k, v, causal, sharded, scale, strategy, new_lengths, fixed=False):
+        """``attend`` under no_grad; ``fixed``: a cache piece as long as the local
+        capacity, whatever the lengths (one plan for every step of a captured graph)."""
         problems = self._problems(q, k, v, causal, sharded, scale, strategy)
         local = q.shape[1] if not problems else 0
         chunk, problems = self._chunk(local, sharded, problems)
@@ -171,7 +193,8 @@ class KVCache:
         padded = any(n != chunk for n in real)
         key = CacheKey(
             resolved, self.world, self.rank,
-            _cell(-(-max(self._host) // self.world), self.local_capacity), chunk, sharded,
+            _cell(None if fixed else -(-max(self._host) // self.world), self.local_capacity),
+            chunk, sharded,
             causal, ragged_chunk=padded and not causal, heads_q=heads_q, heads_kv=self.heads_kv,
         )  # fmt: skip
         plan = self._plan(key, q, scale, sharded)
@@ -180,12 +203,16 @@ class KVCache:
         staged = slice(key.cell, key.cell + b - a)
         self._grow(b - a)
         mine_k, mine_v = (k, v) if sharded else (k[:, a:b], v[:, a:b])
-        self._k[staged] = mine_k.transpose(0, 1)
-        self._v[staged] = mine_v.transpose(0, 1)
-        real_dev = torch.tensor(real, dtype=torch.int64).to(self.device, non_blocking=True)
+        self._k[:, staged] = mine_k
+        self._v[:, staged] = mine_v
+        if new_lengths is None:  # made on the device: capturable
+            real_dev = torch.full((self.batch,), chunk, dtype=torch.int64, device=self.device)
+        else:
+            real_dev = torch.tensor(real, dtype=torch.int64).to(self.device, non_blocking=True)
         end = key.cell + b - a
         out, lse = run_forward(
-            plan.geometry, q, self._k[:end], self._v[:end], plan.execution, kv_rowmajor=True,
+            plan.geometry, q, self._k[:, :end].transpose(0, 1), self._v[:, :end].transpose(0, 1),
+            plan.execution, kv_rowmajor=True,
             key_lengths=self._key_lengths(key, parts, real_dev),
         )  # fmt: skip
         lse = lse.permute(1, 2, 0)
@@ -366,8 +393,8 @@ class KVCache:
         x = torch.arange(chunk, device=self.device)
         t = self.lengths[:, None] + x[None, :]
         keep = (t % P == r) & (x[None, :] < real[:, None])
-        index = torch.where(keep, t.div(P, rounding_mode="floor"), self._k.shape[0] - 1)
+        index = torch.where(keep, t.div(P, rounding_mode="floor"), self._k.shape[1] - 1)
         rows = torch.arange(self.batch, device=self.device)[:, None].expand_as(index)
-        self._k[index, rows] = k
-        self._v[index, rows] = v
+        self._k[rows, index] = k
+        self._v[rows, index] = v
         self.lengths += real

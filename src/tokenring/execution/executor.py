@@ -106,6 +106,8 @@ def _post_transfers(
     messages, sent, unpacks = [], [], []
     for t, step in zip(op.moves, steps):
         tensors = [store.at(step.place, comp) for comp in step.components]
+        if t.send:  # a KV cache's storage is batch-major: its rows are not one block
+            tensors = [x if x.is_contiguous() else x.contiguous() for x in tensors]
         if t.send:
             sent.append(Sent(t.lane, sum(_nbytes(x) for x in tensors), step.kind))
         if pack and len(tensors) > 1:

@@ -128,7 +128,7 @@ def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return x
     t, b, h, *rest = x.shape
-    return x.view(t, b, groups, h // groups, *rest).movedim(2, 0).contiguous()
+    return x.reshape(t, b, groups, h // groups, *rest).movedim(2, 0).contiguous()
 
 
 def _rows_of(schedule: Schedule) -> list[Rows]:

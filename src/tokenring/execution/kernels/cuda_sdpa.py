@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .base import KernelBackend, delta_surrogate, padding_bias
+from .cache_flash import flash_key_lengths
 
 __all__ = ["CudnnAttention", "EfficientAttention", "FlashAttention"]
 
@@ -123,6 +124,10 @@ class FlashAttention(_CudaBackend):
     head_dim_multiple = 8
     native_gqa = True
     deterministic_backward = False
+    padded_keys = True
+
+    def _ragged_forward(self, q, k, v, scale, key_lengths):
+        return flash_key_lengths(q, k, v, scale, key_lengths)
 
     def _forward(self, q, k, v, causal, scale):
         out, lse, *_ = torch._scaled_dot_product_flash_attention(
