@@ -15,6 +15,7 @@ import torch
 
 import tokenring as tr
 from cache_cases import cache_error, cache_steps
+from reference import attention_reference, rel_err
 from tokenring.call.description import CallDescription
 from tokenring.options import Pass, Strategy
 from tokenring.planner.costs import collective_pair_bytes
@@ -200,3 +201,56 @@ def test_a_decode_step_moves_the_formulas_bytes_whatever_the_cache_holds(world):
             moves = [m for op in sched.ops if isinstance(op, Post) for m in op.moves]
             sent = sum(collective_pair_bytes(sched, m, Pass.FORWARD, call) for m in moves)
             assert sent * (world - 1) == formula, (cell, rank)
+
+
+class _FlashStandIn:
+    """``aten._flash_attention_forward``'s variable-length call with ``seqused_k``, in
+    float64 on the CPU (non-causal, no window): sequence ``i`` is query rows
+    ``cu_q[i]:cu_q[i+1]`` against key rows ``cu_k[i]:cu_k[i] + seqused_k[i]``; a
+    sequence with no key gives zeros and an LSE of +inf, as flash does."""
+
+    def _flash_attention_forward(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal,
+                                 debug, *, scale, seqused_k):  # fmt: skip
+        group = q.shape[1] // k.shape[1]
+        out = torch.zeros(q.shape, dtype=torch.float64)
+        lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float64)
+        for i in range(len(cu_q) - 1):
+            a, b, start, n = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(seqused_k[i])
+            assert b - a <= max_q and n <= max_k and not causal
+            if n == 0:
+                continue
+            keys = k[start : start + n].double().repeat_interleave(group, 1)
+            values = v[start : start + n].double().repeat_interleave(group, 1)
+            scores = torch.einsum("qhd,khd->hqk", q[a:b].double(), keys) * scale
+            lse[:, a:b] = torch.logsumexp(scores, -1)
+            out[a:b] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+        return out.to(q.dtype), lse.float(), None, None, None
+
+
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4), (6, 1)])
+@pytest.mark.parametrize("length", [1, 3])
+def test_cache_reads_take_each_rows_keys_from_batch_major_storage(monkeypatch, heads, length):
+    """The GPU path's indexing on the CPU, through a float64 stand-in of flash's call:
+    batch-major storage of 48 rows seen as one packed key tensor, 40 offered, rows of
+    0, 5 and 40 valid keys; equal to attention over each row's valid keys."""
+    from tokenring.execution.kernels import cache_flash
+
+    monkeypatch.setattr(cache_flash, "aten", _FlashStandIn())
+    g = torch.Generator().manual_seed(length)
+    hq, hkv = heads
+    storage_k = torch.randn(3, 48, hkv, 8, generator=g, dtype=torch.float64)
+    storage_v = torch.randn(3, 48, hkv, 8, generator=g, dtype=torch.float64)
+    q = torch.randn(3, length, hq, 8, generator=g, dtype=torch.float64)
+    used = torch.tensor([0, 5, 40])
+    out, lse = cache_flash.flash_key_lengths(
+        q, storage_k[:, :40], storage_v[:, :40], 0.3, used, paged=False
+    )
+    for b, n in enumerate(used.tolist()):
+        if n == 0:
+            continue
+        ref_out, ref_lse = attention_reference(
+            q[b : b + 1], storage_k[b : b + 1, :n], storage_v[b : b + 1, :n], causal=False,
+            scale=0.3,
+        )  # fmt: skip
+        assert rel_err(out[b : b + 1], ref_out) < 1e-12, b
+        assert rel_err(lse[b : b + 1], ref_lse) < 1e-6, b  # flash's LSE is float32

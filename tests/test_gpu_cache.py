@@ -11,7 +11,7 @@ import torch
 import tokenring as tr
 from cache_cases import run_steps
 from reference import attention_reference, rel_err
-from tokenring.execution.kernels.cache_flash import flash_key_lengths
+from tokenring.execution.kernels.cache_flash import TAKES_PAGES, flash_key_lengths
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,7 +26,10 @@ BF16_TOL = 2e-2
 @pytest.mark.parametrize("heads", [(8, 2), (4, 4), (8, 1)])
 def test_flash_reads_each_rows_valid_keys(paged, length, heads):
     """Batch-major storage of 768 rows (three pages), 600 of them offered, rows holding
-    5, 300 and 600 valid keys: each row's output equals float64 attention over its own."""
+    5, 300 and 600 valid keys, read flat or as pages: each row's output equals float64
+    attention over its own keys."""
+    if paged and not TAKES_PAGES:
+        pytest.skip(f"PyTorch {torch.__version__}'s flash call takes no block_table")
     g = torch.Generator().manual_seed(length)
     hq, hkv = heads
     storage_k = torch.randn(3, 768, hkv, 64, generator=g).to("cuda", torch.bfloat16)
@@ -56,7 +59,7 @@ def test_prefill_and_decode_on_one_gpu(capture, heads):
                                    capacity=1024, steps=STEPS, dtype="bfloat16",
                                    capture=capture)  # fmt: skip
     assert max(errors) < BF16_TOL, errors
-    assert lengths == [711, 713]
+    assert lengths == [709, 711]  # 700 + 5 + 3 (5) real + 1
 
 
 def test_a_captured_step_costs_no_host_sync():

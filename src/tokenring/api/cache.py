@@ -159,6 +159,7 @@ class KVCache:
     def capture(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
         softmax_scale: float | None = None, return_lse: bool = False, warmup: int = 2,
+        clone_outputs: bool = True,
     ) -> CapturedStep:  # fmt: skip
         """One decode step (replicated ``q``, ``k``, ``v`` of these shapes) captured in a
         CUDA graph: ``step(q, k, v)`` then appends and attends as ``attend`` does, the
@@ -167,7 +168,7 @@ class KVCache:
         The cache is left as it was (the warm-up and capture calls append nothing)."""
         return CapturedStep(
             self, q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
-            warmup=warmup,
+            warmup=warmup, clone_outputs=clone_outputs,
         )  # fmt: skip
 
     def _attend(self, q, k, v, causal, sharded, scale, strategy, new_lengths, fixed=False):

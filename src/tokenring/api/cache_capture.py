@@ -31,6 +31,7 @@ class CapturedStep:
     def __init__(
         self, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         causal: bool, softmax_scale: float | None, return_lse: bool, warmup: int,
+        clone_outputs: bool = True,
     ) -> None:  # fmt: skip
         if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in (q, k, v)):
             raise ValueError("KVCache.capture needs CUDA tensors (a CUDA graph)")
@@ -38,6 +39,7 @@ class CapturedStep:
             raise ValueError(f"warmup must be a positive int (the plan must exist), got {warmup!r}")
         self.cache = cache
         self.return_lse = return_lse
+        self.clone_outputs = clone_outputs
         self.tokens = q.shape[1]
         self.inputs = tuple(t.clone() for t in (q, k, v))
         args = (causal, False, softmax_scale, "auto", None)
@@ -58,8 +60,11 @@ class CapturedStep:
         cache._host = host  # the capture ran the host side once, and no kernel
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Append ``k``, ``v`` and return ``q``'s attention over everything cached (a
-        fresh tensor; with ``return_lse`` also the LSE), as ``cache.attend`` would."""
+        """Append ``k``, ``v`` and return ``q``'s attention over everything cached (with
+        ``return_lse`` also the LSE), as ``cache.attend`` would: fresh tensors, or with
+        ``clone_outputs=False`` the graph's own, overwritten by the next step. Inputs
+        that are ``self.inputs`` themselves (write the next token there) are not
+        copied: the least host time per step."""
         for new, static in zip((q, k, v), self.inputs):
             if new.shape != static.shape or new.dtype != static.dtype:
                 raise ValueError(
@@ -78,4 +83,7 @@ class CapturedStep:
                 static.copy_(new)
         self.graph.replay()
         cache._host = full
-        return (self.out.clone(), self.lse.clone()) if self.return_lse else self.out.clone()
+        out, lse = self.out, self.lse
+        if self.clone_outputs:
+            out, lse = out.clone(), lse.clone()
+        return (out, lse) if self.return_lse else out
