@@ -254,3 +254,24 @@ def test_cache_reads_take_each_rows_keys_from_batch_major_storage(monkeypatch, h
         )  # fmt: skip
         assert rel_err(out[b : b + 1], ref_out) < 1e-12, b
         assert rel_err(lse[b : b + 1], ref_lse) < 1e-6, b  # flash's LSE is float32
+
+
+def test_the_planner_prices_a_sharded_prefill_and_passes_queries_past_a_long_cache():
+    """A chunk of 4K new tokens against 256K cached ones on 8 H100s: TokenRing (the
+    queries travel) is predicted fastest; ring moves every cache and pays for it, more
+    as the cache grows, TokenRing's time grows only with the compute."""
+    from tokenring.planner.cache_plan import plan_cache_call
+    from tokenring.planner.presets import preset
+
+    topology = preset("h100-nvswitch-8", 8)
+    call = CallDescription.of_shape(world=8, seq_len=4096, heads_q=32, heads_kv=8,
+                                    head_dim=128, causal=True, layout=None)  # fmt: skip
+    times = {}
+    for cell in (4096, 32768):
+        key = CacheKey(Strategy.TOKENRING, 8, 0, cell, 4096, True, True, heads_q=32, heads_kv=8)
+        report = plan_cache_call(topology, call, key)
+        times[cell] = {c.strategy: c.predicted_ms for c in report.candidates}
+        assert report.best.strategy is Strategy.TOKENRING, report.explain()
+    ring_growth = times[32768][Strategy.RING] / times[4096][Strategy.RING]
+    tokenring_growth = times[32768][Strategy.TOKENRING] / times[4096][Strategy.TOKENRING]
+    assert ring_growth > tokenring_growth, times

@@ -24,7 +24,7 @@ from ..planner.topology import Topology
 from ..runtime import Runtime
 from ..schedules.ir import GROUP_AXIS
 
-__all__ = ["AutoChoice", "resolve_auto"]
+__all__ = ["AutoChoice", "resolve_auto", "topology_for"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def _device(call: CallDescription) -> torch.device:
     return torch.device(call.device_type)
 
 
-def _topology(rt: Runtime, call: CallDescription, world: int) -> Topology:
+def topology_for(rt: Runtime, call: CallDescription, world: int) -> Topology:
     """The machine ``auto`` plans ``world`` ranks of ``call``'s devices for, found once per
     topology setting, device type and size (``Runtime.topologies``); a setting that does
     not fit (a file of fewer devices, one that cannot be read) warns then, once, and
@@ -97,7 +97,7 @@ def resolve_auto(rt: Runtime, call: CallDescription, site: Site) -> AutoChoice:
     report = None
     if site.world > 1 or mesh:
         report = plan_call(
-            _topology(rt, call, site.world),
+            topology_for(rt, call, site.world),
             call,
             backward=call.wants_grad,
             with_usp=False,

@@ -14,7 +14,7 @@ The new tokens are then appended. See docs/algorithms.md, "KV cache".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -25,14 +25,14 @@ from ..execution.executor import Execution, run_forward
 from ..execution.kernels import BlockSpec, KernelBackend, select_kernel
 from ..execution.kernels.cache_flash import PAGE
 from ..execution.slots import SlotGeometry
-from ..options import Layout, Pass, Strategy
+from ..options import Layout, Pass, RingImpl, Strategy
+from ..planner.cache_plan import cache_refusal, plan_cache_call
 from ..runtime import runtime
 from ..runtime.agreement import agree, exchange
 from ..runtime.state import BoundedCache
-from ..schedules import STRATEGIES
 from ..schedules.cache import CacheKey, cache_schedule, chunk_parts
 from ..schedules.ir import GROUP_AXIS, Schedule
-from ..schedules.key import ScheduleKey
+from .auto import AutoChoice, topology_for
 from .cache_capture import CapturedStep
 
 __all__ = ["KVCache"]
@@ -189,15 +189,14 @@ class KVCache:
                 f"{max(full)} in a sequence, past the capacity of {self.capacity} "
                 f"(lengths now {self._host}); make a larger cache or reset() it"
             )
-        resolved = self._strategy(strategy, sharded)
-        heads_q = q.shape[2]
         padded = any(n != chunk for n in real)
         key = CacheKey(
-            resolved, self.world, self.rank,
+            Strategy.TOKENRING, self.world, self.rank,
             _cell(None if fixed else -(-max(self._host) // self.world), self.local_capacity),
-            chunk, sharded,
-            causal, ragged_chunk=padded and not causal, heads_q=heads_q, heads_kv=self.heads_kv,
+            chunk, sharded, causal, ragged_chunk=padded and not causal, heads_q=q.shape[2],
+            heads_kv=self.heads_kv,
         )  # fmt: skip
+        key = replace(key, strategy=self._strategy(strategy, key, self._describe(key, scale)))
         plan = self._plan(key, q, scale, sharded)
         parts = chunk_parts(chunk, self.world)
         a, b = parts[self.rank]
@@ -298,25 +297,32 @@ class KVCache:
             )
         return values, ""
 
-    def _strategy(self, strategy, sharded: bool) -> Strategy:
-        if getattr(strategy, "value", strategy) == AUTO:
+    def _strategy(self, strategy, key: CacheKey, call: CallDescription) -> Strategy:
+        """The strategy named, or ``auto``'s: the planner's fastest for a sharded chunk on
+        this machine (decided once per kind of call, the same on every rank: it reads
+        only the call and the topology setting; ``tr.runtime().why()`` says why);
+        replicated queries run one schedule whatever is named."""
+        name = getattr(strategy, "value", strategy)
+        if name != AUTO:
+            return Strategy(name)
+        if not key.sharded or self.world == 1:
             return Strategy.TOKENRING
-        return Strategy(getattr(strategy, "value", strategy))
+        rt = runtime()
+        found = rt.auto.get_fresh(("kvcache", key, call))
+        if found is None:
+            report = plan_cache_call(topology_for(rt, call, self.world), call, key)
+            best = report.best.strategy if report.priced else Strategy.TOKENRING
+            found = AutoChoice(best, RingImpl.TOKENRING, report, call.with_strategy(best))
+            rt.auto.put(("kvcache", key, call), found)
+        return found.strategy
 
     # -- plans ------------------------------------------------------------------
     def _plan(self, key: CacheKey, q: torch.Tensor, scale, sharded: bool) -> _CachePlan:
         found = self._plans.get_fresh((key, scale))
         if found is not None:
             return found
-        options = Options(
-            strategy=key.strategy, layout=Layout.CONTIGUOUS, causal=key.causal,
-            softmax_scale=scale, seq_len=key.chunk,
-        )  # fmt: skip
-        call = CallDescription(
-            options, self.batch, key.heads_q, self.heads_kv, self.head_dim, self.dtype,
-            self.device.type, self.world,
-        )  # fmt: skip
-        problem = self._refusal(key) if sharded else ""
+        call = self._describe(key, scale)
+        problem = cache_refusal(key) if sharded else ""
         rt = runtime()
         lanes = rt.lanes(self.group) if self.world > 1 else None
         if not sharded:  # once per kind: every rank raises alike if they differ
@@ -334,19 +340,17 @@ class KVCache:
         self._plans.put((key, scale), plan)
         return plan
 
-    @staticmethod
-    def _refusal(key: CacheKey) -> str:
-        """Why the strategy cannot run this sharded call (empty if it can)."""
-        if key.strategy is Strategy.USP:
-            return "strategy 'usp' runs over a mesh; a KVCache runs over a group"
-        probe = ScheduleKey(
-            key.strategy, Layout.CONTIGUOUS, key.world, key.rank, key.geometry, key.mask,
-            Pass.FORWARD, key.heads_q, key.heads_kv,
+    def _describe(self, key: CacheKey, scale) -> CallDescription:
+        """The call as the executor, the agreement and the planner read it: the chunk of
+        new tokens over the group."""
+        options = Options(
+            strategy=key.strategy, layout=Layout.CONTIGUOUS, causal=key.causal,
+            softmax_scale=scale, seq_len=key.chunk,
         )  # fmt: skip
-        reasons = STRATEGIES[key.strategy].not_supported_reasons(probe)
-        return (
-            f"strategy {key.strategy.value!r} cannot run: {'; '.join(reasons)}" if reasons else ""
-        )
+        return CallDescription(
+            options, self.batch, key.heads_q, self.heads_kv, self.head_dim, self.dtype,
+            self.device.type, self.world,
+        )  # fmt: skip
 
     @staticmethod
     def _kernel(call: CallDescription) -> KernelBackend:
