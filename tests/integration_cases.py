@@ -171,3 +171,48 @@ def unsharded_call_case(w, *, world: int) -> dict:
     handle.disable()
     after = model.generate(ids, **settings)
     return {**found, "same_after_disable": bool(torch.equal(after, before))}
+
+
+def generate_case(w, *, world: int, family: str, padded: bool) -> dict:
+    """``generate`` with a ``ShardedKVCache`` after ``enable`` against the same model's
+    ``generate`` on one process: greedy tokens and scores, then sampling with a fixed
+    seed; a batch of two prompts, the first padded on the left when ``padded``."""
+    from tokenring.integrations.transformers import ShardedKVCache, enable
+
+    group = w.group(world)
+    model = tiny_causal_lm(family)
+    ids = torch.randint(1, 101, (2, 13), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[0, :4], mask[0, :4] = 0, 0
+    greedy = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    sampled = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=0,
+                   pad_token_id=0)  # fmt: skip
+
+    def runs(cache_of):
+        first = model.generate(ids, past_key_values=cache_of(), **greedy)
+        torch.manual_seed(3)
+        second = model.generate(ids, past_key_values=cache_of(), **sampled)
+        return first, second
+
+    ref_greedy, ref_sampled = runs(lambda: None)
+    handle = enable(model, group=group)
+    got_greedy, got_sampled = runs(
+        lambda: ShardedKVCache(config=model.config, max_cache_len=24, group=group)
+    )
+    refused = ""
+    try:
+        model.generate(ids, past_key_values=ShardedKVCache(config=model.config, max_cache_len=24,
+                       group=group), num_beams=2, max_new_tokens=2, pad_token_id=0)  # fmt: skip
+    except ValueError as err:
+        refused = str(err)
+    handle.disable()
+    scores = max(rel_err(a, b) for a, b in zip(got_greedy.scores, ref_greedy.scores))
+    return {
+        "greedy": bool(torch.equal(got_greedy.sequences, ref_greedy.sequences)),
+        "scores": scores,
+        "sampled": bool(torch.equal(got_sampled, ref_sampled)),
+        "tokens": got_sampled,
+        "beams": refused,
+    }

@@ -275,3 +275,49 @@ def test_the_planner_prices_a_sharded_prefill_and_passes_queries_past_a_long_cac
     ring_growth = times[32768][Strategy.RING] / times[4096][Strategy.RING]
     tokenring_growth = times[32768][Strategy.TOKENRING] / times[4096][Strategy.TOKENRING]
     assert ring_growth > tokenring_growth, times
+
+
+def test_the_planner_prices_a_decode_step_by_the_cache_each_rank_holds():
+    """Replicated queries (decode) are priced as their one schedule: on 8 H100s a rank's
+    share of a million cached tokens costs several times a share of 128K (its keys and
+    values are read at the device's rate; the merge of the partials stays), and the
+    communication (one all-gather of partials) does not grow with the cache."""
+    from tokenring.planner.cache_plan import plan_cache_call
+    from tokenring.planner.presets import preset
+
+    topology = preset("h100-nvswitch-8", 8)
+    call = CallDescription.of_shape(world=8, seq_len=1, heads_q=32, heads_kv=8, head_dim=128,
+                                    batch=8, causal=True, layout=None)  # fmt: skip
+    found = {}
+    for cell in (16384, 131072):
+        key = CacheKey(Strategy.TOKENRING, 8, 0, cell, 1, False, True, heads_q=32, heads_kv=8)
+        (only,) = plan_cache_call(topology, call, key).candidates
+        found[cell] = only
+    assert found[16384].name == "local"
+    compute = found[131072].term_ms("compute") / found[16384].term_ms("compute")
+    assert 4 < compute < 8, compute
+    assert found[131072].term_ms("comm") <= found[16384].term_ms("comm") * 1.01
+
+
+def test_the_planners_decode_prices_match_one_h100s_measured_steps():
+    """The planner's price of a whole decode step on one rank (the cache block, the new
+    token's block, their merge) against the captured steps one H100 measured
+    (benchmarks/runs/...-decode-cache.json, RESULTS.md 0f): within 25 % at every shard
+    and batch (short shards at batch 1 run below the read rate the model assumes)."""
+    import json
+    from pathlib import Path
+
+    from tokenring.planner.cache_plan import plan_cache_call
+    from tokenring.planner.presets import preset
+
+    runs = Path(__file__).resolve().parent.parent / "benchmarks" / "runs"
+    (path,) = runs.glob("2026-12-06-h100x1-*-decode-cache.json")
+    topology = preset("h100-nvswitch-8", 1)
+    for row in json.loads(path.read_text())["rows"]:
+        call = CallDescription.of_shape(world=1, seq_len=1, heads_q=32, heads_kv=8,
+                                        head_dim=128, batch=row["batch"], causal=True)  # fmt: skip
+        key = CacheKey(Strategy.TOKENRING, 1, 0, row["shard"] + 64, 1, False, True,
+                       heads_q=32, heads_kv=8)  # fmt: skip
+        (only,) = plan_cache_call(topology, call, key).candidates
+        predicted = only.term_ms("compute")
+        assert abs(predicted / row["captured_step_ms"] - 1) < 0.25, (row, predicted)

@@ -15,6 +15,7 @@ import torch
 from diffusers_cases import dit_case, tiny_flux
 from integration_cases import (
     GPT_OSS,
+    generate_case,
     llm_case,
     packed_llm_case,
     tiny_causal_lm,
@@ -201,3 +202,30 @@ def test_the_flux_example_runs_under_torchrun_and_matches_the_unsharded_model():
     assert done.returncode == 0, done.stderr[-3000:]
     (err,) = re.findall(r"relative difference ([0-9.e+-]+);", done.stdout)
     assert float(err) <= 1e-5, done.stdout
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_generate_over_a_sharded_kv_cache_equals_generate_on_one_process(pool, family):
+    """``generate`` with ``ShardedKVCache`` after ``enable`` on 2 and 3 processes: greedy
+    tokens and scores (float64) and sampled tokens (a fixed seed) equal one process's
+    ``generate``, with and without a left-padded prompt; beam search is refused; every
+    rank holds the same tokens."""
+    cases = [dict(world=w, family=family, padded=p) for w in (2, 3) for p in (False, True)]
+    for case, per_rank in zip(cases, pool.run(generate_case, cases, timeout=300)):
+        for r in per_rank:
+            assert r["greedy"] and r["sampled"] and r["scores"] < 1e-10, (case, r)
+            assert "beam search" in r["beams"], (case, r)
+        assert all(torch.equal(r["tokens"], per_rank[0]["tokens"]) for r in per_rank), case
+
+
+@pytest.mark.timeout(200)
+def test_the_generate_example_runs_under_torchrun():
+    """examples/generate_llama.py on 2 CPU processes: a prompt of 384 tokens, each rank
+    caching 200 of the 400; the tokens equal generate on one process."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "generate_llama.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", str(example), "--prompt", "384", "--new", "16"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "each rank caches 200 tokens of a sequence (not 400)" in done.stdout, done.stdout
+    assert "same tokens as generate on one process: True" in done.stdout, done.stdout

@@ -7,6 +7,9 @@ training decoder LLMs, through transformers' own registries, and undoable.
     loss.backward()                         # then sum gradients over the group
     handle.disable()                        # the model's previous attention again
 
+    model.generate(ids, past_key_values=ShardedKVCache(config=model.config,
+                   max_cache_len=N))            # generate, the KV cache sharded (every rank)
+
 ``enable`` registers an attention function and a mask function under a name of
 its own (``AttentionInterface.register``, ``AttentionMaskInterface.register``)
 and switches the model to it (``set_attn_implementation``): nothing of
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -42,7 +45,10 @@ from ..api.attention import run
 from ..api.sharding import shard
 from ..call.description import Options
 
-__all__ = ["SUPPORTED_FAMILIES", "TransformersHandle", "enable", "shard_batch"]
+if TYPE_CHECKING:  # at run time: __getattr__ below, which needs transformers
+    from .transformers_cache import ShardedKVCache
+
+__all__ = ["SUPPORTED_FAMILIES", "ShardedKVCache", "TransformersHandle", "enable", "shard_batch"]
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt_oss")
 """``config.model_type`` of the decoder families tested (tests/test_integrations.py)."""
@@ -66,8 +72,9 @@ UNSHARDED_CALL = (
     "this model's attention is sequence-parallel (tokenring.integrations.transformers."
     "enable) but the call did not come from shard_batch: every rank would take its whole "
     "sequence for a shard of a longer one. Feed the model shard_batch(batch) parts; for "
-    "generate or evaluation on whole sequences call handle.disable() first (generate over "
-    "a sharded KV cache is not supported yet)"
+    "evaluation on whole sequences call handle.disable() first; for generate pass "
+    "past_key_values=ShardedKVCache(config=model.config, max_cache_len=N) "
+    "(tokenring.integrations.transformers)"
 )
 """What a call of an enabled model on more than one rank raises when its inputs did not
 come from ``shard_batch`` (``generate``, evaluation on whole sequences): it would
@@ -147,6 +154,8 @@ def enable(
     restores the previous implementation. Feed it ``shard_batch`` parts with the same
     ``layout`` and ``group``/``mesh``."""
     _, interface, mask_interface = _transformers()
+    from .transformers_cache import CACHE_TAG, attend_cached  # subclasses transformers' Cache
+
     _check_model(model)
     usp = strategy == "usp" or (strategy == "auto" and mesh is not None)
     where = {"mesh": mesh, "group": None} if usp else {"mesh": None, "group": group}
@@ -159,6 +168,11 @@ def enable(
     ):
         if dropout:
             raise ValueError(f"attention dropout {dropout}: tokenring computes no dropout")
+        layer = getattr(key, CACHE_TAG, None)
+        if layer is not None:  # generate over a ShardedKVCache: replicated new tokens
+            return attend_cached(layer, query, key, value, attention_mask, scaling, kwargs), None
+        if attention_mask is not None:
+            raise ValueError("padding: tokenring's layouts cannot skip padded tokens")
         if ranks > 1 and SEQ_LEN_KEY not in kwargs:
             raise ValueError(UNSHARDED_CALL)
         window = kwargs.get("sliding_window")
@@ -181,9 +195,11 @@ def enable(
         attention_mask=None, **kwargs,
     ):  # fmt: skip
         # the supported families ask for the causal mask or the sliding-window causal
-        # mask only, and the attention applies both (the window from its keyword)
+        # mask only, and the attention applies both (the window from its keyword);
+        # padding goes on as the 2-D mask, which the attention takes (a ShardedKVCache's
+        # left-padded prompts) or refuses
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padding: tokenring's layouts cannot skip padded tokens")
+            return attention_mask
         return None
 
     name = f"tokenring_{next(_NAMES)}"
@@ -273,3 +289,14 @@ def _documents(positions: torch.Tensor) -> tuple[int, ...]:
     seq = positions.shape[1]
     cuts = (torch.nonzero(starts[0]).flatten() + 1).tolist()
     return (0, *cuts, seq)
+
+
+def __getattr__(name: str):
+    """``ShardedKVCache`` (``transformers_cache.py``), imported when asked for: it
+    subclasses transformers' ``Cache``, and importing this module needs no transformers."""
+    if name == "ShardedKVCache":
+        _transformers()
+        from .transformers_cache import ShardedKVCache
+
+        return ShardedKVCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

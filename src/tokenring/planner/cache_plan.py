@@ -14,7 +14,7 @@ from __future__ import annotations
 from ..call.description import CallDescription
 from ..options import Layout, Pass, Strategy
 from ..schedules import STRATEGIES
-from ..schedules.cache import CacheKey, cache_schedule
+from ..schedules.cache import LOCAL, CacheKey, cache_schedule
 from ..schedules.key import ScheduleKey
 from .choose import ONE_D, Candidate, PlanReport
 from .timing import simulate_timing
@@ -37,9 +37,16 @@ def cache_refusal(key: CacheKey) -> str:
 
 def plan_cache_call(topology: Topology, call: CallDescription, key: CacheKey) -> PlanReport:
     """Every strategy's predicted time for the sharded cache call ``key`` describes (its
-    strategy and rank ignored), fastest first, on the first ``key.world`` devices."""
+    strategy and rank ignored), fastest first, on the first ``key.world`` devices; for
+    replicated queries (decode) the one schedule they run, named ``local``."""
     topo = topology.first(key.world)
     priced: list[Candidate] = []
+    if not key.sharded:  # replicated queries: one schedule, whatever is named
+        scheds = [cache_schedule(CacheKey(Strategy.TOKENRING, key.world, r, *_rest(key)))
+                  for r in range(key.world)]  # fmt: skip
+        prediction = simulate_timing(scheds, Pass.FORWARD, call, topo)
+        only = Candidate(LOCAL, Strategy.TOKENRING, passes=((Pass.FORWARD, prediction),))
+        return PlanReport(topology.name, call, False, (only,))
     for strategy in ONE_D:
         probe = CacheKey(
             strategy, key.world, 0, key.cell, key.chunk, key.sharded, key.causal,

@@ -36,6 +36,20 @@ MASKED_SLOWDOWN = 5.0
 dense one (one H100: the memory-efficient kernel with a bias against cuDNN, 32K x 32K,
 benchmarks/RESULTS.md 0e)."""
 
+DECODE_ROWS = 16
+"""Blocks of at most this many query tokens are priced by the bytes of keys and values
+they read (``_decode_seconds``), not by the kernel table, whose smallest measured block
+is hundreds of tokens a side."""
+
+KV_READ_OVER_STREAM = 1.6
+"""How much faster a decode block reads keys and values than ``memory_gbps`` (the merges'
+rate, which reads and writes): one H100 read them at 2.96-3.06 TB/s from 128K cached
+tokens on, against the 1,878 GB/s merges are priced at (benchmarks/RESULTS.md 0f)."""
+
+DECODE_LATENCY_US = 30.0
+"""A decode block's time beyond its bytes (one H100, batch 1: 48 us at 16K cached tokens
+where the bytes take 22 us; 30 us fits 16K-512K within 10 %, RESULTS.md 0f)."""
+
 VARLEN_SLOWDOWN = 2.0
 """How much slower per allowed pair flash's variable-length call runs than the dense
 kernel the tables measure (one H100, 32K: dense causal flash 0.53x of cuDNN forward,
@@ -105,6 +119,8 @@ def compute_seconds(
                 pass_, q1 - q0, k1 - k0, kind is BlockKind.DIAG, bh, call.head_dim, wide
             )
             seconds += part * (MASKED_SLOWDOWN if kind is BlockKind.PARTIAL else 1.0)
+    elif sched.tokens(op.q) <= DECODE_ROWS and not device.synchronous:
+        seconds = _decode_seconds(rows_bytes(sched, op.kv, pass_, call), device)
     else:
         lq, lk = sched.tokens(op.q), sched.tokens(op.kv)
         causal = op.kind is BlockKind.DIAG
@@ -139,6 +155,13 @@ def _varlen_seconds(
             pass_, rows, keys, False, batch_heads, call.head_dim, wide
         )
     return seconds
+
+
+def _decode_seconds(kv_bytes: float, device: DeviceModel) -> float:
+    """A block of a few queries against many keys (a decode step): it reads the keys and
+    values once and computes next to nothing, so it costs their bytes at the device's
+    read rate and a fixed latency."""
+    return kv_bytes / (device.memory_gbps * KV_READ_OVER_STREAM * 1e9) + DECODE_LATENCY_US * 1e-6
 
 
 def merge_seconds(
