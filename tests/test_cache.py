@@ -176,10 +176,14 @@ def test_one_process_cache_properties():
 @pytest.mark.parametrize("strategy", [Strategy.TOKENRING, Strategy.RING, Strategy.ALLGATHER])
 def test_cache_schedules_compute_every_allowed_pair_once(world, sharded, strategy):
     """Symbolically: every rank's result holds each allowed (query, key) pair once: every
-    cached key, and the chunk's keys by the mask (replicated queries: on every rank)."""
-    for cell, chunk, causal in itertools.product((0, 3), (1, 5), (True, False)):
-        keys = [CacheKey(strategy, world, r, cell, chunk, sharded, causal, heads_q=2, heads_kv=1)
-                for r in range(world)]  # fmt: skip
+    cached key, and the chunk's keys by the mask (replicated queries: on every rank); also
+    where the new tokens joined the caches before the call."""
+    for cell, chunk, causal, appended in itertools.product((0, 3), (1, 5), (True, False),
+                                                           (False, True)):  # fmt: skip
+        if appended and causal and chunk > 1:
+            continue  # the new tokens join the caches first only where every query sees them
+        keys = [CacheKey(strategy, world, r, cell, chunk, sharded, causal, heads_q=2, heads_kv=1,
+                         appended=appended) for r in range(world)]  # fmt: skip
         scheds = [cache_schedule(key) for key in keys]
         sim = simulate(scheds, 2, 1)
         check_coverage(sim, scheds, (lambda x, y: y <= x) if causal else (lambda x, y: True))

@@ -190,26 +190,34 @@ class KVCache:
                 f"(lengths now {self._host}); make a larger cache or reset() it"
             )
         padded = any(n != chunk for n in real)
+        # where every new query sees every new key, the new tokens join the caches first
+        # and the call attends to the caches alone: one block per rank, no merge of a
+        # block of the chunk's own (a decode step)
+        appended = chunk == 1 or not causal
+        longest = max(full) if appended else max(self._host)
         key = CacheKey(
             Strategy.TOKENRING, self.world, self.rank,
-            _cell(None if fixed else -(-max(self._host) // self.world), self.local_capacity),
-            chunk, sharded, causal, ragged_chunk=padded and not causal, heads_q=q.shape[2],
-            heads_kv=self.heads_kv,
+            _cell(None if fixed else -(-longest // self.world), self.local_capacity), chunk,
+            sharded, causal, ragged_chunk=padded and not causal, heads_q=q.shape[2],
+            heads_kv=self.heads_kv, appended=appended,
         )  # fmt: skip
         key = replace(key, strategy=self._strategy(strategy, key, self._describe(key, scale)))
         plan = self._plan(key, q, scale, sharded)
-        parts = chunk_parts(chunk, self.world)
-        a, b = parts[self.rank]
-        staged = slice(key.cell, key.cell + b - a)
-        self._grow(b - a)
-        mine_k, mine_v = (k, v) if sharded else (k[:, a:b], v[:, a:b])
-        self._k[:, staged] = mine_k
-        self._v[:, staged] = mine_v
         if new_lengths is None:  # made on the device: capturable
             real_dev = torch.full((self.batch,), chunk, dtype=torch.int64, device=self.device)
         else:
             real_dev = torch.tensor(real, dtype=torch.int64).to(self.device, non_blocking=True)
-        end = key.cell + b - a
+        parts = chunk_parts(chunk, self.world)
+        a, b = parts[self.rank]
+        if appended:
+            self._append_all(k, v, chunk, sharded, real_dev)
+            end = key.cell
+        else:  # this rank's part of the chunk staged next to its cache: its key piece
+            self._grow(b - a)
+            mine_k, mine_v = (k, v) if sharded else (k[:, a:b], v[:, a:b])
+            self._k[:, key.cell : key.cell + b - a] = mine_k
+            self._v[:, key.cell : key.cell + b - a] = mine_v
+            end = key.cell + b - a
         out, lse = run_forward(
             plan.geometry, q, self._k[:, :end].transpose(0, 1), self._v[:, :end].transpose(0, 1),
             plan.execution, kv_rowmajor=True,
@@ -221,10 +229,17 @@ class KVCache:
             pad = rows[None, :] >= real_dev[:, None]
             out = out.masked_fill(pad[:, :, None, None], 0.0)
             lse = lse.masked_fill(pad[:, None, :], float("-inf"))
-        whole_k, whole_v = (self._gather(k, chunk), self._gather(v, chunk)) if sharded else (k, v)
-        self._append(whole_k, whole_v, real_dev)
+        if not appended:
+            self._append_all(k, v, chunk, sharded, real_dev)
         self._host = full
         return out, lse
+
+    def _append_all(self, k, v, chunk: int, sharded: bool, real: torch.Tensor) -> None:
+        """Append the chunk's real tokens (this rank's part of a sharded chunk gathered
+        whole first), each rank keeping its own."""
+        if sharded:
+            k, v = self._gather(k, chunk), self._gather(v, chunk)
+        self._append(k, v, real)
 
     # -- checks -----------------------------------------------------------------
     def _problems(self, q, k, v, causal, sharded, scale, strategy) -> list[str]:
@@ -363,11 +378,13 @@ class KVCache:
     # -- data -------------------------------------------------------------------
     def _key_lengths(self, key: CacheKey, parts, real: torch.Tensor) -> dict[int, torch.Tensor]:
         """The valid tokens per row of every ragged piece: rank ``s``'s cache holds the
-        positions ``t < length`` with ``t mod P == s``; a chunk part ``[a, b)`` the real
-        tokens that fall in it."""
+        positions ``t < length`` with ``t mod P == s`` (``ceil((length - s) / P)``); a
+        chunk part ``[a, b)`` the real tokens that fall in it."""
         P = self.world
-        found = {2 * s: (self.lengths - s + P - 1).div(P, rounding_mode="floor") for s in range(P)}
-        if key.ragged_chunk:
+        ranks = torch.arange(P, device=self.device)[:, None]
+        counts = (self.lengths[None, :] - ranks + P - 1).div(P, rounding_mode="floor")
+        found = {2 * s: counts[s] for s in range(P)}
+        if key.ragged_chunk and not key.appended:
             for s, (a, b) in enumerate(parts):
                 found[2 * s + 1] = (real - a).clamp(0, b - a)
         return found

@@ -48,10 +48,7 @@ def plan_cache_call(topology: Topology, call: CallDescription, key: CacheKey) ->
         only = Candidate(LOCAL, Strategy.TOKENRING, passes=((Pass.FORWARD, prediction),))
         return PlanReport(topology.name, call, False, (only,))
     for strategy in ONE_D:
-        probe = CacheKey(
-            strategy, key.world, 0, key.cell, key.chunk, key.sharded, key.causal,
-            key.ragged_chunk, key.heads_q, key.heads_kv,
-        )  # fmt: skip
+        probe = CacheKey(strategy, key.world, 0, *_rest(key))
         refused = cache_refusal(probe)
         if refused:
             priced.append(Candidate(strategy.value, strategy, refused=refused))
@@ -68,4 +65,4 @@ def plan_cache_call(topology: Topology, call: CallDescription, key: CacheKey) ->
 
 def _rest(key: CacheKey) -> tuple:
     return (key.cell, key.chunk, key.sharded, key.causal, key.ragged_chunk, key.heads_q,
-            key.heads_kv)  # fmt: skip
+            key.heads_kv, key.appended)  # fmt: skip

@@ -62,21 +62,25 @@ def chunk_parts(chunk: int, world: int) -> tuple[Span, ...]:
 
 @lru_cache(maxsize=256)
 def cache_geometry(
-    world: int, cell: int, chunk: int, *, sharded: bool, ragged_chunk: bool = False
-) -> Geometry:
+    world: int, cell: int, chunk: int, *, sharded: bool, ragged_chunk: bool = False,
+    appended: bool = False,
+) -> Geometry:  # fmt: skip
     """The pieces of a cache call (see the module docstring): caches of ``cell`` tokens
     per rank, a chunk of ``chunk`` new tokens, its queries ``sharded`` or replicated.
     ``ragged_chunk``: the chunk's rows hold fewer real tokens than ``chunk`` (padding
-    that a query may not see: without a causal mask), so its parts are ragged too."""
+    that a query may not see: without a causal mask), so its parts are ragged too.
+    ``appended``: the new tokens joined the caches before the call (where every new
+    query sees every new key: one token, or no causal mask), so the chunk has no
+    key/value pieces of its own (empty)."""
     start = world * cell
     parts = [(start + a, start + b) for a, b in chunk_parts(chunk, world)]
     kv_runs: list[tuple[Span, ...]] = []
     q_runs: list[tuple[Span, ...]] = []
     for r, (a, b) in enumerate(parts):
-        kv_runs += [((r * cell, (r + 1) * cell),), ((a, b),)]
+        kv_runs += [((r * cell, (r + 1) * cell),), ((a, a) if appended else (a, b),)]
         q_runs += [((a, a),), ((a, b),) if sharded else ((start, start + chunk),)]
     ragged = {2 * r for r in range(world)}
-    if ragged_chunk:
+    if ragged_chunk and not appended:
         ragged |= {2 * r + 1 for r in range(world)}
     return Geometry(_table(q_runs), _table(kv_runs), frozenset(ragged))
 
@@ -101,12 +105,14 @@ class CacheKey:
     ragged_chunk: bool = False
     heads_q: int = 1
     heads_kv: int = 1
+    appended: bool = False
+    """The new tokens are in the caches already (``cache_geometry``)."""
 
     @property
     def geometry(self) -> Geometry:
         return cache_geometry(
             self.world, self.cell, self.chunk, sharded=self.sharded,
-            ragged_chunk=self.ragged_chunk,
+            ragged_chunk=self.ragged_chunk, appended=self.appended,
         )  # fmt: skip
 
     @property
