@@ -116,7 +116,7 @@ class ShardedKVCache(Cache):
             )
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
-        self.max_cache_len = max_cache_len
+        # (not stored on the cache: transformers 5.17 reads max_cache_len from its layers)
         super().__init__(layers=[ShardedLayer(max_cache_len, group) for _ in types])
 
 
