@@ -227,5 +227,5 @@ def test_the_generate_example_runs_under_torchrun():
                "--nproc-per-node", "2", str(example), "--prompt", "384", "--new", "16"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "each rank caches 200 tokens of a sequence (not 400)" in done.stdout, done.stdout
+    assert "each rank caches 200 tokens of a sequence (of 400)" in done.stdout, done.stdout
     assert "same tokens as generate on one process: True" in done.stdout, done.stdout
