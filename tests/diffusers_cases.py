@@ -32,7 +32,33 @@ def tiny_sd3(seed: int = 0):
     ).double()  # fmt: skip
 
 
-def _inputs(kind: str, odd: bool = False) -> dict:
+def tiny_wan(seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4,
+        out_channels=4, text_dim=16, freq_dim=8, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+    ).double()  # fmt: skip
+
+
+MODELS = {"flux": tiny_flux, "sd3": tiny_sd3, "wan": tiny_wan}
+
+
+def _wan_inputs(rand, odd: bool, per_token: bool) -> dict:
+    """A video latent of 2 frames of 8 x 8 (32 tokens in 1 x 2 x 2 patches) or, ``odd``,
+    3 frames of 6 x 10 (45 tokens); text of 7 tokens; ``per_token``: a timestep per
+    token (Wan 2.2's), which the model's plan splits with the tokens."""
+    frames, h, w = (3, 6, 10) if odd else (2, 8, 8)
+    tokens = frames * (h // 2) * (w // 2)
+    timestep = torch.tensor([3.0, 7.0], dtype=torch.float64)
+    if per_token:
+        timestep = rand(2, tokens).abs() * 10
+    return dict(hidden_states=rand(2, 4, frames, h, w), timestep=timestep,
+                encoder_hidden_states=rand(2, 7, 16))  # fmt: skip
+
+
+def _inputs(kind: str, odd: bool = False, per_token: bool = False) -> dict:
     """The model's inputs; ``odd``: an image whose token count divides by nothing (Flux
     3 x 5 = 15 tokens, SD3 a 6 x 10 latent in 2 x 2 patches = 15 tokens)."""
     g = torch.Generator().manual_seed(11)
@@ -40,6 +66,8 @@ def _inputs(kind: str, odd: bool = False) -> dict:
     def rand(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
+    if kind == "wan":
+        return _wan_inputs(rand, odd, per_token)
     if kind == "flux":
         h, w = (3, 5) if odd else (4, 8)  # 15 or 32 image tokens
         rows, cols = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
@@ -56,14 +84,15 @@ def _inputs(kind: str, odd: bool = False) -> dict:
     )  # fmt: skip
 
 
-def dit_case(w, *, world: int, kind: str, strategy: str, odd: bool = False) -> dict:
+def dit_case(w, *, world: int, kind: str, strategy: str, odd: bool = False,
+             per_token: bool = False) -> dict:  # fmt: skip
     """The full output and every parameter gradient (summed over the group) of the
     sharded transformer against the same model on one process (``odd``: image tokens
-    that divide by nothing)."""
+    that divide by nothing; ``per_token``: Wan's timestep per token)."""
     from tokenring.integrations.diffusers import enable
 
-    make = tiny_flux if kind == "flux" else tiny_sd3
-    inputs = _inputs(kind, odd)
+    make = MODELS[kind]
+    inputs = _inputs(kind, odd, per_token)
     reference = make()
     ref = reference(**inputs).sample
     weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=ref.dtype)

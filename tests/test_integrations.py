@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_cases import dit_case, tiny_flux
+from diffusers_cases import dit_case, tiny_flux, tiny_wan
 from integration_cases import (
     GPT_OSS,
     generate_case,
@@ -176,7 +176,8 @@ def test_a_sequence_parallel_mm_dit_equals_the_model_on_one_process(pool, kind):
 def test_the_diffusers_integration_refuses_what_it_cannot_do():
     from tokenring.integrations.diffusers import enable as enable_dit
 
-    with pytest.raises(ValueError, match="supports FluxTransformer2DModel, SD3Transformer2DModel"):
+    with pytest.raises(ValueError, match="supports FluxTransformer2DModel, SD3Transformer2DModel, "
+                       "WanTransformer3DModel"):  # fmt: skip
         enable_dit(torch.nn.Linear(2, 2), strategy="ring")
     model = tiny_flux()
     with pytest.raises(ValueError, match="strategy='usp' needs mesh="):
@@ -229,3 +230,66 @@ def test_the_generate_example_runs_under_torchrun():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "each rank caches 200 tokens of a sequence (of 400)" in done.stdout, done.stdout
     assert "same tokens as generate on one process: True" in done.stdout, done.stdout
+
+
+def test_a_sequence_parallel_wan_equals_the_model_on_one_process(pool):
+    """Wan (video DiT) from its own context-parallel plan: video tokens sharded, text
+    whole, self-attention through tokenring and cross-attention left to the model's own
+    processor; 2, 3 and 4 processes, TokenRing, ring, Ulysses, all-gather and USP 2 x 2,
+    token counts of 32 and 45 (dividing by nothing), a timestep per token (Wan 2.2);
+    the output to float64 rounding, every gradient summed over the group the model's,
+    and disable() gives the model back. Gradients agree to 1e-6, not 1e-14: Wan's
+    cross-attention norms (FP32LayerNorm) compute in float32 inside a float64 model, so
+    their weight and bias gradients (and the time projection's, after float32
+    timestep embeddings) are float32 sums, taken per rank here and whole there."""
+    cases = [
+        dict(world=w, kind="wan", strategy=s, odd=odd)
+        for w, s, odd in ((2, "tokenring", False), (3, "tokenring", True), (4, "ring", True),
+                          (4, "ulysses", False), (3, "allgather", True), (4, "usp", True))
+    ]  # fmt: skip
+    cases.append(dict(world=2, kind="wan", strategy="tokenring", odd=True, per_token=True))
+    for case, per_rank in zip(cases, pool.run(dit_case, cases, timeout=600)):
+        for r in per_rank:
+            assert r["out"] <= 1e-12 and r["undone"] == 0.0, (case, r)
+            assert r["grads"] <= 1e-6, (case, r)
+
+
+@pytest.mark.timeout(300)
+def test_the_wan_example_runs_under_torchrun_and_matches_the_unsharded_model():
+    """examples/wan_sp.py on 2 CPU processes: a text-to-video denoising loop over 75
+    video tokens (odd), the transformer sequence parallel inside, against the same loop
+    unsharded."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "wan_sp.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", str(example), "--frames", "3", "--size", "10"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = re.search(r"75 video \+ 16 text tokens .* relative difference ([0-9.e+-]+)",
+                      done.stdout)  # fmt: skip
+    assert found and float(found.group(1)) < 1e-5, done.stdout
+
+
+def test_what_the_wan_adapter_relies_on_in_diffusers():
+    """Fails loudly when a diffusers upgrade changes what the Wan path reads: the model's
+    context-parallel plan (rotary tables split from its output, hidden states split into
+    the first block, the output projection gathered, a per-token timestep split), its
+    processor's call (attention module, hidden states, encoder states, mask, rotary
+    tables) and the attention module's parts."""
+    import inspect
+
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model = tiny_wan()
+    plan = model._cp_plan
+    assert {name for name in plan} == {"rope", "blocks.0", "proj_out", ""}, plan
+    assert [e.split_output for e in plan["rope"].values()] == [True, True]
+    assert plan["blocks.0"]["hidden_states"].split_dim == 1
+    assert plan["proj_out"].gather_dim == 1 and plan[""]["timestep"].expected_dims == 2
+    params = list(inspect.signature(WanAttnProcessor.__call__).parameters)
+    assert params[:6] == ["self", "attn", "hidden_states", "encoder_hidden_states",
+                          "attention_mask", "rotary_emb"], params  # fmt: skip
+    attn = model.blocks[0].attn1
+    for part in ("to_q", "to_k", "to_v", "norm_q", "norm_k", "heads", "to_out",
+                 "is_cross_attention", "fused_projections"):  # fmt: skip
+        assert hasattr(attn, part), part
+    assert not attn.is_cross_attention and model.blocks[0].attn2.is_cross_attention

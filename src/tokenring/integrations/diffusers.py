@@ -1,11 +1,15 @@
-"""tokenring inside diffusers MM-DiT transformers (Flux, SD3): sequence parallel inside
-the model's forward, undoable.
+"""tokenring inside diffusers transformers (Flux, SD3, Wan): sequence parallel inside the
+model's forward, undoable.
 
     handle = enable(transformer, mesh=tr.sp_mesh(ulysses=2, ring=2))   # every rank
     out = transformer(**inputs).sample      # the usual full inputs and full output, every rank
     handle.disable()
 
-Image tokens are sharded (contiguous layout) right after they are embedded and
+Wan follows its own context-parallel plan (``_cp_plan``, ``context_plans.py``): its
+video tokens and rotary tables are split where the plan says, its self-attention runs
+through tokenring (``diffusers_attention.py``), its cross-attention to the text, which
+every rank holds whole, keeps the model's processor. For Flux and SD3:
+image tokens are sharded (contiguous layout) right after they are embedded and
 gathered right before the output projection's result is reshaped; text tokens
 stay whole on every rank and attend as joint tokens (xDiT's semantics; every
 strategy's joint path: docs/algorithms.md, "Joint tokens"). Everything goes
@@ -25,6 +29,8 @@ text-stream gradients agree to about 1e-7 rather than 1e-15.
 from __future__ import annotations
 
 import inspect
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,10 +41,23 @@ from ..api.attention import run
 from ..api.sharding import shard, unshard
 from ..call.description import Options
 from .common import sharded_over
+from .context_plans import CallState, apply_plan
+from .diffusers_attention import ADAPTERS
 
 __all__ = ["SUPPORTED_MODELS", "DiffusersHandle", "enable"]
 
-SUPPORTED_MODELS = ("FluxTransformer2DModel", "SD3Transformer2DModel")
+PLANNED_MODELS: dict[str, Callable[[Any], dict]] = {
+    "WanTransformer3DModel": lambda model: model._cp_plan,
+}
+"""Models made sequence-parallel from a context-parallel plan (``context_plans.py``):
+model class name -> the plan (the model's own ``_cp_plan``, or the project's in its
+form), their attention processors replaced per class (``diffusers_attention.py``)."""
+
+SUPPORTED_MODELS = ("FluxTransformer2DModel", "SD3Transformer2DModel", *PLANNED_MODELS)
+
+TESTED_DIFFUSERS = ("0.42.",)
+"""diffusers versions whose plans and processors the tests checked
+(``tests/test_integrations.py::test_what_the_wan_adapter_relies_on_in_diffusers``)."""
 LAYOUT = "contiguous"
 
 
@@ -199,13 +218,23 @@ def enable(
     else:
         where = {"group": group, "mesh": None}
         options = Options.checked(strategy=strategy, layout=LAYOUT)
+    world = sharded_over(group, mesh)
+    if kind in PLANNED_MODELS:
+        version = _diffusers()[0].__version__
+        if not version.startswith(TESTED_DIFFUSERS):
+            warnings.warn(
+                f"tokenring: diffusers {version} is not one the {kind} path was tested with "
+                f"({', '.join(v + 'x' for v in TESTED_DIFFUSERS)}); it reads the model's "
+                "_cp_plan and its attention processor's arguments (docs/architecture.md)",
+                stacklevel=2,
+            )
+        return _enable_planned(transformer, PLANNED_MODELS[kind](transformer), options, where,
+                               world)  # fmt: skip
     call = _Call()
     flux = kind == "FluxTransformer2DModel"
     processor = _JointProcessor(options, where, call, text_first=flux, apply_rotary=apply_rotary)
     previous = dict(transformer.attn_processors)
     transformer.set_attn_processor(processor)
-
-    world = sharded_over(group, mesh)
 
     def mine(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return shard(_Share.apply(x, world), layout=LAYOUT, dim=dim, **where)
@@ -218,22 +247,13 @@ def enable(
     def whole(x: torch.Tensor) -> torch.Tensor:
         return unshard(x, layout=LAYOUT, dim=1, seq_len=call.image_len, **where)
 
-    def refuse_extras(kwargs: dict) -> None:
-        for name in ("controlnet_block_samples", "controlnet_single_block_samples",
-                     "block_controlnet_hidden_states"):  # fmt: skip
-            if kwargs.get(name) is not None:
-                raise ValueError(f"{name}: ControlNet residuals are not supported")
-        extra = kwargs.get("joint_attention_kwargs") or {}
-        if extra:
-            raise ValueError(f"joint_attention_kwargs {sorted(extra)} are not supported")
-
     hooks = []
     if flux:
         signature = inspect.signature(transformer.forward)
 
         def before(module, args, kwargs):
             given = signature.bind(*args, **kwargs).arguments
-            refuse_extras(given)
+            _refuse_extras(given)
             call.text_len = given["encoder_hidden_states"].shape[1]
             given["hidden_states"] = image(given["hidden_states"])
             img_ids = given["img_ids"]
@@ -251,9 +271,58 @@ def enable(
     else:
 
         def check(module, args, kwargs):
-            refuse_extras(kwargs)
+            _refuse_extras(kwargs)
 
         hooks.append(transformer.register_forward_pre_hook(check, with_kwargs=True))
         hooks.append(transformer.pos_embed.register_forward_hook(lambda m, a, out: image(out)))
         hooks.append(transformer.proj_out.register_forward_hook(lambda m, a, out: whole(out)))
     return DiffusersHandle(transformer, previous, hooks)
+
+
+def _refuse_extras(kwargs: dict) -> None:
+    """What a sequence-parallel forward cannot honour yet: ControlNet residuals, extra
+    attention arguments (IP-Adapter, LoRA scale)."""
+    for name in ("controlnet_block_samples", "controlnet_single_block_samples",
+                 "block_controlnet_hidden_states"):  # fmt: skip
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name}: ControlNet residuals are not supported")
+    for name in ("joint_attention_kwargs", "attention_kwargs"):
+        extra = kwargs.get(name) or {}
+        if extra:
+            raise ValueError(f"{name} {sorted(extra)} are not supported")
+
+
+def _enable_planned(transformer, plan: dict, options: Options, where: dict,
+                    world: int) -> DiffusersHandle:  # fmt: skip
+    """Sequence parallelism from a context-parallel plan: the plan's splits and gathers
+    as hooks, and each attention processor whose class has an adapter replaced on the
+    modules the adapter takes."""
+    state = CallState()
+
+    def split(x: torch.Tensor, dim: int) -> torch.Tensor:
+        state.seq_len = x.shape[dim]
+        return shard(_Share.apply(x, world), layout=LAYOUT, dim=dim, **where)
+
+    def gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return unshard(x, layout=LAYOUT, dim=dim, seq_len=state.seq_len, **where)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        chosen = replace(options, seq_len=state.seq_len)
+        return run(q, k, v, (None, None, None), chosen.values(), recorder=None,
+                   return_lse=False, **where)  # fmt: skip
+
+    def begin(module, args, kwargs):  # first: a fresh forward, nothing split yet
+        _refuse_extras(kwargs)
+        state.seq_len = None
+
+    handles = [transformer.register_forward_pre_hook(begin, with_kwargs=True)]
+    handles += apply_plan(transformer, plan, split=split, gather=gather).handles
+    previous = dict(transformer.attn_processors)
+    modules = dict(transformer.named_modules())
+    replaced = {}
+    for name, processor in previous.items():
+        adapter = ADAPTERS.get(type(processor).__name__)
+        module = modules[name.removesuffix(".processor")]
+        replaced[name] = adapter(attend) if adapter and adapter.applies(module) else processor
+    transformer.set_attn_processor(replaced)
+    return DiffusersHandle(transformer, previous, handles)
