@@ -42,7 +42,28 @@ def tiny_wan(seed: int = 0):
     ).double()  # fmt: skip
 
 
-MODELS = {"flux": tiny_flux, "sd3": tiny_sd3, "wan": tiny_wan}
+def tiny_ltx(seed: int = 0):
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=4,
+        attention_head_dim=8, cross_attention_dim=32, num_layers=2, caption_channels=16,
+    ).double()  # fmt: skip
+
+
+MODELS = {"flux": tiny_flux, "sd3": tiny_sd3, "wan": tiny_wan, "ltx": tiny_ltx}
+
+
+def _ltx_inputs(rand, odd: bool) -> dict:
+    """A video of 2 frames of 4 x 4 tokens (32) or, ``odd``, 3 frames of 3 x 5 (45);
+    text of 6 tokens, the second row's last two padding (its mask)."""
+    frames, h, w = (3, 3, 5) if odd else (2, 4, 4)
+    mask = torch.ones(2, 6, dtype=torch.float64)
+    mask[1, 4:] = 0
+    return dict(hidden_states=rand(2, frames * h * w, 4), encoder_hidden_states=rand(2, 6, 16),
+                timestep=torch.tensor([300.0, 700.0], dtype=torch.float64),
+                encoder_attention_mask=mask, num_frames=frames, height=h, width=w)  # fmt: skip
 
 
 def _wan_inputs(rand, odd: bool, per_token: bool) -> dict:
@@ -68,6 +89,8 @@ def _inputs(kind: str, odd: bool = False, per_token: bool = False) -> dict:
 
     if kind == "wan":
         return _wan_inputs(rand, odd, per_token)
+    if kind == "ltx":
+        return _ltx_inputs(rand, odd)
     if kind == "flux":
         h, w = (3, 5) if odd else (4, 8)  # 15 or 32 image tokens
         rows, cols = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_cases import dit_case, tiny_flux, tiny_wan
+from diffusers_cases import dit_case, tiny_flux, tiny_ltx, tiny_wan
 from integration_cases import (
     GPT_OSS,
     generate_case,
@@ -177,7 +177,7 @@ def test_the_diffusers_integration_refuses_what_it_cannot_do():
     from tokenring.integrations.diffusers import enable as enable_dit
 
     with pytest.raises(ValueError, match="supports FluxTransformer2DModel, SD3Transformer2DModel, "
-                       "WanTransformer3DModel"):  # fmt: skip
+                       "WanTransformer3DModel, LTXVideoTransformer3DModel"):  # fmt: skip
         enable_dit(torch.nn.Linear(2, 2), strategy="ring")
     model = tiny_flux()
     with pytest.raises(ValueError, match="strategy='usp' needs mesh="):
@@ -269,6 +269,24 @@ def test_the_wan_example_runs_under_torchrun_and_matches_the_unsharded_model():
     assert found and float(found.group(1)) < 1e-5, done.stdout
 
 
+def test_a_sequence_parallel_ltx_video_equals_the_model_on_one_process(pool):
+    """LTX-Video from its own plan, less the entries that would split the text: video
+    tokens and rotary tables sharded, self-attention through tokenring, cross-attention
+    to the text under its padding mask (a padded row) left local; 2, 3 and 4 processes,
+    TokenRing, ring, Ulysses and USP 2 x 2, 32 and 45 tokens; output to float64 rounding
+    and every gradient (its rotary embedding rounds through float32, as LTX computes it,
+    alike on both sides)."""
+    cases = [
+        dict(world=w, kind="ltx", strategy=s, odd=odd)
+        for w, s, odd in ((2, "tokenring", False), (3, "tokenring", True), (4, "ring", True),
+                          (4, "ulysses", False), (4, "usp", True))
+    ]  # fmt: skip
+    for case, per_rank in zip(cases, pool.run(dit_case, cases, timeout=600)):
+        for r in per_rank:
+            assert r["out"] <= 1e-12 and r["undone"] == 0.0, (case, r)
+            assert r["grads"] <= 1e-6, (case, r)
+
+
 def test_what_the_wan_adapter_relies_on_in_diffusers():
     """Fails loudly when a diffusers upgrade changes what the Wan path reads: the model's
     context-parallel plan (rotary tables split from its output, hidden states split into
@@ -293,3 +311,28 @@ def test_what_the_wan_adapter_relies_on_in_diffusers():
                  "is_cross_attention", "fused_projections"):  # fmt: skip
         assert hasattr(attn, part), part
     assert not attn.is_cross_attention and model.blocks[0].attn2.is_cross_attention
+
+
+def test_what_the_ltx_adapter_relies_on_in_diffusers():
+    """As for Wan: LTX-Video's plan (video tokens split at the model's input, with the
+    text entries tokenring drops; rotary tables split from the rope's output; the output
+    projection gathered), its processor's call and its blocks' attention modules."""
+    import inspect
+
+    from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
+
+    from tokenring.integrations.context_plans import without_text
+
+    model = tiny_ltx()
+    plan = without_text(model._cp_plan)
+    assert set(plan) == {"", "rope", "proj_out"} and set(plan[""]) == {"hidden_states"}, plan
+    assert set(model._cp_plan[""]) - set(plan[""]) == {"encoder_hidden_states",
+                                                      "encoder_attention_mask"}  # fmt: skip
+    assert [e.split_output for e in plan["rope"].values()] == [True, True]
+    params = list(inspect.signature(LTXVideoAttnProcessor.__call__).parameters)
+    assert params[:6] == ["self", "attn", "hidden_states", "encoder_hidden_states",
+                          "attention_mask", "image_rotary_emb"], params  # fmt: skip
+    block = model.transformer_blocks[0]
+    for part in ("to_q", "to_k", "to_v", "norm_q", "norm_k", "heads", "to_out"):
+        assert hasattr(block.attn1, part), part
+    assert isinstance(block.attn2.processor, LTXVideoAttnProcessor)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CallState", "PlannedHooks", "apply_plan", "plan_modules"]
+__all__ = ["TEXT_INPUTS", "CallState", "PlannedHooks", "apply_plan", "plan_modules", "without_text"]
 
 
 @dataclass
@@ -66,6 +66,26 @@ def plan_modules(model: torch.nn.Module, name: str) -> list[torch.nn.Module]:
     if not found:
         raise ValueError(f"context-parallel plan: {type(model).__name__} has no module {name!r}")
     return found
+
+
+TEXT_INPUTS = frozenset(
+    {"encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_mask", "txt_ids"}
+)
+"""Arguments that carry text (its embeddings, padding mask, positions): a diffusers plan
+may split them (Flux, Qwen-Image, LTX); tokenring keeps text whole on every rank."""
+
+
+def without_text(plan: dict[str, Any]) -> dict[str, Any]:
+    """``plan`` with every split of a text argument (``TEXT_INPUTS``) dropped: text stays
+    whole on every rank, where joint and cross-attention take it."""
+    kept = {}
+    for name, entry in plan.items():
+        if isinstance(entry, dict):
+            entry = {k: v for k, v in entry.items() if k not in TEXT_INPUTS}
+            if not entry:
+                continue
+        kept[name] = entry
+    return kept
 
 
 def _is_output_entry(entry: Any) -> bool:

@@ -1,14 +1,15 @@
-"""tokenring inside diffusers transformers (Flux, SD3, Wan): sequence parallel inside the
-model's forward, undoable.
+"""tokenring inside diffusers transformers (Flux, SD3, Wan, LTX-Video): sequence parallel
+inside the model's forward, undoable.
 
     handle = enable(transformer, mesh=tr.sp_mesh(ulysses=2, ring=2))   # every rank
     out = transformer(**inputs).sample      # the usual full inputs and full output, every rank
     handle.disable()
 
-Wan follows its own context-parallel plan (``_cp_plan``, ``context_plans.py``): its
-video tokens and rotary tables are split where the plan says, its self-attention runs
-through tokenring (``diffusers_attention.py``), its cross-attention to the text, which
-every rank holds whole, keeps the model's processor. For Flux and SD3:
+Wan and LTX-Video follow their own context-parallel plans (``_cp_plan``,
+``context_plans.py``; entries that would split the text dropped): their video tokens
+and rotary tables are split where the plan says, their self-attention runs through
+tokenring (``diffusers_attention.py``), their cross-attention to the text, which every
+rank holds whole, keeps the model's processor. For Flux and SD3:
 image tokens are sharded (contiguous layout) right after they are embedded and
 gathered right before the output projection's result is reshaped; text tokens
 stay whole on every rank and attend as joint tokens (xDiT's semantics; every
@@ -41,13 +42,14 @@ from ..api.attention import run
 from ..api.sharding import shard, unshard
 from ..call.description import Options
 from .common import sharded_over
-from .context_plans import CallState, apply_plan
+from .context_plans import CallState, apply_plan, without_text
 from .diffusers_attention import ADAPTERS
 
 __all__ = ["SUPPORTED_MODELS", "DiffusersHandle", "enable"]
 
 PLANNED_MODELS: dict[str, Callable[[Any], dict]] = {
-    "WanTransformer3DModel": lambda model: model._cp_plan,
+    "WanTransformer3DModel": lambda model: without_text(model._cp_plan),
+    "LTXVideoTransformer3DModel": lambda model: without_text(model._cp_plan),
 }
 """Models made sequence-parallel from a context-parallel plan (``context_plans.py``):
 model class name -> the plan (the model's own ``_cp_plan``, or the project's in its
@@ -322,7 +324,8 @@ def _enable_planned(transformer, plan: dict, options: Options, where: dict,
     replaced = {}
     for name, processor in previous.items():
         adapter = ADAPTERS.get(type(processor).__name__)
-        module = modules[name.removesuffix(".processor")]
-        replaced[name] = adapter(attend) if adapter and adapter.applies(module) else processor
+        module_name = name.removesuffix(".processor")
+        takes = adapter is not None and adapter.applies(module_name, modules[module_name])
+        replaced[name] = adapter(attend) if takes else processor
     transformer.set_attn_processor(replaced)
     return DiffusersHandle(transformer, previous, handles)
