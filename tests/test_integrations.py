@@ -184,7 +184,11 @@ def test_the_diffusers_integration_refuses_what_it_cannot_do():
         enable_dit(model)
     previous = dict(model.attn_processors)
     handle = enable_dit(model, strategy="ring")
-    assert all(type(p).__name__ == "_JointProcessor" for p in model.attn_processors.values())
+    assert all(type(p).__name__ == "JointAttention" for p in model.attn_processors.values())
+    with pytest.raises(
+        ValueError, match="mesh= is for strategy='usp'; strategy 'ring' takes group="
+    ):
+        enable_dit(model, strategy="ring", mesh=object())
     handle.disable()
     assert {k: type(v) for k, v in model.attn_processors.items()} == {
         k: type(v) for k, v in previous.items()

@@ -33,15 +33,43 @@ from typing import Any
 
 import torch
 
-__all__ = ["TEXT_INPUTS", "CallState", "PlannedHooks", "apply_plan", "plan_modules", "without_text"]
+__all__ = [
+    "TEXT_INPUTS",
+    "CallState",
+    "Gather",
+    "PlannedHooks",
+    "Split",
+    "apply_plan",
+    "plan_modules",
+    "without_text",
+]
 
 
 @dataclass
 class CallState:
-    """What one forward learns as it splits: the split tokens' global count (every
-    split of a forward cuts the same tokens: video tokens and their rotary tables)."""
+    """What one forward learns: the split tokens' global count (every split of a forward
+    cuts the same tokens: image or video tokens and their rotary tables), and the text's
+    length (what joint attention cuts from a ``[text; image]`` sequence)."""
 
     seq_len: int | None = None
+    text_len: int = 0
+
+
+@dataclass(frozen=True)
+class Split:
+    """The project's plans' input entry, in diffusers' ``ContextParallelInput`` form."""
+
+    split_dim: int
+    expected_dims: int | None = None
+    split_output: bool = False
+
+
+@dataclass(frozen=True)
+class Gather:
+    """The project's plans' output entry, in diffusers' ``ContextParallelOutput`` form."""
+
+    gather_dim: int
+    expected_dims: int | None = None
 
 
 @dataclass

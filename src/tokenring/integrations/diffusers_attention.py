@@ -15,13 +15,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["ADAPTERS", "Adapter", "LTXSelfAttention", "WanSelfAttention"]
+from .context_plans import CallState
 
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""tokenring over this forward's sharded tokens: ``[B, L, H, D]`` each, output likewise."""
+__all__ = ["ADAPTERS", "Adapter", "Context", "JointAttention", "LTXSelfAttention",
+           "WanSelfAttention"]  # fmt: skip
+
+
+@dataclass
+class Context:
+    """What an adapter needs from ``enable``: ``attend(q, k, v, joint, side)`` runs
+    tokenring over this forward's sharded tokens (``[B, L, H, D]`` each; ``joint``: text
+    ``(q or None, k, v)`` every rank holds whole, ``side`` ``"front"``/``"rear"``: where
+    it sits, or ``"none"``), returning ``out`` (and the text's, when its queries were
+    given); ``state``: what this forward split; ``apply_rotary``: diffusers' rotary
+    embedding (Flux's tables)."""
+
+    attend: Callable[..., Any]
+    state: CallState
+    apply_rotary: Callable[..., torch.Tensor]
 
 
 def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -40,7 +55,7 @@ class WanSelfAttention:
     rotary tables of this rank's tokens (the plan splits the model's ``rope`` output),
     attention over the sharded video tokens, output projection."""
 
-    attend: Attend
+    context: Context
 
     @staticmethod
     def applies(name: str, module: torch.nn.Module) -> bool:
@@ -61,7 +76,7 @@ class WanSelfAttention:
         q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))
         if rotary_emb is not None:
             q, k = _rotate_pairs(q, *rotary_emb), _rotate_pairs(k, *rotary_emb)
-        out = self.attend(q, k, v).flatten(2, 3).type_as(q)
+        out = self.context.attend(q, k, v).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -81,7 +96,7 @@ class LTXSelfAttention:
     and keeps the model's processor): projections, RMS norms, rotary tables of this
     rank's tokens, attention over the sharded video tokens, output projection."""
 
-    attend: Attend
+    context: Context
 
     @staticmethod
     def applies(name: str, module: torch.nn.Module) -> bool:
@@ -102,14 +117,99 @@ class LTXSelfAttention:
                 _rotate_pairs_flat(k, *image_rotary_emb),
             )
         q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))
-        out = self.attend(q, k, v).flatten(2, 3).to(q.dtype)
+        out = self.context.attend(q, k, v).flatten(2, 3).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
 
-Adapter = type[WanSelfAttention] | type[LTXSelfAttention]
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.unflatten(-1, (-1, head_dim))  # [B, L, H * D] -> [B, L, H, D]
 
-ADAPTERS: dict[str, Adapter] = {
-    "WanAttnProcessor": WanSelfAttention,
-    "LTXVideoAttnProcessor": LTXSelfAttention,
+
+@dataclass
+class JointAttention:
+    """MM-DiT attention (Flux's ``FluxAttnProcessor``, SD3's ``JointAttnProcessor2_0``):
+    image projections and norms, the text's own (dual-stream blocks) or the text cut
+    from the front of the sequence (Flux's single-stream blocks), Flux's rotary
+    embedding over ``[text; local image tokens]``, then tokenring with the text joint
+    (front for Flux, rear for SD3), and the output projections."""
+
+    context: Context
+    text_first: bool
+
+    @staticmethod
+    def applies(name: str, module: torch.nn.Module) -> bool:
+        return True
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):  # fmt: skip
+        if attention_mask is not None:
+            raise ValueError("tokenring's diffusers integration takes no attention mask")
+        if getattr(attn, "fused_projections", False):
+            raise ValueError("fused QKV projections: call unfuse_qkv_projections() first")
+        q, k, v = (f(hidden_states) for f in (attn.to_q, attn.to_k, attn.to_v))
+        d = getattr(attn, "head_dim", None) or k.shape[-1] // attn.heads
+        q, k, v = (_heads(x, d) for x in (q, k, v))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        text = None
+        text_len = self.context.state.text_len
+        if encoder_hidden_states is not None:  # a dual-stream block: text projections
+            projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            text = [_heads(f(encoder_hidden_states), d) for f in projections]
+            if attn.norm_added_q is not None:
+                text[0], text[1] = attn.norm_added_q(text[0]), attn.norm_added_k(text[1])
+            text_len = encoder_hidden_states.shape[1]
+        elif self.text_first and text_len:  # Flux single-stream: [text; image] in
+            text, (q, k, v) = (
+                [t[:, :text_len] for t in (q, k, v)],
+                [t[:, text_len:] for t in (q, k, v)],
+            )
+        if image_rotary_emb is not None:  # Flux: positions of [text; local image tokens]
+            whole = [q, k, v] if not text else [torch.cat(p, dim=1) for p in zip(text, (q, k, v))]
+            rotate = self.context.apply_rotary
+            whole[0] = rotate(whole[0], image_rotary_emb, sequence_dim=1)
+            whole[1] = rotate(whole[1], image_rotary_emb, sequence_dim=1)
+            if text:
+                text = [w[:, :text_len] for w in whole]
+                q, k, v = (w[:, text_len:] for w in whole)
+            else:
+                q, k, v = whole
+        if text is None:
+            out = self.context.attend(q, k, v).flatten(2, 3).to(q.dtype)
+            return self._image_out(attn, out)
+        wants_text = encoder_hidden_states is None or not getattr(attn, "context_pre_only", False)
+        joint = (text[0] if wants_text else None, text[1], text[2])
+        result = self.context.attend(q, k, v, joint, "front" if self.text_first else "rear")
+        out, text_out = result if wants_text else (result, None)
+        out = out.flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:  # Flux single-stream: hand back [text; image]
+            return torch.cat([text_out.flatten(2, 3).to(q.dtype), out], dim=1)
+        out = self._image_out(attn, out)
+        if text_out is None:
+            return out, None
+        text_out = text_out.flatten(2, 3).to(q.dtype)
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return out, text_out
+
+    @staticmethod
+    def _image_out(attn, out: torch.Tensor) -> torch.Tensor:
+        if getattr(attn, "to_out", None) is None:  # Flux single-stream: no output projection
+            return out
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+Adapter = Callable[[Context], Any]
+"""Makes the processor that replaces the model's on the modules its ``applies`` takes."""
+
+ADAPTERS: dict[str, tuple[Adapter, Callable[[str, torch.nn.Module], bool]]] = {
+    "WanAttnProcessor": (WanSelfAttention, WanSelfAttention.applies),
+    "LTXVideoAttnProcessor": (LTXSelfAttention, LTXSelfAttention.applies),
+    "FluxAttnProcessor": (lambda c: JointAttention(c, text_first=True), JointAttention.applies),
+    "JointAttnProcessor2_0": (
+        lambda c: JointAttention(c, text_first=False),
+        JointAttention.applies,
+    ),
 }
+"""Processor class name -> (the adapter that replaces it, which modules it takes)."""
 """Processor class name -> the adapter that replaces it on the modules it ``applies`` to."""
