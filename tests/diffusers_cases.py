@@ -52,7 +52,30 @@ def tiny_ltx(seed: int = 0):
     ).double()  # fmt: skip
 
 
-MODELS = {"flux": tiny_flux, "sd3": tiny_sd3, "wan": tiny_wan, "ltx": tiny_ltx}
+def tiny_cogvideox(seed: int = 0):
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=6, time_embed_dim=8,
+    ).double()  # fmt: skip
+
+
+MODELS = {"flux": tiny_flux, "sd3": tiny_sd3, "wan": tiny_wan, "ltx": tiny_ltx,
+          "cogvideox": tiny_cogvideox}  # fmt: skip
+
+
+def _cogvideox_inputs(rand, odd: bool) -> dict:
+    """A latent of 2 frames of 8 x 8 (32 tokens in 2 x 2 patches) or, ``odd``, 3 frames
+    of 6 x 10 (45); text of 6 tokens; rotary tables (cosine, sine) for the video tokens,
+    as CogVideoX-5B's pipeline hands them in."""
+    frames, h, w = (3, 6, 10) if odd else (2, 8, 8)
+    tokens = frames * (h // 2) * (w // 2)
+    return dict(hidden_states=rand(2, frames, 4, h, w), encoder_hidden_states=rand(2, 6, 16),
+                timestep=torch.tensor([300, 700]),
+                image_rotary_emb=(rand(tokens, 8), rand(tokens, 8)))  # fmt: skip
 
 
 def _ltx_inputs(rand, odd: bool) -> dict:
@@ -91,6 +114,8 @@ def _inputs(kind: str, odd: bool = False, per_token: bool = False) -> dict:
         return _wan_inputs(rand, odd, per_token)
     if kind == "ltx":
         return _ltx_inputs(rand, odd)
+    if kind == "cogvideox":
+        return _cogvideox_inputs(rand, odd)
     if kind == "flux":
         h, w = (3, 5) if odd else (4, 8)  # 15 or 32 image tokens
         rows, cols = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")

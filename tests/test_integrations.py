@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_cases import dit_case, tiny_flux, tiny_ltx, tiny_wan
+from diffusers_cases import dit_case, tiny_cogvideox, tiny_flux, tiny_ltx, tiny_wan
 from integration_cases import (
     GPT_OSS,
     generate_case,
@@ -177,7 +177,8 @@ def test_the_diffusers_integration_refuses_what_it_cannot_do():
     from tokenring.integrations.diffusers import enable as enable_dit
 
     with pytest.raises(ValueError, match="supports FluxTransformer2DModel, SD3Transformer2DModel, "
-                       "WanTransformer3DModel, LTXVideoTransformer3DModel"):  # fmt: skip
+                       "WanTransformer3DModel, LTXVideoTransformer3DModel, "
+                       "CogVideoXTransformer3DModel"):  # fmt: skip
         enable_dit(torch.nn.Linear(2, 2), strategy="ring")
     model = tiny_flux()
     with pytest.raises(ValueError, match="strategy='usp' needs mesh="):
@@ -291,6 +292,23 @@ def test_a_sequence_parallel_ltx_video_equals_the_model_on_one_process(pool):
             assert r["grads"] <= 1e-6, (case, r)
 
 
+def test_a_sequence_parallel_cogvideox_equals_the_model_on_one_process(pool):
+    """CogVideoX from the project's plan (it has none, and splits its patch embedding's
+    [text; video] inside its forward): video tokens split entering the first block,
+    the rotary tables at every block, text joint in front with its own queries; 2, 3 and
+    4 processes, TokenRing, ring, Ulysses, all-gather and USP 2 x 2, 32 and 45 tokens;
+    output to float64 rounding, every gradient summed over the group the model's."""
+    cases = [
+        dict(world=w, kind="cogvideox", strategy=s, odd=odd)
+        for w, s, odd in ((2, "tokenring", False), (3, "tokenring", True), (4, "ring", True),
+                          (4, "ulysses", False), (3, "allgather", True), (4, "usp", True))
+    ]  # fmt: skip
+    for case, per_rank in zip(cases, pool.run(dit_case, cases, timeout=600)):
+        for r in per_rank:
+            assert r["out"] <= 1e-12 and r["undone"] == 0.0, (case, r)
+            assert r["grads"] <= 1e-6, (case, r)
+
+
 def test_what_the_wan_adapter_relies_on_in_diffusers():
     """Fails loudly when a diffusers upgrade changes what the Wan path reads: the model's
     context-parallel plan (rotary tables split from its output, hidden states split into
@@ -340,3 +358,26 @@ def test_what_the_ltx_adapter_relies_on_in_diffusers():
     for part in ("to_q", "to_k", "to_v", "norm_q", "norm_k", "heads", "to_out"):
         assert hasattr(block.attn1, part), part
     assert isinstance(block.attn2.processor, LTXVideoAttnProcessor)
+
+
+def test_what_the_cogvideox_adapter_relies_on_in_diffusers():
+    """CogVideoX: its blocks take the video tokens and the rotary tables by these names
+    (the project's plan splits them there), its processor's call, and its attention
+    module's parts."""
+    import inspect
+
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    model = tiny_cogvideox()
+    block = model.transformer_blocks[0]
+    params = list(inspect.signature(block.forward).parameters)
+    assert params[:4] == ["hidden_states", "encoder_hidden_states", "temb",
+                          "image_rotary_emb"], params  # fmt: skip
+    params = list(inspect.signature(CogVideoXAttnProcessor2_0.__call__).parameters)
+    assert params[:6] == ["self", "attn", "hidden_states", "encoder_hidden_states",
+                          "attention_mask", "image_rotary_emb"], params  # fmt: skip
+    for part in ("to_q", "to_k", "to_v", "norm_q", "norm_k", "heads", "to_out",
+                 "is_cross_attention"):  # fmt: skip
+        assert hasattr(block.attn1, part), part
+    # a plan of its own in a later diffusers: use it (less its text entries) instead
+    assert hasattr(model, "proj_out") and getattr(model, "_cp_plan", None) is None

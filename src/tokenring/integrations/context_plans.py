@@ -25,8 +25,8 @@ themselves are never imported. Everything runs in forward hooks
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,11 +86,12 @@ class PlannedHooks:
 
 def plan_modules(model: torch.nn.Module, name: str) -> list[torch.nn.Module]:
     """The modules ``name`` denotes: the model for ``""``, else every submodule whose
-    dotted name matches (``*`` for one name; a plan entry for a missing module is an
-    error, not silence)."""
+    dotted name matches (``*`` for one name, never a dot: ``blocks.*`` is each block,
+    not their parts; a plan entry for a missing module is an error, not silence)."""
     if name == "":
         return [model]
-    found = [m for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, name)]
+    pattern = re.compile(re.escape(name).replace(r"\*", r"[^.]+") + r"\Z")
+    found = [m for n, m in model.named_modules() if n and pattern.match(n)]
     if not found:
         raise ValueError(f"context-parallel plan: {type(model).__name__} has no module {name!r}")
     return found
@@ -150,8 +151,19 @@ def apply_plan(
 
 
 def _fits(x: Any, entry: Any) -> bool:
+    """Whether ``entry`` applies to ``x``: a tensor of the expected dimension count, or a
+    tuple of them (a rotary table's cosine and sine), each split alike."""
+    if isinstance(x, (tuple, list)):
+        return bool(x) and all(_fits(item, entry) for item in x)
     expected = getattr(entry, "expected_dims", None)
     return isinstance(x, torch.Tensor) and (expected is None or x.dim() == expected)
+
+
+def _each(split: Callable, x: Any, dim: int) -> Any:
+    """``split`` of a tensor, or of every tensor of a tuple."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(split(item, dim) for item in x)
+    return split(x, dim)
 
 
 def _input_splitter(module: torch.nn.Module, entries: dict, split: Callable) -> Callable:
@@ -163,7 +175,7 @@ def _input_splitter(module: torch.nn.Module, entries: dict, split: Callable) -> 
         for name, entry in entries.items():
             x = given.arguments.get(name)
             if _fits(x, entry):
-                given.arguments[name] = split(x, entry.split_dim)
+                given.arguments[name] = _each(split, x, entry.split_dim)
                 changed = True
         return (given.args, given.kwargs) if changed else None
 
@@ -175,7 +187,7 @@ def _output_splitter(entries: dict, split: Callable) -> Callable:
         items = list(output) if isinstance(output, (tuple, list)) else [output]
         for index, entry in entries.items():
             if _fits(items[index], entry):
-                items[index] = split(items[index], entry.split_dim)
+                items[index] = _each(split, items[index], entry.split_dim)
         return type(output)(items) if isinstance(output, (tuple, list)) else items[0]
 
     return after

@@ -1,5 +1,5 @@
-"""tokenring inside diffusers transformers (Flux, SD3, Wan, LTX-Video): sequence parallel
-inside the model's forward, undoable.
+"""tokenring inside diffusers transformers (Flux, SD3, Wan, LTX-Video, CogVideoX):
+sequence parallel inside the model's forward, undoable.
 
     handle = enable(transformer, mesh=tr.sp_mesh(ulysses=2, ring=2))   # every rank
     out = transformer(**inputs).sample      # the usual full inputs and full output, every rank
@@ -7,7 +7,7 @@ inside the model's forward, undoable.
 
 Every model follows a context-parallel plan (``context_plans.py``): its own ``_cp_plan``
 less the entries that would split the text (Flux, Wan, LTX-Video), or the project's in
-the same form (SD3). Image or video tokens and their rotary tables are split (the
+the same form (SD3, CogVideoX). Image or video tokens and their rotary tables are split (the
 contiguous layout, any count) where the plan says and gathered from the output
 projection; text stays whole on every rank. Attention processors are replaced per
 processor class (``diffusers_attention.py``): self-attention over the sharded tokens
@@ -53,11 +53,21 @@ SD3_PLAN = {
 """SD3 has no plan of its own: its image tokens split as they leave the patch embedding
 (which also adds their positions), gathered from the output projection."""
 
+COGVIDEOX_PLAN = {
+    "transformer_blocks.0": {"hidden_states": Split(split_dim=1, expected_dims=3)},
+    "transformer_blocks.*": {"image_rotary_emb": Split(split_dim=0, expected_dims=2)},
+    "proj_out": Gather(gather_dim=1, expected_dims=3),
+}
+"""CogVideoX has no plan of its own, and splits its patch embedding's ``[text; video]``
+inside its forward: its video tokens split as they enter the first block, the rotary
+tables (handed to every block) split at each, the output projection gathered."""
+
 PLANS: dict[str, Callable[[Any], dict]] = {
     "FluxTransformer2DModel": lambda model: without_text(model._cp_plan),
     "SD3Transformer2DModel": lambda model: SD3_PLAN,
     "WanTransformer3DModel": lambda model: without_text(model._cp_plan),
     "LTXVideoTransformer3DModel": lambda model: without_text(model._cp_plan),
+    "CogVideoXTransformer3DModel": lambda model: COGVIDEOX_PLAN,
 }
 """Model class name -> its context-parallel plan (``context_plans.py``): the model's own
 ``_cp_plan`` less the entries that would split text, or the project's in that form; the

@@ -21,8 +21,8 @@ import torch
 
 from .context_plans import CallState
 
-__all__ = ["ADAPTERS", "Adapter", "Context", "JointAttention", "LTXSelfAttention",
-           "WanSelfAttention"]  # fmt: skip
+__all__ = ["ADAPTERS", "Adapter", "CogVideoXJointAttention", "Context", "JointAttention",
+           "LTXSelfAttention", "WanSelfAttention"]  # fmt: skip
 
 
 @dataclass
@@ -199,6 +199,51 @@ class JointAttention:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+@dataclass
+class CogVideoXJointAttention:
+    """CogVideoX's attention (``CogVideoXAttnProcessor2_0``): text and video projected
+    together as ``[text; video]``, norms per head, the rotary embedding on the video part
+    (keys too unless cross-attention), then tokenring with the text as joint tokens in
+    front (its queries attend everything, as every video query does), the output
+    projection over ``[text; video]``, handed back as (video, text)."""
+
+    context: Context
+
+    @staticmethod
+    def applies(name: str, module: torch.nn.Module) -> bool:
+        return True
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):  # fmt: skip
+        if attention_mask is not None or kwargs:
+            raise ValueError("tokenring's CogVideoX attention takes no attention mask or "
+                             f"other arguments (got {sorted(kwargs)})")  # fmt: skip
+        text_len = encoder_hidden_states.shape[1]
+        both = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        head_dim = attn.to_k.out_features // attn.heads
+        q, k, v = (_heads(f(both), head_dim) for f in (attn.to_q, attn.to_k, attn.to_v))
+        # the norms and the rotary embedding take [B, H, L, D]
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if image_rotary_emb is not None:
+            rotate = self.context.apply_rotary
+            q = torch.cat([q[:, :, :text_len], rotate(q[:, :, text_len:], image_rotary_emb)], 2)
+            if not attn.is_cross_attention:
+                k = torch.cat([k[:, :, :text_len], rotate(k[:, :, text_len:], image_rotary_emb)],
+                              2)  # fmt: skip
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        text = [t[:, :text_len] for t in (q, k, v)]
+        out, text_out = self.context.attend(
+            q[:, text_len:], k[:, text_len:], v[:, text_len:], tuple(text), "front"
+        )
+        joined = torch.cat([text_out, out], dim=1).flatten(2, 3).to(q.dtype)
+        joined = attn.to_out[1](attn.to_out[0](joined))
+        return joined[:, text_len:], joined[:, :text_len]
+
+
 Adapter = Callable[[Context], Any]
 """Makes the processor that replaces the model's on the modules its ``applies`` takes."""
 
@@ -210,6 +255,6 @@ ADAPTERS: dict[str, tuple[Adapter, Callable[[str, torch.nn.Module], bool]]] = {
         lambda c: JointAttention(c, text_first=False),
         JointAttention.applies,
     ),
+    "CogVideoXAttnProcessor2_0": (CogVideoXJointAttention, CogVideoXJointAttention.applies),
 }
 """Processor class name -> (the adapter that replaces it, which modules it takes)."""
-"""Processor class name -> the adapter that replaces it on the modules it ``applies`` to."""
