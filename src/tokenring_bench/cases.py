@@ -77,6 +77,9 @@ _GPU_SPECS = [
     ("dit-mha", 24, 24, False, "contiguous", [4096, 16384, 65536]),
     ("llama3-gqa-docs", 32, 8, True, "zigzag", [32768, 65536, 131072]),
     ("llama3-gqa-window", 32, 8, True, "contiguous", [32768, 65536, 131072]),
+    # Wan 2.1 14B's self-attention: 21 latent frames of 30 x 52 (480p) and 45 x 80 (720p)
+    # patches; its cross-attention to the text stays local (not benchmarked)
+    ("wan-video", 40, 40, False, "contiguous", [32760, 75600]),
 ]
 _CPU_SPECS = [
     ("llama2-mha", 4, 4, True, "zigzag", [256, 512]),
@@ -84,6 +87,7 @@ _CPU_SPECS = [
     ("dit-mha", 3, 3, False, "contiguous", [256, 512]),
     ("llama3-gqa-docs", 4, 1, True, "zigzag", [512]),
     ("llama3-gqa-window", 4, 1, True, "contiguous", [512]),
+    ("wan-video", 4, 4, False, "contiguous", [510]),
 ]
 CASE_NAMES = [name for name, *_ in _GPU_SPECS]
 
