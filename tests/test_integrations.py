@@ -381,3 +381,23 @@ def test_what_the_cogvideox_adapter_relies_on_in_diffusers():
         assert hasattr(block.attn1, part), part
     # a plan of its own in a later diffusers: use it (less its text entries) instead
     assert hasattr(model, "proj_out") and getattr(model, "_cp_plan", None) is None
+
+
+@pytest.mark.slow
+def test_every_dit_every_strategy_every_world_size(pool):
+    """The whole matrix the CI samples: Flux, SD3, Wan, LTX-Video and CogVideoX on 2, 3
+    and 4 processes with TokenRing, ring, Ulysses (where the 4 heads divide) and
+    all-gather, and USP 2 x 2, token counts that divide and that do not."""
+    cases = []
+    for kind in ("flux", "sd3", "wan", "ltx", "cogvideox"):
+        for odd in (False, True):
+            cases.append(dict(world=4, kind=kind, strategy="usp", odd=odd))
+            for world in (2, 3, 4):
+                for strategy in ("tokenring", "ring", "ulysses", "allgather"):
+                    if strategy == "ulysses" and 4 % world:
+                        continue
+                    cases.append(dict(world=world, kind=kind, strategy=strategy, odd=odd))
+    for case, per_rank in zip(cases, pool.run(dit_case, cases, timeout=1800)):
+        for r in per_rank:
+            assert r["out"] <= 1e-12 and r["undone"] == 0.0, (case, r)
+            assert r["grads"] <= 1e-6, (case, r)
