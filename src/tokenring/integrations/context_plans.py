@@ -19,8 +19,8 @@ contiguous layout, so any token count works (the remainder rule: ranks hold at m
 token more than others), and gathering is ``tokenring.unshard`` with the global count
 this forward split. The entries are read by their attributes, so the plan classes
 themselves are never imported. Everything runs in forward hooks
-(``register_forward_pre_hook``/``register_forward_hook``): public, and removed by
-``PlannedHooks.remove()``.
+(``register_forward_pre_hook``/``register_forward_hook``): public, and removed by the
+handles ``apply_plan`` returns.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +37,6 @@ __all__ = [
     "TEXT_INPUTS",
     "CallState",
     "Gather",
-    "PlannedHooks",
     "Split",
     "apply_plan",
     "plan_modules",
@@ -70,18 +69,6 @@ class Gather:
 
     gather_dim: int
     expected_dims: int | None = None
-
-
-@dataclass
-class PlannedHooks:
-    """The hooks a plan installed; ``remove()`` takes them all out."""
-
-    handles: list = field(default_factory=list)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
 
 
 def plan_modules(model: torch.nn.Module, name: str) -> list[torch.nn.Module]:
@@ -128,26 +115,25 @@ def apply_plan(
     *,
     split: Callable[[torch.Tensor, int], torch.Tensor],
     gather: Callable[[torch.Tensor, int], torch.Tensor],
-) -> PlannedHooks:
+) -> list:
     """Install ``plan`` on ``model``: ``split(x, dim)`` gives this rank's part of ``x``,
     ``gather(x, dim)`` the whole again (the caller's, which record the global token
-    count in a ``CallState`` and read it back)."""
-    hooks = PlannedHooks()
+    count in a ``CallState`` and read it back). Returns the hooks' handles (``remove()``
+    each to undo)."""
+    handles: list = []
     for name, entry in plan.items():
         for module in plan_modules(model, name):
             if _is_output_entry(entry):
-                hooks.handles.append(module.register_forward_hook(_gatherer(entry, gather)))
+                handles.append(module.register_forward_hook(_gatherer(entry, gather)))
                 continue
             by_name = {k: v for k, v in entry.items() if not getattr(v, "split_output", False)}
             by_index = {k: v for k, v in entry.items() if getattr(v, "split_output", False)}
             if by_name:
                 hook = _input_splitter(module, by_name, split)
-                hooks.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             if by_index:
-                hooks.handles.append(
-                    module.register_forward_hook(_output_splitter(by_index, split))
-                )
-    return hooks
+                handles.append(module.register_forward_hook(_output_splitter(by_index, split)))
+    return handles
 
 
 def _fits(x: Any, entry: Any) -> bool:

@@ -210,7 +210,7 @@ def _enable_planned(transformer, plan: dict, options: Options, where: dict, worl
         state.seq_len, state.text_len = None, text.shape[1] if text is not None else 0
 
     handles = [transformer.register_forward_pre_hook(begin, with_kwargs=True)]
-    handles += apply_plan(transformer, plan, split=split, gather=gather).handles
+    handles += apply_plan(transformer, plan, split=split, gather=gather)
     previous = dict(transformer.attn_processors)
     modules = dict(transformer.named_modules())
     context = Context(attend, state, apply_rotary)
