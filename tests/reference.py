@@ -48,8 +48,10 @@ def attention_reference(
     if allowed is None and causal:
         s = q.shape[1]
         allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed.to(q.device), float("-inf"))
+    if allowed is not None:  # [Sq, Sk], or per batch row [B, Sq, Sk]
+        allowed = allowed.to(q.device)
+        scores = scores.masked_fill(~(allowed[:, None] if allowed.dim() == 3 else allowed),
+                                    float("-inf"))  # fmt: skip
     if sinks is not None:
         sink = sinks.double()[None, :, None, None].expand(*scores.shape[:3], 1)
         with_sink = torch.cat([scores, sink], dim=-1)

@@ -416,3 +416,29 @@ def test_documents_windows_and_sinks_on_one_gpu(strategy, dtype, kernel):
     tol = 2e-2 if dtype == "bfloat16" else 1e-4
     bad = {n: e for n, e in errs.items() if not e <= tol}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("kernel", ["auto", "efficient"])
+def test_padded_joint_tokens_on_one_gpu(kernel):
+    """``joint_mask`` through the CUDA kernels (auto: dense blocks on cuDNN, the joint
+    blocks with their mask on the memory-efficient kernel): output, joint output and
+    gradients against float64 over the concatenated sequence with the padded keys masked."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 64, 4, 64, generator=g) for _ in range(3))
+    jq, jk, jv = (torch.randn(2, 9, 4, 64, generator=g) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    keys = torch.cat([mask, torch.ones(2, 64, dtype=torch.bool)], dim=1)
+    allowed = keys[:, None, :].expand(-1, 73, -1)
+    full = [t.double().requires_grad_() for t in (jq, q, jk, k, jv, v)]
+    cat_q, cat_k, cat_v = (torch.cat(full[i : i + 2], 1) for i in (0, 2, 4))
+    ref, _ = attention_reference(cat_q, cat_k, cat_v, causal=False, allowed=allowed)
+    ref.sum().backward()
+    mine = [t.to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v, jq, jk, jv)]
+    joint = dict(joint_q=mine[3], joint_k=mine[4], joint_v=mine[5], joint_strategy="front")
+    out, jo = tr.attention(*mine[:3], **joint, joint_mask=mask.cuda(), kernel=kernel)
+    (out.float().sum() + jo.float().sum()).backward()
+    assert rel_err(out.cpu(), ref[:, 9:]) < 2e-2 and rel_err(jo.cpu(), ref[:, :9]) < 2e-2
+    for got, want in zip(mine, [full[1], full[3], full[5], full[0], full[2], full[4]]):
+        assert rel_err(got.grad.cpu(), want.grad) < 3e-2
+    assert float(mine[4].grad[1, 6:].abs().max()) == 0.0  # padded keys: no gradient

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tokenring as tr
 from usp_cases import joint_case
 
 FP32_TOL = 1e-5
@@ -73,3 +74,43 @@ def test_joint_gradients_are_exact_in_float64_with_unequal_shares(pool):
         for errs in per_rank:
             errs.pop("joint_out_identical")
             assert max(errs.values()) <= 1e-12, (case, errs)
+
+
+@pytest.mark.parametrize("strategy", ["tokenring", "ring", "ulysses", "allgather", "usp"])
+def test_padded_joint_tokens_are_no_querys_keys(pool, strategy):
+    """``joint_mask``: a row whose last two text tokens are padding (the other row has
+    none) against float64 attention over the concatenated sequence with those keys
+    masked for every query: outputs, LSEs, the joint output and every gradient (the
+    padded tokens' key and value gradients zero), front and rear, with and without joint
+    queries, 1-4 ranks and USP 2 x 2."""
+    if strategy == "usp":
+        cases = [dict(world=4, strategy="usp", ulysses=2, ring=2, heads=(4, 2),
+                      joint_strategy=js, padded=True) for js in ("front", "rear")]  # fmt: skip
+    else:
+        cases = [
+            dict(
+                world=w,
+                strategy=strategy,
+                heads=(4, 2),
+                joint_strategy=js,
+                padded=True,
+                with_q=with_q,
+            )
+            for w in (1, 2, 3, 4)
+            if not (strategy == "ulysses" and 4 % w)
+            for js in ("front", "rear")
+            for with_q in (True, False)
+        ]
+    _check(cases, pool.run(joint_case, cases, timeout=300))
+
+
+def test_a_joint_mask_is_checked():
+    q = torch.randn(2, 8, 4, 8)
+    jk = torch.randn(2, 5, 4, 8)
+    common = dict(joint_k=jk, joint_v=jk, joint_strategy="front")
+    with pytest.raises(ValueError, match=r"joint_mask must be \[batch, joint_len\] = \[2, 5\]"):
+        tr.attention(q, q, q, joint_mask=torch.ones(2, 4, dtype=torch.bool), **common)
+    with pytest.raises(ValueError, match="joint_mask must be a bool tensor"):
+        tr.attention(q, q, q, joint_mask=torch.ones(2, 5), **common)
+    with pytest.raises(ValueError, match="joint_mask is for joint tokens"):
+        tr.attention(q, q, q, joint_mask=torch.ones(2, 5, dtype=torch.bool))

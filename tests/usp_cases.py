@@ -76,10 +76,11 @@ def degenerate_case(
     return max((a - b).abs().max().item() for a, b in zip(*results))
 
 
-def _concat_reference(q, k, v, joint, do, djo, front: bool, with_q: bool):
+def _concat_reference(q, k, v, joint, do, djo, front: bool, with_q: bool, joint_mask=None):
     """Float64 attention over the concatenated sequence: the image part and the joint
     part of out and lse, and the gradients of ``sum(out_image * do) + sum(out_joint * djo)``
-    for q, k, v, then joint_q (if used), joint_k, joint_v."""
+    for q, k, v, then joint_q (if used), joint_k, joint_v. ``joint_mask`` (``[B, J]``):
+    the joint tokens that are no query's keys where False."""
     image_len, joint_len = q.shape[1], joint[1].shape[1]
     full = [t.double().requires_grad_() for t in (q, k, v, *joint)]
     fq, fk, fv, fjq, fjk, fjv = full
@@ -90,7 +91,12 @@ def _concat_reference(q, k, v, joint, do, djo, front: bool, with_q: bool):
     image = slice(joint_len, None) if front else slice(0, image_len)
     tail = slice(0, joint_len) if front else slice(image_len, None)
     big_q = cat(fq, fjq) if with_q else fq
-    out, lse = attention_reference(big_q, cat(fk, fjk), cat(fv, fjv), causal=False)
+    allowed = None
+    if joint_mask is not None:  # every query row sees the image keys and the real joint ones
+        keys = cat(torch.ones(q.shape[0], image_len, dtype=torch.bool), joint_mask)
+        allowed = keys[:, None, :].expand(-1, big_q.shape[1], -1)
+    out, lse = attention_reference(big_q, cat(fk, fjk), cat(fv, fjv), causal=False,
+                                   allowed=allowed)  # fmt: skip
     image_rows = image if with_q else slice(None)
     loss = (out[:, image_rows] * do).sum()
     if with_q:
@@ -105,7 +111,7 @@ def joint_case(
     w, *, world: int, strategy: str, joint_strategy: str, heads: tuple[int, int],
     joint_len: int = 5, ulysses: int = 1, ring: int = 1, with_q: bool = True,
     layout: str = "contiguous", dtype: torch.dtype = torch.float32, unequal: bool = False,
-    seq: int | None = None,
+    seq: int | None = None, padded: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """Joint tokens against float64 attention over the concatenated sequence.
 
@@ -122,8 +128,12 @@ def joint_case(
     q, k, v, do = make_inputs(21, 2, seq, heads, 8, dtype)
     jq, jk, jv, djo = make_inputs(22, 2, joint_len, heads, 8, dtype)
     front = joint_strategy == "front"
+    joint_mask = None
+    if padded:  # the second row's text padded: its last two tokens (mid-row too, on front)
+        joint_mask = torch.ones(2, joint_len, dtype=torch.bool)
+        joint_mask[1, -2:] = False
     ref_out, ref_lse, ref_joint, ref_grads = _concat_reference(
-        q, k, v, (jq, jk, jv), do, djo, front, with_q
+        q, k, v, (jq, jk, jv), do, djo, front, with_q, joint_mask
     )
 
     def local(x, dim=1):
@@ -134,7 +144,7 @@ def joint_case(
     result = tr.attention(
         *parts, strategy=strategy, layout=layout, joint_q=joints[0] if with_q else None,
         joint_k=joints[-2], joint_v=joints[-1], joint_strategy=joint_strategy,
-        return_lse=True, seq_len=seq, **sharding,
+        joint_mask=joint_mask, return_lse=True, seq_len=seq, **sharding,
     )  # fmt: skip
     if with_q:
         out, lse, jo, jlse = result

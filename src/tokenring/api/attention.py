@@ -88,13 +88,15 @@ def hashable(value: object) -> object:
 
 def run(
     q, k, v, joint: tuple, options: tuple | Options, *, group, mesh, recorder: Recorder | None,
-    return_lse: bool, sinks: torch.Tensor | None = None,
+    return_lse: bool, sinks: torch.Tensor | None = None, joint_mask: torch.Tensor | None = None,
 ):  # fmt: skip
     """The one path of every attention call (the functions, the layer, the integrations):
     ``options`` as raw values of ``OPTION_NAMES`` or ``Options`` parsed already."""
     if torch.compiler.is_compiling():
         if recorder is not None:
             raise ValueError("recorder= records eager calls; it cannot run inside torch.compile")
+        if joint_mask is not None:
+            raise ValueError("joint_mask runs eagerly for now, not inside torch.compile")
         problems = sink_problems(sinks, q, joint[1])  # at trace time, where they are
         if problems:
             raise ValueError("; ".join(problems))
@@ -114,13 +116,13 @@ def run(
             wants_grad = False
         call = prepare(
             q, k, v, joint, options, group=group, mesh=mesh, wants_grad=wants_grad,
-            recorder=recorder, sinks=sinks,
+            recorder=recorder, sinks=sinks, joint_mask=joint_mask,
         )  # fmt: skip
         if wants_grad:
-            out, lse, jo, jlse = ShardedAttention.apply(q, k, v, *joint, call)
+            out, lse, jo, jlse = ShardedAttention.apply(q, k, v, *joint, joint_mask, call)
         else:
             out, lse, jo, jlse = forward_pass(
-                call, q, k, v, Joint(jq, jk, jv) if jk is not None else None
+                call, q, k, v, Joint(jq, jk, jv, joint_mask) if jk is not None else None
             )
     if sinks is not None:
         out, lse = with_sinks(out, lse, sinks)
@@ -148,6 +150,7 @@ def attention(
     joint_k: torch.Tensor | None = None,
     joint_v: torch.Tensor | None = None,
     joint_strategy: str | JointStrategy = "none",
+    joint_mask: torch.Tensor | None = None,
     seq_len: int | None = None,
     window_size: tuple[int, int] | None = None,
     cu_seqlens: object = None,
@@ -204,7 +207,10 @@ def attention(
     ``return_lse=True``. Gradients: q, k, v get their shard's; each rank's
     ``joint_*.grad`` is that rank's share, and summed over the group it equals
     the unsharded model's gradient when each rank's loss takes the ``joint_out``
-    term divided by the group size.
+    term divided by the group size. ``joint_mask``: bool ``[batch, joint_len]``, the
+    same on every rank, True where a joint token is real: a text's padding (rows of
+    a batch may differ) is no query's key, image or joint (eager calls; on CUDA the
+    joint blocks then run on the memory-efficient kernel, which takes the mask).
 
     Raises ``ValueError`` with the same message on every rank for bad input,
     including a strategy that cannot run the call (with the reason, and what
@@ -215,7 +221,7 @@ def attention(
                joint_strategy, seq_len, hashable(window_size), hashable(cu_seqlens))  # fmt: skip
     return run(
         q, k, v, (joint_q, joint_k, joint_v), options, group=group, mesh=mesh, recorder=recorder,
-        return_lse=return_lse, sinks=sinks,
+        return_lse=return_lse, sinks=sinks, joint_mask=joint_mask,
     )  # fmt: skip
 
 

@@ -86,7 +86,7 @@ def _tensor_key(t) -> tuple | None:
 
 
 def _fast_key(site: Site, options, wants_grad: bool, q, k, v, joint: tuple,
-              sinks) -> tuple | None:  # fmt: skip
+              sinks, joint_mask) -> tuple | None:  # fmt: skip
     """The raw arguments as a cache key (None when they cannot be one: not tensors,
     unhashable options)."""
     try:
@@ -99,7 +99,7 @@ def _fast_key(site: Site, options, wants_grad: bool, q, k, v, joint: tuple,
         key = (
             site.key, options, typed, wants_grad, _tensor_key(q), _tensor_key(k), _tensor_key(v),
             joint[1] is not None and (_tensor_key(joint[0]), _tensor_key(joint[1])),
-            _tensor_key(sinks),
+            _tensor_key(sinks), _tensor_key(joint_mask),
         )  # fmt: skip
         hash(key)
     except (AttributeError, TypeError):
@@ -108,11 +108,12 @@ def _fast_key(site: Site, options, wants_grad: bool, q, k, v, joint: tuple,
 
 
 def _described(rt: Runtime, site: Site, q, k, v, joint: tuple, options: Options,
-               option_problems: tuple[str, ...], wants_grad: bool, sinks):  # fmt: skip
+               option_problems: tuple[str, ...], wants_grad: bool, sinks,
+               joint_mask) -> tuple:  # fmt: skip
     """This rank's description (``auto`` resolved) and every problem with it."""
     description, problems = describe(
         q, k, v, joint, options, option_problems, world=site.world, rank=site.rank,
-        ulysses=site.ulysses, wants_grad=wants_grad, sinks=sinks,
+        ulysses=site.ulysses, wants_grad=wants_grad, sinks=sinks, joint_mask=joint_mask,
     )  # fmt: skip
     if problems:
         return description, problems, None
@@ -126,7 +127,8 @@ def _described(rt: Runtime, site: Site, q, k, v, joint: tuple, options: Options,
 
 
 def _prepare(rt: Runtime, site: Site, state: GroupRuntime, q, k, v, joint: tuple, options,
-             wants_grad: bool, recorder: Recorder | None, sinks) -> PreparedCall:  # fmt: skip
+             wants_grad: bool, recorder: Recorder | None, sinks,
+             joint_mask) -> PreparedCall:  # fmt: skip
     """Describe, agree, plan; and say how the call runs: the lanes of the axes its
     schedules use, its joint-token collectives, the runtime's settings."""
     if isinstance(options, Options):
@@ -134,7 +136,7 @@ def _prepare(rt: Runtime, site: Site, state: GroupRuntime, q, k, v, joint: tuple
     else:
         parsed, option_problems = Options.of_values(options)
     description, problems, kernel = _described(
-        rt, site, q, k, v, joint, parsed, option_problems, wants_grad, sinks
+        rt, site, q, k, v, joint, parsed, option_problems, wants_grad, sinks, joint_mask
     )
     settings = rt.settings
     group_lanes = rt.lanes(site.group) if site.world > 1 else None
@@ -166,6 +168,7 @@ def _plan(state: GroupRuntime, site: Site, description: CallDescription, kernel,
 def prepare(
     q, k, v, joint: tuple, options: tuple | Options, *, group: dist.ProcessGroup | None,
     mesh: object, wants_grad: bool, recorder: Recorder | None = None, sinks=None,
+    joint_mask=None,
 ) -> PreparedCall:  # fmt: skip
     """The call as prepared for the first call of its kind, reused by later identical
     calls: the description, the agreement and the plan are made once. Kept per group in
@@ -177,10 +180,14 @@ def prepare(
         else (options[0], options[1])
     )  # fmt: skip
     site, state = where_call_runs(rt, strategy, group, mesh, ring_impl)
-    key = _fast_key(site, options, wants_grad, q, k, v, joint, sinks) if recorder is None else None
+    key = (
+        _fast_key(site, options, wants_grad, q, k, v, joint, sinks, joint_mask)
+        if recorder is None else None
+    )  # fmt: skip
     call = state.calls.get_fresh(key) if key is not None else None
     if call is None:
-        call = _prepare(rt, site, state, q, k, v, joint, options, wants_grad, recorder, sinks)
+        call = _prepare(rt, site, state, q, k, v, joint, options, wants_grad, recorder, sinks,
+                        joint_mask)  # fmt: skip
         if key is not None:
             state.calls.put(key, call)
     return call

@@ -73,6 +73,7 @@ class SequenceParallelAttention(nn.Module):
         joint_k: torch.Tensor | None = None,
         joint_v: torch.Tensor | None = None,
         joint_strategy: str | JointStrategy = "none",
+        joint_mask: torch.Tensor | None = None,
         seq_len: int | None = None,
         window_size: tuple[int, int] | None = None,
         cu_seqlens: object = None,
@@ -81,13 +82,13 @@ class SequenceParallelAttention(nn.Module):
     ):
         """``tokenring.attention`` with this layer's configuration (``seq_len``: the
         global length, for shards of unequal length; ``window_size`` and ``cu_seqlens``:
-        the mask beyond ``causal``, and ``sinks``, as there)."""
+        the mask beyond ``causal``, ``joint_mask`` and ``sinks``, as there)."""
         options = _with_call_options(
             self.options, causal, joint_strategy, seq_len, window_size, cu_seqlens
         )
         return run(
             q, k, v, (joint_q, joint_k, joint_v), options, group=self.group, mesh=self.mesh,
-            recorder=None, return_lse=return_lse, sinks=sinks,
+            recorder=None, return_lse=return_lse, sinks=sinks, joint_mask=joint_mask,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -63,6 +63,26 @@ def _tensor_problems(q, k, v) -> list[str]:
     return problems
 
 
+def _joint_mask_problems(joint_mask: object, jk: object) -> list[str]:
+    """What is wrong with ``joint_mask`` for joint keys ``jk`` (``[B, J, H, D]``)."""
+    if joint_mask is None:
+        return []
+    if not isinstance(jk, torch.Tensor) or jk.dim() != 4:
+        return ["joint_mask is for joint tokens: give joint_k and joint_v with it"]
+    want = (jk.shape[0], jk.shape[1])
+    if not isinstance(joint_mask, torch.Tensor) or joint_mask.dtype != torch.bool:
+        return [f"joint_mask must be a bool tensor [batch, joint_len] = {list(want)}, "
+                f"got {type(joint_mask).__name__}"]  # fmt: skip
+    problems = []
+    if tuple(joint_mask.shape) != want:
+        problems.append(f"joint_mask must be [batch, joint_len] = {list(want)}, "
+                        f"got {tuple(joint_mask.shape)}")  # fmt: skip
+    if joint_mask.device != jk.device:
+        problems.append(f"joint_mask must be on joint_k's device ({jk.device}), got "
+                        f"{joint_mask.device}")  # fmt: skip
+    return problems
+
+
 def _joint_problems(q, k, joint: tuple, options: Options) -> list[str]:
     """What is wrong with the joint tensors ``(joint_q, joint_k, joint_v)``."""
     jq, jk, jv = joint
@@ -191,6 +211,7 @@ def _length_problem(options: Options, length: int, world: int, rank: int) -> str
 def describe(
     q, k, v, joint: tuple, options: Options, option_problems: tuple[str, ...], *,
     world: int, rank: int, ulysses: int = 1, wants_grad: bool = False, sinks=None,
+    joint_mask=None,
 ) -> tuple[CallDescription, tuple[str, ...]]:  # fmt: skip
     """This rank's call as a description, and every problem found (``option_problems``:
     what ``Options.parse`` found). ``rank``: this rank's place in the layout (logical
@@ -205,13 +226,16 @@ def describe(
     if shapes_ok:
         length = q.shape[1]
         problems += _joint_problems(q, k, joint, options)
+        problems += _joint_mask_problems(joint_mask, joint[1])
         problems += sink_problems(sinks, q, joint[1])
         problems.append(_length_problem(options, length, world, rank))
         seq_len = options.seq_len if options.seq_len is not None else world * length
         jk, jq = joint[1], joint[0]
         joint_shape = None
         if isinstance(jk, torch.Tensor) and jk.dim() == 4:
-            joint_shape = JointShape(options.joint_strategy, jk.shape[1], jq is not None)
+            joint_shape = JointShape(
+                options.joint_strategy, jk.shape[1], jq is not None, joint_mask is not None
+            )
         description = CallDescription(
             options=replace(options, seq_len=seq_len),
             batch=q.shape[0],

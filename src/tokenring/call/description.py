@@ -185,12 +185,13 @@ def encode_values(values: tuple) -> str:
 
 @dataclass(frozen=True)
 class JointShape:
-    """Joint (text) tokens: where they sit, how many there are, and whether they have
-    queries of their own."""
+    """Joint (text) tokens: where they sit, how many there are, whether they have
+    queries of their own, and whether some rows are padded (``joint_mask``)."""
 
     side: JointStrategy
     length: int
     with_queries: bool
+    masked: bool = False
 
 
 @dataclass(frozen=True)

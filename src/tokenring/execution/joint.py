@@ -5,7 +5,9 @@ every rank of the sequence-parallel group. The result equals attention over the
 concatenated sequence (joint tokens in front of the image tokens, or behind:
 without a mask the order does not change the maths): every image query
 attends every image key and every joint key once; every joint query attends
-every image key and every joint key.
+every image key and every joint key. A ``mask`` (``joint_mask``: a text's
+padding, rows of a batch may differ) takes a row's padded joint tokens out of
+every query's keys, in the blocks that have joint keys.
 
 Joint keys and values never move: they are where every query is. Per rank,
 on top of the strategy's own work:
@@ -44,11 +46,13 @@ LANE = 0
 
 @dataclass(frozen=True)
 class Joint:
-    """The joint tensors of a call (``q`` may be None: joint keys only)."""
+    """The joint tensors of a call (``q`` may be None: joint keys only); ``mask``: bool
+    ``[B, J]``, the real joint tokens of each row (padded ones are nobody's keys)."""
 
     q: torch.Tensor | None
     k: torch.Tensor
     v: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -99,12 +103,12 @@ def joint_forward(
     ``lse`` (``[B, H, L]``) in place; return ``(joint_out, joint_lse)``
     (``joint_out`` fp32 ``[B, J, H, D]``, ``joint_lse`` ``[B, H, J]``), or Nones without
     joint queries."""
-    part, part_lse = kernel.forward(q, joint.k, joint.v, False, scale)
+    part, part_lse = kernel.forward(q, joint.k, joint.v, False, scale, key_mask=joint.mask)
     merge_into(out, lse, part, part_lse, fused=fused)
     if joint.q is None:
         return None, None
     mine = kernel.forward(joint.q, k, v, False, scale)
-    own, own_lse = kernel.forward(joint.q, joint.k, joint.v, False, scale)
+    own, own_lse = kernel.forward(joint.q, joint.k, joint.v, False, scale, key_mask=joint.mask)
     wide = accum_dtype(q.dtype)
     jo = torch.empty(own.shape, dtype=wide, device=own.device)
     jlse = torch.empty(own_lse.shape, dtype=wide, device=own.device)
@@ -138,8 +142,9 @@ def joint_backward(
         return (do.to(wide) * o.to(wide)).sum(-1).transpose(1, 2)
 
     dq, djk, djv = kernel.backward(
-        grad_out, q, joint.k, joint.v, out, lse, delta(grad_out, out), False, scale
-    )
+        grad_out, q, joint.k, joint.v, out, lse, delta(grad_out, out), False, scale,
+        key_mask=joint.mask,
+    )  # fmt: skip
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     djq = None
@@ -153,7 +158,7 @@ def joint_backward(
         )
         djq_own, djk_own, djv_own = kernel.backward(
             own.to(q.dtype), joint.q, joint.k, joint.v, jo, joint_lse, delta(own, jo), False,
-            scale,
+            scale, key_mask=joint.mask,
         )  # fmt: skip
         djq = djq + djq_own
         djk = djk + djk_own

@@ -106,13 +106,13 @@ class ShardedAttention(torch.autograd.Function):
     """Thin autograd wrapper for eager calls that need gradients."""
 
     @staticmethod
-    def forward(ctx, q, k, v, jq, jk, jv, call: PreparedCall):
-        joint = Joint(jq, jk, jv) if jk is not None else None
+    def forward(ctx, q, k, v, jq, jk, jv, jmask, call: PreparedCall):
+        joint = Joint(jq, jk, jv, jmask) if jk is not None else None
         out, lse, jo, jlse = forward_pass(call, q, k, v, joint)
         ctx.call = call
         ctx.has = (jq is not None, joint is not None)
         ctx.set_materialize_grads(False)  # an unused LSE's gradient stays None
-        ctx.save_for_backward(q, k, v, out, lse, jq, jk, jv, jo, jlse)
+        ctx.save_for_backward(q, k, v, out, lse, jq, jk, jv, jmask, jo, jlse)
         if joint is not None:  # with joint tokens the LSEs are for inspection only
             ctx.mark_non_differentiable(lse)
         if jlse is not None:
@@ -122,9 +122,9 @@ class ShardedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse, grad_jo, grad_jlse):
         del grad_jlse
-        q, k, v, out, lse, jq, jk, jv, jo, jlse = ctx.saved_tensors
+        q, k, v, out, lse, jq, jk, jv, jmask, jo, jlse = ctx.saved_tensors
         has_q, has_joint = ctx.has
-        joint = Joint(jq if has_q else None, jk, jv) if has_joint else None
+        joint = Joint(jq if has_q else None, jk, jv, jmask) if has_joint else None
         if grad_out is None:  # only the LSE was used
             grad_out = torch.zeros_like(out)
         if grad_jo is None and jo is not None:
@@ -133,4 +133,4 @@ class ShardedAttention(torch.autograd.Function):
             ctx.call, grad_out, grad_jo, q, k, v, out, lse, joint, jo, jlse,
             None if has_joint else grad_lse,
         )  # fmt: skip
-        return dq, dk, dv, djq, djk, djv, None
+        return dq, dk, dv, djq, djk, djv, None, None

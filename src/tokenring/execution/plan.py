@@ -50,6 +50,7 @@ def block_spec(call: CallDescription, *, backward: bool = False) -> BlockSpec:
         call.device_type, call.dtype, call.head_dim, call.heads_q, call.heads_kv, call.causal,
         backward=backward, deterministic=backward and call.options.deterministic,
         masked=call.mask.windowed, documents=call.mask.mean_document,
+        row_masks=call.joint is not None and call.joint.masked,
     )  # fmt: skip
 
 

@@ -73,6 +73,8 @@ def _describe(spec: BlockSpec) -> str:
     ]
     if spec.ragged:
         parts.append("per-row key lengths (a KV cache)")
+    if spec.row_masks:
+        parts.append("per-row key masks (padded joint tokens)")
     if spec.masked:
         parts.append("explicit block masks")
     elif spec.documents:
@@ -96,7 +98,7 @@ def select_kernel(choice: str, spec: BlockSpec) -> KernelBackend:
             )  # fmt: skip
             if varlen is not None:
                 return varlen
-        if spec.masked or spec.ragged:  # dense calls on the fastest, the rest on another
+        if spec.masked or spec.ragged or spec.row_masks:  # dense on the fastest, the rest not
             split = split_if_faster(spec, BACKENDS)
             if split is not None:
                 return split

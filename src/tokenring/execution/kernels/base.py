@@ -40,7 +40,7 @@ __all__ = [
     "empty_forward",
     "expand_heads",
     "fold_heads",
-    "padding_bias",
+    "row_bias",
     "valid_keys",
 ]
 
@@ -64,7 +64,10 @@ class BlockSpec:
     causal sub-calls, or sequences of a variable-length call); 0: one document."""
     ragged: bool = False
     """Some blocks' keys hold a valid prefix per batch row, its length given when the
-    block runs (a KV cache's part: ``key_lengths``)."""
+    block runs (a KV cache's part: ``key_lengths``), forward only."""
+    row_masks: bool = False
+    """Some blocks' keys are masked per batch row, forward and backward (joint tokens
+    with padding: ``key_mask``)."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,8 @@ class KernelBackend(ABC):
     explicit_masks: bool = False
     padded_keys: bool = False
     """Takes ``key_lengths`` (``_ragged_forward``)."""
+    row_masks: bool = False
+    """Takes ``key_mask`` both ways (``_rows_forward``, ``_rows_backward``)."""
 
     def available_reasons(self) -> list[str]:
         """Why this backend cannot run on this installation at all (empty if it can)."""
@@ -191,6 +196,8 @@ class KernelBackend(ABC):
             reasons.append("takes no per-row key lengths (a KV cache)")
         if spec.ragged and spec.backward:
             reasons.append("a KV cache's blocks have no backward")
+        if spec.row_masks and not self.row_masks:
+            reasons.append("takes no per-row key mask (joint tokens with padding)")
         return reasons
 
     def forward(
@@ -202,17 +209,23 @@ class KernelBackend(ABC):
         scale: float,
         mask: BlockMask | None = None,
         key_lengths: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Block attention; see the module docstring for shapes. ``key_lengths``: int
         ``[batch]`` on the block's device, row ``b`` attends only keys ``[0,
-        key_lengths[b])`` (never with ``causal`` or ``mask``)."""
+        key_lengths[b])``; ``key_mask``: bool ``[batch, len_k]``, row ``b`` attends the
+        keys it marks (either never with ``causal`` or ``mask``)."""
         if q.shape[1] == 0 or k.shape[1] == 0:  # no queries, or no keys: an empty partial
             return empty_forward(q)
-        if key_lengths is not None:
+        if key_lengths is not None or key_mask is not None:
             if not self.native_gqa and k.shape[2] != q.shape[2]:
                 k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
-            out, lse = self._ragged_forward(q, k, v, scale, key_lengths)
-            none = key_lengths == 0  # rows with no valid key: the merge's identity
+            if key_lengths is not None:
+                out, lse = self._ragged_forward(q, k, v, scale, key_lengths)
+                none = key_lengths == 0  # rows with no valid key: the merge's identity
+            else:
+                out, lse = self._rows_forward(q, k, v, scale, key_mask[:, None, None, :])
+                none = ~key_mask.any(dim=1)
             out = out.masked_fill(none[:, None, None, None], 0.0)
             return out, lse.masked_fill(none[:, None, None], float("-inf"))
         if mask is not None and mask.calls is not None:
@@ -239,8 +252,10 @@ class KernelBackend(ABC):
         causal: bool,
         scale: float,
         mask: BlockMask | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients of one block given the global lse and delta; see the module docstring."""
+        """Gradients of one block given the global lse and delta; see the module docstring
+        (``key_mask`` as in ``forward``)."""
         heads_kv = k.shape[2]
         if q.shape[1] == 0 or k.shape[1] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -248,7 +263,12 @@ class KernelBackend(ABC):
             return self._backward_calls(do, q, k, v, out, lse, delta, scale, mask.calls)
         if not (self.native_gqa or heads_kv == q.shape[2]):
             k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
-        if mask is None:
+        if key_mask is not None:  # rows that see no key: any finite LSE (they are masked)
+            lse = lse.masked_fill(torch.isneginf(lse), 0.0)
+            dq, dk, dv = self._rows_backward(
+                do, q, k, v, out, lse, delta, scale, key_mask[:, None, None, :]
+            )
+        elif mask is None:
             dq, dk, dv = self._backward(do, q, k, v, out, lse, delta, causal, scale)
         else:
             # a query that attends no key anywhere has an LSE of -inf; its row is masked
@@ -322,8 +342,17 @@ class KernelBackend(ABC):
 
     def _ragged_forward(self, q, k, v, scale, key_lengths: torch.Tensor):
         """``_forward`` where row ``b`` sees keys ``[0, key_lengths[b])`` (``padded_keys``
-        backends; rows with none are cleared by ``forward``)."""
-        raise NotImplementedError(f"kernel {self.name} takes no per-row key lengths")
+        backends; rows with none are cleared by ``forward``): by default as a row mask."""
+        return self._rows_forward(q, k, v, scale, valid_keys(key_lengths, k.shape[1]))
+
+    def _rows_forward(self, q, k, v, scale, allowed: torch.Tensor):
+        """``_forward`` where row ``b`` sees the keys ``allowed[b, 0, 0]`` marks (boolean
+        ``[batch, 1, 1, len_k]``; ``row_masks`` backends)."""
+        raise NotImplementedError(f"kernel {self.name} takes no per-row key mask")
+
+    def _rows_backward(self, do, q, k, v, out, lse, delta, scale, allowed: torch.Tensor):
+        """``_backward`` under ``_rows_forward``'s mask (``row_masks`` backends)."""
+        raise NotImplementedError(f"kernel {self.name} takes no per-row key mask")
 
     def __repr__(self) -> str:
         return f"<kernel {self.name}>"
@@ -335,14 +364,14 @@ def valid_keys(key_lengths: torch.Tensor, len_k: int) -> torch.Tensor:
     return (cols < key_lengths[:, None])[:, None, None, :]
 
 
-def padding_bias(key_lengths: torch.Tensor, len_k: int, dtype: torch.dtype,
-                 align: int = 1) -> torch.Tensor:  # fmt: skip
-    """``valid_keys`` as a bias to add to the scores, 0 or -inf, ``[batch, 1, 1, len_k]``;
-    ``align``: rows stored ``align`` elements apart, for kernels that need it."""
+def row_bias(allowed: torch.Tensor, dtype: torch.dtype, align: int = 1) -> torch.Tensor:
+    """A per-row key mask (boolean ``[batch, 1, 1, len_k]``) as a bias to add to the
+    scores, 0 or -inf; ``align``: rows stored ``align`` elements apart, for kernels that
+    need it."""
+    batch, len_k = allowed.shape[0], allowed.shape[-1]
     width = -(-len_k // align) * align
-    bias = torch.zeros(key_lengths.shape[0], 1, 1, width, dtype=dtype, device=key_lengths.device)
-    bias = bias[..., :len_k]
-    return bias.masked_fill_(~valid_keys(key_lengths, len_k), float("-inf"))
+    bias = torch.zeros(batch, 1, 1, width, dtype=dtype, device=allowed.device)[..., :len_k]
+    return bias.masked_fill_(~allowed, float("-inf"))
 
 
 def empty_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ from functools import cache
 
 import torch
 
-from .base import KernelBackend, delta_surrogate, padding_bias
+from .base import KernelBackend, delta_surrogate, row_bias
 
 __all__ = ["CpuFlash"]
 
@@ -39,6 +39,7 @@ class CpuFlash(KernelBackend):
     native_gqa = True
     explicit_masks = True
     padded_keys = True
+    row_masks = True
 
     def _forward(self, q, k, v, causal, scale, bias=None):
         # the torch-namespace binding of the aten op: a few microseconds less host time
@@ -65,8 +66,13 @@ class CpuFlash(KernelBackend):
     def _masked_backward(self, do, q, k, v, out, lse, delta, mask, scale):
         return self._backward(do, q, k, v, out, lse, delta, False, scale, mask.additive(q.dtype))
 
-    def _ragged_forward(self, q, k, v, scale, key_lengths):
-        return self._forward(q, k, v, False, scale, padding_bias(key_lengths, k.shape[1], q.dtype))
+    def _rows_forward(self, q, k, v, scale, allowed):
+        return self._forward(q, k, v, False, scale, row_bias(allowed, q.dtype))
+
+    def _rows_backward(self, do, q, k, v, out, lse, delta, scale, allowed):
+        return self._backward(
+            do, q, k, v, out, lse, delta, False, scale, row_bias(allowed, q.dtype)
+        )
 
     def _backward(self, do, q, k, v, out, lse, delta, causal, scale, bias=None):
         if out is None:

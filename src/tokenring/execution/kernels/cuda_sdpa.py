@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KernelBackend, delta_surrogate, padding_bias
+from .base import KernelBackend, delta_surrogate, row_bias
 from .cache_flash import flash_key_lengths
 
 __all__ = ["CudnnAttention", "EfficientAttention", "FlashAttention"]
@@ -173,6 +173,7 @@ class EfficientAttention(_CudaBackend):
     deterministic_backward = False
     explicit_masks = True
     padded_keys = True
+    row_masks = True
 
     @staticmethod
     def _bias(mask, q, k):
@@ -189,9 +190,18 @@ class EfficientAttention(_CudaBackend):
     def _masked_forward(self, q, k, v, mask, scale):
         return self._forward(q, k, v, False, scale, self._bias(mask, q, k))
 
-    def _ragged_forward(self, q, k, v, scale, key_lengths):
-        bias = padding_bias(key_lengths, k.shape[1], q.dtype, align=16)
-        return self._forward(q, k, v, False, scale, bias.expand(-1, q.shape[2], q.shape[1], -1))
+    @staticmethod
+    def _row_bias(allowed, q):
+        """A per-row key mask as the kernel's bias ``[B, H, Lq, Lk]`` (broadcast views)."""
+        bias = row_bias(allowed, q.dtype, align=16)
+        return bias.expand(-1, q.shape[2], q.shape[1], -1)
+
+    def _rows_forward(self, q, k, v, scale, allowed):
+        return self._forward(q, k, v, False, scale, self._row_bias(allowed, q))
+
+    def _rows_backward(self, do, q, k, v, out, lse, delta, scale, allowed):
+        return self._backward(do, q, k, v, out, lse, delta, False, scale,
+                              self._row_bias(allowed, q))  # fmt: skip
 
     def _masked_backward(self, do, q, k, v, out, lse, delta, mask, scale):
         return self._backward(do, q, k, v, out, lse, delta, False, scale, self._bias(mask, q, k))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KernelBackend, accum_dtype, expand_heads, fold_heads, valid_keys
+from .base import KernelBackend, accum_dtype, expand_heads, fold_heads
 
 __all__ = ["MathKernel"]
 
@@ -39,6 +39,7 @@ class MathKernel(KernelBackend):
     native_gqa = True
     explicit_masks = True
     padded_keys = True
+    row_masks = True
 
     def _forward(self, q, k, v, causal, scale, allowed=None):
         p, lse = _probabilities(q, k, None, causal, scale, allowed)
@@ -51,8 +52,11 @@ class MathKernel(KernelBackend):
     def _masked_backward(self, do, q, k, v, out, lse, delta, mask, scale):
         return self._backward(do, q, k, v, out, lse, delta, False, scale, mask.allowed)
 
-    def _ragged_forward(self, q, k, v, scale, key_lengths):
-        return self._forward(q, k, v, False, scale, valid_keys(key_lengths, k.shape[1]))
+    def _rows_forward(self, q, k, v, scale, allowed):
+        return self._forward(q, k, v, False, scale, allowed)
+
+    def _rows_backward(self, do, q, k, v, out, lse, delta, scale, allowed):
+        return self._backward(do, q, k, v, out, lse, delta, False, scale, allowed)
 
     def _backward(self, do, q, k, v, out, lse, delta, causal, scale, allowed=None):
         heads, heads_kv = q.shape[2], k.shape[2]

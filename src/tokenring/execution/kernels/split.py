@@ -26,6 +26,7 @@ class SplitMasks(KernelBackend):
 
     explicit_masks = True
     padded_keys = True
+    row_masks = True
 
     def __init__(self, dense: KernelBackend, masked: KernelBackend, small: int = SMALL):
         self.dense, self.masked, self.small = dense, masked, small
@@ -36,7 +37,7 @@ class SplitMasks(KernelBackend):
         self.deterministic_backward = dense.deterministic_backward and masked.deterministic_backward
 
     def not_supported_reasons(self, spec: BlockSpec) -> list[str]:
-        unmasked = replace(spec, masked=False, ragged=False)
+        unmasked = replace(spec, masked=False, ragged=False, row_masks=False)
         return self.dense.not_supported_reasons(unmasked) + self.masked.not_supported_reasons(spec)
 
     def _for_dense(self, q, k) -> KernelBackend:
@@ -46,9 +47,10 @@ class SplitMasks(KernelBackend):
         return self.masked if min(q.shape[1], k.shape[1]) < self.small else self.dense
 
     def forward(self, q, k, v, causal: bool, scale: float, mask: BlockMask | None = None,
-                key_lengths=None):  # fmt: skip
-        if key_lengths is not None:
-            return self.masked.forward(q, k, v, causal, scale, key_lengths=key_lengths)
+                key_lengths=None, key_mask=None):  # fmt: skip
+        if key_lengths is not None or key_mask is not None:
+            return self.masked.forward(q, k, v, causal, scale, key_lengths=key_lengths,
+                                       key_mask=key_mask)  # fmt: skip
         if mask is None:
             return self._for_dense(q, k).forward(q, k, v, causal, scale)
         if mask.calls is None:
@@ -56,7 +58,10 @@ class SplitMasks(KernelBackend):
         return self._forward_calls(q, k, v, scale, mask)
 
     def backward(self, do, q, k, v, out, lse, delta, causal: bool, scale: float,
-                 mask: BlockMask | None = None):  # fmt: skip
+                 mask: BlockMask | None = None, key_mask=None):  # fmt: skip
+        if key_mask is not None:
+            return self.masked.backward(do, q, k, v, out, lse, delta, causal, scale,
+                                        key_mask=key_mask)  # fmt: skip
         if mask is None:
             return self._for_dense(q, k).backward(do, q, k, v, out, lse, delta, causal, scale)
         if mask.calls is None:
@@ -74,7 +79,7 @@ def split_if_faster(spec: BlockSpec, backends: tuple[KernelBackend, ...]) -> Ker
     """For a spec with masks: the best backend for dense calls paired with the best one
     that takes masks, when they differ (None when one backend is best at both, or none
     takes masks)."""
-    unmasked = replace(spec, masked=False, ragged=False)
+    unmasked = replace(spec, masked=False, ragged=False, row_masks=False)
     dense = next((b for b in backends if not b.not_supported_reasons(unmasked)), None)
     masked = next((b for b in backends if not b.not_supported_reasons(spec)), None)
     if dense is None or masked is None or dense is masked:
