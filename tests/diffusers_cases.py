@@ -63,8 +63,30 @@ def tiny_cogvideox(seed: int = 0):
     ).double()  # fmt: skip
 
 
+def tiny_qwen(seed: int = 0):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+    ).double()  # fmt: skip
+
+
 MODELS = {"flux": tiny_flux, "sd3": tiny_sd3, "wan": tiny_wan, "ltx": tiny_ltx,
-          "cogvideox": tiny_cogvideox}  # fmt: skip
+          "cogvideox": tiny_cogvideox, "qwen": tiny_qwen}  # fmt: skip
+
+
+def _qwen_inputs(rand, odd: bool) -> dict:
+    """Packed latents of 4 x 8 (32 tokens) or, ``odd``, 3 x 5 (15); text of 6 tokens, the
+    second row's 3rd and last padding (Qwen-Image's mask may have any pattern)."""
+    h, w = (3, 5) if odd else (4, 8)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 2] = mask[1, 5] = False
+    return dict(hidden_states=rand(2, h * w, 16), encoder_hidden_states=rand(2, 6, 16),
+                encoder_hidden_states_mask=mask,
+                timestep=torch.tensor([0.3, 0.7], dtype=torch.float64),
+                img_shapes=[(1, h, w)] * 2)  # fmt: skip
 
 
 def _cogvideox_inputs(rand, odd: bool) -> dict:
@@ -116,6 +138,8 @@ def _inputs(kind: str, odd: bool = False, per_token: bool = False) -> dict:
         return _ltx_inputs(rand, odd)
     if kind == "cogvideox":
         return _cogvideox_inputs(rand, odd)
+    if kind == "qwen":
+        return _qwen_inputs(rand, odd)
     if kind == "flux":
         h, w = (3, 5) if odd else (4, 8)  # 15 or 32 image tokens
         rows, cols = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_cases import dit_case, tiny_cogvideox, tiny_flux, tiny_ltx, tiny_wan
+from diffusers_cases import dit_case, tiny_cogvideox, tiny_flux, tiny_ltx, tiny_qwen, tiny_wan
 from integration_cases import (
     GPT_OSS,
     generate_case,
@@ -178,7 +178,7 @@ def test_the_diffusers_integration_refuses_what_it_cannot_do():
 
     with pytest.raises(ValueError, match="supports FluxTransformer2DModel, SD3Transformer2DModel, "
                        "WanTransformer3DModel, LTXVideoTransformer3DModel, "
-                       "CogVideoXTransformer3DModel"):  # fmt: skip
+                       "CogVideoXTransformer3DModel, QwenImageTransformer2DModel"):  # fmt: skip
         enable_dit(torch.nn.Linear(2, 2), strategy="ring")
     model = tiny_flux()
     with pytest.raises(ValueError, match="strategy='usp' needs mesh="):
@@ -309,6 +309,23 @@ def test_a_sequence_parallel_cogvideox_equals_the_model_on_one_process(pool):
             assert r["grads"] <= 1e-6, (case, r)
 
 
+def test_a_sequence_parallel_qwen_image_equals_the_model_on_one_process(pool):
+    """Qwen-Image from its own plan less the text (its embeddings, its mask, its rotary
+    table): image tokens and their table split, text joint in front under a padding mask
+    with holes (a padded row, tokens 3 and 6), 2, 3 and 4 processes, TokenRing, ring,
+    Ulysses, all-gather and USP 2 x 2, 32 and 15 tokens; output to float64 rounding and
+    every gradient."""
+    cases = [
+        dict(world=w, kind="qwen", strategy=s, odd=odd)
+        for w, s, odd in ((2, "tokenring", False), (3, "tokenring", True), (4, "ring", True),
+                          (4, "ulysses", False), (3, "allgather", True), (4, "usp", True))
+    ]  # fmt: skip
+    for case, per_rank in zip(cases, pool.run(dit_case, cases, timeout=600)):
+        for r in per_rank:
+            assert r["out"] <= 1e-12 and r["undone"] == 0.0, (case, r)
+            assert r["grads"] <= 1e-6, (case, r)
+
+
 def test_what_the_wan_adapter_relies_on_in_diffusers():
     """Fails loudly when a diffusers upgrade changes what the Wan path reads: the model's
     context-parallel plan (rotary tables split from its output, hidden states split into
@@ -385,11 +402,12 @@ def test_what_the_cogvideox_adapter_relies_on_in_diffusers():
 
 @pytest.mark.slow
 def test_every_dit_every_strategy_every_world_size(pool):
-    """The whole matrix the CI samples: Flux, SD3, Wan, LTX-Video and CogVideoX on 2, 3
+    """The whole matrix the CI samples: Flux, SD3, Wan, LTX-Video, CogVideoX and
+    Qwen-Image on 2, 3
     and 4 processes with TokenRing, ring, Ulysses (where the 4 heads divide) and
     all-gather, and USP 2 x 2, token counts that divide and that do not."""
     cases = []
-    for kind in ("flux", "sd3", "wan", "ltx", "cogvideox"):
+    for kind in ("flux", "sd3", "wan", "ltx", "cogvideox", "qwen"):
         for odd in (False, True):
             cases.append(dict(world=4, kind=kind, strategy="usp", odd=odd))
             for world in (2, 3, 4):
@@ -401,3 +419,32 @@ def test_every_dit_every_strategy_every_world_size(pool):
         for r in per_rank:
             assert r["out"] <= 1e-12 and r["undone"] == 0.0, (case, r)
             assert r["grads"] <= 1e-6, (case, r)
+
+
+def test_what_the_qwen_image_adapter_relies_on_in_diffusers():
+    """Qwen-Image: its plan (the image split entering the first block; the rotary
+    embedding's two outputs, image then text; the text and its mask split per block,
+    which tokenring drops), its processor's call, its rotary function, the attention
+    module's parts."""
+    import inspect
+
+    from diffusers.models.transformers.transformer_qwenimage import (
+        QwenDoubleStreamAttnProcessor2_0,
+        apply_rotary_emb_qwen,
+    )
+
+    from tokenring.integrations.diffusers import PLANS
+
+    model = tiny_qwen()
+    plan = PLANS["QwenImageTransformer2DModel"](model)
+    assert set(plan["transformer_blocks.0"]) == {"hidden_states"}, plan
+    assert set(plan["pos_embed"]) == {0} and set(model._cp_plan["pos_embed"]) == {0, 1}
+    params = list(inspect.signature(QwenDoubleStreamAttnProcessor2_0.__call__).parameters)
+    assert params[:7] == ["self", "attn", "hidden_states", "encoder_hidden_states",
+                          "encoder_hidden_states_mask", "attention_mask",
+                          "image_rotary_emb"], params  # fmt: skip
+    assert "use_real" in inspect.signature(apply_rotary_emb_qwen).parameters
+    attn = model.transformer_blocks[0].attn
+    for part in ("to_q", "add_q_proj", "norm_added_q", "inner_dim", "heads", "to_out",
+                 "to_add_out"):  # fmt: skip
+        assert hasattr(attn, part), part

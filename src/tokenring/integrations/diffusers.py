@@ -1,15 +1,15 @@
-"""tokenring inside diffusers transformers (Flux, SD3, Wan, LTX-Video, CogVideoX):
-sequence parallel inside the model's forward, undoable.
+"""tokenring inside diffusers transformers (Flux, SD3, Wan, LTX-Video, CogVideoX,
+Qwen-Image): sequence parallel inside the model's forward, undoable.
 
     handle = enable(transformer, mesh=tr.sp_mesh(ulysses=2, ring=2))   # every rank
     out = transformer(**inputs).sample      # the usual full inputs and full output, every rank
     handle.disable()
 
 Every model follows a context-parallel plan (``context_plans.py``): its own ``_cp_plan``
-less the entries that would split the text (Flux, Wan, LTX-Video), or the project's in
-the same form (SD3, CogVideoX). Image or video tokens and their rotary tables are split (the
-contiguous layout, any count) where the plan says and gathered from the output
-projection; text stays whole on every rank. Attention processors are replaced per
+less the entries that would split the text (Flux, Wan, LTX-Video, Qwen-Image), or the
+project's in the same form (SD3, CogVideoX). Image or video tokens and their rotary
+tables are split (the contiguous layout, any count) where the plan says and gathered
+from the output projection; text stays whole on every rank. Attention processors are replaced per
 processor class (``diffusers_attention.py``): self-attention over the sharded tokens
 through tokenring, MM-DiT joint attention with the text as joint tokens (xDiT's
 semantics; every strategy's joint path: docs/algorithms.md, "Joint tokens"), and
@@ -62,12 +62,22 @@ COGVIDEOX_PLAN = {
 inside its forward: its video tokens split as they enter the first block, the rotary
 tables (handed to every block) split at each, the output projection gathered."""
 
+
+def _qwen_plan(model) -> dict:
+    """Qwen-Image's own plan less its text entries, and less the split of its rotary
+    embedding's second output (the text's table, which stays whole with the text)."""
+    plan = without_text(model._cp_plan)
+    plan["pos_embed"] = {i: e for i, e in plan["pos_embed"].items() if i != 1}
+    return plan
+
+
 PLANS: dict[str, Callable[[Any], dict]] = {
     "FluxTransformer2DModel": lambda model: without_text(model._cp_plan),
     "SD3Transformer2DModel": lambda model: SD3_PLAN,
     "WanTransformer3DModel": lambda model: without_text(model._cp_plan),
     "LTXVideoTransformer3DModel": lambda model: without_text(model._cp_plan),
     "CogVideoXTransformer3DModel": lambda model: COGVIDEOX_PLAN,
+    "QwenImageTransformer2DModel": _qwen_plan,
 }
 """Model class name -> its context-parallel plan (``context_plans.py``): the model's own
 ``_cp_plan`` less the entries that would split text, or the project's in that form; the
@@ -198,10 +208,10 @@ def _enable_planned(transformer, plan: dict, options: Options, where: dict, worl
     def gather(x: torch.Tensor, dim: int) -> torch.Tensor:
         return unshard(x, layout=LAYOUT, dim=dim, seq_len=state.seq_len, **where)
 
-    def attend(q, k, v, joint=(None, None, None), side: str = "none"):
+    def attend(q, k, v, joint=(None, None, None), side: str = "none", joint_mask=None):
         chosen = replace(options, seq_len=state.seq_len, joint_strategy=side)
         return run(q, k, v, joint, chosen.values(), recorder=None, return_lse=False,
-                   **where)  # fmt: skip
+                   joint_mask=joint_mask, **where)  # fmt: skip
 
     def begin(module, args, kwargs):  # first: a fresh forward, nothing split yet
         given = signature.bind_partial(*args, **kwargs).arguments

@@ -22,17 +22,18 @@ import torch
 from .context_plans import CallState
 
 __all__ = ["ADAPTERS", "Adapter", "CogVideoXJointAttention", "Context", "JointAttention",
-           "LTXSelfAttention", "WanSelfAttention"]  # fmt: skip
+           "LTXSelfAttention", "QwenJointAttention", "WanSelfAttention"]  # fmt: skip
 
 
 @dataclass
 class Context:
-    """What an adapter needs from ``enable``: ``attend(q, k, v, joint, side)`` runs
-    tokenring over this forward's sharded tokens (``[B, L, H, D]`` each; ``joint``: text
-    ``(q or None, k, v)`` every rank holds whole, ``side`` ``"front"``/``"rear"``: where
-    it sits, or ``"none"``), returning ``out`` (and the text's, when its queries were
-    given); ``state``: what this forward split; ``apply_rotary``: diffusers' rotary
-    embedding (Flux's tables)."""
+    """What an adapter needs from ``enable``: ``attend(q, k, v, joint, side,
+    joint_mask=None)`` runs tokenring over this forward's sharded tokens (``[B, L, H, D]``
+    each; ``joint``: text ``(q or None, k, v)`` every rank holds whole, ``side``
+    ``"front"``/``"rear"``: where it sits, or ``"none"``; ``joint_mask``: the text's
+    padding), returning ``out`` (and the text's, when its queries were given);
+    ``state``: what this forward split; ``apply_rotary``: diffusers' rotary embedding
+    (Flux's tables)."""
 
     attend: Callable[..., Any]
     state: CallState
@@ -244,6 +245,54 @@ class CogVideoXJointAttention:
         return joined[:, text_len:], joined[:, :text_len]
 
 
+@dataclass
+class QwenJointAttention:
+    """Qwen-Image's double-stream attention (``QwenDoubleStreamAttnProcessor2_0``):
+    image and text projected apart, norms per head, each stream's rotary table (the
+    image's split with its tokens, the text's whole), then tokenring with the text as
+    joint tokens in front under its padding mask (``encoder_hidden_states_mask``, any
+    pattern), and each stream's output projection."""
+
+    context: Context
+
+    @staticmethod
+    def applies(name: str, module: torch.nn.Module) -> bool:
+        return True
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None,
+                 encoder_hidden_states_mask=None, attention_mask=None, image_rotary_emb=None,
+                 **kwargs):  # fmt: skip
+        if encoder_hidden_states is None or attention_mask is not None or kwargs:
+            raise ValueError(
+                "tokenring's Qwen-Image attention takes the text stream and its mask, no "
+                f"attention mask or other arguments (got {sorted(kwargs)})"
+            )
+        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+        head_dim = attn.inner_dim // attn.heads
+        image = [_heads(f(hidden_states), head_dim) for f in (attn.to_q, attn.to_k, attn.to_v)]
+        projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        text = [_heads(f(encoder_hidden_states), head_dim) for f in projections]
+        norms = (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k)
+        for stream, i, norm in ((image, 0, norms[0]), (image, 1, norms[1]), (text, 0, norms[2]),
+                                (text, 1, norms[3])):  # fmt: skip
+            if norm is not None:
+                stream[i] = norm(stream[i])
+        if image_rotary_emb is not None:
+            image_freqs, text_freqs = image_rotary_emb
+            for stream, freqs in ((image, image_freqs), (text, text_freqs)):
+                stream[0] = apply_rotary_emb_qwen(stream[0], freqs, use_real=False)
+                stream[1] = apply_rotary_emb_qwen(stream[1], freqs, use_real=False)
+        mask = None if encoder_hidden_states_mask is None else encoder_hidden_states_mask.bool()
+        out, text_out = self.context.attend(*image, tuple(text), "front", joint_mask=mask)
+        out = out.flatten(2, 3).to(image[0].dtype)
+        text_out = text_out.flatten(2, 3).to(image[0].dtype)
+        out = attn.to_out[0](out.contiguous())
+        if len(attn.to_out) > 1:
+            out = attn.to_out[1](out)
+        return out, attn.to_add_out(text_out.contiguous())
+
+
 Adapter = Callable[[Context], Any]
 """Makes the processor that replaces the model's on the modules its ``applies`` takes."""
 
@@ -256,5 +305,6 @@ ADAPTERS: dict[str, tuple[Adapter, Callable[[str, torch.nn.Module], bool]]] = {
         JointAttention.applies,
     ),
     "CogVideoXAttnProcessor2_0": (CogVideoXJointAttention, CogVideoXJointAttention.applies),
+    "QwenDoubleStreamAttnProcessor2_0": (QwenJointAttention, QwenJointAttention.applies),
 }
 """Processor class name -> (the adapter that replaces it, which modules it takes)."""
