@@ -237,6 +237,25 @@ def test_the_generate_example_runs_under_torchrun():
     assert "same tokens as generate on one process: True" in done.stdout, done.stdout
 
 
+def _dit_cases(kind: str, allgather: bool = True) -> list[dict]:
+    """The sampled DiT matrix: TokenRing on 2 and 3 processes, ring and Ulysses on 4,
+    all-gather on 3, USP 2 x 2, token counts that divide and that do not."""
+    combos = [(2, "tokenring", False), (3, "tokenring", True), (4, "ring", True),
+              (4, "ulysses", False), (4, "usp", True)]  # fmt: skip
+    if allgather:
+        combos.append((3, "allgather", True))
+    return [dict(world=w, kind=kind, strategy=s, odd=odd) for w, s, odd in combos]
+
+
+def _check_dits(cases: list[dict], results) -> None:
+    """Output to float64 rounding, the model given back, every gradient summed over the
+    group the model's (to 1e-6: the models' norms that compute in float32)."""
+    for case, per_rank in zip(cases, results):
+        for r in per_rank:
+            assert r["out"] <= 1e-12 and r["undone"] == 0.0, (case, r)
+            assert r["grads"] <= 1e-6, (case, r)
+
+
 def test_a_sequence_parallel_wan_equals_the_model_on_one_process(pool):
     """Wan (video DiT) from its own context-parallel plan: video tokens sharded, text
     whole, self-attention through tokenring and cross-attention left to the model's own
@@ -247,16 +266,9 @@ def test_a_sequence_parallel_wan_equals_the_model_on_one_process(pool):
     cross-attention norms (FP32LayerNorm) compute in float32 inside a float64 model, so
     their weight and bias gradients (and the time projection's, after float32
     timestep embeddings) are float32 sums, taken per rank here and whole there."""
-    cases = [
-        dict(world=w, kind="wan", strategy=s, odd=odd)
-        for w, s, odd in ((2, "tokenring", False), (3, "tokenring", True), (4, "ring", True),
-                          (4, "ulysses", False), (3, "allgather", True), (4, "usp", True))
-    ]  # fmt: skip
+    cases = _dit_cases("wan", allgather=True)
     cases.append(dict(world=2, kind="wan", strategy="tokenring", odd=True, per_token=True))
-    for case, per_rank in zip(cases, pool.run(dit_case, cases, timeout=600)):
-        for r in per_rank:
-            assert r["out"] <= 1e-12 and r["undone"] == 0.0, (case, r)
-            assert r["grads"] <= 1e-6, (case, r)
+    _check_dits(cases, pool.run(dit_case, cases, timeout=600))
 
 
 @pytest.mark.timeout(300)
@@ -281,15 +293,8 @@ def test_a_sequence_parallel_ltx_video_equals_the_model_on_one_process(pool):
     TokenRing, ring, Ulysses and USP 2 x 2, 32 and 45 tokens; output to float64 rounding
     and every gradient (its rotary embedding rounds through float32, as LTX computes it,
     alike on both sides)."""
-    cases = [
-        dict(world=w, kind="ltx", strategy=s, odd=odd)
-        for w, s, odd in ((2, "tokenring", False), (3, "tokenring", True), (4, "ring", True),
-                          (4, "ulysses", False), (4, "usp", True))
-    ]  # fmt: skip
-    for case, per_rank in zip(cases, pool.run(dit_case, cases, timeout=600)):
-        for r in per_rank:
-            assert r["out"] <= 1e-12 and r["undone"] == 0.0, (case, r)
-            assert r["grads"] <= 1e-6, (case, r)
+    cases = _dit_cases("ltx", allgather=False)
+    _check_dits(cases, pool.run(dit_case, cases, timeout=600))
 
 
 def test_a_sequence_parallel_cogvideox_equals_the_model_on_one_process(pool):
@@ -298,15 +303,8 @@ def test_a_sequence_parallel_cogvideox_equals_the_model_on_one_process(pool):
     the rotary tables at every block, text joint in front with its own queries; 2, 3 and
     4 processes, TokenRing, ring, Ulysses, all-gather and USP 2 x 2, 32 and 45 tokens;
     output to float64 rounding, every gradient summed over the group the model's."""
-    cases = [
-        dict(world=w, kind="cogvideox", strategy=s, odd=odd)
-        for w, s, odd in ((2, "tokenring", False), (3, "tokenring", True), (4, "ring", True),
-                          (4, "ulysses", False), (3, "allgather", True), (4, "usp", True))
-    ]  # fmt: skip
-    for case, per_rank in zip(cases, pool.run(dit_case, cases, timeout=600)):
-        for r in per_rank:
-            assert r["out"] <= 1e-12 and r["undone"] == 0.0, (case, r)
-            assert r["grads"] <= 1e-6, (case, r)
+    cases = _dit_cases("cogvideox", allgather=True)
+    _check_dits(cases, pool.run(dit_case, cases, timeout=600))
 
 
 def test_a_sequence_parallel_qwen_image_equals_the_model_on_one_process(pool):
@@ -315,15 +313,8 @@ def test_a_sequence_parallel_qwen_image_equals_the_model_on_one_process(pool):
     with holes (a padded row, tokens 3 and 6), 2, 3 and 4 processes, TokenRing, ring,
     Ulysses, all-gather and USP 2 x 2, 32 and 15 tokens; output to float64 rounding and
     every gradient."""
-    cases = [
-        dict(world=w, kind="qwen", strategy=s, odd=odd)
-        for w, s, odd in ((2, "tokenring", False), (3, "tokenring", True), (4, "ring", True),
-                          (4, "ulysses", False), (3, "allgather", True), (4, "usp", True))
-    ]  # fmt: skip
-    for case, per_rank in zip(cases, pool.run(dit_case, cases, timeout=600)):
-        for r in per_rank:
-            assert r["out"] <= 1e-12 and r["undone"] == 0.0, (case, r)
-            assert r["grads"] <= 1e-6, (case, r)
+    cases = _dit_cases("qwen", allgather=True)
+    _check_dits(cases, pool.run(dit_case, cases, timeout=600))
 
 
 def test_what_the_wan_adapter_relies_on_in_diffusers():
