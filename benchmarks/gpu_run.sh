@@ -10,6 +10,7 @@
 # method, ~150 s), bench-rest (llama3-gqa and dit-mha, every method, ~270 s), bench-masks
 # (llama3-gqa-docs and llama3-gqa-window: packed documents, a window), decode (a KV cache's
 # decode step on one GPU, benchmarks/decode_cache.py), cache-tests (tests/test_gpu_cache.py),
+# dit-step (a video DiT's attention calls per denoising step, benchmarks/dit_step_host.py),
 # graph (CUDA-graph probe, ~40 s), host (host-time profile, ~30 s), overhead (host time
 # per call against SDPA and a minimal ring, benchmarks/host_overhead.py, ~90 s), calibrate
 # (tokenring calibrate: the planner's per-device table, ~40 s), masks (block kernels under
@@ -51,6 +52,7 @@ for s in "$@"; do
         host) stage host 90 python benchmarks/host_profile.py ;;
         overhead) stage overhead 240 python benchmarks/host_overhead.py --json "$work/host-overhead.json" ;;
         decode) stage decode 300 python benchmarks/decode_cache.py --json "$work/decode-cache.json" ;;
+        dit-step) stage dit-step 200 python benchmarks/dit_step_host.py --json "$work/dit-step.json" ;;
         cache-tests) stage cache-tests 200 python -m pytest -m gpu tests/test_gpu_cache.py -q \
             -p no:cacheprovider ;;
         masks) stage masks 240 python benchmarks/mask_kernels.py --json "$work/mask-kernels.json" ;;

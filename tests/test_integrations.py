@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_cases import dit_case, tiny_cogvideox, tiny_flux, tiny_ltx, tiny_qwen, tiny_wan
+from diffusers_cases import (
+    dit_case,
+    tiny_cogvideox,
+    tiny_flux,
+    tiny_hunyuan,
+    tiny_ltx,
+    tiny_qwen,
+    tiny_wan,
+)
 from integration_cases import (
     GPT_OSS,
     generate_case,
@@ -178,7 +186,8 @@ def test_the_diffusers_integration_refuses_what_it_cannot_do():
 
     with pytest.raises(ValueError, match="supports FluxTransformer2DModel, SD3Transformer2DModel, "
                        "WanTransformer3DModel, LTXVideoTransformer3DModel, "
-                       "CogVideoXTransformer3DModel, QwenImageTransformer2DModel"):  # fmt: skip
+                       "CogVideoXTransformer3DModel, QwenImageTransformer2DModel, "
+                       "HunyuanVideoTransformer3DModel"):  # fmt: skip
         enable_dit(torch.nn.Linear(2, 2), strategy="ring")
     model = tiny_flux()
     with pytest.raises(ValueError, match="strategy='usp' needs mesh="):
@@ -317,6 +326,16 @@ def test_a_sequence_parallel_qwen_image_equals_the_model_on_one_process(pool):
     _check_dits(cases, pool.run(dit_case, cases, timeout=600))
 
 
+def test_a_sequence_parallel_hunyuan_video_equals_the_model_on_one_process(pool):
+    """HunyuanVideo from the project's plan (it has none): video tokens split leaving the
+    patch embedding, rotary tables leaving the rope; dual- and single-stream blocks with
+    the text joint at the rear under its padding (a padded row: the model builds the mask
+    from the latent length, local once sharded); the text refiner left alone; 2, 3 and 4
+    processes, every strategy and USP 2 x 2, 32 and 45 tokens; output and gradients."""
+    cases = _dit_cases("hunyuan")
+    _check_dits(cases, pool.run(dit_case, cases, timeout=600))
+
+
 def test_what_the_wan_adapter_relies_on_in_diffusers():
     """Fails loudly when a diffusers upgrade changes what the Wan path reads: the model's
     context-parallel plan (rotary tables split from its output, hidden states split into
@@ -393,12 +412,12 @@ def test_what_the_cogvideox_adapter_relies_on_in_diffusers():
 
 @pytest.mark.slow
 def test_every_dit_every_strategy_every_world_size(pool):
-    """The whole matrix the CI samples: Flux, SD3, Wan, LTX-Video, CogVideoX and
-    Qwen-Image on 2, 3
+    """The whole matrix the CI samples: Flux, SD3, Wan, LTX-Video, CogVideoX, Qwen-Image
+    and HunyuanVideo on 2, 3
     and 4 processes with TokenRing, ring, Ulysses (where the 4 heads divide) and
     all-gather, and USP 2 x 2, token counts that divide and that do not."""
     cases = []
-    for kind in ("flux", "sd3", "wan", "ltx", "cogvideox", "qwen"):
+    for kind in ("flux", "sd3", "wan", "ltx", "cogvideox", "qwen", "hunyuan"):
         for odd in (False, True):
             cases.append(dict(world=4, kind=kind, strategy="usp", odd=odd))
             for world in (2, 3, 4):
@@ -439,3 +458,27 @@ def test_what_the_qwen_image_adapter_relies_on_in_diffusers():
     for part in ("to_q", "add_q_proj", "norm_added_q", "inner_dim", "heads", "to_out",
                  "to_add_out"):  # fmt: skip
         assert hasattr(attn, part), part
+
+
+def test_what_the_hunyuan_video_adapter_relies_on_in_diffusers():
+    """HunyuanVideo: the modules its plan names (patch embedding, rope with two outputs,
+    output projection), its processor's call, the blocks' attention modules and the text
+    refiner's other processor (left alone), and no plan of its own yet."""
+    import inspect
+
+    from diffusers.models.transformers.transformer_hunyuan_video import (
+        HunyuanVideoAttnProcessor2_0,
+    )
+
+    model = tiny_hunyuan()
+    for name in ("x_embedder", "rope", "proj_out"):
+        assert hasattr(model, name), name
+    params = list(inspect.signature(HunyuanVideoAttnProcessor2_0.__call__).parameters)
+    assert params[:6] == ["self", "attn", "hidden_states", "encoder_hidden_states",
+                          "attention_mask", "image_rotary_emb"], params  # fmt: skip
+    kinds = {n: type(p).__name__ for n, p in model.attn_processors.items()}
+    refiner = [n for n in kinds if n.startswith("context_embedder")]
+    assert refiner and all(kinds[n] != "HunyuanVideoAttnProcessor2_0" for n in refiner)
+    assert model.single_transformer_blocks[0].attn.add_q_proj is None
+    assert model.transformer_blocks[0].attn.add_q_proj is not None
+    assert getattr(model, "_cp_plan", None) is None  # a later diffusers' own: use it

@@ -1,5 +1,5 @@
 """tokenring inside diffusers transformers (Flux, SD3, Wan, LTX-Video, CogVideoX,
-Qwen-Image): sequence parallel inside the model's forward, undoable.
+Qwen-Image, HunyuanVideo): sequence parallel inside the model's forward, undoable.
 
     handle = enable(transformer, mesh=tr.sp_mesh(ulysses=2, ring=2))   # every rank
     out = transformer(**inputs).sample      # the usual full inputs and full output, every rank
@@ -7,7 +7,7 @@ Qwen-Image): sequence parallel inside the model's forward, undoable.
 
 Every model follows a context-parallel plan (``context_plans.py``): its own ``_cp_plan``
 less the entries that would split the text (Flux, Wan, LTX-Video, Qwen-Image), or the
-project's in the same form (SD3, CogVideoX). Image or video tokens and their rotary
+project's in the same form (SD3, CogVideoX, HunyuanVideo). Image or video tokens and their rotary
 tables are split (the contiguous layout, any count) where the plan says and gathered
 from the output projection; text stays whole on every rank. Attention processors are replaced per
 processor class (``diffusers_attention.py``): self-attention over the sharded tokens
@@ -63,6 +63,17 @@ inside its forward: its video tokens split as they enter the first block, the ro
 tables (handed to every block) split at each, the output projection gathered."""
 
 
+HUNYUAN_VIDEO_PLAN = {
+    "x_embedder": {0: Split(split_dim=1, expected_dims=3, split_output=True)},
+    "rope": {i: Split(split_dim=0, expected_dims=2, split_output=True) for i in (0, 1)},
+    "proj_out": Gather(gather_dim=1, expected_dims=3),
+}
+"""HunyuanVideo has no plan of its own: its video tokens split as they leave the patch
+embedding, its rotary tables (cosine, sine) as they leave the rope, the output
+projection gathered. Its attention mask, which it builds from the (then local) latent
+length, keeps the text's padding right: the adapter reads only its text columns."""
+
+
 def _qwen_plan(model) -> dict:
     """Qwen-Image's own plan less its text entries, and less the split of its rotary
     embedding's second output (the text's table, which stays whole with the text)."""
@@ -78,6 +89,7 @@ PLANS: dict[str, Callable[[Any], dict]] = {
     "LTXVideoTransformer3DModel": lambda model: without_text(model._cp_plan),
     "CogVideoXTransformer3DModel": lambda model: COGVIDEOX_PLAN,
     "QwenImageTransformer2DModel": _qwen_plan,
+    "HunyuanVideoTransformer3DModel": lambda model: HUNYUAN_VIDEO_PLAN,
 }
 """Model class name -> its context-parallel plan (``context_plans.py``): the model's own
 ``_cp_plan`` less the entries that would split text, or the project's in that form; the

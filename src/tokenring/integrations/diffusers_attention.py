@@ -21,8 +21,17 @@ import torch
 
 from .context_plans import CallState
 
-__all__ = ["ADAPTERS", "Adapter", "CogVideoXJointAttention", "Context", "JointAttention",
-           "LTXSelfAttention", "QwenJointAttention", "WanSelfAttention"]  # fmt: skip
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "CogVideoXJointAttention",
+    "Context",
+    "HunyuanVideoJointAttention",
+    "JointAttention",
+    "LTXSelfAttention",
+    "QwenJointAttention",
+    "WanSelfAttention",
+]  # fmt: skip
 
 
 @dataclass
@@ -293,6 +302,60 @@ class QwenJointAttention:
         return out, attn.to_add_out(text_out.contiguous())
 
 
+@dataclass
+class HunyuanVideoJointAttention:
+    """HunyuanVideo's attention (``HunyuanVideoAttnProcessor2_0`` in its dual- and
+    single-stream blocks): video and text projected apart (dual) or together (single),
+    norms per head, the rotary embedding on the video tokens, then tokenring with the
+    text as joint tokens at the rear under its padding (the model's mask, built from the
+    latent length: only its text columns are read), and the output projections."""
+
+    context: Context
+
+    @staticmethod
+    def applies(name: str, module: torch.nn.Module) -> bool:
+        return name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):  # fmt: skip
+        if encoder_hidden_states is None or kwargs:
+            raise ValueError("tokenring's HunyuanVideo attention takes the text stream, and "
+                             f"no other arguments (got {sorted(kwargs)})")  # fmt: skip
+        text_len = encoder_hidden_states.shape[1]
+        single = attn.add_q_proj is None
+        both = torch.cat([hidden_states, encoder_hidden_states], 1) if single else hidden_states
+        q, k, v = (
+            f(both).unflatten(2, (attn.heads, -1)) for f in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        text = None
+        if single:  # [video; text] projected alike: cut the text off the end
+            text = [t[:, -text_len:] for t in (q, k, v)]
+            q, k, v = (t[:, :-text_len] for t in (q, k, v))
+        if image_rotary_emb is not None:
+            rotate = self.context.apply_rotary
+            q, k = (rotate(x, image_rotary_emb, sequence_dim=1) for x in (q, k))
+        if not single:
+            projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            text = [f(encoder_hidden_states).unflatten(2, (attn.heads, -1)) for f in projections]
+            if attn.norm_added_q is not None:
+                text[0] = attn.norm_added_q(text[0])
+            if attn.norm_added_k is not None:
+                text[1] = attn.norm_added_k(text[1])
+        mask = None if attention_mask is None else attention_mask[:, 0, 0, -text_len:].bool()
+        out, text_out = self.context.attend(q, k, v, tuple(text), "rear", joint_mask=mask)
+        out = out.flatten(2, 3).to(q.dtype)
+        text_out = text_out.flatten(2, 3).to(q.dtype)
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[1](attn.to_out[0](out))
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return out, text_out
+
+
 Adapter = Callable[[Context], Any]
 """Makes the processor that replaces the model's on the modules its ``applies`` takes."""
 
@@ -306,5 +369,9 @@ ADAPTERS: dict[str, tuple[Adapter, Callable[[str, torch.nn.Module], bool]]] = {
     ),
     "CogVideoXAttnProcessor2_0": (CogVideoXJointAttention, CogVideoXJointAttention.applies),
     "QwenDoubleStreamAttnProcessor2_0": (QwenJointAttention, QwenJointAttention.applies),
+    "HunyuanVideoAttnProcessor2_0": (
+        HunyuanVideoJointAttention,
+        HunyuanVideoJointAttention.applies,
+    ),
 }
 """Processor class name -> (the adapter that replaces it, which modules it takes)."""
