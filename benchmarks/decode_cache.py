@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from gpu_timing import device_ms, host_us
 
 import tokenring as tr
 from tokenring.execution.kernels.cache_flash import TAKES_PAGES, flash_key_lengths
@@ -35,21 +34,6 @@ from tokenring.execution.kernels.cache_flash import TAKES_PAGES, flash_key_lengt
 HEADS_Q, HEADS_KV, DIM = 32, 8, 128
 SHARDS = (16 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10)
 BATCHES = (1, 8)
-
-
-def gpu_ms(fn, iters: int = 50) -> float:
-    """Median GPU time of ``fn`` in ms (CUDA events, after warm-up)."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def graph_ms(fn, iters: int = 50) -> float:
@@ -63,28 +47,15 @@ def graph_ms(fn, iters: int = 50) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return gpu_ms(graph.replay, iters)
+    return device_ms(graph.replay, iters)
 
 
 def copy_bandwidth() -> float:
     """GB/s of a 4 GiB device-to-device copy, counting the bytes read and written."""
     src = torch.empty(1 << 31, dtype=torch.int16, device="cuda")
     dst = torch.empty_like(src)
-    ms = gpu_ms(lambda: dst.copy_(src), iters=20)
+    ms = device_ms(lambda: dst.copy_(src), iters=20)
     return 2 * src.numel() * 2 / ms / 1e6
-
-
-def host_us(fn, steps: int = 200) -> float:
-    """Microseconds of host time per call, calls issued back to back (the GPU queue
-    absorbs them while it is slower), after one warm-up call and a sync."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    issued = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return issued / steps * 1e6
 
 
 def filled_cache(batch: int, shard: int) -> tr.KVCache:
@@ -104,7 +75,9 @@ def sdpa_ms(q, k, v) -> float:
     """PyTorch's SDPA on the same keys as dense ``[B, Hkv, N, D]`` tensors (its layout)."""
     dense_k, dense_v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
     q_sdpa = q.transpose(1, 2)
-    return gpu_ms(lambda: F.scaled_dot_product_attention(q_sdpa, dense_k, dense_v, enable_gqa=True))
+    return graph_ms(
+        lambda: F.scaled_dot_product_attention(q_sdpa, dense_k, dense_v, enable_gqa=True)
+    )
 
 
 def one(batch: int, shard: int, copy_gbs: float) -> dict:
@@ -132,18 +105,18 @@ def one(batch: int, shard: int, copy_gbs: float) -> dict:
         cache.lengths.copy_(lengths_before)  # stay at this length: a step, not a prefill
         cache._host = list(host_before)
 
-    row["eager_step_ms"] = gpu_ms(eager, iters=30)
-    row["eager_host_us"] = host_us(eager, steps=100)
+    row["eager_step_ms"] = device_ms(eager, iters=30)
+    row["eager_host_us"] = host_us(eager, calls=100)
     step = cache.capture(q, kv, kv)
 
     def captured():
         step.graph.replay()  # the graph alone: the cache would grow past its capacity
         cache.lengths.copy_(lengths_before)
 
-    row["captured_step_ms"] = gpu_ms(captured, iters=30)
-    row["captured_host_us"] = host_us(lambda: step(q, kv, kv), steps=16)
+    row["captured_step_ms"] = device_ms(captured, iters=30)
+    row["captured_host_us"] = host_us(lambda: step(q, kv, kv), calls=16)
     lean = cache.capture(q, kv, kv, clone_outputs=False)  # inputs written in place
-    row["lean_host_us"] = host_us(lambda: lean(*lean.inputs), steps=16)
+    row["lean_host_us"] = host_us(lambda: lean(*lean.inputs), calls=16)
     return row
 
 

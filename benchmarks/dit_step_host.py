@@ -17,42 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from gpu_timing import device_ms, host_us
 
 import tokenring as tr
 
 HEADS, DIM, TEXT, BLOCKS = 40, 128, 512, 40
 TOKENS = (4096, 32760, 75600)
-
-
-def host_us(fn, calls: int = 50) -> float:
-    """Host microseconds per call, issued back to back after a warm-up and a sync."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    seconds = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return seconds / calls * 1e6
-
-
-def device_ms(fn, calls: int = 10) -> float:
-    """Median device milliseconds per call (CUDA events)."""
-    fn()
-    times = []
-    for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def one(tokens: int) -> dict:
@@ -74,9 +47,9 @@ def one(tokens: int) -> dict:
     row = {"tokens": tokens}
     row["self_eager_host_us"] = host_us(lambda: self_attention(q, k, v))
     row["self_captured_host_us"] = host_us(captured.replay)
-    row["self_device_ms"] = device_ms(lambda: self_attention(q, k, v))
+    row["self_device_ms"] = device_ms(lambda: self_attention(q, k, v), iters=10, warmup=1)
     row["cross_host_us"] = host_us(cross_attention)
-    row["cross_device_ms"] = device_ms(cross_attention)
+    row["cross_device_ms"] = device_ms(cross_attention, iters=10, warmup=1)
     for mode in ("eager", "captured"):
         host = (row[f"self_{mode}_host_us"] + row["cross_host_us"]) * BLOCKS / 1e3
         row[f"step_{mode}_host_ms"] = host
