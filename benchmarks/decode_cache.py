@@ -3,9 +3,9 @@
 For local cache shards of 16K to 512K tokens and batches of 1 and 8 (Llama-3-8B
 attention: 32 query heads, 8 key/value heads of 128, bfloat16), per step:
 
-- the kernel alone reading each row's valid keys (``kernels/cache_flash.py``), flat,
-  and as pages (split-KV) where PyTorch takes them; and PyTorch's SDPA on the same keys
-  as dense tensors; both captured in a CUDA graph and timed on the device;
+- the kernel alone reading each row's valid keys (``kernels/cache_flash.py``), and
+  PyTorch's SDPA on the same keys as dense tensors; both captured in a CUDA graph and
+  timed on the device;
 - K,V bandwidth: the bytes of keys and values read over the kernel's time, against the
   device's copy bandwidth (bytes read and written by a large device-to-device copy over
   its time: the most a kernel that reads memory can reach);
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from gpu_timing import device_ms, host_us
 
 import tokenring as tr
-from tokenring.execution.kernels.cache_flash import TAKES_PAGES, flash_key_lengths
+from tokenring.execution.kernels.cache_flash import flash_key_lengths
 
 HEADS_Q, HEADS_KV, DIM = 32, 8, 128
 SHARDS = (16 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10)
@@ -88,15 +88,11 @@ def one(batch: int, shard: int, copy_gbs: float) -> dict:
     used = cache.lengths
     row = {"batch": batch, "shard": shard}
     kv_bytes = 2 * batch * shard * HEADS_KV * DIM * 2
-    for name, paged in (("flat", False), ("paged", True))[: 1 + TAKES_PAGES]:
-        ms = graph_ms(lambda p=paged: flash_key_lengths(
-            q, k_valid, v_valid, DIM**-0.5, used, paged=p))  # fmt: skip
-        row[f"{name}_ms"] = ms
-        row[f"{name}_bw_ratio"] = kv_bytes / ms / 1e6 / copy_gbs
+    row["flat_ms"] = graph_ms(lambda: flash_key_lengths(q, k_valid, v_valid, DIM**-0.5, used))
+    row["flat_bw_ratio"] = kv_bytes / row["flat_ms"] / 1e6 / copy_gbs
     row["sdpa_ms"] = sdpa_ms(q, k_valid, v_valid)
     row["sdpa_bw_ratio"] = kv_bytes / row["sdpa_ms"] / 1e6 / copy_gbs
-    best = min(row["flat_ms"], row.get("paged_ms", row["flat_ms"]))
-    row["vs_sdpa"] = best / row["sdpa_ms"]
+    row["vs_sdpa"] = row["flat_ms"] / row["sdpa_ms"]
     host_before = list(cache._host)
     lengths_before = cache.lengths.clone()
 
@@ -128,7 +124,7 @@ def main() -> None:
     copy_gbs = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
     rows = []
-    header = ("batch", "shard", "flat_ms", "paged_ms", "sdpa_ms", "flat_bw_ratio",
+    header = ("batch", "shard", "flat_ms", "sdpa_ms", "flat_bw_ratio",
               "sdpa_bw_ratio", "vs_sdpa", "eager_step_ms", "eager_host_us", "captured_step_ms",
               "captured_host_us", "lean_host_us")  # fmt: skip
     print(" ".join(f"{h:>12.12}" for h in header))
@@ -136,7 +132,7 @@ def main() -> None:
         for shard in args.shards:
             row = one(batch, shard, copy_gbs)
             rows.append(row)
-            print(" ".join(f"{row.get(h, float('nan')):>12.4g}" for h in header), flush=True)
+            print(" ".join(f"{row[h]:>12.4g}" for h in header), flush=True)
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

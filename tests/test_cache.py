@@ -130,7 +130,7 @@ def test_low_precision_within_the_kernels_own_error(pool):
         ({}, [5, 4], False, "past the capacity of 8"),
         ({}, [3, 6], True, "past the capacity of 8"),
         ({"strategy": "usp"}, [3], True, "runs over a mesh"),
-        ({"strategy": "sideways"}, [1], False, "strategy must be one of"),
+        ({"strategy": "sideways"}, [1], False, "unknown strategy 'sideways'"),
         ({"new_lengths": [4]}, [3], False, "new_lengths must hold 1 ints in [0, 3]"),
     ],
 )
@@ -246,9 +246,7 @@ def test_cache_reads_take_each_rows_keys_from_batch_major_storage(monkeypatch, h
     storage_v = torch.randn(3, 48, hkv, 8, generator=g, dtype=torch.float64)
     q = torch.randn(3, length, hq, 8, generator=g, dtype=torch.float64)
     used = torch.tensor([0, 5, 40])
-    out, lse = cache_flash.flash_key_lengths(
-        q, storage_k[:, :40], storage_v[:, :40], 0.3, used, paged=False
-    )
+    out, lse = cache_flash.flash_key_lengths(q, storage_k[:, :40], storage_v[:, :40], 0.3, used)
     for b, n in enumerate(used.tolist()):
         if n == 0:
             continue
@@ -303,11 +301,12 @@ def test_the_planner_prices_a_decode_step_by_the_cache_each_rank_holds():
     assert found[131072].term_ms("comm") <= found[16384].term_ms("comm") * 1.01
 
 
-def test_the_planners_decode_prices_match_one_h100s_measured_steps():
-    """The planner's price of a whole decode step on one rank (the cache block, the new
-    token's block, their merge) against the captured steps one H100 measured
-    (benchmarks/runs/...-decode-cache.json, RESULTS.md 0f): within 25 % at every shard
-    and batch (short shards at batch 1 run below the read rate the model assumes)."""
+def test_the_planners_decode_prices_match_one_h100s_measured_kernel():
+    """The planner's price of a decode step's schedule on one rank (the new token joined
+    the cache first: one block reading the cache) against the kernel one H100 measured
+    on the same shard (benchmarks/runs/...-decode-cache.json, RESULTS.md 0f): within
+    10 % at every shard and batch. (The append around it, about 0.05 ms a step, is outside
+    the schedule and unpriced: the same for every strategy.)"""
     import json
     from pathlib import Path
 
@@ -320,8 +319,8 @@ def test_the_planners_decode_prices_match_one_h100s_measured_steps():
     for row in json.loads(path.read_text())["rows"]:
         call = CallDescription.of_shape(world=1, seq_len=1, heads_q=32, heads_kv=8,
                                         head_dim=128, batch=row["batch"], causal=True)  # fmt: skip
-        key = CacheKey(Strategy.TOKENRING, 1, 0, row["shard"] + 64, 1, False, True,
-                       heads_q=32, heads_kv=8)  # fmt: skip
+        key = CacheKey(Strategy.TOKENRING, 1, 0, row["shard"], 1, False, True,
+                       heads_q=32, heads_kv=8, appended=True)  # fmt: skip
         (only,) = plan_cache_call(topology, call, key).candidates
         predicted = only.term_ms("compute")
-        assert abs(predicted / row["captured_step_ms"] - 1) < 0.25, (row, predicted)
+        assert abs(predicted / row["flat_ms"] - 1) < 0.10, (row, predicted)

@@ -1,5 +1,5 @@
 """The KV cache on one GPU (marker ``gpu``): flash-attention's reads of a valid prefix
-per row, flat and paged, against float64; prefill and decode steps, eager and
+per row, against float64; prefill and decode steps, eager and
 captured in a CUDA graph, against float64 attention over each row's history; a
 captured step costs no host sync."""
 
@@ -11,7 +11,7 @@ import torch
 import tokenring as tr
 from cache_cases import run_steps
 from reference import attention_reference, rel_err
-from tokenring.execution.kernels.cache_flash import TAKES_PAGES, flash_key_lengths
+from tokenring.execution.kernels.cache_flash import flash_key_lengths
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,23 +21,18 @@ pytestmark = [
 BF16_TOL = 2e-2
 
 
-@pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("length", [1, 4])
 @pytest.mark.parametrize("heads", [(8, 2), (4, 4), (8, 1)])
-def test_flash_reads_each_rows_valid_keys(paged, length, heads):
-    """Batch-major storage of 768 rows (three pages), 600 of them offered, rows holding
-    5, 300 and 600 valid keys, read flat or as pages: each row's output equals float64
-    attention over its own keys."""
-    if paged and not TAKES_PAGES:
-        pytest.skip(f"PyTorch {torch.__version__}'s flash call takes no block_table")
+def test_flash_reads_each_rows_valid_keys(length, heads):
+    """Batch-major storage of 768 rows, 600 of them offered, rows holding 5, 300 and 600
+    valid keys: each row's output equals float64 attention over its own keys."""
     g = torch.Generator().manual_seed(length)
     hq, hkv = heads
     storage_k = torch.randn(3, 768, hkv, 64, generator=g).to("cuda", torch.bfloat16)
     storage_v = torch.randn(3, 768, hkv, 64, generator=g).to("cuda", torch.bfloat16)
     q = torch.randn(3, length, hq, 64, generator=g).to("cuda", torch.bfloat16)
     used = torch.tensor([5, 300, 600], device="cuda")
-    out, lse = flash_key_lengths(q, storage_k[:, :600], storage_v[:, :600], 0.125, used,
-                                 paged=paged)  # fmt: skip
+    out, lse = flash_key_lengths(q, storage_k[:, :600], storage_v[:, :600], 0.125, used)
     for b, n in enumerate(used.tolist()):
         ref_out, ref_lse = attention_reference(
             q[b : b + 1].cpu(), storage_k[b : b + 1, :n].cpu(), storage_v[b : b + 1, :n].cpu(),

@@ -22,10 +22,10 @@ import torch.distributed as dist
 from ..call.description import AUTO, CallDescription, Options
 from ..execution.comm import group_world
 from ..execution.executor import Execution, run_forward
-from ..execution.kernels import BlockSpec, KernelBackend, select_kernel
-from ..execution.kernels.cache_flash import PAGE
+from ..execution.kernels import KernelBackend, select_kernel
+from ..execution.plan import block_spec
 from ..execution.slots import SlotGeometry
-from ..options import Layout, Pass, RingImpl, Strategy
+from ..options import Layout, Pass, RingImpl, Strategy, read_enum
 from ..planner.cache_plan import cache_refusal, plan_cache_call
 from ..runtime import runtime
 from ..runtime.agreement import agree, exchange
@@ -34,6 +34,7 @@ from ..schedules.cache import CacheKey, cache_schedule, chunk_parts
 from ..schedules.ir import GROUP_AXIS, Schedule
 from .auto import AutoChoice, topology_for
 from .cache_capture import CapturedStep
+from .sharding import unshard
 
 __all__ = ["KVCache"]
 
@@ -96,6 +97,7 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self._host: list[int] = [0] * batch
         self._plans = BoundedCache(PLANS_KEPT)
+        self._aranges: dict[int, torch.Tensor] = {}
         self._agreed = BoundedCache(PLANS_KEPT)
 
     def _grow(self, staging: int) -> None:
@@ -103,12 +105,10 @@ class KVCache:
         a chunk sits there while it attends (next to the cache, as its key piece), and
         tokens a rank does not keep are written past the capacity, where nothing reads.
         Batch-major (each row's tokens contiguous, what flash-attention's cache reads
-        take), rows rounded up to its pages on CUDA."""
+        take)."""
         rows = self.local_capacity + staging
         if self._k.shape[1] >= rows:
             return
-        if self.device.type == "cuda":
-            rows = -(-rows // PAGE) * PAGE
         shape = (self.batch, rows, self.heads_kv, self.head_dim)
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -201,7 +201,7 @@ class KVCache:
             sharded, causal, ragged_chunk=padded and not causal, heads_q=q.shape[2],
             heads_kv=self.heads_kv, appended=appended,
         )  # fmt: skip
-        key = replace(key, strategy=self._strategy(strategy, key, self._describe(key, scale)))
+        key = replace(key, strategy=self._strategy(strategy, key, scale))
         plan = self._plan(key, q, scale, sharded)
         if new_lengths is None:  # made on the device: capturable
             real_dev = torch.full((self.batch,), chunk, dtype=torch.int64, device=self.device)
@@ -225,7 +225,7 @@ class KVCache:
         )  # fmt: skip
         lse = lse.permute(1, 2, 0)
         if padded:  # query rows past a row's real tokens: nothing
-            rows = torch.arange(out.shape[1], device=self.device) + (a if sharded else 0)
+            rows = self._arange(out.shape[1]) + (a if sharded else 0)
             pad = rows[None, :] >= real_dev[:, None]
             out = out.masked_fill(pad[:, :, None, None], 0.0)
             lse = lse.masked_fill(pad[:, None, :], float("-inf"))
@@ -237,8 +237,9 @@ class KVCache:
     def _append_all(self, k, v, chunk: int, sharded: bool, real: torch.Tensor) -> None:
         """Append the chunk's real tokens (this rank's part of a sharded chunk gathered
         whole first), each rank keeping its own."""
-        if sharded:
-            k, v = self._gather(k, chunk), self._gather(v, chunk)
+        if sharded:  # every rank's contiguous part: the whole chunk
+            whole = {"layout": "contiguous", "dim": 1, "seq_len": chunk, "group": self.group}
+            k, v = unshard(k, **whole), unshard(v, **whole)
         self._append(k, v, real)
 
     # -- checks -----------------------------------------------------------------
@@ -273,9 +274,9 @@ class KVCache:
             problems.append("causal and sharded must be bools")
         if scale is not None and not isinstance(scale, (int, float)):
             problems.append(f"softmax_scale must be a number or None, got {scale!r}")
-        names = {s.value for s in Strategy} | {AUTO}
-        if getattr(strategy, "value", strategy) not in names:
-            problems.append(f"strategy must be one of {sorted(names)}, got {strategy!r}")
+        _, problem = read_enum(Strategy, strategy, "strategy", (AUTO,))
+        if problem:
+            problems.append(problem)
         return problems
 
     def _chunk(self, local: int, sharded: bool, problems: list[str]) -> tuple[int, list[str]]:
@@ -312,7 +313,7 @@ class KVCache:
             )
         return values, ""
 
-    def _strategy(self, strategy, key: CacheKey, call: CallDescription) -> Strategy:
+    def _strategy(self, strategy, key: CacheKey, scale) -> Strategy:
         """The strategy named, or ``auto``'s: the planner's fastest for a sharded chunk on
         this machine (decided once per kind of call, the same on every rank: it reads
         only the call and the topology setting; ``tr.runtime().why()`` says why);
@@ -323,6 +324,7 @@ class KVCache:
         if not key.sharded or self.world == 1:
             return Strategy.TOKENRING
         rt = runtime()
+        call = self._describe(key, scale)
         found = rt.auto.get_fresh(("kvcache", key, call))
         if found is None:
             report = plan_cache_call(topology_for(rt, call, self.world), call, key)
@@ -369,11 +371,7 @@ class KVCache:
 
     @staticmethod
     def _kernel(call: CallDescription) -> KernelBackend:
-        spec = BlockSpec(
-            call.device_type, call.dtype, call.head_dim, call.heads_q, call.heads_kv,
-            call.causal, ragged=True,
-        )  # fmt: skip
-        return select_kernel(call.options.kernel, spec)
+        return select_kernel(call.options.kernel, replace(block_spec(call), ragged=True))
 
     # -- data -------------------------------------------------------------------
     def _key_lengths(self, key: CacheKey, parts, real: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -381,7 +379,7 @@ class KVCache:
         positions ``t < length`` with ``t mod P == s`` (``ceil((length - s) / P)``); a
         chunk part ``[a, b)`` the real tokens that fall in it."""
         P = self.world
-        ranks = torch.arange(P, device=self.device)[:, None]
+        ranks = self._arange(P)[:, None]
         counts = (self.lengths[None, :] - ranks + P - 1).div(P, rounding_mode="floor")
         found = {2 * s: counts[s] for s in range(P)}
         if key.ragged_chunk and not key.appended:
@@ -389,22 +387,12 @@ class KVCache:
                 found[2 * s + 1] = (real - a).clamp(0, b - a)
         return found
 
-    def _gather(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
-        """The whole chunk from every rank's contiguous part (one all-gather of parts
-        padded to the longest)."""
-        parts = chunk_parts(chunk, self.world)
-        longest = max(b - a for a, b in parts)
-        padded = torch.zeros((longest, *x.shape[:1], *x.shape[2:]), dtype=x.dtype, device=x.device)
-        padded[: x.shape[1]] = x.transpose(0, 1)
-        gathered = torch.empty((self.world, *padded.shape), dtype=x.dtype, device=x.device)
-        lanes = runtime().lanes(self.group)
-        work = lanes.all_gather_single(gathered.view(-1), padded.view(-1), 0)
-        if lanes.backend == "gloo":
-            work.wait(runtime().settings.timeout)
-        else:
-            work.wait()
-        whole = torch.cat([gathered[s, : b - a] for s, (a, b) in enumerate(parts)])
-        return whole.transpose(0, 1)
+    def _arange(self, n: int) -> torch.Tensor:
+        """``arange(n)`` on the cache's device, made once per ``n`` (read every step)."""
+        found = self._aranges.get(n)
+        if found is None:
+            found = self._aranges[n] = torch.arange(n, device=self.device)
+        return found
 
     def _append(self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> None:
         """Write each row's real new tokens that this rank keeps (position ``t`` at local
@@ -412,11 +400,11 @@ class KVCache:
         the last storage row, which nothing reads."""
         P, r = self.world, self.rank
         chunk = k.shape[1]
-        x = torch.arange(chunk, device=self.device)
+        x = self._arange(chunk)
         t = self.lengths[:, None] + x[None, :]
         keep = (t % P == r) & (x[None, :] < real[:, None])
         index = torch.where(keep, t.div(P, rounding_mode="floor"), self._k.shape[1] - 1)
-        rows = torch.arange(self.batch, device=self.device)[:, None].expand_as(index)
+        rows = self._arange(self.batch)[:, None].expand_as(index)
         self._k[rows, index] = k
         self._v[rows, index] = v
         self.lengths += real

@@ -11,6 +11,8 @@ the heads divide).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..call.description import CallDescription
 from ..options import Layout, Pass, Strategy
 from ..schedules import STRATEGIES
@@ -42,27 +44,18 @@ def plan_cache_call(topology: Topology, call: CallDescription, key: CacheKey) ->
     topo = topology.first(key.world)
     priced: list[Candidate] = []
     if not key.sharded:  # replicated queries: one schedule, whatever is named
-        scheds = [cache_schedule(CacheKey(Strategy.TOKENRING, key.world, r, *_rest(key)))
-                  for r in range(key.world)]  # fmt: skip
+        scheds = [cache_schedule(replace(key, rank=r)) for r in range(key.world)]
         prediction = simulate_timing(scheds, Pass.FORWARD, call, topo)
         only = Candidate(LOCAL, Strategy.TOKENRING, passes=((Pass.FORWARD, prediction),))
         return PlanReport(topology.name, call, False, (only,))
     for strategy in ONE_D:
-        probe = CacheKey(strategy, key.world, 0, *_rest(key))
+        probe = replace(key, strategy=strategy, rank=0)
         refused = cache_refusal(probe)
         if refused:
             priced.append(Candidate(strategy.value, strategy, refused=refused))
             continue
-        scheds = [
-            cache_schedule(CacheKey(strategy, key.world, r, *_rest(probe)))
-            for r in range(key.world)
-        ]
+        scheds = [cache_schedule(replace(probe, rank=r)) for r in range(key.world)]
         prediction = simulate_timing(scheds, Pass.FORWARD, call.with_strategy(strategy), topo)
         priced.append(Candidate(strategy.value, strategy, passes=((Pass.FORWARD, prediction),)))
     order = sorted(priced, key=lambda c: (c.refused is not None, c.predicted_ms or 0.0))
     return PlanReport(topology.name, call, False, tuple(order))
-
-
-def _rest(key: CacheKey) -> tuple:
-    return (key.cell, key.chunk, key.sharded, key.causal, key.ragged_chunk, key.heads_q,
-            key.heads_kv, key.appended)  # fmt: skip

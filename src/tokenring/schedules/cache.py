@@ -37,7 +37,7 @@ from functools import lru_cache
 from ..options import Layout, Pass, Strategy
 from . import build_schedule
 from .builder import ScheduleBuilder
-from .geometry import Geometry, PieceTable, Span
+from .geometry import Geometry, PieceTable, Span, split_sizes
 from .ir import AllGather, Precision, Rows, Schedule, SlotKind, SlotSpec
 from .key import ScheduleKey
 from .masks import Mask
@@ -51,10 +51,8 @@ LOCAL = "local"
 def chunk_parts(chunk: int, world: int) -> tuple[Span, ...]:
     """Each rank's part ``[a, b)`` of a chunk of ``chunk`` tokens, as
     ``torch.tensor_split`` cuts it (the first ``chunk mod world`` ranks hold one more)."""
-    base, extra = divmod(chunk, world)
     parts, start = [], 0
-    for r in range(world):
-        size = base + (r < extra)
+    for size in split_sizes(chunk, world):
         parts.append((start, start + size))
         start += size
     return tuple(parts)

@@ -42,6 +42,7 @@ __all__ = [
     "mesh_pieces",
     "packed_zigzag",
     "piece_table",
+    "split_sizes",
 ]
 
 Span = tuple[int, int]
@@ -151,7 +152,7 @@ def canonical(table: PieceTable, piece: int) -> int:
     raise AssertionError("a piece is always its own match")
 
 
-def _split(total: int, parts: int) -> list[int]:
+def split_sizes(total: int, parts: int) -> list[int]:
     """Sizes of ``torch.tensor_split(range(total), parts)``: the first ``total mod parts``
     parts hold one more."""
     base, extra = divmod(total, parts)
@@ -194,9 +195,9 @@ def piece_table(
     if layout is Layout.ZIGZAG:
         if len(documents) > 2 and world > 1:  # on one rank, balance needs no reordering
             return packed_zigzag(documents, 2 * world)
-        return PieceTable.from_lengths(_split(seq_len, 2 * world))
+        return PieceTable.from_lengths(split_sizes(seq_len, 2 * world))
     lengths = []
-    for shard in _split(seq_len, world):
+    for shard in split_sizes(seq_len, world):
         lengths += [shard // 2, shard - shard // 2]
     return PieceTable.from_lengths(lengths)
 
