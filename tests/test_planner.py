@@ -16,6 +16,9 @@ from hypothesis import strategies as st
 
 import tokenring as tr
 from planner_cases import auto_case, links_case, small_topology_case
+from planner_golden import CASES as RECORDED_CALLS
+from planner_golden import PATH as RECORDED_PATH
+from planner_golden import flat, predictions
 from tokenring.call.description import CallDescription
 from tokenring.options import Layout, Pass, Strategy
 from tokenring.planner import Topology, load_topology, preset, preset_names, simulate_timing
@@ -52,6 +55,19 @@ def predict(strategy, world, pass_, shape, topo, *, causal=True, layout=Layout.Z
 
 def sent_bytes(prediction) -> float:
     return sum(s.nbytes for s in prediction.spans if s.track != "compute")
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_CALLS))
+def test_predictions_are_the_recorded_ones(name):
+    """What makes the planner faster must not change what it predicts: every candidate's
+    times, slowest rank and steps as recorded (tests/planner_golden.py), to rounding."""
+    recorded = json.loads(RECORDED_PATH.read_text())[name]
+    found, recorded = flat(predictions(RECORDED_CALLS[name])), flat(recorded)
+    assert found.keys() == recorded.keys()
+    words = {k: v for k, v in recorded.items() if isinstance(v, str)}
+    assert {k: found[k] for k in words} == words  # choices, layouts, refusals
+    numbers = {k: v for k, v in recorded.items() if k not in words}
+    assert {k: found[k] for k in numbers} == pytest.approx(numbers, rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("strategy", ONE_D, ids=lambda s: s.value)
