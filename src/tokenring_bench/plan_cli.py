@@ -63,6 +63,13 @@ def window_pair(text: str) -> tuple[int, int]:
     return left, right
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the platform says)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def add_plan_parser(sub) -> None:
     """The ``plan`` subcommand's options (every one with its help and default)."""
     p = sub.add_parser(
@@ -141,6 +148,13 @@ def add_plan_parser(sub) -> None:
         help="also draw the predicted per-step timelines of the four fastest here, each pass "
         "asked for, in the format of the measured ones (tokenring bench) (default: none)",
     )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=usable_cpus(),
+        help="processes that simulate the candidates side by side (default: the CPUs this "
+        "process may use, here %(default)s)",
+    )
 
 
 def _table(report: PlanReport) -> Table:
@@ -210,6 +224,7 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
             layout=args.layout,
             documents=args.documents,
             window=args.window,
+            workers=args.workers,
         )
     except ValueError as error:
         console.print(Text(f"tokenring plan: {error}", style="red"))

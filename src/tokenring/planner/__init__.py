@@ -69,6 +69,7 @@ def plan(
     usp: bool = True,
     documents: list[int] | tuple[int, ...] | None = None,
     window: tuple[int, int] | None = None,
+    workers: int = 1,
 ) -> PlanReport:
     """Rank every strategy (and USP split, with ``usp``) for one attention call of ``seq``
     tokens over ``gpus`` devices of ``topology`` (a preset name, a file, or a Topology);
@@ -79,13 +80,16 @@ def plan(
     ``tokenring plan --json`` prints. ``documents``: the lengths of documents packed in
     the sequence (summing to ``seq``); ``window``: ``(left, right)`` as ``window_size``
     (docs/algorithms.md, section 1): blocks they leave empty are neither computed nor
-    sent, and a block they cut is priced as the sub-calls it runs as."""
+    sent, and a block they cut is priced as the sub-calls it runs as. ``workers``:
+    processes to simulate candidates in side by side (forked where the platform forks;
+    the predictions are the same; ``tokenring plan`` uses every CPU it may)."""
     for name, value in (
         ("gpus", gpus),
         ("seq", seq),
         ("heads_q", heads_q),
         ("head_dim", head_dim),
         ("batch", batch),
+        ("workers", workers),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -117,7 +121,7 @@ def plan(
             batch=batch, dtype=DTYPES[dtype], layout=lay, causal=bool(causal),
             wants_grad=bool(backward), window_size=window_size, cu_seqlens=cu_seqlens,
         )  # fmt: skip
-        return plan_call(machine, call, backward=bool(backward), with_usp=usp)
+        return plan_call(machine, call, backward=bool(backward), with_usp=usp, workers=workers)
 
     if layout is not None or (documents is None and window is None):
         return report(layout)

@@ -11,8 +11,13 @@ backward pass starts after the forward one has finished on every rank).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+import gc
+import multiprocessing
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import lru_cache, partial
 from typing import Any
 
 from ..call.checks import refusals
@@ -210,6 +215,21 @@ def _refusal(call: CallDescription) -> str | None:
     return "; ".join(reasons) if reasons else None
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while the planner runs: building and
+    simulating schedules makes hundreds of thousands of small objects (few in cycles),
+    and the collector's passes over them took half of a 64-GPU plan's time. Back on as
+    it was, whatever happens."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 def plan_call(
     topology: Topology,
     call: CallDescription,
@@ -218,29 +238,79 @@ def plan_call(
     with_usp: bool = True,
     mesh_ulysses: int | None = None,
     stream_tail_min: int = 1 << 20,
+    workers: int = 1,
 ) -> PlanReport:
     """Price every candidate strategy for ``call`` (whatever strategy it names) on the
     first ``call.world`` devices of ``topology``. ``stream_tail_min``: the runtime
     setting that decides whether TokenRing streams its last partial
-    (``Settings.stream_tail_min``)."""
+    (``Settings.stream_tail_min``). ``workers``: processes to simulate candidates in
+    (forked, where the platform forks; never from inside a distributed job)."""
     world = call.world
     if world < 1:
         raise ValueError(f"world must be at least 1, got {world}")
     topo = topology.first(world)
     stream_tail = call.streams_tail(stream_tail_min)
     passes = (Pass.FORWARD, Pass.BACKWARD) if backward else (Pass.FORWARD,)
-    priced: list[Candidate] = []
-    for c in _candidates(world, with_usp, mesh_ulysses):
-        candidate = _candidate_call(call, c)
-        refused = _refusal(candidate)
-        if refused:
-            priced.append(Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, refused))
-            continue
-        axes = mesh_axes(world // c.ulysses, c.ulysses) if c.strategy is Strategy.USP else None
-        results = []
-        for pass_ in passes:
-            scheds = _schedules(candidate, pass_, stream_tail)
-            results.append((pass_, simulate_timing(list(scheds), pass_, candidate, topo, axes)))
-        priced.append(Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, None, tuple(results)))
+    candidates = _candidates(world, with_usp, mesh_ulysses)
+    with _collector_paused():
+        priced = _price(call, topo, passes, stream_tail, candidates, workers)
     order = sorted(priced, key=lambda c: (c.refused is not None, c.predicted_ms or 0.0))
     return PlanReport(topology.name, call, backward, tuple(order))
+
+
+def _price(
+    call: CallDescription,
+    topo: Topology,
+    passes: tuple[Pass, ...],
+    stream_tail: bool,
+    candidates: list[Candidate],
+    workers: int,
+) -> list[Candidate]:
+    """Each candidate refused with its reasons or priced pass by pass; in ``workers``
+    forked processes where there are several (the largest simulations handed out first)."""
+    jobs = [(call, topo, passes, stream_tail, c) for c in candidates]
+    if workers <= 1 or len(jobs) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_price_one(*job) for job in jobs]
+    by_size = sorted(range(len(jobs)), key=lambda i: -_simulated_steps(call.world, candidates[i]))
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        futures = {i: pool.submit(_price_one, *jobs[i]) for i in by_size}
+        return [futures[i].result() for i in range(len(jobs))]
+
+
+def _simulated_steps(world: int, c: Candidate) -> int:
+    """About how many block steps simulating ``c`` takes: ranks times ring length."""
+    if c.strategy in (Strategy.TOKENRING, Strategy.RING):
+        return world * world
+    return world * (world // c.ulysses if c.strategy is Strategy.USP else 1)
+
+
+def _price_one(
+    call: CallDescription,
+    topo: Topology,
+    passes: tuple[Pass, ...],
+    stream_tail: bool,
+    c: Candidate,
+) -> Candidate:
+    """One candidate refused with its reasons, or its prediction per pass (the numbers;
+    ``spans`` simulates again when asked)."""
+    candidate = _candidate_call(call, c)
+    refused = _refusal(candidate)
+    if refused:
+        return Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, refused)
+    world = call.world
+    axes = mesh_axes(world // c.ulysses, c.ulysses) if c.strategy is Strategy.USP else None
+    results = []
+    for pass_ in passes:
+        scheds = list(_schedules(candidate, pass_, stream_tail))
+        found = simulate_timing(scheds, pass_, candidate, topo, axes, keep_timeline=False)
+        replay = partial(_replay, candidate, pass_, stream_tail, topo, axes)
+        results.append((pass_, replace(found, replay=replay)))
+    return Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, None, tuple(results))
+
+
+def _replay(
+    call: CallDescription, pass_: Pass, stream_tail: bool, topo: Topology, axes
+) -> Prediction:
+    """The simulation of one candidate's pass again, with its timeline."""
+    return simulate_timing(list(_schedules(call, pass_, stream_tail)), pass_, call, topo, axes)

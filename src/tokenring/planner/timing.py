@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -70,15 +71,24 @@ class Prediction:
     host_ms: float
     slowest_rank: int
     steps: tuple[StepCost, ...]
-    timeline: tuple = field(repr=False, compare=False)
-    """What ``spans`` is drawn from: (transfer spans, each rank's stream, pass)."""
+    timeline: tuple | None = field(repr=False, compare=False)
+    """What ``spans`` is drawn from: (transfer spans, each rank's stream, pass); None
+    when the simulation kept only the numbers (``replay`` runs it again)."""
     synchronous: bool = False
+    replay: Callable[[], Prediction] | None = field(default=None, repr=False, compare=False)
+    """Runs the same simulation again keeping its timeline (the planner keeps none: at
+    large P a timeline holds P^2 entries, and choosing needs only ``steps``)."""
 
     @cached_property
     def spans(self) -> tuple[Span, ...]:
-        """Every rank's kernels and transfers, by rank and start (made when asked: at
-        large P there are P^2 of them, and choosing needs only ``steps``)."""
-        comm, streams, phase = self.timeline
+        """Every rank's kernels and transfers, by rank and start (made when asked, by
+        simulating again where the timeline was not kept)."""
+        timeline = self.timeline
+        if timeline is None:
+            if self.replay is None:
+                raise ValueError("this prediction was made without its timeline")
+            timeline = self.replay().timeline
+        comm, streams, phase = timeline
         kernels = [
             Span(rank, i.step, "compute", i.label, i.start * 1e3, i.end * 1e3, 0, phase)
             for rank, stream in enumerate(streams)
@@ -184,6 +194,7 @@ class _Sim:
         self.running: list[_Item | None] = [None] * len(schedules)
         self.lanes: list[dict[tuple[str, int], list[_Post]]] = [{} for _ in schedules]
         self.lane_cursor: list[dict[tuple[str, int], int]] = [{} for _ in schedules]
+        self.deferred = [0] * len(schedules)  # posts that yielded to a kernel, not started
         self.handles: list[dict[str, list[_Post]]] = [{} for _ in schedules]
         self.p2p: dict[tuple, tuple[list, list]] = {}  # (src, dst, axis, lane) -> sends, recvs
         self.collectives: dict[tuple, list[_Collective]] = defaultdict(list)
@@ -416,6 +427,9 @@ class _Sim:
         """Max-min fair rates (progressive filling, weighted by load) of the flows a change
         touched; the others keep theirs."""
         flows = self._component()
+        if len(flows) == 1:  # alone on its resources (a ring's hop): no sharing to solve
+            self._rate_alone(next(iter(flows)))
+            return
         links = self.topo.links
         left: dict[str, float] = {}
         weight: dict[str, float] = defaultdict(float)
@@ -465,6 +479,21 @@ class _Sim:
             f.version += 1
             self._push(self.now + max(f.remaining, 0.0) / f.rate, "flow", f, f.version)
 
+    def _rate_alone(self, f: _Flow) -> None:
+        """``_rates`` for a flow that shares no resource: the least of its cap and its
+        resources' capacities over its load on them (the same arithmetic, in one pass)."""
+        f.remaining -= f.rate * (self.now - f.since)
+        f.since = self.now
+        links, rate = self.topo.links, float("inf")
+        for r, w in f.load.items():
+            if w > EPS:
+                rate = min(rate, links.capacity(r) * 1e9 / w)
+        if f.cap is not None and f.cap <= rate:
+            rate = f.cap
+        f.rate = rate
+        f.version += 1
+        self._push(self.now + max(f.remaining, 0.0) / rate, "flow", f, f.version)
+
     # -- the event loop -------------------------------------------------------
     def _step_streams(self) -> None:
         """Start what can start now on the ranks something happened to (``wake``)."""
@@ -475,7 +504,8 @@ class _Sim:
 
     def _step_rank(self, rank: int) -> None:
         stream = self.streams[rank]
-        moved = self._step_lanes(rank, deferred_only=True)  # posts that yielded go first
+        # posts that yielded go first
+        moved = self.deferred[rank] > 0 and self._step_lanes(rank, deferred_only=True)
         while self.running[rank] is None and self.cursor[rank] < len(stream):
             item = stream[self.cursor[rank]]
             if item.kind == "wait":
@@ -508,10 +538,12 @@ class _Sim:
                 if post.behind is not None:
                     if post.behind.end < 0:
                         break
+                    self.deferred[rank] -= 1
                 elif deferred_only:
                     break
                 elif self._yields(rank):
                     post.behind = self.running[rank]
+                    self.deferred[rank] += 1
                     break
                 self._start_post(post)
                 i += 1
@@ -552,7 +584,7 @@ class _Sim:
             raise RuntimeError(f"simulated schedules deadlock: ranks {stuck} never finish")
 
     # -- results --------------------------------------------------------------
-    def prediction(self) -> Prediction:
+    def prediction(self, keep_timeline: bool = True) -> Prediction:
         ends = []
         for rank, stream in enumerate(self.streams):
             end = max((i.end for i in stream), default=0.0)
@@ -586,7 +618,7 @@ class _Sim:
             host_ms,
             slowest,
             costs,
-            (self.spans, self.streams, self.pass_.value),
+            (self.spans, self.streams, self.pass_.value) if keep_timeline else None,
             self.sync,
         )
 
@@ -598,9 +630,12 @@ def simulate_timing(
     topology: Topology,
     axes: Axes | None = None,
     placement: list[int] | None = None,
+    keep_timeline: bool = True,
 ) -> Prediction:
     """Simulate one pass of ``schedules`` (one per rank of the sequence-parallel group)
-    on ``topology``; rank ``i`` runs on device ``placement[i]`` (default: device ``i``)."""
+    on ``topology``; rank ``i`` runs on device ``placement[i]`` (default: device ``i``).
+    ``keep_timeline=False``: the numbers only (``Prediction.spans`` then needs a
+    ``replay``)."""
     world = len(schedules)
     if world > topology.devices:
         raise ValueError(
@@ -609,4 +644,4 @@ def simulate_timing(
     axes = axes if axes is not None else {"group": [tuple(range(world))]}
     sim = _Sim(schedules, axes, pass_, call, topology, placement or list(range(world)))
     sim.run()
-    return sim.prediction()
+    return sim.prediction(keep_timeline)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .geometry import Geometry
 from .masks import (
     BlockKind,
     Cell,
@@ -23,7 +24,16 @@ from .masks import (
     split_at_documents,
 )
 
-__all__ = ["Block", "Element", "SubCall", "cover", "cut_cells", "relations", "sub_calls"]
+__all__ = [
+    "Block",
+    "Element",
+    "SubCall",
+    "cover",
+    "cut_cells",
+    "piece_relations",
+    "relations",
+    "sub_calls",
+]
 
 Element = tuple[int, int, BlockKind]
 """(query cell, key cell, how they meet), cells as local indices; never EMPTY."""
@@ -42,6 +52,16 @@ def relations(
             if kind is not BlockKind.EMPTY:
                 out.append((i, j, kind))
     return tuple(out)
+
+
+@lru_cache(maxsize=1 << 16)
+def piece_relations(
+    geometry: Geometry, mask: Mask, q_pieces: tuple[int, ...], kv_pieces: tuple[int, ...]
+) -> tuple[Element, ...]:
+    """``relations`` of two runs of pieces of ``geometry``, remembered by the pieces:
+    schedule building asks for every pair of shards, and finding their cells and hashing
+    those (tuples of ranges) cost more than the answer."""
+    return relations(geometry.q.cells(q_pieces), geometry.kv.cells(kv_pieces), mask)
 
 
 @dataclass(frozen=True)

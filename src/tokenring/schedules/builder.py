@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .blocks import Block, Element, cover, relations
+from .blocks import Block, Element, cover, piece_relations
 from .geometry import Geometry
 from .ir import (
     WHOLE,
@@ -78,7 +78,8 @@ class ScheduleBuilder:
         self.geometry = geometry
         self.mask = mask
         self.ops: list[Op] = []
-        self._written: dict[str, set[tuple[int, HeadPart]]] = {}
+        # per slot, per head part: the cells written since the slot's last reset
+        self._written: dict[str, dict[HeadPart, set[int]]] = {}
         self._posted: set[str] = set()
         self._shell = Schedule(strategy, rank, world, pieces, geometry, slots, (), "")
 
@@ -86,9 +87,7 @@ class ScheduleBuilder:
         self, q_pieces: tuple[int, ...], kv_pieces: tuple[int, ...]
     ) -> tuple[Element, ...]:
         """The (query cell, key cell) pairs of two runs of pieces that the mask lets meet."""
-        return relations(
-            self.geometry.q.cells(q_pieces), self.geometry.kv.cells(kv_pieces), self.mask
-        )
+        return piece_relations(self.geometry, self.mask, q_pieces, kv_pieces)
 
     def tokens(self, rows: Rows) -> int:
         return self._shell.tokens(rows)
@@ -101,19 +100,26 @@ class ScheduleBuilder:
         """Forget what ``slot`` holds: the next write to it overwrites."""
         self._written.pop(slot, None)
 
+    def _cells(self, rows: Rows) -> set[int]:
+        """The cells of ``rows``'s slot written so far in its head part (a live set)."""
+        parts = self._written.setdefault(rows.slot, {})
+        cells = parts.get(rows.part)
+        if cells is None:
+            cells = parts[rows.part] = set()
+        return cells
+
     def _mark(self, rows: Rows) -> None:
-        self._written.setdefault(rows.slot, set()).update(
-            (i, rows.part) for i in range(rows.start, rows.stop)
-        )
+        self._cells(rows).update(range(rows.start, rows.stop))
 
     def _fresh(self, rows: Rows) -> tuple[bool, ...]:
         """Per cell of ``rows``: True where this write is the first since the last reset."""
-        written = self._written.setdefault(rows.slot, set())
-        counts = {part.count for _, part in written} | {rows.part.count}
-        if len(counts) > 1:
+        parts = self._written.get(rows.slot)
+        if parts and any(part.count != rows.part.count for part in parts):
+            counts = {part.count for part in parts} | {rows.part.count}
             raise AssertionError(f"schedule bug: {rows.slot} written in head parts of {counts}")
-        fresh = tuple((i, rows.part) not in written for i in range(rows.start, rows.stop))
-        self._mark(rows)
+        cells = self._cells(rows)
+        fresh = tuple(i not in cells for i in range(rows.start, rows.stop))
+        cells.update(range(rows.start, rows.stop))
         return fresh
 
     def post(self, handle: str, step: int, moves: list[Move]) -> str | None:
@@ -196,7 +202,7 @@ class ScheduleBuilder:
 
     def wrote(self, slot: str) -> bool:
         """Whether any operation so far writes ``slot``."""
-        return bool(self._written.get(slot))
+        return any(self._written.get(slot, {}).values())
 
     def identity(self, rows: Rows) -> None:
         """``rows`` of a ``zeroed`` result slot start as the merge's identity: merges may
@@ -208,11 +214,10 @@ class ScheduleBuilder:
     def merge(self, src: Rows, dst: Rows, step: int) -> None:
         if not self.tokens(src):
             return
-        written = self._written.get(dst.slot, set())
+        written = self._written.get(dst.slot, {}).get(dst.part, set())
         table = self._shell.table(dst)
         if not all(
-            (i, dst.part) in written or not table.length(dst.content[i])
-            for i in range(dst.start, dst.stop)
+            i in written or not table.length(dst.content[i]) for i in range(dst.start, dst.stop)
         ):
             raise AssertionError(f"schedule bug: merge into unwritten rows {dst}")
         self.ops.append(Merge(src, dst, step))
@@ -222,7 +227,7 @@ class ScheduleBuilder:
         is never written: its queries meet no key (or its keys no query) anywhere."""
         if slot is None:
             return False
-        written = {i for i, _ in self._written.get(slot, set())}
+        written = set().union(*self._written.get(slot, {}).values())
         return any(table.length(p) and i not in written for i, p in enumerate(self.pieces))
 
     def build(self, query_result: str, kv_result: str | None) -> Schedule:

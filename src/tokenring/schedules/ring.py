@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from ..options import Pass, Strategy
 from .base import StrategyDef
-from .blocks import cover, relations
+from .blocks import cover, piece_relations
 from .builder import ScheduleBuilder
 from .geometry import Geometry
 from .ir import Precision, Rows, Schedule, SlotKind, SlotSpec, Transfer
@@ -53,10 +53,8 @@ def kv_still_needed(
     all P schedules costs O(P^2) relations, not O(P^3))."""
     P = len(shards)
     spans, lo, hi = [(0, 0)] * (P + 1), None, None
-    kv_cells = geometry.kv.cells(shards[owner])
     for s in range(P - 1, -1, -1):
-        q_cells = geometry.q.cells(shards[(owner + s) % P])
-        for _, j, _ in relations(q_cells, kv_cells, mask):
+        for _, j, _ in piece_relations(geometry, mask, shards[(owner + s) % P], shards[owner]):
             lo = j if lo is None else min(lo, j)
             hi = j + 1 if hi is None else max(hi, j + 1)
         spans[s] = (lo, hi) if lo is not None else (0, 0)

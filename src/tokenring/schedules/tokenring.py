@@ -27,7 +27,7 @@ from functools import lru_cache
 
 from ..options import Pass, Strategy
 from .base import StrategyDef
-from .blocks import Element, cover, relations
+from .blocks import Element, cover, piece_relations
 from .builder import ScheduleBuilder
 from .geometry import Geometry
 from .ir import Precision, Rows, Schedule, SlotKind, SlotSpec, Transfer
@@ -99,7 +99,7 @@ class Visit:
 def _meets(
     geometry: Geometry, mask: Mask, q_pieces: tuple[int, ...], kv_pieces: tuple[int, ...]
 ) -> tuple[Element, ...]:
-    return relations(geometry.q.cells(q_pieces), geometry.kv.cells(kv_pieces), mask)
+    return piece_relations(geometry, mask, q_pieces, kv_pieces)
 
 
 @lru_cache(maxsize=2048)
