@@ -195,13 +195,17 @@ def _compute_forward(store: SlotStore, op: Compute, step: ComputeStep, ex: Execu
         view(step.q, "q"), view(step.kv, "k"), view(step.kv, "v"), step.causal,
         store.call.scale, _block_mask(store, op), key_lengths=lengths,
     )  # fmt: skip
+    rows = out_b.shape[1]
     for run in step.q_runs:
         out, lse = view(run.place, "out"), view(run.place, "lse")
         a, b = run.start, run.stop
+        part, part_lse = (
+            (out_b, lse_b) if a == 0 and b == rows else (out_b[:, a:b], lse_b[:, :, a:b])
+        )  # slicing the whole block would be two dispatches for nothing
         if run.fresh:
-            write_into(out, lse, out_b[:, a:b], lse_b[:, :, a:b])
+            write_into(out, lse, part, part_lse)
         else:
-            merge_into(out, lse, out_b[:, a:b], lse_b[:, :, a:b], fused=ex.fused_merge)
+            merge_into(out, lse, part, part_lse, fused=ex.fused_merge)
 
 
 def _accumulate(store: SlotStore, runs: tuple[Run, ...], parts: dict) -> None:

@@ -343,6 +343,7 @@ class SlotStore:
         self.call = geometry.call
         self.device = device
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self._views: dict[tuple[int, str], tuple[Place, torch.Tensor]] = {}
         slots = self.schedule.slots
         for name, comps in local.items():
             if name in slots:
@@ -385,9 +386,16 @@ class SlotStore:
         return self.tensors[place.slot][component][place.index]
 
     def kernel_view(self, place: Place, component: str) -> torch.Tensor:
-        """Kernel-facing view at ``place``: ``[B, L, H, D]`` or ``[B, H, L]``."""
-        phys = self.tensors[place.slot][component][place.index]
-        return phys.permute(1, 0, 2, 3) if phys.dim() == 4 else phys.permute(1, 2, 0)
+        """Kernel-facing view at ``place``: ``[B, L, H, D]`` or ``[B, H, L]`` (made once per
+        call: a schedule views the same rows for several blocks and merges, and every
+        slicing and permute is a dispatch of host time)."""
+        key = (id(place), component)  # the entry holds ``place``: its id cannot be reused
+        found = self._views.get(key)
+        if found is None:
+            phys = self.tensors[place.slot][component][place.index]
+            view = phys.permute(1, 0, 2, 3) if phys.dim() == 4 else phys.permute(1, 2, 0)
+            found = self._views[key] = (place, view)
+        return found[1]
 
     def has(self, rows: Rows, component: str) -> bool:
         return component in self.tensors[rows.slot]
