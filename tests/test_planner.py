@@ -20,10 +20,12 @@ from planner_golden import CASES as RECORDED_CALLS
 from planner_golden import PATH as RECORDED_PATH
 from planner_golden import flat, predictions
 from tokenring.call.description import CallDescription
-from tokenring.options import Layout, Pass, Strategy
+from tokenring.options import Layout, Pass, RingImpl, Strategy
 from tokenring.planner import Topology, load_topology, preset, preset_names, simulate_timing
 from tokenring.planner.choose import _schedules, plan_call
+from tokenring.planner.symmetry import usp_symmetry
 from tokenring.planner.topology import ClusterLinks, ExplicitLinks
+from tokenring.schedules.usp import mesh_axes
 from tokenring_bench.calibrate import _table_row, calibrate
 from tokenring_bench.cli import main as cli_main
 from traffic_formulas import expected_traffic
@@ -68,6 +70,62 @@ def test_predictions_are_the_recorded_ones(name):
     assert {k: found[k] for k in words} == words  # choices, layouts, refusals
     numbers = {k: v for k, v in recorded.items() if k not in words}
     assert {k: found[k] for k in numbers} == pytest.approx(numbers, rel=1e-9, abs=1e-12)
+
+
+SYMMETRIC_CALLS = {
+    "ib 16 causal u4": ("h100-ib", 16, 4, Strategy.TOKENRING, dict(seq=65536, causal=True)),
+    "ib 32 u16 across nodes gqa": (
+        "h100-ib", 32, 16, Strategy.RING, dict(seq=131072, causal=True, heads_kv=4),
+    ),
+    "nvswitch 8 u2 documents": (
+        "h100-nvswitch-8", 8, 2, Strategy.TOKENRING,
+        dict(seq=32768, causal=True, cu_seqlens=(0, 5000, 25000, 32768)),
+    ),
+    "mesh 8 u4 window contiguous": (
+        "npu-mesh-8", 8, 4, Strategy.RING,
+        dict(seq=24576, causal=True, window_size=(2048, 0), layout=Layout.CONTIGUOUS),
+    ),
+    "cpu 4 u2 dense": ("cpu-gloo", 4, 2, Strategy.TOKENRING, dict(seq=2048, dtype=torch.float32)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(SYMMETRIC_CALLS))
+def test_usp_simulated_by_one_rank_of_each_kind_predicts_what_every_rank_does(name):
+    """Simulating one rank per orbit of the Ulysses rotation (``planner/symmetry.py``)
+    gives the full simulation's times, steps and slowest rank, both passes."""
+    topology, world, ulysses, ring, shape = SYMMETRIC_CALLS[name]
+    shape = {"heads_q": 16, "heads_kv": 16, "head_dim": 64, **shape}
+    seq = shape.pop("seq")
+    call = CallDescription.of_shape(
+        world=world, seq_len=seq, strategy=Strategy.USP, ulysses=ulysses, **shape
+    ).with_strategy(Strategy.USP, RingImpl(ring.value), ulysses)
+    topo = preset(topology, world)
+    symmetry = usp_symmetry(call, topo.links)
+    assert symmetry is not None and len(symmetry.representatives) < world
+    axes = mesh_axes(world // ulysses, ulysses)
+    for pass_ in Pass:
+        full = simulate_timing(list(_schedules(call, pass_)), pass_, call, topo, axes)
+        reps = _schedules(call, pass_, True, symmetry.representatives)
+        quick = simulate_timing(list(reps), pass_, call, topo, axes, symmetry=symmetry)
+        assert quick.slowest_rank == full.slowest_rank
+        assert (quick.ms, quick.host_ms) == pytest.approx((full.ms, full.host_ms), rel=1e-12)
+        assert [s.ms for s in quick.steps] == pytest.approx([s.ms for s in full.steps], rel=1e-12)
+
+
+def test_no_symmetry_where_ranks_or_links_differ():
+    """Pieces of unequal length across a Ulysses group, or links that cannot say how they
+    map (PCIe's written-out routes): every rank is simulated."""
+
+    def usp(seq: int, topology: str):
+        call = CallDescription.of_shape(
+            world=4, seq_len=seq, heads_q=8, heads_kv=8, head_dim=64, causal=True,
+            strategy=Strategy.USP, ulysses=2,
+        )  # fmt: skip
+        return usp_symmetry(call, preset(topology, 4).links)
+
+    assert usp(4096, "h100-nvswitch-8") is not None
+    assert usp(4097, "h100-nvswitch-8") is None
+    assert usp(4096, "a10-pcie-4") is None
 
 
 @pytest.mark.parametrize("strategy", ONE_D, ids=lambda s: s.value)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
 
 import pytest
 
 from tokenring.options import Layout, Pass, Strategy
 from tokenring.schedules import ScheduleKey, build_schedule
 from tokenring.schedules.allgather import head_groups
-from tokenring.schedules.blocks import Block, cover, relations
+from tokenring.schedules.blocks import VECTOR_PAIRS, Block, cover, relations
 from tokenring.schedules.geometry import (
     Geometry,
     PieceTable,
@@ -406,6 +407,32 @@ def test_classify_agrees_with_the_mask_token_by_token():
             assert (qa, qb) == (ka, kb)
         else:
             assert any(allowed) and not all(allowed)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_relations_of_many_cells_classify_each_pair_as_classify_does(seed):
+    """From ``VECTOR_PAIRS`` pairs ``relations`` classifies them as tensors: the same
+    elements, in the same order, as ``classify`` pair by pair, under causality and
+    windows, with empty cells, equal cells (diagonals) and overlapping ones."""
+    rng = random.Random(seed)
+    for _ in range(25):
+
+        def cells(n: int) -> tuple:
+            starts = (rng.randint(0, 400) for _ in range(n))
+            return tuple(((a, a + rng.choice([0, 1, 3, 17, 40])),) for a in starts)
+
+        q = cells(rng.randint(16, 40))
+        k = q if rng.random() < 0.3 else cells(rng.randint(16, 40))
+        window = rng.choice([(-1, -1), (20, -1), (5, 5), (-1, 10), (0, 0)])
+        mask = Mask(rng.random() < 0.5, window)
+        assert len(q) * len(k) >= VECTOR_PAIRS
+        expected = tuple(
+            (i, j, kind)
+            for i, a in enumerate(q)
+            for j, b in enumerate(k)
+            if (kind := classify(mask, a, b)) is not EMPTY
+        )
+        assert relations(q, k, mask) == expected
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from ..call.description import CallDescription
 from ..options import Layout, Pass, RingImpl, Strategy
 from ..schedules import build_schedule
 from ..schedules.usp import mesh_axes
+from .symmetry import usp_symmetry
 from .timing import Prediction, simulate_timing
 from .topology import Topology
 
@@ -203,10 +204,18 @@ def _candidate_call(call: CallDescription, c: Candidate) -> CallDescription:
 
 
 @lru_cache(maxsize=16)
-def _schedules(call: CallDescription, pass_: Pass, stream_tail: bool = True) -> tuple:
-    """Every rank's schedule, as the executor builds them (``Plan``)."""
+def _schedules(
+    call: CallDescription,
+    pass_: Pass,
+    stream_tail: bool = True,
+    ranks: tuple[int, ...] | None = None,
+) -> tuple:
+    """Every rank's schedule, as the executor builds them (``Plan``); with ``ranks``,
+    those ranks' only (None for the others)."""
+    wanted = range(call.world) if ranks is None else set(ranks)
     return tuple(
-        build_schedule(call.schedule_key(r, pass_, stream_tail)) for r in range(call.world)
+        build_schedule(call.schedule_key(r, pass_, stream_tail)) if r in wanted else None
+        for r in range(call.world)
     )
 
 
@@ -300,10 +309,14 @@ def _price_one(
         return Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, refused)
     world = call.world
     axes = mesh_axes(world // c.ulysses, c.ulysses) if c.strategy is Strategy.USP else None
+    symmetry = usp_symmetry(candidate, topo.links)
+    ranks = symmetry.representatives if symmetry is not None else None
     results = []
     for pass_ in passes:
-        scheds = list(_schedules(candidate, pass_, stream_tail))
-        found = simulate_timing(scheds, pass_, candidate, topo, axes, keep_timeline=False)
+        scheds = list(_schedules(candidate, pass_, stream_tail, ranks))
+        found = simulate_timing(
+            scheds, pass_, candidate, topo, axes, keep_timeline=False, symmetry=symmetry
+        )
         replay = partial(_replay, candidate, pass_, stream_tail, topo, axes)
         results.append((pass_, replace(found, replay=replay)))
     return Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, None, tuple(results))

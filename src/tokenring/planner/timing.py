@@ -40,6 +40,7 @@ from ..execution.timeline import Span
 from ..options import Pass
 from ..schedules.ir import Compute, Merge, Post, Schedule, Transfer, Wait
 from .costs import collective_pair_bytes, compute_seconds, merge_seconds, rows_bytes
+from .symmetry import RankSymmetry
 from .topology import Topology
 
 __all__ = ["Prediction", "StepCost", "simulate_timing"]
@@ -177,14 +178,18 @@ class _Collective:
 class _Sim:
     def __init__(
         self,
-        schedules: list[Schedule],
+        schedules: list[Schedule | None],
         axes: Axes,
         pass_: Pass,
         call: CallDescription,
         topo: Topology,
         placement: list[int],
+        symmetry: RankSymmetry | None = None,
     ) -> None:
         self.schedules, self.axes, self.pass_, self.call = schedules, axes, pass_, call
+        self.symmetry = symmetry
+        # the ranks simulated: all, or one of each orbit of ``symmetry``
+        self.simulated = [s is not None for s in schedules]
         self.topo, self.device, self.placement = topo, topo.device, placement
         self.sync = topo.device.synchronous
         self.host = topo.device.host
@@ -205,7 +210,7 @@ class _Sim:
         self.moving = [0] * len(schedules)  # flows each rank's device takes part in
         self.events: list[tuple] = []  # (time, order, kind, object, version)
         self.order = 0
-        self.wake: set[int] = set(range(len(schedules)))  # ranks to look at now
+        self.wake = {r for r, s in enumerate(schedules) if s is not None}  # to look at now
         self.host_seconds = [0.0] * len(schedules)
         self.spans: list[Span] = []
         # each rank's group on each axis (looked up for every move)
@@ -215,7 +220,7 @@ class _Sim:
         }
         self.routes: dict[tuple[int, int], object] = {}
         for rank, sched in enumerate(schedules):
-            self.streams.append(self._stream(rank, sched))
+            self.streams.append(self._stream(rank, sched) if sched is not None else [])
 
     # -- building ------------------------------------------------------------
     def _stream(self, rank: int, sched: Schedule) -> list[_Item]:
@@ -283,6 +288,8 @@ class _Sim:
         for move in post.moves:
             if isinstance(move, Transfer):
                 peer = self._global(post.rank, move.axis, move.peer)
+                if not self.simulated[peer]:
+                    raise AssertionError(f"a transfer with rank {peer}, which is not simulated")
                 src, dst = (post.rank, peer) if move.send else (peer, post.rank)
                 key = (src, dst, move.axis, move.lane)
                 sends, recvs = self.p2p.setdefault(key, ([], []))
@@ -307,12 +314,14 @@ class _Sim:
                 coll = records[index]
                 coll.posts[post.rank], coll.moves[post.rank] = post, move
                 post.pending += 1
-                if len(coll.posts) == len(members):
+                if len(coll.posts) == sum(self.simulated[m] for m in members):
                     self._start_collective(coll)
 
     def _start_collective(self, coll: _Collective) -> None:
         n = len(coll.members)
         for a in coll.members:
+            if a not in coll.moves:  # not simulated: a copy of a member that is
+                continue
             move, sched = coll.moves[a], self.schedules[a]
             nbytes = collective_pair_bytes(sched, move, self.pass_, self.call)
             coll.posts[a].nbytes += nbytes * (n - 1)
@@ -327,7 +336,7 @@ class _Sim:
                     for r in route.via:
                         load[r] += 1.0 / (n - 1)
             coll.pending += 1
-            self._add(_Flow((a,), dict(load), None, nbytes * (n - 1), latency, [coll]))
+            self._add(_Flow((a,), self._classes(load), None, nbytes * (n - 1), latency, [coll]))
         if coll.pending == 0:
             for post in coll.posts.values():
                 self._finish(post)
@@ -335,8 +344,19 @@ class _Sim:
     def _flow(self, src: int, dst: int, nbytes: float, owners: list) -> None:
         route = self._route(src, dst)
         cap = route.p2p_cap_gbps * 1e9 if route.p2p_cap_gbps else None
-        load = dict.fromkeys(route.via, 1.0)
+        load = self._classes(dict.fromkeys(route.via, 1.0))
         self._add(_Flow((src, dst), load, cap, nbytes, route.latency_us * 1e-6, owners))
+
+    def _classes(self, load: dict[str, float]) -> dict[str, float]:
+        """A flow's load by resource; with a symmetry, by resource class: what it loads on
+        all of a class's members together, which is what the copies of every flow load
+        on one member (``symmetry.py``)."""
+        if self.symmetry is None:
+            return load
+        rename, found = self.symmetry.rename, defaultdict(float)
+        for r, w in load.items():
+            found[rename(r)] += w
+        return dict(found)
 
     def _push(self, time: float, kind: str, obj, version: int = 0) -> None:
         self.order += 1
@@ -590,7 +610,8 @@ class _Sim:
             end = max((i.end for i in stream), default=0.0)
             posts = [p.done for ps in self.lanes[rank].values() for p in ps]
             ends.append(max([end, *[d for d in posts if d is not None]]))
-        slowest = max(range(len(ends)), key=lambda r: ends[r])
+        simulated = [r for r in range(len(ends)) if self.simulated[r]]
+        slowest = max(simulated, key=lambda r: ends[r])
         steps: dict[int, list[float]] = {}  # step -> [wall, compute, host]
         last = 0.0
         for item in self.streams[slowest]:
@@ -631,17 +652,26 @@ def simulate_timing(
     axes: Axes | None = None,
     placement: list[int] | None = None,
     keep_timeline: bool = True,
+    symmetry: RankSymmetry | None = None,
 ) -> Prediction:
     """Simulate one pass of ``schedules`` (one per rank of the sequence-parallel group)
     on ``topology``; rank ``i`` runs on device ``placement[i]`` (default: device ``i``).
     ``keep_timeline=False``: the numbers only (``Prediction.spans`` then needs a
-    ``replay``)."""
+    ``replay``). ``symmetry``: ranks that behave alike (``symmetry.py``): only each
+    orbit's representative has a schedule (the others' entries are None) and is
+    simulated; its timeline holds those ranks only."""
     world = len(schedules)
     if world > topology.devices:
         raise ValueError(
             f"{world} ranks but topology {topology.name!r} has {topology.devices} devices"
         )
     axes = axes if axes is not None else {"group": [tuple(range(world))]}
-    sim = _Sim(schedules, axes, pass_, call, topology, placement or list(range(world)))
+    if symmetry is not None and placement is not None:
+        raise ValueError("a symmetry is of ranks on devices of the same number (no placement)")
+    if symmetry is not None and [s is not None for s in schedules] != [
+        r == symmetry.representative(r) for r in range(world)
+    ]:
+        raise ValueError("with a symmetry, exactly the representatives have schedules")
+    sim = _Sim(schedules, axes, pass_, call, topology, placement or list(range(world)), symmetry)
     sim.run()
     return sim.prediction(keep_timeline)

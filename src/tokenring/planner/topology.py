@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -297,6 +299,13 @@ class Links(ABC):
     def first(self, devices: int) -> Links:
         """The links among the first ``devices`` devices only."""
 
+    def relabelled(self, perm: Sequence[int]) -> Callable[[str], str] | None:
+        """Where permuting the devices (``i`` becomes ``perm[i]``) leaves the links as they
+        are (every route's image is the route between the images, with the same
+        capacities, latency and cap): each resource's image by name. None where it does
+        not, or where these links cannot tell (the planner then simulates every rank)."""
+        return None
+
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Links:
         kind = d.get("kind")
@@ -305,6 +314,10 @@ class Links(ABC):
         if kind == "explicit":
             return ExplicitLinks.from_dict(d)
         raise ValueError(f"unknown links kind {kind!r}; valid values are 'cluster', 'explicit'")
+
+
+_RESOURCE = re.compile(r"(d|nic)(\d+)(?:>d(\d+)|\.(out|in))")
+"""A ``ClusterLinks`` resource: a device's port or NIC side, or a mesh link ``dA>dB``."""
 
 
 @dataclass(frozen=True)
@@ -343,6 +356,29 @@ class ClusterLinks(Links):
 
     def first(self, devices: int) -> ClusterLinks:
         return replace(self, devices=devices)
+
+    def relabelled(self, perm: Sequence[int]) -> Callable[[str], str] | None:
+        """Every resource belongs to one device (ports, NIC) or one ordered pair (mesh
+        links), all of a kind alike: a permutation that keeps nodes whole is a symmetry."""
+        g, n = self.gpus_per_node, len(perm)
+        images: dict[int, int] = {}
+        for x in range(n):
+            node = perm[x] // g
+            if images.setdefault(x // g, node) != node:
+                return None  # a node split
+        if len(set(images.values())) != len(images) or sorted(perm) != list(range(n)):
+            return None
+
+        def rename(resource: str) -> str:
+            match = _RESOURCE.fullmatch(resource)
+            if match is None:
+                raise ValueError(f"not a resource of these links: {resource!r}")
+            kind, a, b, side = match.groups()
+            if b is not None:
+                return f"d{perm[int(a)]}>d{perm[int(b)]}"
+            return f"{kind}{perm[int(a)]}.{side}"
+
+        return rename
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "cluster", **{k: getattr(self, k) for k in self.__dataclass_fields__}}

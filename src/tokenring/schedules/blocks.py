@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import torch
+
 from .geometry import Geometry
 from .masks import (
     BlockKind,
@@ -45,6 +47,8 @@ def relations(
 ) -> tuple[Element, ...]:
     """All non-empty (query cell, key cell) pairs between two runs of cells, given by
     their token ranges (remembered, since every rank's schedule asks for the same)."""
+    if len(q_cells) * len(kv_cells) >= VECTOR_PAIRS and _plain_cells(q_cells, kv_cells, mask):
+        return _ranges_relations(q_cells, kv_cells, mask)
     out = []
     for i, q in enumerate(q_cells):
         for j, k in enumerate(kv_cells):
@@ -52,6 +56,40 @@ def relations(
             if kind is not BlockKind.EMPTY:
                 out.append((i, j, kind))
     return tuple(out)
+
+
+VECTOR_PAIRS = 256
+"""From this many pairs ``relations`` classifies them as tensors (USP's ring shards hold
+``2 U`` cells each: 4,096 pairs a shard pair at ``U = 32``, where a loop of ``classify``
+took seconds per schedule at 1,024 ranks)."""
+
+
+def _plain_cells(q_cells: tuple[Cell, ...], kv_cells: tuple[Cell, ...], mask: Mask) -> bool:
+    """One range per cell and one document: what ``_ranges_relations`` classifies."""
+    return not mask.documents and all(len(c) == 1 for c in q_cells + kv_cells)
+
+
+def _ranges_relations(
+    q_cells: tuple[Cell, ...], kv_cells: tuple[Cell, ...], mask: Mask
+) -> tuple[Element, ...]:
+    """``relations`` of single-range cells under a window and causality alone, every pair
+    at once: ``masks._range_kind``'s rules on the range of ``j - i`` over each block, in
+    float64 (exact for positions below 2^53, infinite bounds where unbounded)."""
+    q = torch.tensor([c[0] for c in q_cells], dtype=torch.float64)
+    k = torch.tensor([c[0] for c in kv_cells], dtype=torch.float64)
+    (qa, qb), (ka, kb) = q.unbind(1), k.unbind(1)
+    low, high = mask.offsets
+    least = ka[None, :] - (qb[:, None] - 1)
+    most = (kb[None, :] - 1) - qa[:, None]
+    empty = (most < low) | (least > high) | (qa >= qb)[:, None] | (ka >= kb)[None, :]
+    full = (least >= low) & (most <= high)
+    same = (qa[:, None] == ka[None, :]) & (qb[:, None] == kb[None, :])
+    diag = same & (least >= low) if high == 0 else torch.zeros_like(same)
+    code = torch.where(full, 1, torch.where(diag, 2, 3)).masked_fill(empty, 0)
+    kinds = (BlockKind.EMPTY, BlockKind.FULL, BlockKind.DIAG, BlockKind.PARTIAL)
+    found = code.nonzero().tolist()
+    codes = code[code != 0].tolist()
+    return tuple((i, j, kinds[c]) for (i, j), c in zip(found, codes))
 
 
 @lru_cache(maxsize=1 << 16)

@@ -102,6 +102,14 @@ def _meets(
     return piece_relations(geometry, mask, q_pieces, kv_pieces)
 
 
+@lru_cache(maxsize=1 << 16)
+def _query_span(
+    geometry: Geometry, mask: Mask, q_pieces: tuple[int, ...], kv_pieces: tuple[int, ...]
+) -> Span:
+    """``_span`` of ``_meets`` (remembered: each pair of shards is asked once per rank)."""
+    return _span(_meets(geometry, mask, q_pieces, kv_pieces))
+
+
 @lru_cache(maxsize=2048)
 def q_still_needed(
     geometry: Geometry, mask: Mask, shards: tuple[tuple[int, ...], ...], owner: int
@@ -112,7 +120,7 @@ def q_still_needed(
     P = len(shards)
     spans = [EMPTY] * (P + 1)
     for s in range(P - 1, -1, -1):
-        here = _span(_meets(geometry, mask, shards[owner], shards[(owner - s) % P]))
+        here = _query_span(geometry, mask, shards[owner], shards[(owner - s) % P])
         spans[s] = _union([here, spans[s + 1]])
     return tuple(spans)
 
@@ -123,6 +131,9 @@ def plan_visits(ring: RingAxis, geometry: Geometry, mask: Mask) -> list[Visit]:
 
     def needed(owner: int, visitor: int) -> tuple[Element, ...]:
         return _meets(geometry, mask, ring.shards[owner], ring.shards[visitor])
+
+    def needed_span(owner: int, visitor: int) -> Span:
+        return _query_span(geometry, mask, ring.shards[owner], ring.shards[visitor])
 
     def travelling(owner: int, step: int) -> Span:
         """Rows of Q_owner that must reach the rank it visits at ``step``: what that
@@ -140,8 +151,8 @@ def plan_visits(ring: RingAxis, geometry: Geometry, mask: Mask) -> list[Visit]:
                 elements=needed(owner, r),
                 arrives=travelling(owner, t) if t else EMPTY,
                 forward=travelling(owner, t + 1) if t + 1 < P else EMPTY,
-                result=_span(needed(owner, r)) if t else EMPTY,
-                home=_span(needed(r, visitor)) if t else EMPTY,
+                result=needed_span(owner, r) if t else EMPTY,
+                home=needed_span(r, visitor) if t else EMPTY,
             )
         )
     return visits
