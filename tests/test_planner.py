@@ -21,9 +21,10 @@ from planner_golden import PATH as RECORDED_PATH
 from planner_golden import flat, predictions
 from tokenring.call.description import CallDescription
 from tokenring.options import Layout, Pass, RingImpl, Strategy
-from tokenring.planner import Topology, load_topology, preset, preset_names, simulate_timing
+from tokenring.planner import Topology, choose, load_topology, preset, preset_names, simulate_timing
 from tokenring.planner.choose import _schedules, plan_call
 from tokenring.planner.symmetry import usp_symmetry
+from tokenring.planner.timing import lower_bound_ms
 from tokenring.planner.topology import ClusterLinks, ExplicitLinks
 from tokenring.schedules.usp import mesh_axes
 from tokenring_bench.calibrate import _table_row, calibrate
@@ -110,6 +111,44 @@ def test_usp_simulated_by_one_rank_of_each_kind_predicts_what_every_rank_does(na
         assert quick.slowest_rank == full.slowest_rank
         assert (quick.ms, quick.host_ms) == pytest.approx((full.ms, full.host_ms), rel=1e-12)
         assert [s.ms for s in quick.steps] == pytest.approx([s.ms for s in full.steps], rel=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_CALLS))
+def test_one_ranks_lower_bound_never_exceeds_the_simulated_time(name):
+    """``lower_bound_ms`` of rank 0 (its kernels, its lanes' bytes at full rate, its host
+    time) is at most the simulated time of every candidate, each pass."""
+    case = dict(RECORDED_CALLS[name])
+    report = tr.plan(**case, exhaustive=True)
+    topo = load_topology(case["topology"], case["gpus"])
+    for c in report.priced:
+        call = report.call.with_strategy(c.strategy, RingImpl(c.ring_impl.value), c.ulysses)
+        world = call.world
+        axes = mesh_axes(world // c.ulysses, c.ulysses) if c.strategy is Strategy.USP else None
+        for pass_, prediction in c.passes:
+            schedule = _schedules(call, pass_, call.streams_tail(1 << 20), (0,))[0]
+            bound = lower_bound_ms(schedule, pass_, call, topo.first(world), axes)
+            assert 0 < bound <= prediction.ms * (1 + 1e-9), (c.name, pass_)
+
+
+def test_candidates_bounded_instead_of_simulated_leave_the_choice_as_it_was(monkeypatch):
+    """With every candidate above a few rank-steps bounded first, the choice and every
+    simulated prediction are those of simulating all; each bounded candidate's bound
+    lies between the choice's time and its own simulated time."""
+    case = dict(topology="h100-ib", gpus=16, seq=65536, heads_q=32, heads_kv=8, head_dim=128,
+                causal=True, backward=True)  # fmt: skip
+    every = tr.plan(**case, exhaustive=True)
+    monkeypatch.setattr(choose, "BOUND_ABOVE_STEPS", 16)
+    bounded = tr.plan(**case)
+    assert bounded.choice == every.choice
+    simulated = {c.name: c.predicted_ms for c in every.priced}
+    skipped = [c for c in bounded.candidates if c.at_least_ms is not None]
+    assert skipped, "nothing was bounded: the test checks nothing"
+    for c in bounded.candidates:
+        if c.priced:
+            assert c.predicted_ms == pytest.approx(simulated[c.name], rel=1e-12)
+        elif c.at_least_ms is not None:
+            assert every.best.predicted_ms < c.at_least_ms <= simulated[c.name] * (1 + 1e-9)
+            assert c.name in bounded.explain() and c.to_dict()["at_least_ms"] == c.at_least_ms
 
 
 def test_no_symmetry_where_ranks_or_links_differ():

@@ -149,6 +149,12 @@ def add_plan_parser(sub) -> None:
         "asked for, in the format of the measured ones (tokenring bench) (default: none)",
     )
     p.add_argument(
+        "--exhaustive",
+        action="store_true",
+        help="simulate every candidate (default: a large one whose single rank already takes "
+        "longer than the fastest is shown with that bound, '>= ms', instead)",
+    )
+    p.add_argument(
         "--workers",
         type=positive_int,
         default=usable_cpus(),
@@ -176,6 +182,10 @@ def _table(report: PlanReport) -> Table:
     for c in report.candidates:
         if c.refused:
             table.add_row(Text(c.name), "refused", "", "", "", "", Text(c.refused))
+            continue
+        if c.at_least_ms is not None:
+            why = "not simulated: one of its ranks alone takes longer than the choice"
+            table.add_row(Text(c.name), f">= {c.at_least_ms:.3f}", "", "", "", "", Text(why))
             continue
         steps = [s for _, p in c.passes for s in p.steps]
         worst = max(steps, key=lambda s: s.ms)
@@ -225,6 +235,7 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
             documents=args.documents,
             window=args.window,
             workers=args.workers,
+            exhaustive=args.exhaustive,
         )
     except ValueError as error:
         console.print(Text(f"tokenring plan: {error}", style="red"))

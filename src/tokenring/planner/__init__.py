@@ -70,6 +70,7 @@ def plan(
     documents: list[int] | tuple[int, ...] | None = None,
     window: tuple[int, int] | None = None,
     workers: int = 1,
+    exhaustive: bool = False,
 ) -> PlanReport:
     """Rank every strategy (and USP split, with ``usp``) for one attention call of ``seq``
     tokens over ``gpus`` devices of ``topology`` (a preset name, a file, or a Topology);
@@ -82,7 +83,10 @@ def plan(
     (docs/algorithms.md, section 1): blocks they leave empty are neither computed nor
     sent, and a block they cut is priced as the sub-calls it runs as. ``workers``:
     processes to simulate candidates in side by side (forked where the platform forks;
-    the predictions are the same; ``tokenring plan`` uses every CPU it may)."""
+    the predictions are the same; ``tokenring plan`` uses every CPU it may).
+    ``exhaustive``: simulate every candidate; by default a large candidate whose single
+    rank already takes longer than the fastest simulated one is reported with that bound
+    (``Candidate.at_least_ms``) instead (the choice is the same)."""
     for name, value in (
         ("gpus", gpus),
         ("seq", seq),
@@ -121,7 +125,10 @@ def plan(
             batch=batch, dtype=DTYPES[dtype], layout=lay, causal=bool(causal),
             wants_grad=bool(backward), window_size=window_size, cu_seqlens=cu_seqlens,
         )  # fmt: skip
-        return plan_call(machine, call, backward=bool(backward), with_usp=usp, workers=workers)
+        return plan_call(
+            machine, call, backward=bool(backward), with_usp=usp, workers=workers,
+            exhaustive=exhaustive,
+        )  # fmt: skip
 
     if layout is not None or (documents is None and window is None):
         return report(layout)

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from typing import Any
+
+import torch
 
 from ..call.checks import refusals
 from ..call.description import CallDescription
@@ -26,7 +29,7 @@ from ..options import Layout, Pass, RingImpl, Strategy
 from ..schedules import build_schedule
 from ..schedules.usp import mesh_axes
 from .symmetry import usp_symmetry
-from .timing import Prediction, simulate_timing
+from .timing import Prediction, lower_bound_ms, simulate_timing
 from .topology import Topology
 
 __all__ = ["Candidate", "PlanReport", "plan_call"]
@@ -44,10 +47,20 @@ class Candidate:
     ring_impl: Strategy = Strategy.TOKENRING
     refused: str | None = None
     passes: tuple[tuple[Pass, Prediction], ...] = ()
+    at_least_ms: float | None = None
+    """Not simulated: what one of its ranks alone takes (``timing.lower_bound_ms``) is
+    already longer than the fastest candidate's whole call."""
 
     @property
     def predicted_ms(self) -> float | None:
-        return None if self.refused else sum(p.ms for _, p in self.passes)
+        if self.refused or self.at_least_ms is not None:
+            return None
+        return sum(p.ms for _, p in self.passes)
+
+    @property
+    def priced(self) -> bool:
+        """Simulated: it has a prediction (neither refused nor bounded)."""
+        return self.refused is None and self.at_least_ms is None
 
     def term_ms(self, term: str) -> float:
         """Total compute, exposed communication or host time over the passes."""
@@ -57,7 +70,7 @@ class Candidate:
     def dominant(self) -> str | None:
         """The term that decides the time over the passes: ``host`` (where the host
         cannot keep ahead of the device), ``compute`` or ``communication``."""
-        if self.refused:
+        if not self.priced:
             return None
         if all(not p.synchronous and p.dominant == "host" for _, p in self.passes):
             return "host"
@@ -81,22 +94,26 @@ class Candidate:
             for pass_, p in self.passes
             for s in p.steps
         ]
+        priced = self.priced
         return {
             "strategy": self.name,
             "predicted_ms": self.predicted_ms,
+            "at_least_ms": self.at_least_ms,
             "steps": steps,
             "refused": self.refused,
             "dominant": self.dominant,
-            "compute_ms": None if self.refused else self.term_ms("compute"),
-            "exposed_comm_ms": None if self.refused else self.term_ms("comm"),
-            "host_ms": None if self.refused else self.term_ms("host"),
+            "compute_ms": self.term_ms("compute") if priced else None,
+            "exposed_comm_ms": self.term_ms("comm") if priced else None,
+            "host_ms": self.term_ms("host") if priced else None,
             "slowest_rank": [p.slowest_rank for _, p in self.passes] or None,
         }
 
 
 @dataclass(frozen=True)
 class PlanReport:
-    """Every candidate, fastest first, the refused ones last; ``choice`` is the fastest."""
+    """Every candidate: the simulated ones fastest first, then those not simulated because
+    a lower bound already exceeds the fastest (by that bound), the refused ones last;
+    ``choice`` is the fastest."""
 
     topology: str
     call: CallDescription
@@ -119,7 +136,7 @@ class PlanReport:
 
     @property
     def priced(self) -> list[Candidate]:
-        return [c for c in self.candidates if c.refused is None]
+        return [c for c in self.candidates if c.priced]
 
     @property
     def best(self) -> Candidate:
@@ -154,6 +171,12 @@ class PlanReport:
         if len(self.layouts) > 1:
             each = [f"{lay.value} {name} {ms:.3f} ms" for lay, name, ms in self.layouts]
             lines.append("layouts: " + ", ".join(each))
+        lines += [
+            f"not simulated {c.name}: at least {c.at_least_ms:.3f} ms (one of its ranks alone), "
+            f"slower than {best.name}"
+            for c in self.candidates
+            if c.at_least_ms is not None
+        ]
         lines += [f"refused {c.name}: {c.refused}" for c in self.candidates if c.refused]
         return "\n".join(lines)
 
@@ -248,12 +271,18 @@ def plan_call(
     mesh_ulysses: int | None = None,
     stream_tail_min: int = 1 << 20,
     workers: int = 1,
+    exhaustive: bool = False,
 ) -> PlanReport:
     """Price every candidate strategy for ``call`` (whatever strategy it names) on the
     first ``call.world`` devices of ``topology``. ``stream_tail_min``: the runtime
     setting that decides whether TokenRing streams its last partial
     (``Settings.stream_tail_min``). ``workers``: processes to simulate candidates in
-    (forked, where the platform forks; never from inside a distributed job)."""
+    (forked, where the platform forks; never from inside a distributed job).
+
+    A candidate whose simulation is large (more than ``BOUND_ABOVE_STEPS`` rank-steps) is
+    first bounded from one rank's schedule; where that bound exceeds the fastest
+    simulated candidate it is not simulated (``Candidate.at_least_ms``): the choice is the
+    one simulating everything gives. ``exhaustive``: simulate every candidate."""
     world = call.world
     if world < 1:
         raise ValueError(f"world must be at least 1, got {world}")
@@ -261,37 +290,102 @@ def plan_call(
     stream_tail = call.streams_tail(stream_tail_min)
     passes = (Pass.FORWARD, Pass.BACKWARD) if backward else (Pass.FORWARD,)
     candidates = _candidates(world, with_usp, mesh_ulysses)
+    job = (call, topo, passes, stream_tail)
     with _collector_paused():
-        priced = _price(call, topo, passes, stream_tail, candidates, workers)
-    order = sorted(priced, key=lambda c: (c.refused is not None, c.predicted_ms or 0.0))
+        large = set() if exhaustive else {
+            c.name for c in candidates if _simulated_steps(call, topo, c) > BOUND_ABOVE_STEPS
+        }  # fmt: skip
+        priced = _map(_price_one, job, [c for c in candidates if c.name not in large], workers)
+        bounded = _map(_bound_one, job, [c for c in candidates if c.name in large], workers)
+        fastest = min((c.predicted_ms for c in priced if c.priced), default=None)
+        worth = [c for c in bounded if c.refused is None and not (
+            fastest is not None and c.at_least_ms > fastest
+        )]  # fmt: skip
+        names = {c.name for c in worth}
+        priced += [c for c in bounded if c.name not in names]
+        priced += _map(_price_one, job, [_unbounded(c) for c in worth], workers)
+    order = sorted(
+        priced,
+        key=lambda c: (
+            c.refused is not None,
+            c.at_least_ms is not None,
+            c.predicted_ms or c.at_least_ms or 0.0,
+        ),
+    )
     return PlanReport(topology.name, call, backward, tuple(order))
 
 
-def _price(
+BOUND_ABOVE_STEPS = 64 * 64
+"""Candidates that simulate more rank-steps than this (ranks simulated times ring
+length: 64 GPUs' 1-D rings) are bounded before they are simulated."""
+
+
+def _unbounded(c: Candidate) -> Candidate:
+    return Candidate(c.name, c.strategy, c.ulysses, c.ring_impl)
+
+
+def _map(
+    work: Callable[..., Candidate], job: tuple, candidates: list[Candidate], workers: int
+) -> list[Candidate]:
+    """``work(*job, c)`` for each candidate; in ``workers`` forked processes where there
+    are several (the largest simulations handed out first)."""
+    jobs = [(*job, c) for c in candidates]
+    if workers <= 1 or len(jobs) < 2 or not _may_fork():
+        return [work(*j) for j in jobs]
+    call, topo = job[0], job[1]
+    by_size = sorted(range(len(jobs)), key=lambda i: -_simulated_steps(call, topo, candidates[i]))
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(
+        min(workers, len(jobs)), mp_context=context, initializer=_one_thread
+    ) as pool:
+        futures = {i: pool.submit(work, *jobs[i]) for i in by_size}
+        return [futures[i].result() for i in range(len(jobs))]
+
+
+def _one_thread() -> None:
+    """A forked worker's first act: torch on one thread, as DataLoader's workers do (the
+    parent's OpenMP threads are not in the child: an op that waited on them would hang)."""
+    torch.set_num_threads(1)
+
+
+def _may_fork() -> bool:
+    """Whether forking workers is safe here: the platform forks, and no other Python
+    thread runs (one could hold a lock the children would wait on forever: seen under
+    pytest's worker pool). Otherwise the candidates are priced one after another."""
+    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+
+
+def _simulated_steps(call: CallDescription, topo: Topology, c: Candidate) -> int:
+    """About how much work simulating ``c`` is: ranks simulated times ring length (one
+    rank of each kind for USP, ``symmetry.py``), or the P^2 flows of a collective."""
+    world = call.world
+    if c.strategy is not Strategy.USP:  # rings of P steps, or collectives of P^2 flows
+        return world * world
+    symmetry = usp_symmetry(_candidate_call(call, c), topo.links)
+    ranks = world if symmetry is None else world // symmetry.order
+    return ranks * (world // c.ulysses)
+
+
+def _bound_one(
     call: CallDescription,
     topo: Topology,
     passes: tuple[Pass, ...],
     stream_tail: bool,
-    candidates: list[Candidate],
-    workers: int,
-) -> list[Candidate]:
-    """Each candidate refused with its reasons or priced pass by pass; in ``workers``
-    forked processes where there are several (the largest simulations handed out first)."""
-    jobs = [(call, topo, passes, stream_tail, c) for c in candidates]
-    if workers <= 1 or len(jobs) < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return [_price_one(*job) for job in jobs]
-    by_size = sorted(range(len(jobs)), key=lambda i: -_simulated_steps(call.world, candidates[i]))
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-        futures = {i: pool.submit(_price_one, *jobs[i]) for i in by_size}
-        return [futures[i].result() for i in range(len(jobs))]
-
-
-def _simulated_steps(world: int, c: Candidate) -> int:
-    """About how many block steps simulating ``c`` takes: ranks times ring length."""
-    if c.strategy in (Strategy.TOKENRING, Strategy.RING):
-        return world * world
-    return world * (world // c.ulysses if c.strategy is Strategy.USP else 1)
+    c: Candidate,
+) -> Candidate:
+    """One candidate refused with its reasons, or with a time its simulation cannot beat
+    (``timing.lower_bound_ms`` of rank 0, summed over the passes) as ``at_least_ms``."""
+    candidate = _candidate_call(call, c)
+    refused = _refusal(candidate)
+    if refused:
+        return Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, refused)
+    world = call.world
+    axes = mesh_axes(world // c.ulysses, c.ulysses) if c.strategy is Strategy.USP else None
+    bound = 0.0
+    for pass_ in passes:
+        schedule = _schedules(candidate, pass_, stream_tail, (0,))[0]
+        bound += lower_bound_ms(schedule, pass_, candidate, topo, axes)
+    return Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, at_least_ms=bound)
 
 
 def _price_one(

@@ -43,7 +43,7 @@ from .costs import collective_pair_bytes, compute_seconds, merge_seconds, rows_b
 from .symmetry import RankSymmetry
 from .topology import Topology
 
-__all__ = ["Prediction", "StepCost", "simulate_timing"]
+__all__ = ["Prediction", "StepCost", "lower_bound_ms", "simulate_timing"]
 
 Axes = dict[str, list[tuple[int, ...]]]
 EPS = 1e-12
@@ -227,24 +227,20 @@ class _Sim:
         h, items = self.host, []
         host = h.call_us * 1e-6
         for op in sched.ops:
+            cost = _host_seconds(op, h)
+            items += self._host(op.step, cost)
             match op:
                 case Compute():
                     seconds = compute_seconds(sched, op, self.pass_, self.call, self.device)
-                    cost = h.compute_us * 1e-6
                     label = f"{op.q_owner if op.q_owner is not None else '*'}x" + (
                         f"{op.kv_owner if op.kv_owner is not None else '*'}"
                     )
-                    items += self._host(op.step, cost)
                     items.append(_Item("kernel", op.step, seconds, label))
                 case Merge():
                     seconds = merge_seconds(sched, op, self.pass_, self.call, self.device)
-                    cost = h.merge_us * 1e-6
-                    items += self._host(op.step, cost)
                     items.append(_Item("kernel", op.step, seconds, "merge"))
                 case Post():
                     lanes = {(m.axis, m.lane) for m in op.moves}
-                    cost = (h.post_us * len(lanes) + h.transfer_us * len(op.moves)) * 1e-6
-                    items += self._host(op.step, cost)
                     for lane in sorted(lanes):
                         moves = tuple(m for m in op.moves if (m.axis, m.lane) == lane)
                         post = _Post(rank, op.handle, lane, op.step, moves=moves)
@@ -253,8 +249,6 @@ class _Sim:
                         self.handles[rank].setdefault(op.handle, []).append(post)
                         items.append(_Item("post", op.step, post=post))
                 case Wait():
-                    cost = h.wait_us * 1e-6
-                    items += self._host(op.step, cost)
                     items.append(_Item("wait", op.step, handle=op.handle))
             host += cost
         self.host_seconds[rank] = host
@@ -642,6 +636,94 @@ class _Sim:
             (self.spans, self.streams, self.pass_.value) if keep_timeline else None,
             self.sync,
         )
+
+
+def _host_seconds(op, h) -> float:
+    """Host time of one operation (``HostCosts`` ``h``)."""
+    match op:
+        case Compute():
+            return h.compute_us * 1e-6
+        case Merge():
+            return h.merge_us * 1e-6
+        case Post():
+            lanes = {(m.axis, m.lane) for m in op.moves}
+            return (h.post_us * len(lanes) + h.transfer_us * len(op.moves)) * 1e-6
+        case Wait():
+            return h.wait_us * 1e-6
+    raise TypeError(f"not an operation: {op!r}")
+
+
+def lower_bound_ms(
+    schedule: Schedule,
+    pass_: Pass,
+    call: CallDescription,
+    topology: Topology,
+    axes: Axes | None = None,
+) -> float:
+    """A time the simulation of a pass of which ``schedule`` is one rank's cannot beat,
+    from that rank alone (ranks on devices of the same number), the longest of:
+
+    - its kernels back to back at full speed (a kernel only ever runs slower; a
+      synchronous device's stream carries the host time too);
+    - on each lane, its posts one after another (a lane runs them in order), each no
+      shorter than its largest move: the bytes over the most loaded resource of their
+      route at that resource's full capacity (or the point-to-point cap), plus latency;
+    - on an asynchronous device, its host time.
+
+    What lets the planner skip simulating a candidate that cannot be the fastest
+    (``choose.py``)."""
+    device, links = topology.device, topology.links
+    axes = axes if axes is not None else {"group": [tuple(range(schedule.world))]}
+    groups = {axis: {r: g for g in gs for r in g} for axis, gs in axes.items()}
+    kernels = host = 0.0
+    lanes: dict[tuple[str, int], float] = defaultdict(float)
+    for op in schedule.ops:
+        if isinstance(op, Compute):
+            kernels += compute_seconds(schedule, op, pass_, call, device)
+        elif isinstance(op, Merge):
+            kernels += merge_seconds(schedule, op, pass_, call, device)
+        elif isinstance(op, Post):
+            longest: dict[tuple[str, int], float] = defaultdict(float)
+            for move in op.moves:
+                members = groups[move.axis][schedule.rank]
+                seconds = _move_seconds(schedule, move, members, pass_, call, links)
+                lane = (move.axis, move.lane)
+                longest[lane] = max(longest[lane], seconds)
+            for lane, seconds in longest.items():
+                lanes[lane] += seconds
+        host += _host_seconds(op, device.host)
+    comm = max(lanes.values(), default=0.0)
+    if device.synchronous:
+        return max(kernels + host, comm) * 1e3
+    return max(kernels, comm, host + device.host.call_us * 1e-6) * 1e3
+
+
+def _move_seconds(schedule: Schedule, move, members, pass_: Pass, call, links) -> float:
+    """The least time one move of ``schedule``'s rank can take alone on ``links`` (a
+    receive: 0, its sender's move counts)."""
+    me = schedule.rank
+    if isinstance(move, Transfer):
+        if not move.send:
+            return 0.0
+        nbytes = rows_bytes(schedule, move.rows, pass_, call)
+        route = links.route(me, members[move.peer])
+        rate = min(links.capacity(r) for r in route.via) * 1e9
+        if route.p2p_cap_gbps:
+            rate = min(rate, route.p2p_cap_gbps * 1e9)
+        return nbytes / rate + route.latency_us * 1e-6 if nbytes > 0 else 0.0
+    n = len(members)
+    nbytes = collective_pair_bytes(schedule, move, pass_, call) * (n - 1)
+    if nbytes <= 0 or n == 1:
+        return 0.0
+    load: dict[str, float] = defaultdict(float)
+    latency = 0.0
+    for b in members:
+        if b != me:
+            route = links.route(me, b)
+            latency = max(latency, route.latency_us * 1e-6)
+            for r in route.via:
+                load[r] += 1.0 / (n - 1)
+    return max(nbytes * w / (links.capacity(r) * 1e9) for r, w in load.items()) + latency
 
 
 def simulate_timing(

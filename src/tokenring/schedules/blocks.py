@@ -10,6 +10,7 @@ cells, and rectangles of the rest (FULL, or masked where a pair is PARTIAL).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -34,6 +35,7 @@ __all__ = [
     "cut_cells",
     "piece_relations",
     "relations",
+    "still_needed_spans",
     "sub_calls",
 ]
 
@@ -75,8 +77,18 @@ def _ranges_relations(
     """``relations`` of single-range cells under a window and causality alone, every pair
     at once: ``masks._range_kind``'s rules on the range of ``j - i`` over each block, in
     float64 (exact for positions below 2^53, infinite bounds where unbounded)."""
-    q = torch.tensor([c[0] for c in q_cells], dtype=torch.float64)
-    k = torch.tensor([c[0] for c in kv_cells], dtype=torch.float64)
+    code = _pair_codes(q_cells, kv_cells, mask)
+    kinds = (BlockKind.EMPTY, BlockKind.FULL, BlockKind.DIAG, BlockKind.PARTIAL)
+    found = code.nonzero().tolist()
+    codes = code[code != 0].tolist()
+    return tuple((i, j, kinds[c]) for (i, j), c in zip(found, codes))
+
+
+def _pair_codes(q_cells: tuple[Cell, ...], kv_cells: tuple[Cell, ...], mask: Mask) -> torch.Tensor:
+    """``[len(q_cells), len(kv_cells)]``: 0 EMPTY, 1 FULL, 2 DIAG, 3 PARTIAL, for
+    single-range cells under a window and causality alone."""
+    q = torch.tensor([c[0] for c in q_cells], dtype=torch.float64).reshape(-1, 2)
+    k = torch.tensor([c[0] for c in kv_cells], dtype=torch.float64).reshape(-1, 2)
     (qa, qb), (ka, kb) = q.unbind(1), k.unbind(1)
     low, high = mask.offsets
     least = ka[None, :] - (qb[:, None] - 1)
@@ -85,11 +97,50 @@ def _ranges_relations(
     full = (least >= low) & (most <= high)
     same = (qa[:, None] == ka[None, :]) & (qb[:, None] == kb[None, :])
     diag = same & (least >= low) if high == 0 else torch.zeros_like(same)
-    code = torch.where(full, 1, torch.where(diag, 2, 3)).masked_fill(empty, 0)
-    kinds = (BlockKind.EMPTY, BlockKind.FULL, BlockKind.DIAG, BlockKind.PARTIAL)
-    found = code.nonzero().tolist()
-    codes = code[code != 0].tolist()
-    return tuple((i, j, kinds[c]) for (i, j), c in zip(found, codes))
+    return torch.where(full, 1, torch.where(diag, 2, 3)).masked_fill(empty, 0)
+
+
+def still_needed_spans(
+    geometry: Geometry,
+    mask: Mask,
+    shards: tuple[tuple[int, ...], ...],
+    owner: int,
+    owner_queries: bool,
+    visitor: Callable[[int], int],
+) -> tuple[tuple[int, int], ...]:
+    """Per step ``s`` (and an empty one after the last), the cells ``[start, stop)`` of
+    shard ``owner`` that meet some cell of the shards ``visitor(s)``, ``visitor(s + 1)``,
+    ... (the owner's cells as queries, or as keys): what a ring must still carry of a
+    travelling shard. All steps at once (one classification of the owner's cells against
+    every shard's), which building every rank's schedule asks for every owner."""
+    P = len(shards)
+    tables = (geometry.q, geometry.kv) if owner_queries else (geometry.kv, geometry.q)
+    own = tables[0].cells(shards[owner])
+    order = [visitor(s) % P for s in range(P)]
+    others = [tables[1].cells(shards[v]) for v in order]
+    flat = tuple(c for cells in others for c in cells)
+    if _plain_cells(own, flat, mask):
+        codes = _pair_codes(own, flat, mask) if owner_queries else _pair_codes(flat, own, mask).T
+        step_of = torch.repeat_interleave(
+            torch.arange(P), torch.tensor([len(cells) for cells in others], dtype=torch.long)
+        )
+        met = torch.zeros(P, len(own), dtype=torch.int32)
+        met.index_add_(0, step_of, (codes != 0).T.to(torch.int32))
+    else:  # documents, or cells of several ranges: pair by pair
+        met = torch.zeros(P, len(own), dtype=torch.int32)
+        for s, cells in enumerate(others):
+            pairs = relations(own, cells, mask) if owner_queries else relations(cells, own, mask)
+            for i, j, _ in pairs:
+                met[s, i if owner_queries else j] = 1
+    # from each step on: OR over the later steps
+    later = (met > 0).to(torch.int32).flip(0).cummax(0).values.flip(0).bool()
+    spans = []
+    for row in later.tolist():
+        if True in row:
+            spans.append((row.index(True), len(row) - row[::-1].index(True)))
+        else:
+            spans.append((0, 0))
+    return (*spans, (0, 0))
 
 
 @lru_cache(maxsize=1 << 16)

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from ..options import Pass, Strategy
 from .base import StrategyDef
-from .blocks import cover, piece_relations
+from .blocks import cover, still_needed_spans
 from .builder import ScheduleBuilder
 from .geometry import Geometry
 from .ir import Precision, Rows, Schedule, SlotKind, SlotSpec, Transfer
@@ -51,14 +51,7 @@ def kv_still_needed(
     """Per step, the key rows of shard ``owner`` needed by the ranks it visits from that
     step on (the same for every rank of the ring, so computed once per owner: building
     all P schedules costs O(P^2) relations, not O(P^3))."""
-    P = len(shards)
-    spans, lo, hi = [(0, 0)] * (P + 1), None, None
-    for s in range(P - 1, -1, -1):
-        for _, j, _ in piece_relations(geometry, mask, shards[(owner + s) % P], shards[owner]):
-            lo = j if lo is None else min(lo, j)
-            hi = j + 1 if hi is None else max(hi, j + 1)
-        spans[s] = (lo, hi) if lo is not None else (0, 0)
-    return tuple(spans)
+    return still_needed_spans(geometry, mask, shards, owner, False, lambda s: owner + s)
 
 
 def _runs(cells: list[int]) -> list[tuple[int, int]]:

@@ -27,7 +27,7 @@ from functools import lru_cache
 
 from ..options import Pass, Strategy
 from .base import StrategyDef
-from .blocks import Element, cover, piece_relations
+from .blocks import Element, cover, piece_relations, still_needed_spans
 from .builder import ScheduleBuilder
 from .geometry import Geometry
 from .ir import Precision, Rows, Schedule, SlotKind, SlotSpec, Transfer
@@ -58,13 +58,6 @@ def _span(elements: list[Element] | tuple[Element, ...]) -> Span:
         return EMPTY
     rows = [i for i, _, _ in elements]
     return (min(rows), max(rows) + 1)
-
-
-def _union(spans: list[Span]) -> Span:
-    spans = [s for s in spans if s[1] > s[0]]
-    if not spans:
-        return EMPTY
-    return (min(a for a, _ in spans), max(z for _, z in spans))
 
 
 def _halves(span: Span, cells: int) -> tuple[Span, ...]:
@@ -117,12 +110,7 @@ def q_still_needed(
     """Per step, the rows of query shard ``owner`` that the ranks it visits from that
     step on need (the same for every rank of the ring, so computed once per owner:
     building all P schedules costs O(P^2) relations, not O(P^3))."""
-    P = len(shards)
-    spans = [EMPTY] * (P + 1)
-    for s in range(P - 1, -1, -1):
-        here = _query_span(geometry, mask, shards[owner], shards[(owner - s) % P])
-        spans[s] = _union([here, spans[s + 1]])
-    return tuple(spans)
+    return still_needed_spans(geometry, mask, shards, owner, True, lambda s: owner - s)
 
 
 def plan_visits(ring: RingAxis, geometry: Geometry, mask: Mask) -> list[Visit]:
