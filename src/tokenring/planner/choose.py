@@ -366,6 +366,11 @@ def _simulated_steps(call: CallDescription, topo: Topology, c: Candidate) -> int
     return ranks * (world // c.ulysses)
 
 
+def _axes(world: int, c: Candidate) -> dict | None:
+    """The mesh axes of a USP candidate (None: the whole group, one axis)."""
+    return mesh_axes(world // c.ulysses, c.ulysses) if c.strategy is Strategy.USP else None
+
+
 def _bound_one(
     call: CallDescription,
     topo: Topology,
@@ -379,8 +384,7 @@ def _bound_one(
     refused = _refusal(candidate)
     if refused:
         return Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, refused)
-    world = call.world
-    axes = mesh_axes(world // c.ulysses, c.ulysses) if c.strategy is Strategy.USP else None
+    axes = _axes(call.world, c)
     bound = 0.0
     for pass_ in passes:
         schedule = _schedules(candidate, pass_, stream_tail, (0,))[0]
@@ -401,8 +405,7 @@ def _price_one(
     refused = _refusal(candidate)
     if refused:
         return Candidate(c.name, c.strategy, c.ulysses, c.ring_impl, refused)
-    world = call.world
-    axes = mesh_axes(world // c.ulysses, c.ulysses) if c.strategy is Strategy.USP else None
+    axes = _axes(call.world, c)
     symmetry = usp_symmetry(candidate, topo.links)
     ranks = symmetry.representatives if symmetry is not None else None
     results = []
