@@ -10,7 +10,6 @@ cells, and rectangles of the rest (FULL, or masked where a pair is PARTIAL).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -106,41 +105,62 @@ def still_needed_spans(
     shards: tuple[tuple[int, ...], ...],
     owner: int,
     owner_queries: bool,
-    visitor: Callable[[int], int],
+    direction: int,
 ) -> tuple[tuple[int, int], ...]:
     """Per step ``s`` (and an empty one after the last), the cells ``[start, stop)`` of
-    shard ``owner`` that meet some cell of the shards ``visitor(s)``, ``visitor(s + 1)``,
-    ... (the owner's cells as queries, or as keys): what a ring must still carry of a
-    travelling shard. All steps at once (one classification of the owner's cells against
-    every shard's), which building every rank's schedule asks for every owner."""
+    shard ``owner`` that meet some cell of the shards ``owner + direction * t`` for
+    ``t >= s`` (the owner's cells as queries, or as keys): what a ring must still carry
+    of a travelling shard. Building any rank's schedule asks this of every owner, so it
+    is answered for all owners at once where it can be (``_every_owner``)."""
+    found = _every_owner(geometry, mask, shards, owner_queries, direction)
+    if found is not None:
+        return found[owner]
     P = len(shards)
     tables = (geometry.q, geometry.kv) if owner_queries else (geometry.kv, geometry.q)
     own = tables[0].cells(shards[owner])
-    order = [visitor(s) % P for s in range(P)]
-    others = [tables[1].cells(shards[v]) for v in order]
-    flat = tuple(c for cells in others for c in cells)
-    if _plain_cells(own, flat, mask):
-        codes = _pair_codes(own, flat, mask) if owner_queries else _pair_codes(flat, own, mask).T
-        step_of = torch.repeat_interleave(
-            torch.arange(P), torch.tensor([len(cells) for cells in others], dtype=torch.long)
-        )
-        met = torch.zeros(P, len(own), dtype=torch.int32)
-        met.index_add_(0, step_of, (codes != 0).T.to(torch.int32))
-    else:  # documents, or cells of several ranges: pair by pair
-        met = torch.zeros(P, len(own), dtype=torch.int32)
-        for s, cells in enumerate(others):
-            pairs = relations(own, cells, mask) if owner_queries else relations(cells, own, mask)
-            for i, j, _ in pairs:
-                met[s, i if owner_queries else j] = 1
-    # from each step on: OR over the later steps
-    later = (met > 0).to(torch.int32).flip(0).cummax(0).values.flip(0).bool()
-    spans = []
-    for row in later.tolist():
-        if True in row:
-            spans.append((row.index(True), len(row) - row[::-1].index(True)))
-        else:
-            spans.append((0, 0))
-    return (*spans, (0, 0))
+    met = torch.zeros(1, P, len(own), dtype=torch.bool)
+    for t in range(P):  # documents, or cells of several ranges: pair by pair
+        cells = tables[1].cells(shards[(owner + direction * t) % P])
+        pairs = relations(own, cells, mask) if owner_queries else relations(cells, own, mask)
+        for i, j, _ in pairs:
+            met[0, t, i if owner_queries else j] = True
+    return _suffix_spans(met)[0]
+
+
+@lru_cache(maxsize=16)
+def _every_owner(
+    geometry: Geometry,
+    mask: Mask,
+    shards: tuple[tuple[int, ...], ...],
+    owner_queries: bool,
+    direction: int,
+) -> tuple[tuple[tuple[int, int], ...], ...] | None:
+    """``still_needed_spans`` of every owner, from one classification of every shard's
+    cells against every shard's; None unless the cells are single ranges in one document
+    and every shard has as many."""
+    P = len(shards)
+    counts = {len(shard) for shard in shards}
+    tables = (geometry.q, geometry.kv) if owner_queries else (geometry.kv, geometry.q)
+    own = tuple(c for shard in shards for c in tables[0].cells(shard))
+    other = tuple(c for shard in shards for c in tables[1].cells(shard))
+    if len(counts) != 1 or not _plain_cells(own, other, mask):
+        return None
+    n = counts.pop()
+    codes = _pair_codes(own, other, mask) if owner_queries else _pair_codes(other, own, mask).T
+    meets = (codes != 0).view(P, n, P, n).any(-1).transpose(1, 2)  # [owner, shard, cell]
+    steps = (torch.arange(P)[:, None] + direction * torch.arange(P)[None, :]) % P
+    return _suffix_spans(meets[torch.arange(P)[:, None], steps])
+
+
+def _suffix_spans(met: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """``met[o, s, i]``: owner ``o``'s cell ``i`` meets step ``s``'s shard. Per owner and
+    step, the span of the cells met from that step on, then an empty one."""
+    later = met.to(torch.int8).flip(1).cummax(1).values.flip(1).bool()
+    cells = later.shape[2]
+    first = torch.where(later.any(2), later.to(torch.int8).argmax(2), 0)
+    last = cells - later.flip(2).to(torch.int8).argmax(2)
+    stop = torch.where(later.any(2), last, 0)
+    return tuple((*zip(a, b), (0, 0)) for a, b in zip(first.tolist(), stop.tolist()))
 
 
 @lru_cache(maxsize=1 << 16)

@@ -51,7 +51,7 @@ def kv_still_needed(
     """Per step, the key rows of shard ``owner`` needed by the ranks it visits from that
     step on (the same for every rank of the ring, so computed once per owner: building
     all P schedules costs O(P^2) relations, not O(P^3))."""
-    return still_needed_spans(geometry, mask, shards, owner, False, lambda s: owner + s)
+    return still_needed_spans(geometry, mask, shards, owner, False, 1)
 
 
 def _runs(cells: list[int]) -> list[tuple[int, int]]:

@@ -110,7 +110,7 @@ def q_still_needed(
     """Per step, the rows of query shard ``owner`` that the ranks it visits from that
     step on need (the same for every rank of the ring, so computed once per owner:
     building all P schedules costs O(P^2) relations, not O(P^3))."""
-    return still_needed_spans(geometry, mask, shards, owner, True, lambda s: owner - s)
+    return still_needed_spans(geometry, mask, shards, owner, True, -1)
 
 
 def plan_visits(ring: RingAxis, geometry: Geometry, mask: Mask) -> list[Visit]:
