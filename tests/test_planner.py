@@ -151,6 +151,19 @@ def test_candidates_bounded_instead_of_simulated_leave_the_choice_as_it_was(monk
             assert c.name in bounded.explain() and c.to_dict()["at_least_ms"] == c.at_least_ms
 
 
+def test_progress_is_told_of_every_candidate_once(monkeypatch):
+    """``progress`` hears of each candidate as it is priced, bounded or refused: every
+    candidate of the report exactly once, with what the report holds."""
+    monkeypatch.setattr(choose, "BOUND_ABOVE_STEPS", 16)  # some bounded, some simulated
+    told = []
+    report = tr.plan(topology="h100-ib", gpus=16, seq=65536, heads_q=32, heads_kv=8,
+                     head_dim=128, causal=True, progress=told.append)  # fmt: skip
+    assert sorted(c.name for c in told) == sorted(c.name for c in report.candidates)
+    assert {c.name: (c.predicted_ms, c.at_least_ms, c.refused) for c in told} == {
+        c.name: (c.predicted_ms, c.at_least_ms, c.refused) for c in report.candidates
+    }
+
+
 def test_no_symmetry_where_ranks_or_links_differ():
     """Pieces of unequal length across a Ulysses group, or links that cannot say how they
     map (PCIe's written-out routes): every rank is simulated."""

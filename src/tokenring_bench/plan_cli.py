@@ -7,6 +7,9 @@ import argparse
 import json
 import os
 import shlex
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -61,6 +64,27 @@ def window_pair(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not LEFT,RIGHT (e.g. 4095,0)") from None
     return left, right
+
+
+@contextmanager
+def _progress() -> Iterator[Callable | None]:
+    """A line on stderr that counts the candidates done while the planner works (a
+    terminal only; a plan at 1,024 GPUs with ``--exhaustive`` takes minutes)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    done = 0
+    with Console(stderr=True).status("tokenring plan: simulating candidates") as status:
+
+        def tell(c) -> None:
+            nonlocal done
+            done += 1
+            what = "refused" if c.refused else "bounded" if c.at_least_ms is not None else (
+                f"{c.predicted_ms:.3f} ms"
+            )  # fmt: skip
+            status.update(f"tokenring plan: {done} candidates done (last: {c.name}, {what})")
+
+        yield tell
 
 
 def usable_cpus() -> int:
@@ -220,23 +244,25 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
     """``tokenring plan``: the ranking as a table (or ``--json``), the choice and why, and
     the predicted timelines; exit status 2 on bad input, 1 when no strategy can run."""
     try:
-        report = tr.plan(
-            topology=args.topology,
-            gpus=args.gpus,
-            seq=args.seq,
-            heads_q=args.heads_q,
-            heads_kv=args.heads_kv,
-            head_dim=args.head_dim,
-            batch=args.batch,
-            causal=args.causal,
-            backward=args.backward,
-            dtype=args.dtype,
-            layout=args.layout,
-            documents=args.documents,
-            window=args.window,
-            workers=args.workers,
-            exhaustive=args.exhaustive,
-        )
+        with _progress() as progress:
+            report = tr.plan(
+                topology=args.topology,
+                gpus=args.gpus,
+                seq=args.seq,
+                heads_q=args.heads_q,
+                heads_kv=args.heads_kv,
+                head_dim=args.head_dim,
+                batch=args.batch,
+                causal=args.causal,
+                backward=args.backward,
+                dtype=args.dtype,
+                layout=args.layout,
+                documents=args.documents,
+                window=args.window,
+                workers=args.workers,
+                exhaustive=args.exhaustive,
+                progress=progress,
+            )
     except ValueError as error:
         console.print(Text(f"tokenring plan: {error}", style="red"))
         return 2

@@ -8,6 +8,7 @@ asks it once per call shape; ``tokenring plan`` is the command line.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def plan(
     window: tuple[int, int] | None = None,
     workers: int = 1,
     exhaustive: bool = False,
+    progress: Callable[[Candidate], None] | None = None,
 ) -> PlanReport:
     """Rank every strategy (and USP split, with ``usp``) for one attention call of ``seq``
     tokens over ``gpus`` devices of ``topology`` (a preset name, a file, or a Topology);
@@ -86,7 +88,9 @@ def plan(
     the predictions are the same; ``tokenring plan`` uses every CPU it may).
     ``exhaustive``: simulate every candidate; by default a large candidate whose single
     rank already takes longer than the fastest simulated one is reported with that bound
-    (``Candidate.at_least_ms``) instead (the choice is the same)."""
+    (``Candidate.at_least_ms``) instead (the choice is the same). ``progress``: told of
+    each candidate as it is priced, bounded or refused (both layouts' when the layout is
+    left open)."""
     for name, value in (
         ("gpus", gpus),
         ("seq", seq),
@@ -127,7 +131,7 @@ def plan(
         )  # fmt: skip
         return plan_call(
             machine, call, backward=bool(backward), with_usp=usp, workers=workers,
-            exhaustive=exhaustive,
+            exhaustive=exhaustive, progress=progress,
         )  # fmt: skip
 
     if layout is not None or (documents is None and window is None):

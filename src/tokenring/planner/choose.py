@@ -15,7 +15,7 @@ import gc
 import multiprocessing
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
@@ -272,6 +272,7 @@ def plan_call(
     stream_tail_min: int = 1 << 20,
     workers: int = 1,
     exhaustive: bool = False,
+    progress: Callable[[Candidate], None] | None = None,
 ) -> PlanReport:
     """Price every candidate strategy for ``call`` (whatever strategy it names) on the
     first ``call.world`` devices of ``topology``. ``stream_tail_min``: the runtime
@@ -282,7 +283,8 @@ def plan_call(
     A candidate whose simulation is large (more than ``BOUND_ABOVE_STEPS`` rank-steps) is
     first bounded from one rank's schedule; where that bound exceeds the fastest
     simulated candidate it is not simulated (``Candidate.at_least_ms``): the choice is the
-    one simulating everything gives. ``exhaustive``: simulate every candidate."""
+    one simulating everything gives. ``exhaustive``: simulate every candidate.
+    ``progress``: told of each candidate once it is priced, bounded or refused."""
     world = call.world
     if world < 1:
         raise ValueError(f"world must be at least 1, got {world}")
@@ -295,7 +297,8 @@ def plan_call(
         large = set() if exhaustive else {
             c.name for c in candidates if _simulated_steps(call, topo, c) > BOUND_ABOVE_STEPS
         }  # fmt: skip
-        priced = _map(_price_one, job, [c for c in candidates if c.name not in large], workers)
+        first = [c for c in candidates if c.name not in large]
+        priced = _map(_price_one, job, first, workers, progress)
         bounded = _map(_bound_one, job, [c for c in candidates if c.name in large], workers)
         fastest = min((c.predicted_ms for c in priced if c.priced), default=None)
         worth = [c for c in bounded if c.refused is None and not (
@@ -303,7 +306,10 @@ def plan_call(
         )]  # fmt: skip
         names = {c.name for c in worth}
         priced += [c for c in bounded if c.name not in names]
-        priced += _map(_price_one, job, [_unbounded(c) for c in worth], workers)
+        for c in bounded:
+            if progress is not None and c.name not in names:
+                progress(c)  # refused or bounded: done
+        priced += _map(_price_one, job, [_unbounded(c) for c in worth], workers, progress)
     order = sorted(
         priced,
         key=lambda c: (
@@ -325,13 +331,23 @@ def _unbounded(c: Candidate) -> Candidate:
 
 
 def _map(
-    work: Callable[..., Candidate], job: tuple, candidates: list[Candidate], workers: int
+    work: Callable[..., Candidate],
+    job: tuple,
+    candidates: list[Candidate],
+    workers: int,
+    progress: Callable[[Candidate], None] | None = None,
 ) -> list[Candidate]:
     """``work(*job, c)`` for each candidate; in ``workers`` forked processes where there
-    are several (the largest simulations handed out first)."""
+    are several (the largest simulations handed out first). ``progress`` is told of
+    each result as it comes."""
     jobs = [(*job, c) for c in candidates]
+    tell = progress or (lambda c: None)
     if workers <= 1 or len(jobs) < 2 or not _may_fork():
-        return [work(*j) for j in jobs]
+        found = []
+        for j in jobs:
+            found.append(work(*j))
+            tell(found[-1])
+        return found
     call, topo = job[0], job[1]
     by_size = sorted(range(len(jobs)), key=lambda i: -_simulated_steps(call, topo, candidates[i]))
     context = multiprocessing.get_context("fork")
@@ -339,6 +355,8 @@ def _map(
         min(workers, len(jobs)), mp_context=context, initializer=_one_thread
     ) as pool:
         futures = {i: pool.submit(work, *jobs[i]) for i in by_size}
+        for done in as_completed(futures.values()):
+            tell(done.result())
         return [futures[i].result() for i in range(len(jobs))]
 
 
