@@ -292,24 +292,9 @@ def plan_call(
     stream_tail = call.streams_tail(stream_tail_min)
     passes = (Pass.FORWARD, Pass.BACKWARD) if backward else (Pass.FORWARD,)
     candidates = _candidates(world, with_usp, mesh_ulysses)
-    job = (call, topo, passes, stream_tail)
     with _collector_paused():
-        large = set() if exhaustive else {
-            c.name for c in candidates if _simulated_steps(call, topo, c) > BOUND_ABOVE_STEPS
-        }  # fmt: skip
-        first = [c for c in candidates if c.name not in large]
-        priced = _map(_price_one, job, first, workers, progress)
-        bounded = _map(_bound_one, job, [c for c in candidates if c.name in large], workers)
-        fastest = min((c.predicted_ms for c in priced if c.priced), default=None)
-        worth = [c for c in bounded if c.refused is None and not (
-            fastest is not None and c.at_least_ms > fastest
-        )]  # fmt: skip
-        names = {c.name for c in worth}
-        priced += [c for c in bounded if c.name not in names]
-        for c in bounded:
-            if progress is not None and c.name not in names:
-                progress(c)  # refused or bounded: done
-        priced += _map(_price_one, job, [_unbounded(c) for c in worth], workers, progress)
+        job = (call, topo, passes, stream_tail)
+        priced = _price_all(job, candidates, workers, exhaustive, progress)
     order = sorted(
         priced,
         key=lambda c: (
@@ -319,6 +304,33 @@ def plan_call(
         ),
     )
     return PlanReport(topology.name, call, backward, tuple(order))
+
+
+def _price_all(
+    job: tuple,
+    candidates: list[Candidate],
+    workers: int,
+    exhaustive: bool,
+    progress: Callable[[Candidate], None] | None,
+) -> list[Candidate]:
+    """Every candidate priced, refused or bounded: the small ones simulated first; each
+    large one bounded, and simulated only where its bound does not exceed the fastest."""
+    call, topo = job[0], job[1]
+    small, large = [], []
+    for c in candidates:
+        big = not exhaustive and _simulated_steps(call, topo, c) > BOUND_ABOVE_STEPS
+        (large if big else small).append(c)
+    priced = _map(_price_one, job, small, workers, progress)
+    fastest = min((c.predicted_ms for c in priced if c.priced), default=None)
+    worth = []
+    for c in _map(_bound_one, job, large, workers):
+        if c.refused is None and (fastest is None or c.at_least_ms <= fastest):
+            worth.append(_unbounded(c))
+        else:  # refused, or slower than the fastest whatever its simulation says
+            priced.append(c)
+            if progress is not None:
+                progress(c)
+    return priced + _map(_price_one, job, worth, workers, progress)
 
 
 BOUND_ABOVE_STEPS = 64 * 64
