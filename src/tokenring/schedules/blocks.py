@@ -146,10 +146,24 @@ def _every_owner(
     if len(counts) != 1 or not _plain_cells(own, other, mask):
         return None
     n = counts.pop()
-    codes = _pair_codes(own, other, mask) if owner_queries else _pair_codes(other, own, mask).T
-    meets = (codes != 0).view(P, n, P, n).any(-1).transpose(1, 2)  # [owner, shard, cell]
-    steps = (torch.arange(P)[:, None] + direction * torch.arange(P)[None, :]) % P
-    return _suffix_spans(meets[torch.arange(P)[:, None], steps])
+    found: list = []
+    chunk = max(1, PAIRS_AT_ONCE // (n * len(other)))  # owners classified together
+    for o in range(0, P, chunk):
+        mine = own[o * n : (o + chunk) * n]
+        if owner_queries:
+            codes = _pair_codes(mine, other, mask)
+        else:
+            codes = _pair_codes(other, mine, mask).T
+        owners = codes.shape[0] // n
+        meets = (codes != 0).view(owners, n, P, n).any(-1).transpose(1, 2)  # owner, shard, cell
+        rows = torch.arange(o, o + owners)
+        steps = (rows[:, None] + direction * torch.arange(P)[None, :]) % P
+        found += _suffix_spans(meets[torch.arange(owners)[:, None], steps])
+    return tuple(found)
+
+
+PAIRS_AT_ONCE = 1 << 22
+"""Cell pairs ``_every_owner`` classifies in one go (a few tens of MB of float64)."""
 
 
 def _suffix_spans(met: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
