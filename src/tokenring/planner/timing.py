@@ -214,10 +214,7 @@ class _Sim:
         self.host_seconds = [0.0] * len(schedules)
         self.spans: list[Span] = []
         # each rank's group on each axis (looked up for every move)
-        self.groups: dict[str, dict[int, tuple[int, ...]]] = {
-            axis: {rank: group for group in groups for rank in group}
-            for axis, groups in axes.items()
-        }
+        self.groups = _groups_by_rank(axes)
         self.routes: dict[tuple[int, int], object] = {}
         for rank, sched in enumerate(schedules):
             self.streams.append(self._stream(rank, sched) if sched is not None else [])
@@ -321,14 +318,7 @@ class _Sim:
             coll.posts[a].nbytes += nbytes * (n - 1)
             if nbytes <= 0 or n == 1:
                 continue
-            load: dict[str, float] = defaultdict(float)
-            latency = 0.0
-            for b in coll.members:
-                if a != b:
-                    route = self._route(a, b)
-                    latency = max(latency, route.latency_us * 1e-6)
-                    for r in route.via:
-                        load[r] += 1.0 / (n - 1)
+            load, latency = _member_load(self._route, a, coll.members)
             coll.pending += 1
             self._add(_Flow((a,), self._classes(load), None, nbytes * (n - 1), latency, [coll]))
         if coll.pending == 0:
@@ -674,7 +664,7 @@ def lower_bound_ms(
     (``choose.py``)."""
     device, links = topology.device, topology.links
     axes = axes if axes is not None else {"group": [tuple(range(schedule.world))]}
-    groups = {axis: {r: g for g in gs for r in g} for axis, gs in axes.items()}
+    groups = _groups_by_rank(axes)
     kernels = host = 0.0
     lanes: dict[tuple[str, int], float] = defaultdict(float)
     for op in schedule.ops:
@@ -715,15 +705,28 @@ def _move_seconds(schedule: Schedule, move, members, pass_: Pass, call, links) -
     nbytes = collective_pair_bytes(schedule, move, pass_, call) * (n - 1)
     if nbytes <= 0 or n == 1:
         return 0.0
+    load, latency = _member_load(links.route, me, members)
+    return max(nbytes * w / (links.capacity(r) * 1e9) for r, w in load.items()) + latency
+
+
+def _member_load(route, me: int, members: tuple[int, ...]) -> tuple[dict[str, float], float]:
+    """A collective member's sends to every other member as one flow: each byte's load on
+    each resource (spread evenly over the routes to the others) and the longest latency.
+    ``route(a, b)``: the route from rank ``a`` to rank ``b``."""
     load: dict[str, float] = defaultdict(float)
-    latency = 0.0
+    latency, share = 0.0, 1.0 / (len(members) - 1)
     for b in members:
         if b != me:
-            route = links.route(me, b)
-            latency = max(latency, route.latency_us * 1e-6)
-            for r in route.via:
-                load[r] += 1.0 / (n - 1)
-    return max(nbytes * w / (links.capacity(r) * 1e9) for r, w in load.items()) + latency
+            found = route(me, b)
+            latency = max(latency, found.latency_us * 1e-6)
+            for r in found.via:
+                load[r] += share
+    return dict(load), latency
+
+
+def _groups_by_rank(axes: Axes) -> dict[str, dict[int, tuple[int, ...]]]:
+    """Each rank's group on each axis."""
+    return {axis: {r: group for group in groups for r in group} for axis, groups in axes.items()}
 
 
 def simulate_timing(
