@@ -277,9 +277,9 @@ def merge_flags_case(w, *, world: int, fused: bool) -> list[bool]:
     previous, real = tr.runtime().settings.fused_merge, executor.merge_into
     flags: list[bool] = []
 
-    def spy(*args, fused):
+    def spy(*args, fused, **rest):
         flags.append(fused)
-        real(*args, fused=fused)
+        real(*args, fused=fused, **rest)
 
     executor.merge_into = spy
     try:

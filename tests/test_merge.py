@@ -27,6 +27,12 @@ def test_merging_two_key_halves_gives_full_attention():
     ref, ref_lse = attention_reference(q, k, v, causal=False)
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
+    # without the guard for rows empty on both sides (none is here): the same numbers
+    unguarded, unguarded_lse = torch.empty(2, 5, 3, 8), torch.empty(2, 3, 5)
+    write_into(unguarded, unguarded_lse, out_a, lse_a)
+    merge_into(unguarded, unguarded_lse, out_b, lse_b, empty_rows=False)
+    torch.testing.assert_close(unguarded, out, rtol=0, atol=0)
+    torch.testing.assert_close(unguarded_lse, lse, rtol=0, atol=0)
 
 
 def test_empty_rows_merge_without_nan():

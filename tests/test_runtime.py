@@ -73,9 +73,9 @@ def test_settings_reach_the_executor(monkeypatch):
     seen = []
     real = api.forward_pass
 
-    def spy(call, *args):
+    def spy(call, *args, **kwargs):
         seen.append((call.ex.timeout, call.ex.fused_merge))
-        return real(call, *args)
+        return real(call, *args, **kwargs)
 
     monkeypatch.setattr(api, "forward_pass", spy)
     previous = tr.runtime().settings

@@ -122,7 +122,12 @@ def run(
             out, lse, jo, jlse = ShardedAttention.apply(q, k, v, *joint, joint_mask, call)
         else:
             out, lse, jo, jlse = forward_pass(
-                call, q, k, v, Joint(jq, jk, jv, joint_mask) if jk is not None else None
+                call,
+                q,
+                k,
+                v,
+                Joint(jq, jk, jv, joint_mask) if jk is not None else None,
+                lse_wanted=return_lse or sinks is not None,
             )
     if sinks is not None:
         out, lse = with_sinks(out, lse, sinks)

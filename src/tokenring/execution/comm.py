@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["LANE_COUNT", "Lanes", "Message", "group_ranks", "group_world", "make_lanes"]
+__all__ = ["LANE_COUNT", "Lanes", "group_ranks", "group_world", "make_lanes"]
 
 # torch 2.13 renamed the flat collectives (the old names warn); older releases have only those
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -71,16 +71,6 @@ def group_ranks(group: dist.ProcessGroup | None) -> list[int]:
     return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
 
 
-@dataclass(frozen=True)
-class Message:
-    """One point-to-point send or receive of ``tensor`` with group rank ``peer``."""
-
-    tensor: torch.Tensor
-    peer: int
-    send: bool
-    lane: int
-
-
 @dataclass
 class Lanes:
     """The lane process groups of one user group, and this rank's place in it."""
@@ -90,20 +80,19 @@ class Lanes:
     backend: str
     rank: int
 
-    def post(self, messages: list[Message]) -> list[dist.Work]:
-        """Start point-to-point ``messages``, one batch per lane.
+    def p2p(self, tensor: torch.Tensor, peer: int, send: bool, lane: int) -> dist.P2POp:
+        """A send of ``tensor`` to group rank ``peer`` (or a receive from it) on ``lane``."""
+        op = dist.isend if send else dist.irecv
+        return dist.P2POp(op, tensor, self.global_ranks[peer], self.groups[lane])
+
+    def post_ops(self, ops: list[dist.P2POp]) -> list[dist.Work]:
+        """Start one lane's point-to-point ``ops`` as one batch.
 
         Always a batch, even of one: on NCCL a lone ``isend``/``irecv`` runs on a
         separate two-rank communicator that torch creates for the pair, outside
         the lane's in-order stream that the schedules are checked against.
         """
-        by_lane: dict[int, list[dist.P2POp]] = {}
-        for m in messages:
-            op = dist.isend if m.send else dist.irecv
-            by_lane.setdefault(m.lane, []).append(
-                dist.P2POp(op, m.tensor, self.global_ranks[m.peer], self.groups[m.lane])
-            )
-        return [work for lane in sorted(by_lane) for work in dist.batch_isend_irecv(by_lane[lane])]
+        return dist.batch_isend_irecv(ops)
 
     def all_to_all_single(self, output: torch.Tensor, tensor: torch.Tensor, lane: int) -> dist.Work:
         """Equal shares: share ``d`` of ``tensor`` goes to member ``d``; share ``s`` of

@@ -27,13 +27,14 @@ import torch
 import torch.distributed as dist
 
 from ..options import Pass
-from ..schedules.ir import COMPONENTS, Compute, Merge, Post, Schedule, Wait
+from ..schedules.ir import Compute, Merge, Post, Schedule, Wait
 from ..schedules.masks import BlockKind
 from .collectives import post_collective
-from .comm import Lanes, Message
+from .comm import Lanes
 from .kernels import BlockMask, KernelBackend
 from .kernels.base import accum_dtype
 from .merge import merge_into, write_into
+from .records import pack_records
 from .slots import (
     ComputeStep,
     MergeStep,
@@ -79,55 +80,37 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _packed(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Several tensors as one byte buffer (a copy), for one message."""
-    return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
-
-
-def _unpack(buffer: torch.Tensor, targets: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in targets:
-        n = t.numel() * t.element_size()
-        t.copy_(buffer[offset : offset + n].view(t.dtype).view(t.shape))
-        offset += n
-
-
 def _post_transfers(
-    store: SlotStore, op: Post, steps: tuple[TransferStep, ...], lanes: Lanes
-) -> tuple[_Pending, list[Sent]]:
-    """Point-to-point moves of one axis (a Post's transfers share their axis).
+    views: list, steps: tuple[TransferStep, ...], lanes: Lanes, recording: bool
+) -> tuple[dict[int, list[dist.Work]], list[Sent]]:
+    """Point-to-point moves of one axis (a Post's transfers share their axis): one batch
+    per lane.
 
     On gloo every message costs a round of latency, so a transfer of several
-    components (k and v; out and lse; the query bundle) goes as one packed message,
-    unpacked when its ``Wait`` completes; NCCL runs a batch's messages as one group,
-    so there they go as they are, without the copies.
+    components (k and v; out and lse; the query bundle) goes as one message of records
+    (``records.py``): the slots such transfers fill are stored that way, so only a
+    call's own inputs are copied, when sent. NCCL runs a batch's messages as one group,
+    so there they go as they are.
     """
     pack = lanes.backend == "gloo"
-    messages, sent, unpacks = [], [], []
-    for t, step in zip(op.moves, steps):
-        tensors = [store.at(step.place, comp) for comp in step.components]
-        if t.send:  # a KV cache's storage is batch-major: its rows are not one block
+    by_lane: dict[int, list[dist.P2POp]] = {}
+    sent: list[Sent] = []
+    for step in steps:
+        tensors = [views[i] for i in step.views]
+        if step.send and recording:
+            sent.append(Sent(step.lane, sum(_nbytes(x) for x in tensors), step.kind))
+        if pack and step.records is not None:
+            records = views[step.records]  # the slot's records: sent or received as they are
+            if records is None:
+                if not step.send:
+                    raise AssertionError("a slot that receives records is stored jointly")
+                records = pack_records(tensors)  # rows kept apart: the call's own inputs
+            tensors = [records]
+        elif step.send:  # a KV cache's storage is batch-major: its rows are not one block
             tensors = [x if x.is_contiguous() else x.contiguous() for x in tensors]
-        if t.send:
-            sent.append(Sent(t.lane, sum(_nbytes(x) for x in tensors), step.kind))
-        if pack and len(tensors) > 1:
-            if t.send:
-                tensors = [_packed(tensors)]
-            else:
-                nbytes = sum(_nbytes(x) for x in tensors)
-                staging = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
-                unpacks.append((staging, tensors))
-                tensors = [staging]
-        messages += [Message(x, t.peer, t.send, t.lane) for x in tensors]
-    works: dict[int, list[dist.Work]] = {}
-    for lane in sorted({m.lane for m in messages}):
-        works[lane] = lanes.post([m for m in messages if m.lane == lane])
-
-    def unpack() -> None:
-        for staging, targets in unpacks:
-            _unpack(staging, targets)
-
-    return _Pending(op, works, unpack if unpacks else None), sent
+        ops = by_lane.setdefault(step.lane, [])
+        ops += [lanes.p2p(x, step.peer, step.send, step.lane) for x in tensors]
+    return {lane: lanes.post_ops(by_lane[lane]) for lane in sorted(by_lane)}, sent
 
 
 def _post(store: SlotStore, op: Post, steps, ex: Execution) -> _Pending:
@@ -137,7 +120,8 @@ def _post(store: SlotStore, op: Post, steps, ex: Execution) -> _Pending:
         raise AssertionError(f"a schedule that moves data on axis {axis!r} needs its lanes")
     move = op.collective
     if move is None:
-        pending, sent = _post_transfers(store, op, steps, lanes)
+        works, sent = _post_transfers(store.views, steps, lanes, ex.recorder is not None)
+        pending = _Pending(op, works)
     else:
         work, finish, sent = post_collective(store, move, lanes, lanes.rank)
         pending = _Pending(op, {move.lane: [work]}, finish)
@@ -189,58 +173,61 @@ def _block_mask(store: SlotStore, op: Compute) -> BlockMask | None:
 
 
 def _compute_forward(store: SlotStore, op: Compute, step: ComputeStep, ex: Execution) -> None:
-    view = store.kernel_view
+    views = store.views
+    q, k, v = step.inputs
     lengths = None if step.ragged is None else store.key_lengths[step.ragged]
     out_b, lse_b = ex.kernel.forward(
-        view(step.q, "q"), view(step.kv, "k"), view(step.kv, "v"), step.causal,
-        store.call.scale, _block_mask(store, op), key_lengths=lengths,
+        views[q], views[k], views[v], step.causal, store.call.scale, _block_mask(store, op),
+        key_lengths=lengths,
     )  # fmt: skip
-    rows = out_b.shape[1]
     for run in step.q_runs:
-        out, lse = view(run.place, "out"), view(run.place, "lse")
-        a, b = run.start, run.stop
+        out, lse = run.targets
         part, part_lse = (
-            (out_b, lse_b) if a == 0 and b == rows else (out_b[:, a:b], lse_b[:, :, a:b])
-        )  # slicing the whole block would be two dispatches for nothing
+            (out_b, lse_b) if run.whole else (out_b[:, run.start : run.stop],
+                                              lse_b[:, :, run.start : run.stop])
+        )  # fmt: skip
         if run.fresh:
-            write_into(out, lse, part, part_lse)
+            write_into(views[out], views[lse], part, part_lse)
         else:
-            merge_into(out, lse, part, part_lse, fused=ex.fused_merge)
+            merge_into(
+                views[out], views[lse], part, part_lse, fused=ex.fused_merge,
+                empty_rows=store.geometry.rows_may_be_empty,
+            )  # fmt: skip
 
 
-def _accumulate(store: SlotStore, runs: tuple[Run, ...], parts: dict) -> None:
+def _accumulate(views: list, runs: tuple[Run, ...], parts: tuple[torch.Tensor, ...]) -> None:
     for run in runs:
-        for comp, value in parts.items():
-            target = store.kernel_view(run.place, comp)
+        for target, value in zip(run.targets, parts):
+            if not run.whole:
+                value = value[:, run.start : run.stop]
             if run.fresh:
-                target.copy_(value[:, run.start : run.stop])
+                views[target].copy_(value)
             else:
-                target.add_(value[:, run.start : run.stop])
+                views[target].add_(value)
 
 
 def _compute_backward(store: SlotStore, op: Compute, step: ComputeStep, ex: Execution) -> None:
-    view = store.kernel_view
-    out = view(step.q, "out") if "out" in store.tensors[step.q.slot] else None
+    views = store.views
+    do, q, k, v, out, lse, delta = (views[i] for i in step.inputs)
     dq, dk, dv = ex.kernel.backward(
-        view(step.q, "do"), view(step.q, "q"), view(step.kv, "k"), view(step.kv, "v"), out,
-        view(step.q, "lse"), view(step.q, "delta"), step.causal, store.call.scale,
-        _block_mask(store, op),
-    )  # fmt: skip
-    _accumulate(store, step.q_runs, {"dq": dq})
+        do, q, k, v, out, lse, delta, step.causal, store.call.scale, _block_mask(store, op)
+    )
+    _accumulate(views, step.q_runs, (dq,))
     if step.kv_runs:
-        _accumulate(store, step.kv_runs, {"dk": dk, "dv": dv})
+        _accumulate(views, step.kv_runs, (dk, dv))
 
 
 def _merge(store: SlotStore, step: MergeStep, pass_: Pass, ex: Execution) -> None:
-    view = store.kernel_view
+    views = store.views
     if pass_ is Pass.FORWARD:
+        (out, lse), (part, part_lse) = step.dst, step.src
         merge_into(
-            view(step.dst, "out"), view(step.dst, "lse"), view(step.src, "out"),
-            view(step.src, "lse"), fused=ex.fused_merge,
+            views[out], views[lse], views[part], views[part_lse], fused=ex.fused_merge,
+            empty_rows=store.geometry.rows_may_be_empty,
         )  # fmt: skip
         return
-    for comp in COMPONENTS[(pass_, store.schedule.slots[step.src.slot].kind)]:
-        view(step.dst, comp).add_(view(step.src, comp))
+    for dst, src in zip(step.dst, step.src):
+        views[dst].add_(views[src])
 
 
 def _execute(schedule: Schedule, pass_: Pass, store: SlotStore, ex: Execution) -> None:
@@ -271,6 +258,11 @@ def _execute(schedule: Schedule, pass_: Pass, store: SlotStore, ex: Execution) -
         raise AssertionError(f"schedule left moves unwaited: {sorted(pending)}")
 
 
+def _packs(ex: Execution) -> bool:
+    """Whether this call's transfers pack several components into one message (gloo)."""
+    return any(lanes.backend == "gloo" for lanes in ex.lanes.values())
+
+
 def run_forward(
     geometry: SlotGeometry,
     q: torch.Tensor,
@@ -292,7 +284,7 @@ def run_forward(
     if not kv_rowmajor:
         k, v = to_rowmajor(k), to_rowmajor(v)
     local = {"q": {"q": to_rowmajor(q)}, "kv": {"k": k, "v": v}}
-    store = SlotStore(geometry, local, q.device, key_lengths)
+    store = SlotStore(geometry, local, q.device, key_lengths, _packs(ex))
     _execute(schedule, Pass.FORWARD, store, ex)
     result = schedule.query_result
     lse = store.own(result, "lse")
@@ -325,7 +317,7 @@ def run_backward(
     else:
         query["out"] = out
     local = {"q": query, "kv": {"k": to_rowmajor(tensors["k"]), "v": to_rowmajor(tensors["v"])}}
-    store = SlotStore(geometry, local, tensors["q"].device)
+    store = SlotStore(geometry, local, tensors["q"].device, joint=_packs(ex))
     _execute(schedule, Pass.BACKWARD, store, ex)
     if schedule.kv_result is None:
         raise AssertionError("a backward schedule must name its key/value result slot")

@@ -30,9 +30,10 @@ class PreparedCall:
     comm: JointComm | None = None
 
 
-def forward_pass(call: PreparedCall, q, k, v, joint: Joint | None):
-    """``(out, lse, joint_out, joint_lse)``: ``lse`` float32 ``[B, H, L]`` contiguous; the
-    joint results None without joint queries."""
+def forward_pass(call: PreparedCall, q, k, v, joint: Joint | None, lse_wanted: bool = True):
+    """``(out, lse, joint_out, joint_lse)``: ``lse`` float32 ``[B, H, L]``, contiguous where
+    ``lse_wanted`` (a caller that drops it spares the copy); the joint results None
+    without joint queries."""
     plan, ex = call.plan, call.ex
     p = plan.description
     if plan.site.world == 1:
@@ -51,7 +52,7 @@ def forward_pass(call: PreparedCall, q, k, v, joint: Joint | None):
         )
         out = out.to(p.dtype)
         jo = jo.to(p.dtype) if jo is not None else None
-    if not lse.is_contiguous():  # a check, not a dispatched no-op: host time per call
+    if lse_wanted and not lse.is_contiguous():  # a check, not a dispatched no-op
         lse = lse.contiguous()
     return out, lse, jo, jlse
 

@@ -42,6 +42,7 @@ from ..schedules.ir import (
 from ..schedules.masks import BlockKind
 from .block_masks import block_mask
 from .kernels.base import BlockMask, accum_dtype
+from .records import joint_storage
 
 __all__ = [
     "ComputeStep",
@@ -67,22 +68,25 @@ class Place:
 
 @dataclass(frozen=True)
 class Run:
-    """A run of result cells written alike (all fresh, or all accumulated): where, and
-    which tokens of the block's result go there."""
+    """A run of result cells written alike (all fresh, or all accumulated): the views it
+    writes (numbers into ``SlotGeometry.views``: forward ``out`` and ``lse``, backward
+    ``dq``, or ``dk`` and ``dv``), and which tokens of the block's result go there
+    (``whole``: all of them, so no slicing)."""
 
-    place: Place
+    targets: tuple[int, ...]
     fresh: bool
     start: int
     stop: int
+    whole: bool
 
 
 @dataclass(frozen=True)
 class ComputeStep:
-    """A ``Compute`` resolved once per plan: where its inputs are, where each run of its
-    results goes, its kernel's mask, and whether it has tokens at all."""
+    """A ``Compute`` resolved once per plan: the views its kernel reads, in the kernel's
+    order (forward ``q, k, v``; backward ``do, q, k, v, out, lse, delta``), where each
+    run of its results goes, whether it is causal, and whether it has tokens at all."""
 
-    q: Place
-    kv: Place
+    inputs: tuple[int, ...]
     q_runs: tuple[Run, ...]
     kv_runs: tuple[Run, ...]
     causal: bool
@@ -94,19 +98,40 @@ class ComputeStep:
 
 @dataclass(frozen=True)
 class MergeStep:
-    """One ``Merge``, resolved: the partial at ``src`` folds into the result at ``dst``."""
+    """One ``Merge``, resolved: the views of the partial at ``src`` and of the result it
+    folds into at ``dst``, component by component (forward ``out, lse``)."""
 
-    src: Place
-    dst: Place
+    src: tuple[int, ...]
+    dst: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class TransferStep:
-    """One transfer of a ``Post``, resolved: where its rows are, which components move."""
+    """One transfer of a ``Post``, resolved: the row-major views of the components that
+    move, with whom, which way and on which lane; for several components, the view of
+    their records (``records.py``) where the slot is stored jointly."""
 
-    place: Place
-    components: tuple[str, ...]
+    views: tuple[int, ...]
     kind: SlotKind
+    peer: int
+    send: bool
+    lane: int
+    records: int | None
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view a call makes of its slot storage, once, before the first step: of
+    ``component`` of ``slot`` at ``index``, row-major (the tensor itself where ``whole``
+    is its length), or of the slot's records (``component`` None: None where the slot is
+    not stored jointly); or, with ``base``, the kernel-facing permutation (``[B, L, H,
+    D]`` or ``[B, H, L]``) of view number ``base``."""
+
+    slot: str
+    component: str | None
+    index: tuple
+    base: int | None = None
+    whole: int | None = None
 
 
 def to_rowmajor(x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +205,9 @@ class SlotGeometry:
         self._spans: dict[Rows, tuple[int, int]] = {}
         self._masks: dict[Compute, BlockMask] = {}
         self._places: dict[Rows, Place] = {}
+        self._view_list: list[ViewSpec] = []
+        self._view_numbers: dict[tuple, int] = {}
+        self._together: set[str] = set()
 
     def place(self, rows: Rows) -> Place:
         """Where ``rows`` live (made once per rows)."""
@@ -191,40 +219,121 @@ class SlotGeometry:
             found = self._places[rows] = Place(rows.slot, self.index(rows, component, heads))
         return found
 
-    def runs(self, rows: Rows, fresh: tuple[bool, ...]) -> tuple[Run, ...]:
-        return tuple(Run(self.place(sub), f, a, b) for sub, f, a, b in self.sub_runs(rows, fresh))
+    def view(self, place: Place, component: str | None, kernel: bool = True) -> int:
+        """The number of the view of ``component`` at ``place`` (kernel-facing, or
+        row-major for a transfer), registered on first use."""
+        key = (id(place), component, kernel)  # places live as long as the geometry
+        found = self._view_numbers.get(key)
+        if found is None:
+            if kernel:
+                spec = ViewSpec(place.slot, component, (), self.view(place, component, False))
+            else:
+                spec = ViewSpec(place.slot, component, place.index, None,
+                                self._whole_length(place.index))  # fmt: skip
+            found = self._view_numbers[key] = len(self._view_list)
+            self._view_list.append(spec)
+        return found
+
+    @cached_property
+    def views(self) -> tuple[ViewSpec, ...]:
+        """Every view the steps name, in the order a call makes them (``SlotStore``)."""
+        if self.steps is None:  # resolving the steps registers their views
+            raise AssertionError("a geometry without steps")
+        return tuple(self._view_list)
+
+    @staticmethod
+    def _whole_length(index: tuple) -> int | None:
+        """``n`` where ``index`` takes tokens ``[0, n)`` and nothing else: all of a tensor
+        of ``n`` tokens, which then needs no slicing."""
+        if len(index) == 1 and index[0].start == 0 and index[0].step is None:
+            return index[0].stop
+        return None
+
+    def _views(self, place: Place, components) -> tuple[int, ...]:
+        return tuple(self.view(place, comp) for comp in components)
+
+    def runs(self, rows: Rows, fresh: tuple[bool, ...], components) -> tuple[Run, ...]:
+        length = self.span(rows)[1] - self.span(rows)[0]
+        return tuple(
+            Run(self._views(self.place(sub), components), f, a, b, a == 0 and b == length)
+            for sub, f, a, b in self.sub_runs(rows, fresh)
+        )
 
     @cached_property
     def steps(self) -> tuple:
         """Every operation of the schedule resolved for this call's storage (a
         ``ComputeStep``, ``MergeStep`` or the ``TransferStep`` s of a point-to-point
         ``Post``; None for what needs nothing: waits and collectives), so a call only
-        indexes tensors."""
+        makes its views and indexes a list."""
+        forward = self.pass_ is Pass.FORWARD
         steps: list = []
         for op in self.schedule.ops:
             match op:
                 case Compute():
-                    (q0, q1), (k0, k1) = self.span(op.q), self.span(op.kv)
-                    kv_runs = self.runs(op.kv_out, op.fresh_kv) if op.kv_out is not None else ()
-                    steps.append(ComputeStep(
-                        self.place(op.q), self.place(op.kv), self.runs(op.q_out, op.fresh_q),
-                        kv_runs, op.kind is BlockKind.DIAG, q0 == q1 or k0 == k1,
-                        self._ragged(op),
-                    ))  # fmt: skip
+                    steps.append(self._compute(op, forward))
                 case Merge():
-                    steps.append(MergeStep(self.place(op.src), self.place(op.dst)))
+                    comps = COMPONENTS[(self.pass_, self.schedule.slots[op.src.slot].kind)]
+                    if forward:
+                        comps = ("out", "lse")
+                    src, dst = self.place(op.src), self.place(op.dst)
+                    steps.append(MergeStep(self._views(src, comps), self._views(dst, comps)))
                 case Post(moves=moves) if op.collective is None:
-                    steps.append(tuple(
-                        TransferStep(
-                            self.place(t.rows),
-                            COMPONENTS[(self.pass_, self.schedule.slots[t.rows.slot].kind)],
-                            self.schedule.slots[t.rows.slot].kind,
-                        )
-                        for t in moves
-                    ))  # fmt: skip
+                    steps.append(tuple(self._transfer(t) for t in moves))
                 case _:
                     steps.append(None)
         return tuple(steps)
+
+    def _compute(self, op: Compute, forward: bool) -> ComputeStep:
+        (q0, q1), (k0, k1) = self.span(op.q), self.span(op.kv)
+        q, kv = self.place(op.q), self.place(op.kv)
+        if forward:
+            inputs = (*self._views(q, ("q",)), *self._views(kv, ("k", "v")))
+            q_parts, kv_parts = ("out", "lse"), ()
+        else:
+            inputs = (
+                *self._views(q, ("do", "q")), *self._views(kv, ("k", "v")),
+                *self._views(q, ("out", "lse", "delta")),
+            )  # fmt: skip
+            q_parts, kv_parts = ("dq",), ("dk", "dv")
+        kv_runs = (
+            self.runs(op.kv_out, op.fresh_kv, kv_parts) if op.kv_out is not None else ()
+        )  # fmt: skip
+        return ComputeStep(
+            inputs, self.runs(op.q_out, op.fresh_q, q_parts), kv_runs,
+            op.kind is BlockKind.DIAG, q0 == q1 or k0 == k1, self._ragged(op),
+        )  # fmt: skip
+
+    def _transfer(self, t: Transfer) -> TransferStep:
+        kind = self.schedule.slots[t.rows.slot].kind
+        comps = COMPONENTS[(self.pass_, kind)]
+        place = self.place(t.rows)
+        views = tuple(self.view(place, c, kernel=False) for c in comps)
+        records = None
+        if len(comps) > 1:
+            records = self.view(place, None, kernel=False)
+            if not self.schedule.slots[t.rows.slot].local:
+                self._together.add(t.rows.slot)
+        return TransferStep(views, kind, t.peer, t.send, t.lane, records)
+
+    @cached_property
+    def moved_together(self) -> frozenset[str]:
+        """The slots that point-to-point transfers move as several components, which a
+        store that packs messages keeps jointly (``SlotStore``)."""
+        if self.steps is None:  # resolving the steps finds them
+            raise AssertionError("a geometry without steps")
+        return frozenset(self._together)
+
+    @cached_property
+    def rows_may_be_empty(self) -> bool:
+        """Whether a partial or a result row can hold no key yet (LSE -inf) when it is
+        merged: a slot that starts as the merge's identity, a masked block, a ragged
+        key piece. Where none can, a merge skips its guard against two such rows."""
+        if any(spec.zeroed for spec in self.schedule.slots.values()):
+            return True
+        return any(
+            isinstance(op, Compute) and (op.kind is BlockKind.PARTIAL or self._ragged(op))
+            for op in self.schedule.ops
+        )
 
     def _ragged(self, op: Compute) -> int | None:
         ragged = self.schedule.geometry.ragged
@@ -334,7 +443,10 @@ class SlotStore:
         local: dict[str, dict[str, torch.Tensor]],
         device: torch.device,
         key_lengths: Mapping[int, torch.Tensor] | None = None,
+        joint: bool = False,
     ):
+        """``joint``: store the components of each slot that moves as several components
+        jointly (``records.py``; where messages are packed, on gloo)."""
         self.geometry = geometry
         self.key_lengths = key_lengths or {}
         """Per ragged key/value piece, its valid tokens per batch row (``[batch]``)."""
@@ -343,13 +455,19 @@ class SlotStore:
         self.call = geometry.call
         self.device = device
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
-        self._views: dict[tuple[int, str], tuple[Place, torch.Tensor]] = {}
         slots = self.schedule.slots
         for name, comps in local.items():
             if name in slots:
                 groups = slots[name].groups
                 self.tensors[name] = {c: _grouped(t, groups) for c, t in comps.items()}
+        self.joint: dict[str, torch.Tensor] = {}
+        """A slot's records (``records.py``), where its components are stored jointly."""
+        together = geometry.moved_together if joint else frozenset()
+        by_slot: dict[str, list] = {}
         for name, comp, shape, dtype, zeroed in geometry.allocations:
+            if name in together:
+                by_slot.setdefault(name, []).append((comp, shape, dtype, zeroed))
+                continue
             if not zeroed:
                 tensor = torch.empty(shape, dtype=dtype, device=device)
             elif comp == "lse":  # the merge's identity: no keys seen yet
@@ -357,6 +475,38 @@ class SlotStore:
             else:
                 tensor = torch.zeros(shape, dtype=dtype, device=device)
             self.tensors.setdefault(name, {})[comp] = tensor
+        for name, comps in by_slot.items():
+            lead = 2 if slots[name].groups > 1 else 1  # [T] or group-major [G, T]
+            parts = [(shape[lead:], dtype) for _, shape, dtype, _ in comps]
+            storage, views = joint_storage(comps[0][1][:lead], parts, device)
+            self.joint[name] = storage
+            self.tensors[name] = {comp: view for (comp, *_), view in zip(comps, views)}
+            if comps[0][3]:  # zeroed: the merge's identity
+                storage.zero_()
+                if "lse" in self.tensors[name]:
+                    self.tensors[name]["lse"].fill_(float("-inf"))
+        self.views = self._make_views()
+        """Every view the steps name (``SlotGeometry.views``), by number; None for a
+        component this call does not have (``out`` of a backward given the LSE's
+        gradient)."""
+
+    def _make_views(self) -> list[torch.Tensor | None]:
+        views: list[torch.Tensor | None] = []
+        tensors = self.tensors
+        for spec in self.geometry.views:
+            if spec.base is not None:
+                t = views[spec.base]
+                if t is not None:
+                    t = t.permute(1, 0, 2, 3) if t.dim() == 4 else t.permute(1, 2, 0)
+            else:
+                if spec.component is None:
+                    t = self.joint.get(spec.slot)
+                else:
+                    t = tensors.get(spec.slot, {}).get(spec.component)
+                if t is not None and t.shape[0] != spec.whole:
+                    t = t[spec.index]
+            views.append(t)
+        return views
 
     def kind(self, rows: Rows) -> SlotKind:
         return self.schedule.slots[rows.slot].kind
@@ -375,33 +525,6 @@ class SlotStore:
         ungrouped slot is asked for)."""
         full = self.tensors[rows.slot][component]
         return full[self.geometry.index(rows, component, full.shape[2])]
-
-    def view(self, rows: Rows, component: str) -> torch.Tensor:
-        """Kernel-facing view of ``rows``: ``[B, L, H, D]`` or ``[B, H, L]``."""
-        phys = self.phys(rows, component)
-        return phys.permute(1, 0, 2, 3) if phys.dim() == 4 else phys.permute(1, 2, 0)
-
-    def at(self, place: Place, component: str) -> torch.Tensor:
-        """The storage at ``place`` (row-major)."""
-        return self.tensors[place.slot][component][place.index]
-
-    def kernel_view(self, place: Place, component: str) -> torch.Tensor:
-        """Kernel-facing view at ``place``: ``[B, L, H, D]`` or ``[B, H, L]`` (made once per
-        call: a schedule views the same rows for several blocks and merges, and every
-        slicing and permute is a dispatch of host time)."""
-        key = (id(place), component)  # the entry holds ``place``: its id cannot be reused
-        found = self._views.get(key)
-        if found is None:
-            phys = self.tensors[place.slot][component][place.index]
-            view = phys.permute(1, 0, 2, 3) if phys.dim() == 4 else phys.permute(1, 2, 0)
-            found = self._views[key] = (place, view)
-        return found[1]
-
-    def has(self, rows: Rows, component: str) -> bool:
-        return component in self.tensors[rows.slot]
-
-    def sub_runs(self, rows: Rows, fresh: tuple[bool, ...]) -> list[tuple[Rows, bool, int, int]]:
-        return self.geometry.sub_runs(rows, fresh)
 
     def own(self, slot: str, component: str) -> torch.Tensor:
         """A result slot's storage for this rank's own tokens (row-major; a slot that also
