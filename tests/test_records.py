@@ -56,3 +56,20 @@ def test_group_major_storage_keeps_each_group_and_token_run_apart() -> None:
     lse[2, 0].fill_(2.0)
     assert out.sum() == out[1, 2].numel() and lse.sum() == 2.0 * lse[2, 0].numel()
     assert storage[1, 2].sum() == out[1, 2].numel() and storage[1, 1:2].sum() == 0
+
+
+def test_records_inside_a_larger_buffer_read_their_own_bytes() -> None:
+    """Storage that starts inside a larger buffer (the call's scratch, ``storage.py``):
+    each component view reads the records there, not the buffer's start."""
+    parts = SETS["bf16 out, lse"]
+    layout = RecordLayout.of(parts)
+    buffer = torch.zeros(3 * layout.size + 40, dtype=layout.unit)
+    storage = buffer[40:].view(3, layout.size)
+    alone, views = torch.zeros(3, layout.size, dtype=layout.unit), layout.views(storage, parts)
+    g = torch.Generator().manual_seed(1)
+    for view, reference in zip(views, layout.views(alone, parts)):
+        value = _random(view.shape, view.dtype, g)
+        view.copy_(value)
+        reference.copy_(value)
+    assert torch.equal(buffer[:40], torch.zeros(40, dtype=layout.unit))
+    assert torch.equal(storage, alone)

@@ -81,7 +81,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _post_transfers(
-    views: list, steps: tuple[TransferStep, ...], lanes: Lanes, recording: bool
+    store: SlotStore, steps: tuple[TransferStep, ...], lanes: Lanes, recording: bool
 ) -> tuple[dict[int, list[dist.Work]], list[Sent]]:
     """Point-to-point moves of one axis (a Post's transfers share their axis): one batch
     per lane.
@@ -92,22 +92,27 @@ def _post_transfers(
     call's own inputs are copied, when sent. NCCL runs a batch's messages as one group,
     so there they go as they are.
     """
+    views = store.views
     pack = lanes.backend == "gloo"
     by_lane: dict[int, list[dist.P2POp]] = {}
     sent: list[Sent] = []
     for step in steps:
-        tensors = [views[i] for i in step.views]
         if step.send and recording:
-            sent.append(Sent(step.lane, sum(_nbytes(x) for x in tensors), step.kind))
+            nbytes = store.layout.nbytes
+            size = sum(_nbytes(views[i]) if views[i] is not None else nbytes[i] for i in step.views)
+            sent.append(Sent(step.lane, size, step.kind))
         if pack and step.records is not None:
             records = views[step.records]  # the slot's records: sent or received as they are
             if records is None:
                 if not step.send:
                     raise AssertionError("a slot that receives records is stored jointly")
-                records = pack_records(tensors)  # rows kept apart: the call's own inputs
+                records = pack_records([views[i] for i in step.views])  # the call's own rows
             tensors = [records]
         elif step.send:  # a KV cache's storage is batch-major: its rows are not one block
-            tensors = [x if x.is_contiguous() else x.contiguous() for x in tensors]
+            tensors = [views[i] if views[i].is_contiguous() else views[i].contiguous()
+                       for i in step.views]  # fmt: skip
+        else:
+            tensors = [views[i] for i in step.views]
         ops = by_lane.setdefault(step.lane, [])
         ops += [lanes.p2p(x, step.peer, step.send, step.lane) for x in tensors]
     return {lane: lanes.post_ops(by_lane[lane]) for lane in sorted(by_lane)}, sent
@@ -120,7 +125,7 @@ def _post(store: SlotStore, op: Post, steps, ex: Execution) -> _Pending:
         raise AssertionError(f"a schedule that moves data on axis {axis!r} needs its lanes")
     move = op.collective
     if move is None:
-        works, sent = _post_transfers(store.views, steps, lanes, ex.recorder is not None)
+        works, sent = _post_transfers(store, steps, lanes, ex.recorder is not None)
         pending = _Pending(op, works)
     else:
         work, finish, sent = post_collective(store, move, lanes, lanes.rank)

@@ -54,8 +54,8 @@ class RecordLayout:
     def views(
         self, storage: torch.Tensor, parts: list[tuple[tuple[int, ...], torch.dtype]]
     ) -> list[torch.Tensor]:
-        """Each component of ``storage`` (``[*lead, size]`` of ``unit``, contiguous) as a
-        ``[*lead, *shape]`` tensor of its dtype."""
+        """Each component of ``storage`` (``[*lead, size]`` of ``unit``, contiguous, at any
+        offset of its memory) as a ``[*lead, *shape]`` tensor of its dtype."""
         lead = storage.shape[:-1]
         found = []
         for (shape, dtype), offset in zip(parts, self.offsets):
@@ -64,9 +64,10 @@ class RecordLayout:
                 base, ratio = storage.view(dtype), dtype.itemsize
             step = self.size // ratio
             lead_strides = [step * math.prod(lead[i + 1 :]) for i in range(len(lead))]
+            start = base.storage_offset() + offset // ratio  # storage may lie inside a buffer
             found.append(
                 base.as_strided(
-                    (*lead, *shape), (*lead_strides, *_contiguous_strides(shape)), offset // ratio
+                    (*lead, *shape), (*lead_strides, *_contiguous_strides(shape)), start
                 )
             )
         return found

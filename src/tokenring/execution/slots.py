@@ -42,7 +42,7 @@ from ..schedules.ir import (
 from ..schedules.masks import BlockKind
 from .block_masks import block_mask
 from .kernels.base import BlockMask, accum_dtype
-from .records import joint_storage
+from .storage import LocalView, StoreLayout, Strided, kernel_order, store_layout
 
 __all__ = [
     "ComputeStep",
@@ -208,6 +208,15 @@ class SlotGeometry:
         self._view_list: list[ViewSpec] = []
         self._view_numbers: dict[tuple, int] = {}
         self._together: set[str] = set()
+        self._layouts: dict[bool, StoreLayout] = {}
+
+    def layout(self, joint: bool) -> StoreLayout:
+        """Where a call's slots lie and how it makes its views (``storage.py``), made once
+        per plan for each way of storing (``joint``: as records)."""
+        found = self._layouts.get(joint)
+        if found is None:
+            found = self._layouts[joint] = store_layout(self, joint)
+        return found
 
     def place(self, rows: Rows) -> Place:
         """Where ``rows`` live (made once per rows)."""
@@ -435,7 +444,7 @@ class SlotGeometry:
 
 
 class SlotStore:
-    """Tensors behind a schedule's slots for one call."""
+    """Tensors behind a schedule's slots for one call, laid out by ``storage.py``."""
 
     def __init__(
         self,
@@ -454,59 +463,55 @@ class SlotStore:
         self.pass_ = geometry.pass_
         self.call = geometry.call
         self.device = device
-        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self.layout = layout = geometry.layout(joint)
         slots = self.schedule.slots
-        for name, comps in local.items():
-            if name in slots:
-                groups = slots[name].groups
-                self.tensors[name] = {c: _grouped(t, groups) for c, t in comps.items()}
-        self.joint: dict[str, torch.Tensor] = {}
-        """A slot's records (``records.py``), where its components are stored jointly."""
-        together = geometry.moved_together if joint else frozenset()
-        by_slot: dict[str, list] = {}
-        for name, comp, shape, dtype, zeroed in geometry.allocations:
-            if name in together:
-                by_slot.setdefault(name, []).append((comp, shape, dtype, zeroed))
-                continue
-            if not zeroed:
-                tensor = torch.empty(shape, dtype=dtype, device=device)
-            elif comp == "lse":  # the merge's identity: no keys seen yet
-                tensor = torch.full(shape, float("-inf"), dtype=dtype, device=device)
-            else:
-                tensor = torch.zeros(shape, dtype=dtype, device=device)
-            self.tensors.setdefault(name, {})[comp] = tensor
-        for name, comps in by_slot.items():
-            lead = 2 if slots[name].groups > 1 else 1  # [T] or group-major [G, T]
-            parts = [(shape[lead:], dtype) for _, shape, dtype, _ in comps]
-            storage, views = joint_storage(comps[0][1][:lead], parts, device)
-            self.joint[name] = storage
-            self.tensors[name] = {comp: view for (comp, *_), view in zip(comps, views)}
-            if comps[0][3]:  # zeroed: the merge's identity
-                storage.zero_()
-                if "lse" in self.tensors[name]:
-                    self.tensors[name]["lse"].fill_(float("-inf"))
-        self.views = self._make_views()
-        """Every view the steps name (``SlotGeometry.views``), by number; None for a
-        component this call does not have (``out`` of a backward given the LSE's
-        gradient)."""
+        self.local = {
+            name: {c: _grouped(t, slots[name].groups) for c, t in comps.items()}
+            for name, comps in local.items()
+            if name in slots
+        }
+        allocated = [
+            torch.empty(a.shape, dtype=a.dtype, device=device) if a.fill is None
+            else torch.full(a.shape, a.fill, dtype=a.dtype, device=device)
+            for a in layout.allocations
+        ]  # fmt: skip
+        self._sources = [
+            allocated[i] if d is None else allocated[i].view(d) for i, d in layout.sources
+        ]
+        for recipe, value in layout.fills:
+            self._make(recipe).fill_(value)
+        self.views = [None if r is None else self._make(r) for r in layout.views]
+        """Every view the steps read (``SlotGeometry.views``), by number; None for one no
+        step reads, and for a component this call does not have (``out`` of a backward
+        given the LSE's gradient)."""
 
-    def _make_views(self) -> list[torch.Tensor | None]:
-        views: list[torch.Tensor | None] = []
-        tensors = self.tensors
-        for spec in self.geometry.views:
-            if spec.base is not None:
-                t = views[spec.base]
-                if t is not None:
-                    t = t.permute(1, 0, 2, 3) if t.dim() == 4 else t.permute(1, 2, 0)
-            else:
-                if spec.component is None:
-                    t = self.joint.get(spec.slot)
-                else:
-                    t = tensors.get(spec.slot, {}).get(spec.component)
-                if t is not None and t.shape[0] != spec.whole:
-                    t = t[spec.index]
-            views.append(t)
-        return views
+    def _make(self, recipe: Strided | LocalView) -> torch.Tensor | None:
+        if type(recipe) is Strided:
+            source = self._sources[recipe.source]
+            if recipe.whole:
+                return source
+            return source.as_strided(recipe.size, recipe.stride, recipe.offset)
+        t = self.local.get(recipe.slot, {}).get(recipe.component) if recipe.component else None
+        if t is None:
+            return None
+        if t.shape[0] != recipe.whole:
+            t = t[recipe.index]
+        return kernel_order(t) if recipe.permute else t
+
+    def component(self, slot: str, component: str) -> torch.Tensor:
+        """The whole storage of ``component`` of ``slot`` (row-major)."""
+        local = self.local.get(slot)
+        if local is not None:
+            return local[component]
+        return self._make(self.layout.components[(slot, component)])
+
+    @cached_property
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every slot's components (row-major), made on first use (collectives)."""
+        found = {name: dict(comps) for name, comps in self.local.items()}
+        for (slot, comp), recipe in self.layout.components.items():
+            found.setdefault(slot, {})[comp] = self._make(recipe)
+        return found
 
     def kind(self, rows: Rows) -> SlotKind:
         return self.schedule.slots[rows.slot].kind
@@ -529,7 +534,7 @@ class SlotStore:
     def own(self, slot: str, component: str) -> torch.Tensor:
         """A result slot's storage for this rank's own tokens (row-major; a slot that also
         held other ranks' longer pieces on the way is longer)."""
-        full = self.tensors[slot][component]
+        full = self.component(slot, component)
         n = self.geometry.own_tokens(slot)
         if full.dim() == 5:  # group-major
             return full if full.shape[1] == n else full[:, :n]
