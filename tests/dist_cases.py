@@ -333,3 +333,35 @@ def check_sinks(
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         errs[name] = rel_err(got, local(want), grad_floor(local(want), ref_grads[:3]))
     return errs
+
+
+def workspace_reuse_case(w, *, world: int, strategy: str, keep: int) -> dict:
+    """Three calls of one plan with different inputs (forward and backward), the runtime's
+    ``workspace_bytes`` set to ``keep``: each call's out and gradients against float64,
+    whether the first call's results were left untouched by the later calls (nothing a
+    caller holds lies in a kept workspace), and the bytes the plan's geometries keep."""
+    group = w.group(world)
+    previous = tr.runtime().settings.workspace_bytes
+    errors, kept = [], []
+    try:
+        tr.configure(workspace_bytes=keep)
+        for seed in range(3):
+            q, k, v, do = make_inputs(seed, 2, 8 * world, (4, 2), 8, torch.float32)
+            out, _, grads = run_sharded(
+                q, k, v, do, strategy=strategy, causal=True, layout="zigzag", group=group
+            )
+            qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+            ro, _ = attention_reference(qr, kr, vr, causal=True)
+            ref = [ro, *torch.autograd.grad(ro, (qr, kr, vr), do.double())]
+            shard = [tr.shard(x, layout="zigzag", group=group) for x in ref]
+            found = [out, *grads]
+            errors.append(max(rel_err(a, b) for a, b in zip(found, shard)))
+            kept.append([t.detach().clone() for t in found] + [t.detach() for t in found])
+        first = kept[0]
+        untouched = all(torch.equal(a, b) for a, b in zip(first[:4], first[4:]))
+        plans = list(tr.runtime().group(group).plans.values())
+        held = sum(p.forward_geometry.workspace_bytes + p.backward_geometry.workspace_bytes
+                   for p in plans)  # fmt: skip
+    finally:
+        tr.configure(workspace_bytes=previous)
+    return {"errors": errors, "untouched": untouched, "held": held}

@@ -27,6 +27,7 @@ from tokenring.runtime import Runtime, Settings
         ({"fused_merge": 1}, "fused_merge must be a bool, got 1"),
         ({"max_plans": 0}, "max_plans must be a positive int, got 0"),
         ({"max_agreed": True}, "max_agreed must be a positive int, got True"),
+        ({"workspace_bytes": -1}, "workspace_bytes must be a non-negative int, got -1"),
     ],
 )
 def test_configure_rejects_unknown_and_invalid_settings(changes, message):
@@ -122,3 +123,19 @@ def test_the_runtime_prints_a_short_summary_whatever_was_called(pool):
 def test_captured_call_needs_cuda_tensors():
     with pytest.raises(ValueError, match="CapturedCall needs CUDA tensors"):
         tr.CapturedCall(lambda q: q, torch.zeros(1))
+
+
+@pytest.mark.parametrize("strategy", ["tokenring", "ring"])
+def test_a_kept_workspace_serves_later_calls_exactly(pool, strategy):
+    """On 2 gloo ranks a plan keeps its scratch for the next call (``storage.py``): calls
+    that reuse it are as exact as the first, and what the first returned is untouched;
+    with ``workspace_bytes=0`` nothing is kept."""
+    from dist_cases import workspace_reuse_case
+
+    cases = [dict(world=2, strategy=strategy, keep=keep) for keep in (1 << 20, 0)]
+    kept, none = pool.run(workspace_reuse_case, cases)
+    for found in kept:
+        assert max(found["errors"]) < 1e-5 and found["untouched"], found
+        assert found["held"] > 0, "the plan kept no workspace"
+    for found in none:
+        assert max(found["errors"]) < 1e-5 and found["held"] == 0, found

@@ -351,7 +351,7 @@ class KVCache:
         schedule = cache_schedule(key)
         ex = Execution(
             kernel, {GROUP_AXIS: lanes} if lanes is not None else {}, rt.settings.timeout,
-            rt.settings.fused_merge,
+            rt.settings.fused_merge, workspace_bytes=rt.settings.workspace_bytes,
         )  # fmt: skip
         plan = _CachePlan(schedule, SlotGeometry(schedule, Pass.FORWARD, call), ex)
         self._plans.put((key, scale), plan)

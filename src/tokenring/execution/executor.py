@@ -60,6 +60,9 @@ class Execution:
     timeout: timedelta
     fused_merge: bool
     recorder: Recorder | None = None
+    workspace_bytes: int = 0
+    """The largest scratch buffer a plan keeps for its next call, where that is safe (on
+    the CPU: ``storage.py``)."""
 
 
 class TransferFailed(RuntimeError):
@@ -268,6 +271,17 @@ def _packs(ex: Execution) -> bool:
     return any(lanes.backend == "gloo" for lanes in ex.lanes.values())
 
 
+def _store(geometry: SlotGeometry, local: dict, device: torch.device, ex: Execution,
+           key_lengths: Mapping[int, torch.Tensor] | None = None) -> SlotStore:  # fmt: skip
+    """The call's slot storage; its scratch reused from the plan's last call where every
+    operation completes before the call returns (the CPU) and it is small enough."""
+    joint = _packs(ex)
+    pool = None
+    if device.type == "cpu" and geometry.layout(joint).scratch_bytes <= ex.workspace_bytes:
+        pool = geometry.pool(joint)
+    return SlotStore(geometry, local, device, key_lengths, joint, pool)
+
+
 def run_forward(
     geometry: SlotGeometry,
     q: torch.Tensor,
@@ -289,8 +303,9 @@ def run_forward(
     if not kv_rowmajor:
         k, v = to_rowmajor(k), to_rowmajor(v)
     local = {"q": {"q": to_rowmajor(q)}, "kv": {"k": k, "v": v}}
-    store = SlotStore(geometry, local, q.device, key_lengths, _packs(ex))
+    store = _store(geometry, local, q.device, ex, key_lengths)
     _execute(schedule, Pass.FORWARD, store, ex)
+    store.release()
     result = schedule.query_result
     lse = store.own(result, "lse")
     if keep_accum:
@@ -322,8 +337,9 @@ def run_backward(
     else:
         query["out"] = out
     local = {"q": query, "kv": {"k": to_rowmajor(tensors["k"]), "v": to_rowmajor(tensors["v"])}}
-    store = SlotStore(geometry, local, tensors["q"].device, joint=_packs(ex))
+    store = _store(geometry, local, tensors["q"].device, ex)
     _execute(schedule, Pass.BACKWARD, store, ex)
+    store.release()
     if schedule.kv_result is None:
         raise AssertionError("a backward schedule must name its key/value result slot")
     return (

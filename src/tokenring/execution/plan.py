@@ -99,6 +99,13 @@ class Plan:
     def backward_geometry(self) -> SlotGeometry:
         return SlotGeometry(self.backward, Pass.BACKWARD, self.description)
 
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes of scratch this plan keeps for its next call (``storage.py``), over the
+        passes it has run."""
+        made = (self.__dict__.get(name) for name in ("forward_geometry", "backward_geometry"))
+        return sum(geometry.workspace_bytes for geometry in made if geometry is not None)
+
     @cached_property
     def plain(self) -> bool:
         """Whether the call's mask is full or causal alone (no window, one document)."""

@@ -42,7 +42,15 @@ from ..schedules.ir import (
 from ..schedules.masks import BlockKind
 from .block_masks import block_mask
 from .kernels.base import BlockMask, accum_dtype
-from .storage import LocalView, StoreLayout, Strided, kernel_order, store_layout
+from .storage import (
+    LocalView,
+    StoreLayout,
+    Strided,
+    Workspace,
+    WorkspacePool,
+    kernel_order,
+    store_layout,
+)
 
 __all__ = [
     "ComputeStep",
@@ -145,7 +153,10 @@ def from_rowmajor(phys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if phys.dim() == 5:
         g, t, b, h, d = phys.shape
         return phys.permute(2, 1, 0, 3, 4).reshape(b, t, g * h, d).to(dtype)
-    return phys.transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
+    found = phys.transpose(0, 1)
+    if found.dtype == dtype and found.is_contiguous():  # batch 1: as it is (no dispatch)
+        return found
+    return found.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -209,6 +220,7 @@ class SlotGeometry:
         self._view_numbers: dict[tuple, int] = {}
         self._together: set[str] = set()
         self._layouts: dict[bool, StoreLayout] = {}
+        self._pools: dict[bool, WorkspacePool] = {}
 
     def layout(self, joint: bool) -> StoreLayout:
         """Where a call's slots lie and how it makes its views (``storage.py``), made once
@@ -217,6 +229,18 @@ class SlotGeometry:
         if found is None:
             found = self._layouts[joint] = store_layout(self, joint)
         return found
+
+    def pool(self, joint: bool) -> WorkspacePool:
+        """The spare workspace of the layout ``layout(joint)`` (``storage.py``)."""
+        found = self._pools.get(joint)
+        if found is None:
+            found = self._pools.setdefault(joint, WorkspacePool())
+        return found
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes of the workspaces this geometry keeps."""
+        return sum(self.layout(j).scratch_bytes * p.held for j, p in self._pools.items())
 
     def place(self, rows: Rows) -> Place:
         """Where ``rows`` live (made once per rows)."""
@@ -453,9 +477,12 @@ class SlotStore:
         device: torch.device,
         key_lengths: Mapping[int, torch.Tensor] | None = None,
         joint: bool = False,
+        pool: WorkspacePool | None = None,
     ):
         """``joint``: store the components of each slot that moves as several components
-        jointly (``records.py``; where messages are packed, on gloo)."""
+        jointly (``records.py``; where messages are packed, on gloo). ``pool``: where to
+        take the scratch from, and give it back to (``release``), when it may be reused
+        (``storage.py``)."""
         self.geometry = geometry
         self.key_lengths = key_lengths or {}
         """Per ragged key/value piece, its valid tokens per batch row (``[batch]``)."""
@@ -470,20 +497,46 @@ class SlotStore:
             for name, comps in local.items()
             if name in slots
         }
+        self._pool = pool
+        workspace = pool.take() if pool is not None else None
+        self._workspace = workspace
         allocated = [
-            torch.empty(a.shape, dtype=a.dtype, device=device) if a.fill is None
+            None if workspace is not None and i == layout.scratch
+            else torch.empty(a.shape, dtype=a.dtype, device=device) if a.fill is None
             else torch.full(a.shape, a.fill, dtype=a.dtype, device=device)
-            for a in layout.allocations
+            for i, a in enumerate(layout.allocations)
         ]  # fmt: skip
         self._sources = [
-            allocated[i] if d is None else allocated[i].view(d) for i, d in layout.sources
-        ]
+            allocated[i] if d is None else allocated[i].view(d) if allocated[i] is not None
+            else workspace.sources[n]
+            for n, (i, d) in enumerate(layout.sources)
+        ]  # fmt: skip
         for recipe, value in layout.fills:
             self._make(recipe).fill_(value)
-        self.views = [None if r is None else self._make(r) for r in layout.views]
+        if workspace is None:
+            self.views = [None if r is None else self._make(r) for r in layout.views]
+        else:
+            self.views = list(workspace.views)
+            for n in layout.per_call:
+                self.views[n] = self._make(layout.views[n])
         """Every view the steps read (``SlotGeometry.views``), by number; None for one no
         step reads, and for a component this call does not have (``out`` of a backward
         given the LSE's gradient)."""
+
+    def release(self) -> None:
+        """After the call's last step: give its scratch to the pool for the next call."""
+        if self._pool is None or self.layout.scratch is None:
+            return
+        workspace = self._workspace
+        if workspace is None:
+            layout = self.layout
+            inside = layout.scratch_sources
+            workspace = Workspace(
+                [s if n in inside else None for n, s in enumerate(self._sources)],
+                [v if type(r) is Strided and r.source in inside else None
+                 for r, v in zip(layout.views, self.views)],
+            )  # fmt: skip
+        self._pool.give(workspace)
 
     def _make(self, recipe: Strided | LocalView) -> torch.Tensor | None:
         if type(recipe) is Strided:

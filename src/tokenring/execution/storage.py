@@ -13,19 +13,28 @@ here by indexing meta tensors exactly as a call would index real ones; a view of
 a call's own input is made by indexing that input, whatever its strides (a KV
 cache binds its batch-major storage). Views that only serve to derive others are
 never made.
+
+On the CPU every operation, transfers included, has completed when a call
+returns, so the scratch buffer and its views can serve the next call of the same
+plan as they are: a plan keeps one such *workspace* (``WorkspacePool``) when it is
+at most ``tokenring.configure(workspace_bytes=...)`` large, and a call then
+allocates only its results. On CUDA a call returns before its kernels run, so its
+scratch is allocated per call (by the caching allocator, in stream order).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from .records import RecordLayout
 
 __all__ = [
-    "ALIGN", "Allocation", "LocalView", "StoreLayout", "Strided", "kernel_order", "store_layout",
+    "ALIGN", "Allocation", "LocalView", "StoreLayout", "Strided", "Workspace", "WorkspacePool",
+    "kernel_order", "store_layout",
 ]  # fmt: skip
 
 ALIGN = 256
@@ -88,6 +97,60 @@ class StoreLayout:
     """By view number (``SlotGeometry.views``); None for one no step reads."""
     nbytes: tuple[int, ...]
     """Bytes of each view, by view number (what a transfer of it sends)."""
+    scratch: int | None
+    """The allocation that is the scratch buffer (None: every slot is a result, a slot
+    that starts as the merge's identity, or a call's own input)."""
+
+    @cached_property
+    def scratch_bytes(self) -> int:
+        return 0 if self.scratch is None else self.allocations[self.scratch].shape[0]
+
+    @cached_property
+    def scratch_sources(self) -> frozenset[int]:
+        """The sources that read the scratch buffer."""
+        return frozenset(i for i, (a, _) in enumerate(self.sources) if a == self.scratch)
+
+    @cached_property
+    def per_call(self) -> tuple[int, ...]:
+        """The view numbers a call makes even with a workspace: of its inputs, results and
+        slots that start as the merge's identity."""
+        return tuple(
+            n for n, r in enumerate(self.views)
+            if r is not None and not (type(r) is Strided and r.source in self.scratch_sources)
+        )  # fmt: skip
+
+
+@dataclass
+class Workspace:
+    """A call's scratch buffer as the sources that read it and the views steps read of it
+    (by source and view number; None elsewhere), for a later call of the same plan."""
+
+    sources: list[torch.Tensor | None]
+    views: list[torch.Tensor | None]
+
+
+class WorkspacePool:
+    """The spare workspace of one layout: taken by a call, given back when it completes.
+    A call that finds none (the first, or one running beside another on another thread)
+    allocates its own; at most one is kept."""
+
+    def __init__(self) -> None:
+        self._spare: list[Workspace] = []
+
+    def take(self) -> Workspace | None:
+        try:
+            return self._spare.pop()  # atomic: two threads never take the same one
+        except IndexError:
+            return None
+
+    def give(self, workspace: Workspace) -> None:
+        if not self._spare:
+            self._spare.append(workspace)
+
+    @property
+    def held(self) -> int:
+        """Workspaces kept (0 or 1)."""
+        return len(self._spare)
 
 
 def kernel_order(t: torch.Tensor) -> torch.Tensor:
@@ -108,6 +171,7 @@ class _Builder:
         self.allocations: list[Allocation] = []
         self.sources: list[tuple[int, torch.dtype | None]] = []
         self.fills: list[tuple[torch.Tensor, int, float]] = []
+        self.scratch: int | None = None
         self.meta: dict[tuple[str, str | None], tuple[torch.Tensor, int]] = {}
         """(slot, component or None for records) -> (meta tensor, allocation)."""
         units: dict[str, list] = {}
@@ -169,6 +233,7 @@ class _Builder:
                 placed.append((name, comps, comp, shape, dtype, at))
                 at += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
         buffer, index = self._allocate_tensor((at,), torch.uint8, None)
+        self.scratch = index
         for name, comps, comp, shape, dtype, offset in placed:
             size = math.prod(shape) * dtype.itemsize
             tensor = buffer[offset : offset + size].view(dtype).view(shape)
@@ -269,5 +334,5 @@ def store_layout(geometry, joint: bool) -> StoreLayout:
         fills.append((build.strided(view, allocation), value))
     return StoreLayout(
         tuple(build.allocations), tuple(build.sources), tuple(fills), components,
-        tuple(recipes), tuple(nbytes),
+        tuple(recipes), tuple(nbytes), build.scratch,
     )  # fmt: skip

@@ -66,6 +66,12 @@ class Settings:
     return hides behind the second half's compute, when a rank's query shard has at least
     this many elements (batch x tokens x heads x head_dim; 0: always). Smaller blocks
     compute too fast for it to pay, and the extra message costs a round of latency."""
+    workspace_bytes: int = 1 << 20
+    """The largest scratch buffer (slots in transit) a plan keeps for its next call on the
+    CPU, where every operation has completed when a call returns, so that call allocates
+    only its results (0: never keep one). Larger calls allocate theirs per call: beside
+    their compute the allocation costs little, and kept it would hold that much memory
+    per plan. On CUDA scratch is always allocated per call (docs/architecture.md)."""
     topology: str | None = None
     """What ``strategy="auto"`` plans for: a preset name or a topology file (``tokenring
     calibrate`` writes one); default: the preset matched to the devices (docs/scaling.md)."""
@@ -93,9 +99,10 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        value = self.stream_tail_min
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"stream_tail_min must be a non-negative int, got {value!r}")
+        for name in ("stream_tail_min", "workspace_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         if self.topology is not None and not isinstance(self.topology, str):
             raise ValueError(
                 f"topology must be a preset name or a file path, got {self.topology!r}"
@@ -148,14 +155,16 @@ def _counts(strategies: list[str]) -> str:
 
 
 def _group_lines(state: GroupRuntime) -> list[str]:
-    """A group's line (its lanes, prepared calls, plans by strategy, agreements), then one
-    line per plan, the most recently used first."""
+    """A group's line (its lanes, prepared calls, plans by strategy, agreements, the
+    scratch its plans keep), then one line per plan, the most recently used first."""
     plans = [plan.description for plan in reversed(state.plans.values())]
     ranks = len(state.lanes.global_ranks) if state.lanes else 0
     lanes = f"lanes over {ranks} rank{'s' * (ranks > 1)}" if ranks else "no lanes"
+    kept = sum(plan.workspace_bytes for plan in state.plans.values())
     head = (
         f"group {state.name!r} ({lanes}): {len(state.calls)} calls, {len(state.agreed)} "
         f"agreed, {len(plans)} plans{_counts([d.strategy.value for d in plans])}"
+        + (f", {kept / 1024:.0f} KiB kept in workspaces" if kept else "")
     )
     return [head, *(f"  plan: {d.summary()}" for d in plans)]
 
