@@ -219,8 +219,7 @@ class KVCache:
             self._v[:, key.cell : key.cell + b - a] = mine_v
             end = key.cell + b - a
         out, lse = run_forward(
-            plan.geometry, q, self._k[:, :end].transpose(0, 1), self._v[:, :end].transpose(0, 1),
-            plan.execution, kv_rowmajor=True,
+            plan.geometry, q, self._k[:, :end], self._v[:, :end], plan.execution,
             key_lengths=self._key_lengths(key, parts, real_dev),
         )  # fmt: skip
         lse = lse.permute(1, 2, 0)

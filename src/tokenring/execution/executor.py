@@ -271,15 +271,16 @@ def _packs(ex: Execution) -> bool:
     return any(lanes.backend == "gloo" for lanes in ex.lanes.values())
 
 
-def _store(geometry: SlotGeometry, local: dict, device: torch.device, ex: Execution,
-           key_lengths: Mapping[int, torch.Tensor] | None = None) -> SlotStore:  # fmt: skip
+def _store(geometry: SlotGeometry, local: dict, inputs: dict, device: torch.device,
+           ex: Execution, key_lengths: Mapping[int, torch.Tensor] | None = None,
+           ) -> SlotStore:  # fmt: skip
     """The call's slot storage; its scratch reused from the plan's last call where every
     operation completes before the call returns (the CPU) and it is small enough."""
     joint = _packs(ex)
     pool = None
     if device.type == "cpu" and geometry.layout(joint).scratch_bytes <= ex.workspace_bytes:
         pool = geometry.pool(joint)
-    return SlotStore(geometry, local, device, key_lengths, joint, pool)
+    return SlotStore(geometry, local, device, key_lengths, joint, pool, inputs)
 
 
 def run_forward(
@@ -290,20 +291,17 @@ def run_forward(
     ex: Execution,
     *,
     keep_accum: bool = False,
-    kv_rowmajor: bool = False,
     key_lengths: Mapping[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass of one rank (``geometry``: its schedule and call): returns ``out``
-    ``[B, L, H, D]`` (input dtype, or with ``keep_accum`` the accumulation dtype, for more
-    merging) and ``lse`` in row-major storage ``[L, B, H]`` (float32). ``kv_rowmajor``:
-    ``k``, ``v`` are row-major already (``[L, B, H, D]``: a KV cache's storage, bound
-    without a copy); ``key_lengths``: the valid tokens per batch row of each ragged piece
+    """Forward pass of one rank (``geometry``: its schedule and call) on ``q, k, v`` of
+    ``[B, L, H, D]`` (any strides: a KV cache's batch-major storage is bound as it is):
+    returns ``out`` ``[B, L, H, D]`` (input dtype, or with ``keep_accum`` the accumulation
+    dtype, for more merging) and ``lse`` in row-major storage ``[L, B, H]`` (float32).
+    ``key_lengths``: the valid tokens per batch row of each ragged piece
     (``Geometry.ragged``)."""
     schedule, call = geometry.schedule, geometry.call
-    if not kv_rowmajor:
-        k, v = to_rowmajor(k), to_rowmajor(v)
-    local = {"q": {"q": to_rowmajor(q)}, "kv": {"k": k, "v": v}}
-    store = _store(geometry, local, q.device, ex, key_lengths)
+    inputs = {"q": {"q": q}, "kv": {"k": k, "v": v}}
+    store = _store(geometry, {}, inputs, q.device, ex, key_lengths)
     _execute(schedule, Pass.FORWARD, store, ex)
     store.release()
     result = schedule.query_result
@@ -326,18 +324,18 @@ def run_backward(
     ``dq, dk, dv`` in the input dtype.
     """
     schedule, call = geometry.schedule, geometry.call
-    out = to_rowmajor(tensors["out"])
-    do = to_rowmajor(tensors["do"])
+    out, do = tensors["out"], tensors["do"]
     wide = accum_dtype(call.dtype)
-    delta = (do.to(wide) * out.to(wide)).sum(dim=-1)
-    query = {"q": to_rowmajor(tensors["q"]), "do": do, "lse": tensors["lse"], "delta": delta}
+    delta = to_rowmajor((do.to(wide) * out.to(wide)).sum(dim=-1))
+    query = {"lse": tensors["lse"], "delta": delta}
+    given = {"q": tensors["q"], "do": do}
     if "dlse" in tensors:  # the LSE's own gradient (``passes.backward_pass``): kernels
         # then form delta from ``delta`` (``delta_surrogate``), not from ``out``
         query["delta"] = delta - tensors["dlse"].to(wide)
     else:
-        query["out"] = out
-    local = {"q": query, "kv": {"k": to_rowmajor(tensors["k"]), "v": to_rowmajor(tensors["v"])}}
-    store = _store(geometry, local, tensors["q"].device, ex)
+        given["out"] = out
+    inputs = {"q": given, "kv": {"k": tensors["k"], "v": tensors["v"]}}
+    store = _store(geometry, {"q": query}, inputs, tensors["q"].device, ex)
     _execute(schedule, Pass.BACKWARD, store, ex)
     store.release()
     if schedule.kv_result is None:

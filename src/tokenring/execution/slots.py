@@ -478,8 +478,12 @@ class SlotStore:
         key_lengths: Mapping[int, torch.Tensor] | None = None,
         joint: bool = False,
         pool: WorkspacePool | None = None,
+        inputs: dict[str, dict[str, torch.Tensor]] | None = None,
     ):
-        """``joint``: store the components of each slot that moves as several components
+        """``local``: the call's own inputs in row-major storage, by slot and component;
+        ``inputs``: others as the caller gave them, ``[B, L, H, D]`` (kernels read them
+        as they are; a row-major copy is made only where a step needs one: a transfer).
+        ``joint``: store the components of each slot that moves as several components
         jointly (``records.py``; where messages are packed, on gloo). ``pool``: where to
         take the scratch from, and give it back to (``release``), when it may be reused
         (``storage.py``)."""
@@ -491,12 +495,9 @@ class SlotStore:
         self.call = geometry.call
         self.device = device
         self.layout = layout = geometry.layout(joint)
-        slots = self.schedule.slots
-        self.local = {
-            name: {c: _grouped(t, slots[name].groups) for c, t in comps.items()}
-            for name, comps in local.items()
-            if name in slots
-        }
+        self.inputs = inputs or {}
+        self._given = local
+        self._rowmajor: dict[tuple[str, str], torch.Tensor] = {}
         self._pool = pool
         workspace = pool.take() if pool is not None else None
         self._workspace = workspace
@@ -544,24 +545,49 @@ class SlotStore:
             if recipe.whole:
                 return source
             return source.as_strided(recipe.size, recipe.stride, recipe.offset)
-        t = self.local.get(recipe.slot, {}).get(recipe.component) if recipe.component else None
+        if recipe.component is None:
+            return None
+        if recipe.direct:
+            x = self.inputs.get(recipe.slot, {}).get(recipe.component)
+            if x is not None:
+                return x if x.shape[1] == recipe.whole else x[recipe.batch_index]
+        t = self.rowmajor(recipe.slot, recipe.component)
         if t is None:
             return None
         if t.shape[0] != recipe.whole:
             t = t[recipe.index]
         return kernel_order(t) if recipe.permute else t
 
+    def rowmajor(self, slot: str, component: str) -> torch.Tensor | None:
+        """The call's own input ``component`` of ``slot`` in row-major (group-major)
+        storage, made on first use from what the caller gave; None where it gave none."""
+        key = (slot, component)
+        found = self._rowmajor.get(key)
+        if found is None:
+            found = self._given.get(slot, {}).get(component)
+            if found is None:
+                given = self.inputs.get(slot, {}).get(component)
+                if given is None:
+                    return None
+                found = to_rowmajor(given)
+            found = self._rowmajor[key] = _grouped(found, self.schedule.slots[slot].groups)
+        return found
+
     def component(self, slot: str, component: str) -> torch.Tensor:
         """The whole storage of ``component`` of ``slot`` (row-major)."""
-        local = self.local.get(slot)
-        if local is not None:
-            return local[component]
+        if self.schedule.slots[slot].local:
+            return self.rowmajor(slot, component)
         return self._make(self.layout.components[(slot, component)])
 
     @cached_property
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """Every slot's components (row-major), made on first use (collectives)."""
-        found = {name: dict(comps) for name, comps in self.local.items()}
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        for given in (self._given, self.inputs):
+            for slot, comps in given.items():
+                if slot in self.schedule.slots:
+                    for comp in comps:
+                        found.setdefault(slot, {})[comp] = self.rowmajor(slot, comp)
         for (slot, comp), recipe in self.layout.components.items():
             found.setdefault(slot, {})[comp] = self._make(recipe)
         return found

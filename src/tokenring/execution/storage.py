@@ -9,10 +9,11 @@ results stay apart so that what a caller keeps holds no scratch.
 
 Every view a step names is then, per call, one operation: a view that lies in an
 allocation is one ``as_strided`` whose sizes, strides and offset were computed
-here by indexing meta tensors exactly as a call would index real ones; a view of
-a call's own input is made by indexing that input, whatever its strides (a KV
-cache binds its batch-major storage). Views that only serve to derive others are
-never made.
+here by indexing meta tensors exactly as a call would index real ones. A kernel
+reads a call's own input as the caller gave it, ``[B, L, H, D]`` with any strides
+(a KV cache's batch-major storage), indexed on the same tokens and heads; a
+row-major copy of an input is made only where a transfer sends it. Views that only
+serve to derive others are never made.
 
 On the CPU every operation, transfers included, has completed when a call
 returns, so the scratch buffer and its views can serve the next call of the same
@@ -67,15 +68,19 @@ class Strided:
 @dataclass(frozen=True)
 class LocalView:
     """A view of a call's own input ``component`` of ``slot``: indexed by ``index``
-    unless the input is ``whole`` tokens long (then it is the input), and with
-    ``permute`` in the kernels' order. ``component`` None (a local slot's records) is
-    never stored: the view is None."""
+    (row-major) unless the input is ``whole`` tokens long (then it is the input), and
+    with ``permute`` in the kernels' order. ``component`` None (a local slot's records)
+    is never stored: the view is None. ``direct``: a kernel-facing view is the caller's
+    ``[B, L, ...]`` tensor indexed by ``batch_index`` (the same tokens and heads), where
+    the call gave it so (``SlotStore``): no row-major copy or permutation."""
 
     slot: str
     component: str | None
     index: tuple
     whole: int | None
     permute: bool
+    direct: bool = False
+    batch_index: tuple = ()
 
 
 Recipe = Strided | LocalView
@@ -317,9 +322,12 @@ def store_layout(geometry, joint: bool) -> StoreLayout:
         if number not in needed:
             recipes.append(None)
         elif local:
-            recipes.append(
-                LocalView(base.slot, base.component, base.index, base.whole, spec.base is not None)
-            )
+            permute = spec.base is not None
+            direct = permute and slots[base.slot].groups == 1
+            index = base.index  # row-major; the caller's [B, L, ...] swaps the first two
+            batch = (slice(None), *index) if len(index) == 1 else (index[1], index[0], *index[2:])
+            view = LocalView(base.slot, base.component, index, base.whole, permute, direct, batch)
+            recipes.append(view)
         elif meta is None:
             recipes.append(None)  # records of a slot not stored jointly
         else:
