@@ -114,3 +114,28 @@ def test_a_joint_mask_is_checked():
         tr.attention(q, q, q, joint_mask=torch.ones(2, 5), **common)
     with pytest.raises(ValueError, match="joint_mask is for joint tokens"):
         tr.attention(q, q, q, joint_mask=torch.ones(2, 5, dtype=torch.bool))
+
+
+def test_a_nan_query_gives_nan_in_its_rows_alone():
+    """One NaN in an image query and one in a joint query (one rank, float32): exactly
+    those rows of those heads come out NaN, in the output and the LSE, and the rest
+    match float64 attention over the concatenated sequence (PyTorch's CPU kernel hides a
+    query's NaN on some CPUs; a call restores such rows once, ``restore_query_nan``)."""
+    from reference import attention_reference
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 6, 4, 8, generator=g) for _ in range(3))
+    jq, jk, jv = (torch.randn(1, 3, 4, 8, generator=g) for _ in range(3))
+    q[0, 2, 1, 5] = float("nan")
+    jq[0, 0, 3, 2] = float("nan")
+    out, lse, jo, jlse = tr.attention(
+        q, k, v, joint_q=jq, joint_k=jk, joint_v=jv, joint_strategy="front", return_lse=True
+    )
+    whole = [torch.cat([a, b], dim=1).double() for a, b in ((jq, q), (jk, k), (jv, v))]
+    ref_out, ref_lse = attention_reference(*whole, causal=False)
+    assert int(torch.isnan(ref_out).any(-1).sum()) == 2  # one row of one head each
+    for got, want in ((torch.cat([jo, out], 1), ref_out), (torch.cat([jlse, lse], 2), ref_lse)):
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        keep = ~torch.isnan(want)
+        torch.testing.assert_close(got.double()[keep], want[keep], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(out[0, 2, 1]).all() and torch.isnan(jo[0, 0, 3]).all()

@@ -150,9 +150,9 @@ def _prepare(rt: Runtime, site: Site, state: GroupRuntime, q, k, v, joint: tuple
         used = {lane.axis for lane in (*plan.forward.lanes, *plan.backward.lanes)}
         lanes = {axis: rt.lanes(site.axes[axis]) for axis in sorted(used)}
     comm = JointComm(group_lanes) if joint[1] is not None else None
-    ex = Execution(
-        plan.forward_kernel, lanes, settings.timeout, settings.fused_merge, recorder,
-        settings.workspace_bytes,
+    ex = Execution(  # NaN rows restored once per call (``passes.forward_pass``)
+        plan.forward_kernel.unguarded(), lanes, settings.timeout, settings.fused_merge,
+        recorder, settings.workspace_bytes,
     )  # fmt: skip
     return PreparedCall(plan, ex, comm)
 

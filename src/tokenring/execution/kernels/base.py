@@ -40,6 +40,7 @@ __all__ = [
     "empty_forward",
     "expand_heads",
     "fold_heads",
+    "restore_query_nan",
     "row_bias",
     "valid_keys",
 ]
@@ -169,6 +170,18 @@ class KernelBackend(ABC):
     """Takes ``key_lengths`` (``_ragged_forward``)."""
     row_masks: bool = False
     """Takes ``key_mask`` both ways (``_rows_forward``, ``_rows_backward``)."""
+
+    def hides_query_nan(self, dtype: torch.dtype) -> bool:
+        """Whether this kernel gives a query row that holds a NaN a finite result for
+        ``dtype`` (exact attention gives NaN); such a kernel restores the NaN itself in
+        every block unless it is ``unguarded``."""
+        return False
+
+    def unguarded(self) -> KernelBackend:
+        """This kernel without its per-block NaN restoration, for a caller that restores
+        a call's NaN rows once (``restore_query_nan``, ``passes.forward_pass``): one
+        reduction per call instead of one per block. Itself where it has none."""
+        return self
 
     def available_reasons(self) -> list[str]:
         """Why this backend cannot run on this installation at all (empty if it can)."""
@@ -394,6 +407,19 @@ def _part(x: torch.Tensor, rows: slice) -> torch.Tensor:
 def _parts(c: SubBlock, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     keys = slice(c.k0, c.k1)
     return _part(q, slice(c.q0, c.q1)), _part(k, keys), _part(v, keys)
+
+
+def restore_query_nan(
+    q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` ``[B, L, H, D]`` and ``lse`` ``[B, H, L]`` with NaN in each row whose query
+    (``q`` ``[B, L, H, D]``) holds a NaN, as exact attention gives, where the row saw a
+    key (a row with none stays the merge's identity, 0 and -inf)."""
+    bad = torch.isnan(q).any(-1) & (lse > float("-inf")).transpose(1, 2)  # [B, L, H]
+    return (
+        out.masked_fill(bad.unsqueeze(-1), float("nan")),
+        lse.masked_fill(bad.transpose(1, 2), float("nan")),
+    )
 
 
 def delta_surrogate(do: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from functools import cache
 
 import torch
 
-from .base import KernelBackend, delta_surrogate, row_bias
+from .base import KernelBackend, delta_surrogate, restore_query_nan, row_bias
 
 __all__ = ["CpuFlash"]
 
@@ -40,6 +40,14 @@ class CpuFlash(KernelBackend):
     explicit_masks = True
     padded_keys = True
     row_masks = True
+    guarded = True
+    """Restores a query row's NaN in every block (``unguarded``: a caller does, once)."""
+
+    def hides_query_nan(self, dtype: torch.dtype) -> bool:
+        return _hides_nan(dtype)
+
+    def unguarded(self) -> CpuFlash:
+        return _unguarded()
 
     def _forward(self, q, k, v, causal, scale, bias=None):
         # the torch-namespace binding of the aten op: a few microseconds less host time
@@ -54,10 +62,8 @@ class CpuFlash(KernelBackend):
         # the NaN, so that it propagates as in attention computed exactly, whatever the CPU.
         # One reduction on the usual path (a NaN anywhere makes the sum NaN), read as a
         # Python float: one dispatch fewer than isnan() on the tensor (2 us against 3).
-        if _hides_nan(q.dtype) and math.isnan(q.sum().item()):
-            bad = torch.isnan(q).any(-1)  # [B, L, H]
-            out = out.masked_fill(bad.unsqueeze(-1), float("nan"))
-            lse = lse.masked_fill(bad.transpose(1, 2), float("nan"))
+        if self.guarded and _hides_nan(q.dtype) and math.isnan(q.sum().item()):
+            out, lse = restore_query_nan(q, out, lse)
         return out, lse
 
     def _masked_forward(self, q, k, v, mask, scale):
@@ -90,3 +96,11 @@ class CpuFlash(KernelBackend):
             scale=scale,
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+@cache
+def _unguarded() -> CpuFlash:
+    """The CPU kernel without its per-block NaN restoration (``KernelBackend.unguarded``)."""
+    kernel = CpuFlash()
+    kernel.guarded = False
+    return kernel
