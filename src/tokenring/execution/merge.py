@@ -2,9 +2,9 @@
 
 Two partials of the same query rows over disjoint key sets, ``(o_a, lse_a)``
 and ``(o_b, lse_b)``, combine to ``lse = log(exp(lse_a) + exp(lse_b))`` and
-``o = (exp(lse_a - lse) o_a + exp(lse_b - lse) o_b)``. Written around the row
-maximum so that a row that has seen no key yet (``lse = -inf``) merges
-without NaN: two empty rows stay ``0`` with ``lse = -inf``.
+``o = (exp(lse_a - lse) o_a + exp(lse_b - lse) o_b)``, that is ``o_a`` moved
+towards ``o_b`` by ``sigmoid(lse_b - lse_a)``. A row that has seen no key yet
+(``lse = -inf``) merges without NaN: two empty rows stay ``0`` with ``lse = -inf``.
 """
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ def merge_into(
     guard for such rows (two dispatches of host time per merge on the torch path).
 
     With ``fused`` (the runtime's ``fused_merge`` setting), on CUDA with Triton
-    installed, this runs the fused kernel of ``merge_triton`` (one pass over the
-    accumulator instead of several: 230 against 685 us for a 16K x 32-head
-    block on the H100, benchmarks/RESULTS.md); otherwise the torch version.
+    installed, this runs the fused kernel of ``merge_triton`` (one kernel: 230
+    against 685 us for a 16K x 32-head block on the H100 against the torch version
+    of the time, which made two passes over the accumulator, benchmarks/RESULTS.md;
+    the torch version now makes one, ``merge_into_torch``); otherwise the torch
+    version.
     """
     kernel = _fused_merge() if fused and out.is_cuda else None
     if (
@@ -72,17 +74,24 @@ def merge_into_torch(
     lse_b: torch.Tensor,
     empty_rows: bool = True,
 ) -> None:
-    """``merge_into`` written with torch operations (any device; the reference)."""
+    """``merge_into`` written with torch operations (any device; the reference).
+
+    The partial's share of a merged row is ``exp(lse_b) / (exp(lse) + exp(lse_b))``,
+    that is ``sigmoid(lse_b - lse)``, so the output moves towards the partial by that
+    share: one ``lerp_`` over the large tensors (one pass, six dispatches in all, where
+    scaling both sides and adding took twelve). A row the partial gave no key
+    (``lse_b = -inf``) keeps its share at 0, also where the row has seen none either
+    (``-inf - -inf`` would be NaN): that guard is two dispatches, spared where no row
+    can be empty. NaN in either side propagates."""
     if lse_b.dtype != lse.dtype:
         lse_b = lse_b.to(lse.dtype)
-    new = torch.logaddexp(lse, lse_b)  # stable; -inf with -inf gives -inf
-    # Rows that have seen no key on either side: weigh against 0 instead of -inf, so
-    # both weights are exp(-inf) = 0 (not NaN) and the row stays 0 with lse -inf.
-    safe = new.masked_fill(new == float("-inf"), 0.0) if empty_rows else new
-    # Two passes over the large tensors (scale in place, then a fused multiply-add
-    # that reads the partial in its own dtype) instead of four.
-    out.mul_(_rows(torch.exp(lse - safe))).addcmul_(out_b, _rows(torch.exp(lse_b - safe)))
-    lse.copy_(new)
+    diff = lse_b - lse
+    if empty_rows:
+        diff = diff.masked_fill(lse_b == float("-inf"), float("-inf"))
+    if out_b.dtype != out.dtype:  # lerp_ reads its ends in one dtype
+        out_b = out_b.to(out.dtype)
+    out.lerp_(out_b, _rows(torch.sigmoid(diff)))
+    torch.logaddexp(lse, lse_b, out=lse)  # stable; -inf with -inf gives -inf
 
 
 def write_into(
