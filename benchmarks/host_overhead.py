@@ -21,7 +21,10 @@ Targets: one rank on a GPU at most 1.5x the SDPA call; on CPU one rank at most
 and unpinned (pinned: each rank on a core of its own; the CPU time per call and the
 batches and messages per call are printed next to each);
 several GPUs: TokenRing at P=2, S=8K at most 0.3 ms.
-Every figure is a median over repeats of many calls. Prints a table; with
+Every figure is a median over repeats of many calls (on gloo 11 repeats of 200 calls,
+ours and the loop alternating, their order swapped every repeat; the quartiles of the
+per-repeat ratio are printed too: on a box with as many cores as ranks they span
+0.2-0.5x, and whole runs differ as much). Prints a table; with
 ``--json PATH`` also writes the numbers.
 
     PYTHONPATH=src python benchmarks/host_overhead.py [--only one-rank|gloo] [--json out.json]
@@ -197,13 +200,15 @@ class _Counted:
 
 def _timed(fns: dict, calls: int, repeats: int) -> dict[str, tuple[list, list]]:
     """Per repeat and function, ``calls`` calls back to back after a barrier: wall time
-    and this thread's CPU time per call (s)."""
+    and this thread's CPU time per call (s). The order alternates between repeats, so
+    a drift of the machine's state favours neither."""
     found: dict[str, tuple[list, list]] = {name: ([], []) for name in fns}
     for f in fns.values():
         for _ in range(max(3, calls // 10)):
             f()
-    for _ in range(repeats):
-        for name, f in fns.items():
+    for repeat in range(repeats):
+        order = list(fns.items())
+        for name, f in order[::-1] if repeat % 2 else order:
             dist.barrier()
             wall, cpu = time.perf_counter(), time.thread_time()
             for _ in range(calls):
@@ -211,6 +216,12 @@ def _timed(fns: dict, calls: int, repeats: int) -> dict[str, tuple[list, list]]:
             found[name][0].append((time.perf_counter() - wall) / calls)
             found[name][1].append((time.thread_time() - cpu) / calls)
     return found
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles: how far one repeat's ratio strays from another's."""
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return q1, q3
 
 
 def _gloo_worker(ctx, calls: int, repeats: int, pinned: bool) -> list[dict]:
@@ -240,6 +251,7 @@ def _gloo_worker(ctx, calls: int, repeats: int, pinned: bool) -> list[dict]:
                     us=statistics.median(ow) * 1e6,
                     minimal_us=statistics.median(mw) * 1e6,
                     ratio=statistics.median(o / m for o, m in zip(ow, mw)),
+                    ratio_quartiles=_quartiles([o / m for o, m in zip(ow, mw)]),
                     cpu_us=statistics.median(oc) * 1e6,
                     minimal_cpu_us=statistics.median(mc) * 1e6,
                     cpu_ratio=statistics.median(o / m for o, m in zip(oc, mc)),
@@ -289,7 +301,7 @@ def main() -> None:
         pinnable = hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2
         for pinned in (True, False) if pinnable else (False,):
             report[f"gloo_2_{'pinned' if pinned else 'unpinned'}"] = run_local(
-                _gloo_worker, (200, 7, pinned), world=2, backend="gloo", timeout_s=600
+                _gloo_worker, (200, 11, pinned), world=2, backend="gloo", timeout_s=600
             )[0]
     if args.only is None and cuda and torch.cuda.device_count() >= 2:
         world = torch.cuda.device_count()
@@ -309,6 +321,9 @@ def main() -> None:
             against = f"vs {base:8.1f} us" if base is not None else " " * 14
             shown = f"{ratio:5.2f}x" if ratio is not None else "      "
             print(f"  {row['what']:<12}{causal:<14} {row['us']:9.1f} us {against}  {shown}{mark}")
+            if "ratio_quartiles" in row:
+                q1, q3 = row["ratio_quartiles"]
+                print(f"  {'':<26} wall ratio per repeat: {q1:.2f}-{q3:.2f}x (quartiles)")
             if "cpu_us" in row:
                 (b, m), (mb, mm) = row["batches_messages"], row["minimal_batches_messages"]
                 print(
