@@ -216,7 +216,8 @@ def test_fused_merge_matches_torch_merge(dtype, shape, rowmajor_part, seed):
     if rowmajor_part:
         part = part.transpose(0, 1).contiguous().transpose(0, 1)
     part_lse = torch.randn(b, h, n, device="cuda", generator=g)
-    lse[0, 0, :3] = float("-inf")  # rows with no key yet ...
+    lse[0, 0, :3] = float("-inf")  # rows with no key yet (holding 0, as an accumulator
+    out[0, :3, 0] = 0.0  # does: kernels and zeroed slots give such rows 0) ...
     part_lse[0, 0, 1:4] = float("-inf")  # ... and partials with none
     part_lse[-1, 1, 7] = float("nan")
     ref_out, ref_lse = out.clone(), lse.clone()

@@ -44,10 +44,12 @@ def merge_into(
     """Merge ``(out_b, lse_b)`` into the accumulator ``(out, lse)`` in place.
 
     ``out``: float32 ``[B, L, H, D]``; ``lse``: float32 ``[B, H, L]`` (or both float64); the
-    partial may be any float dtype. NaN in either input propagates. ``empty_rows=False``
-    promises that no row is -inf on both sides (every block of the call gives every query
-    row a key: no mask, no ragged keys, no result that starts empty), which spares the
-    guard for such rows (two dispatches of host time per merge on the torch path).
+    partial may be any float dtype. A row with an LSE of -inf holds 0 on either side
+    (what kernels give a row with no key, and what zeroed slots start as). NaN in either
+    input propagates. ``empty_rows=False`` promises that no row is -inf on both sides
+    (every block of the call gives every query row a key: no mask, no ragged keys, no
+    result that starts empty), which spares the guard for such rows (two dispatches of
+    host time per merge on the torch path).
 
     With ``fused`` (the runtime's ``fused_merge`` setting), on CUDA with Triton
     installed, this runs the fused kernel of ``merge_triton`` (one kernel: 230
