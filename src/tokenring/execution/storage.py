@@ -28,10 +28,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
 from .records import RecordLayout
+
+if TYPE_CHECKING:  # slots.py imports this module
+    from .slots import SlotGeometry
 
 __all__ = [
     "ALIGN", "Allocation", "LocalView", "StoreLayout", "Strided", "Workspace", "WorkspacePool",
@@ -168,7 +172,7 @@ class _Builder:
     """Lays the non-local slots of a geometry out in meta tensors and reads each view's
     geometry back."""
 
-    def __init__(self, geometry, joint: bool):
+    def __init__(self, geometry: SlotGeometry, joint: bool):
         self.geometry = geometry
         schedule = geometry.schedule
         results = {schedule.query_result, schedule.kv_result}
@@ -271,7 +275,7 @@ def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
 
 
-def _needed(geometry, joint: bool) -> set[int]:
+def _needed(geometry: SlotGeometry, joint: bool) -> set[int]:
     """The views steps read: a transfer of a slot stored jointly reads only its records
     (a local slot's are packed from its components when sent)."""
     found: set[int] = set()
@@ -296,7 +300,7 @@ def _needed(geometry, joint: bool) -> set[int]:
     return found
 
 
-def store_layout(geometry, joint: bool) -> StoreLayout:
+def store_layout(geometry: SlotGeometry, joint: bool) -> StoreLayout:
     """The layout of ``geometry`` 's slots for a call (``joint``: slots that move as
     several components are stored as records, ``records.py``)."""
     build = _Builder(geometry, joint)
