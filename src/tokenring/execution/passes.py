@@ -9,14 +9,13 @@ slot buffers, the host time of the kernel call alone). Joint tokens' blocks
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
 
 from .executor import Execution, run_backward, run_forward
 from .joint import Joint, JointComm, joint_backward, joint_forward
-from .kernels.base import accum_dtype, restore_query_nan
+from .kernels.base import accum_dtype, hides_nan_in, restore_query_nan
 from .plan import Plan
 
 __all__ = ["PreparedCall", "ShardedAttention", "backward_pass", "forward_pass"]
@@ -39,7 +38,7 @@ def forward_pass(call: PreparedCall, q, k, v, joint: Joint | None, lse_wanted: b
     p = plan.description
     # a kernel that hides a query's NaN runs unguarded here (``calls._prepare``): the
     # NaN rows are restored once per call, on this rank's own rows, whoever computed them
-    hidden = ex.kernel.hides_query_nan(q.dtype) and math.isnan(q.sum().item())
+    hidden = hides_nan_in(ex.kernel, q)
     if plan.site.world == 1:
         mask = plan.whole_mask(q.device)
         out, lse = ex.kernel.forward(q, k, v, p.causal and mask is None, p.scale, mask)
@@ -56,9 +55,8 @@ def forward_pass(call: PreparedCall, q, k, v, joint: Joint | None, lse_wanted: b
         )
         out = out.to(p.dtype)
         jo = jo.to(p.dtype) if jo is not None else None
-        jq = joint.q
-        if jq is not None and ex.kernel.hides_query_nan(jq.dtype) and math.isnan(jq.sum().item()):
-            jo, jlse = restore_query_nan(jq, jo, jlse)
+        if joint.q is not None and hides_nan_in(ex.kernel, joint.q):
+            jo, jlse = restore_query_nan(joint.q, jo, jlse)
     if hidden:
         out, lse = restore_query_nan(q, out, lse)
     if lse_wanted and not lse.is_contiguous():  # a check, not a dispatched no-op

@@ -234,7 +234,7 @@ class SlotGeometry:
         """The spare workspace of the layout ``layout(joint)`` (``storage.py``)."""
         found = self._pools.get(joint)
         if found is None:
-            found = self._pools.setdefault(joint, WorkspacePool())
+            found = self._pools[joint] = WorkspacePool()
         return found
 
     @property

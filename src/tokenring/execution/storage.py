@@ -192,7 +192,8 @@ class _Builder:
             if not own:
                 scratch.append((name, comps))
             elif name in together:
-                storage = self._allocate(self._records_shape(name, comps), comps[0][3])
+                shape, layout = self._records_shape(name, comps)
+                storage = self._allocate_tensor(shape, layout.unit, 0.0 if comps[0][3] else None)
                 self._place_records(name, comps, storage)
             else:
                 for comp, shape, dtype, zeroed in comps:
@@ -206,12 +207,6 @@ class _Builder:
         parts = [(shape[lead:], dtype) for _, shape, dtype, _ in comps]
         layout = RecordLayout.of(parts)
         return (*comps[0][1][:lead], layout.size), layout
-
-    def _allocate(self, records, zeroed: bool) -> tuple[torch.Tensor, int]:
-        shape, layout = records
-        index = len(self.allocations)
-        self.allocations.append(Allocation(shape, layout.unit, 0.0 if zeroed else None))
-        return torch.empty(shape, dtype=layout.unit, device="meta"), index
 
     def _allocate_tensor(self, shape, dtype, fill) -> tuple[torch.Tensor, int]:
         index = len(self.allocations)

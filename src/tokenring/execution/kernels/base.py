@@ -23,6 +23,7 @@ Each backend declares what it supports and explains every refusal in
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ __all__ = [
     "empty_forward",
     "expand_heads",
     "fold_heads",
+    "hides_nan_in",
     "restore_query_nan",
     "row_bias",
     "valid_keys",
@@ -407,6 +409,13 @@ def _part(x: torch.Tensor, rows: slice) -> torch.Tensor:
 def _parts(c: SubBlock, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     keys = slice(c.k0, c.k1)
     return _part(q, slice(c.q0, c.q1)), _part(k, keys), _part(v, keys)
+
+
+def hides_nan_in(kernel: KernelBackend, q: torch.Tensor) -> bool:
+    """Whether ``kernel`` hides a NaN that ``q`` holds (then ``restore_query_nan``): one
+    reduction, read as a Python float (a NaN anywhere makes the sum NaN), only where the
+    kernel hides NaN for ``q``'s dtype."""
+    return kernel.hides_query_nan(q.dtype) and math.isnan(q.sum().item())
 
 
 def restore_query_nan(
