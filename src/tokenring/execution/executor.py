@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,11 @@ class Execution:
     workspace_bytes: int = 0
     """The largest scratch buffer a plan keeps for its next call, where that is safe (on
     the CPU: ``storage.py``)."""
+
+    @cached_property
+    def packs(self) -> bool:
+        """Whether this call's transfers pack several components into one message (gloo)."""
+        return any(lanes.backend == "gloo" for lanes in self.lanes.values())
 
 
 class TransferFailed(RuntimeError):
@@ -185,7 +191,7 @@ def _compute_forward(store: SlotStore, op: Compute, step: ComputeStep, ex: Execu
     q, k, v = step.inputs
     lengths = None if step.ragged is None else store.key_lengths[step.ragged]
     out_b, lse_b = ex.kernel.forward(
-        views[q], views[k], views[v], step.causal, store.call.scale, _block_mask(store, op),
+        views[q], views[k], views[v], step.causal, store.geometry.scale, _block_mask(store, op),
         key_lengths=lengths,
     )  # fmt: skip
     for run in step.q_runs:
@@ -218,7 +224,7 @@ def _compute_backward(store: SlotStore, op: Compute, step: ComputeStep, ex: Exec
     views = store.views
     do, q, k, v, out, lse, delta = (views[i] for i in step.inputs)
     dq, dk, dv = ex.kernel.backward(
-        do, q, k, v, out, lse, delta, step.causal, store.call.scale, _block_mask(store, op)
+        do, q, k, v, out, lse, delta, step.causal, store.geometry.scale, _block_mask(store, op)
     )
     _accumulate(views, step.q_runs, (dq,))
     if step.kv_runs:
@@ -266,20 +272,13 @@ def _execute(schedule: Schedule, pass_: Pass, store: SlotStore, ex: Execution) -
         raise AssertionError(f"schedule left moves unwaited: {sorted(pending)}")
 
 
-def _packs(ex: Execution) -> bool:
-    """Whether this call's transfers pack several components into one message (gloo)."""
-    return any(lanes.backend == "gloo" for lanes in ex.lanes.values())
-
-
 def _store(geometry: SlotGeometry, local: dict, inputs: dict, device: torch.device,
            ex: Execution, key_lengths: Mapping[int, torch.Tensor] | None = None,
            ) -> SlotStore:  # fmt: skip
     """The call's slot storage; its scratch reused from the plan's last call where every
     operation completes before the call returns (the CPU) and it is small enough."""
-    joint = _packs(ex)
-    pool = None
-    if device.type == "cpu" and geometry.layout(joint).scratch_bytes <= ex.workspace_bytes:
-        pool = geometry.pool(joint)
+    joint = ex.packs
+    pool = geometry.pool(joint, ex.workspace_bytes) if device.type == "cpu" else None
     return SlotStore(geometry, local, device, key_lengths, joint, pool, inputs)
 
 

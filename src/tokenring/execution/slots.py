@@ -209,6 +209,8 @@ class SlotGeometry:
             for comp in COMPONENTS[(pass_, spec.kind)]:
                 shape, dtype = self._shape(comp, spec, self.tokens[name])
                 self.allocations.append((name, comp, shape, dtype, spec.zeroed))
+        self.scale = call.scale
+        """The softmax scale every block of the call uses."""
         self.own_q = schedule.geometry.q.tokens(schedule.pieces)
         self.own_kv = schedule.geometry.kv.tokens(schedule.pieces)
         self._index: dict[tuple[Rows, str], tuple] = {}
@@ -230,17 +232,18 @@ class SlotGeometry:
             found = self._layouts[joint] = store_layout(self, joint)
         return found
 
-    def pool(self, joint: bool) -> WorkspacePool:
-        """The spare workspace of the layout ``layout(joint)`` (``storage.py``)."""
+    def pool(self, joint: bool, limit: int) -> WorkspacePool | None:
+        """The spare workspace of the layout ``layout(joint)`` (``storage.py``); None where
+        its scratch is larger than ``limit`` bytes (then every call allocates its own)."""
         found = self._pools.get(joint)
         if found is None:
-            found = self._pools[joint] = WorkspacePool()
-        return found
+            found = self._pools[joint] = WorkspacePool(self.layout(joint).scratch_bytes)
+        return found if found.bytes <= limit else None
 
     @property
     def workspace_bytes(self) -> int:
         """Bytes of the workspaces this geometry keeps."""
-        return sum(self.layout(j).scratch_bytes * p.held for j, p in self._pools.items())
+        return sum(p.bytes * p.held for p in self._pools.values())
 
     def place(self, rows: Rows) -> Place:
         """Where ``rows`` live (made once per rows)."""

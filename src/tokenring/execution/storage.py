@@ -143,7 +143,9 @@ class WorkspacePool:
     A call that finds none (the first, or one running beside another on another thread)
     allocates its own; at most one is kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, nbytes: int) -> None:
+        self.bytes = nbytes
+        """The size of the layout's scratch buffer."""
         self._spare: list[Workspace] = []
 
     def take(self) -> Workspace | None:
