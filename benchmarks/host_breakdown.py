@@ -13,7 +13,8 @@ reports medians over many calls of:
 - the phases of the same call, timed one after the other as ``passes.forward_pass``
   runs them for this call (no joint tokens): ``prepare`` (finding the prepared
   call), ``nan_check``, ``storage`` (``SlotStore`` with the plan's kept workspace),
-  each schedule operation (``0:Post``, ``1:Compute``, ...), ``results``; the whole
+  ``steps`` (the plan's operations, as the code ``execution/program.py`` made of
+  them), ``results``; the whole
   call less their sum is printed as ``unattributed``: the API layer's argument
   handling is about 1 us of it, the rest is what timing the phases one by one
   (each a median of its own) does not see;
@@ -44,8 +45,6 @@ from tokenring.api.calls import prepare
 from tokenring.execution import executor
 from tokenring.execution.kernels.base import hides_nan_in
 from tokenring.execution.merge import merge_into
-from tokenring.options import Pass
-from tokenring.schedules.ir import Compute, Merge, Post, Wait
 from tokenring_bench.launch import run_local
 
 SHAPE = (1, 64, 2, 16)
@@ -96,28 +95,15 @@ def _phases(strategy: str, q, k, v, calls: int) -> dict[str, float]:
         inputs = {"q": {"q": q}, "kv": {"k": k, "v": v}}
         store = executor._store(geometry, {}, inputs, q.device, ex)
         t3 = clock()
-        pending, ops = {}, []
-        schedule = geometry.schedule
-        for i, (op, step) in enumerate(zip(schedule.ops, geometry.steps)):
-            start = clock()
-            match op:
-                case Post():
-                    pending[op.handle] = executor._post(store, op, step, ex)
-                case Wait():
-                    executor._complete(schedule, Pass.FORWARD, pending.pop(op.handle), ex)
-                case Compute():
-                    executor._compute_forward(store, op, step, ex)
-                case Merge():
-                    executor._merge(store, step, Pass.FORWARD, ex)
-            ops.append((f"{i}:{type(op).__name__}", clock() - start))
+        executor._execute(geometry, store, ex)
         t4 = clock()
         store.release()
-        store.result(schedule.query_result, "out")
-        store.own(schedule.query_result, "lse").permute(1, 2, 0)
+        store.result(geometry.schedule.query_result, "out")
+        store.own(geometry.schedule.query_result, "lse").permute(1, 2, 0)
         t5 = clock()
         if n >= calls:  # the first half warms up
-            for name, ns in (("prepare", t1 - t0), ("nan_check", t2 - t1),
-                             ("storage", t3 - t2), *ops, ("results", t5 - t4)):  # fmt: skip
+            for name, ns in (("prepare", t1 - t0), ("nan_check", t2 - t1), ("storage", t3 - t2),
+                             ("steps", t4 - t3), ("results", t5 - t4)):  # fmt: skip
                 found[name].append(ns / 1000)
     return {name: statistics.median(us) for name, us in found.items()}
 

@@ -271,23 +271,23 @@ def runtime_summary_case(w, *, world: int) -> dict:
 def merge_flags_case(w, *, world: int, fused: bool) -> list[bool]:
     """The ``fused`` flag of every merge of one TokenRing forward, with the runtime's
     ``fused_merge`` set to ``fused`` (restored afterwards)."""
-    import tokenring.execution.executor as executor
+    import tokenring.execution.merge as merging
 
     group = w.group(world)
-    previous, real = tr.runtime().settings.fused_merge, executor.merge_into
+    previous, real = tr.runtime().settings.fused_merge, merging.merge_into
     flags: list[bool] = []
 
     def spy(*args, fused, **rest):
         flags.append(fused)
         real(*args, fused=fused, **rest)
 
-    executor.merge_into = spy
+    merging.merge_into = spy
     try:
         tr.configure(fused_merge=fused)
         q = torch.randn(1, 8, 2, 8)
         tr.attention(q, q, q, strategy="tokenring", group=group)
     finally:
-        executor.merge_into = real
+        merging.merge_into = real
         tr.configure(fused_merge=previous)
     return flags
 

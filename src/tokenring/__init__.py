@@ -17,8 +17,8 @@ from .api.capture import CapturedCall
 from .api.layer import SequenceParallelAttention
 from .api.meshes import sp_mesh
 from .api.sharding import shard, unshard
-from .execution.executor import TransferFailed
 from .execution.kernels import kernel_names
+from .execution.operations import TransferFailed
 from .options import JointStrategy, Layout, RingImpl, Strategy
 from .planner import PlanReport, plan
 from .runtime import Settings, configure, destroy_lanes, runtime, setup_lanes

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..call.packing import read_documents
 from ..execution.comm import group_ranks, group_world
-from ..execution.executor import TransferFailed
+from ..execution.operations import TransferFailed
 from ..options import Layout, parse_enum
 from ..runtime import runtime
 from ..runtime.agreement import exchange

@@ -223,6 +223,9 @@ class SlotGeometry:
         self._together: set[str] = set()
         self._layouts: dict[bool, StoreLayout] = {}
         self._pools: dict[bool, WorkspacePool] = {}
+        self.programs: dict[tuple, object] = {}
+        """The steps translated into code (``program.py``), by how a call runs them: kept
+        by the executor, made on first use."""
 
     def layout(self, joint: bool) -> StoreLayout:
         """Where a call's slots lie and how it makes its views (``storage.py``), made once

@@ -25,7 +25,7 @@ import torch
 
 from ..call.description import CallDescription, Options
 from ..execution.comm import Lanes
-from ..execution.executor import TransferFailed
+from ..execution.operations import TransferFailed
 from .state import BoundedCache
 
 __all__ = ["agree"]

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..execution.comm import Lanes, group_world, make_lanes
-from ..execution.executor import TransferFailed
+from ..execution.operations import TransferFailed
 from .meshes import SpMesh
 
 if TYPE_CHECKING:

@@ -1,0 +1,223 @@
+"""A schedule's operations translated once into straight-line Python code.
+
+A schedule is data, and reading it op by op on every call (which handler, which
+views, which runs, which lanes) costs host time that a hand-written loop does not
+pay: on a two-rank gloo call that interpretation was a third of the call
+(benchmarks/RESULTS.md, 0l). So each plan's steps are translated, once, into one
+Python function whose body lists the call's operations in order with everything
+the schedule fixes written in: the view numbers (as local variables), causal or
+not, the scale, the result runs and their slices, the peers, lanes and batches of
+each transfer. A call then runs that function.
+
+Operations with a common form are written out: point-to-point posts, kernel calls
+(masked and ragged blocks included), writes, merges and sums of results. The rest
+call the handler of ``operations.py`` that defines the operation (collectives;
+and every post while a ``Recorder`` counts bytes), so the code never says more
+than the handlers do. ``Program.source`` is the generated code, for reading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..options import Pass
+from ..schedules.ir import Compute, Merge, Post, Wait
+from ..schedules.masks import BlockKind
+from . import merge as merging
+from . import operations
+from .records import pack_records
+from .slots import ComputeStep, MergeStep, SlotGeometry
+
+__all__ = ["Program", "translate"]
+
+_MERGE_FLAGS = "fused=fused, empty_rows=EMPTY_ROWS"
+"""A merge's keywords: the runtime's setting, and whether the plan's rows may be empty."""
+
+
+@dataclass(frozen=True)
+class Program:
+    """One pass of one plan as code: ``run(store, ex)`` performs every operation."""
+
+    run: Callable
+    source: str
+
+
+class _Writer:
+    """The lines of the function being written, and the names its body refers to."""
+
+    def __init__(self, geometry: SlotGeometry, gloo_axes: frozenset[str], recording: bool):
+        self.geometry = geometry
+        self.gloo_axes = gloo_axes
+        self.recording = recording
+        self.body: list[str] = []
+        self.views: set[int] = set()
+        self.lanes: dict[str, str] = {}
+        self.needs: set[str] = set()
+        self.namespace: dict[str, object] = {
+            "merging": merging,
+            "pack_records": pack_records,
+            "sendable": operations.sendable,
+            "Pending": operations.Pending,
+            "complete": operations.complete,
+            "post": operations.post,
+            "lanes_of": _lanes_of,
+            "OPS": geometry.schedule.ops,
+            "STEPS": geometry.steps,
+            "SCHEDULE": geometry.schedule,
+            "PASS": geometry.pass_,
+            "SCALE": geometry.scale,
+            "EMPTY_ROWS": geometry.rows_may_be_empty,
+        }
+
+    def v(self, number: int) -> str:
+        self.views.add(number)
+        return f"v{number}"
+
+    def line(self, text: str) -> None:
+        self.body.append("    " + text)
+
+    def lanes_of(self, axis: str) -> str:
+        if axis not in self.lanes:
+            self.lanes[axis] = f"lanes{len(self.lanes)}"
+        return self.lanes[axis]
+
+
+def _lanes_of(ex, axis: str):
+    lanes = ex.lanes.get(axis)
+    if lanes is None:
+        raise AssertionError(f"a schedule that moves data on axis {axis!r} needs its lanes")
+    return lanes
+
+
+def _post(w: _Writer, n: int, op: Post, step) -> None:
+    """A post: its transfers written out, one batch per lane in lane order (as
+    ``operations.post``), or that handler for a collective and while recording."""
+    if op.collective is not None or w.recording:
+        w.line(f"p{n} = post(store, OPS[{n}], STEPS[{n}], ex)")
+        return
+    axis = op.moves[0].axis
+    lanes = w.lanes_of(axis)
+    pack = axis in w.gloo_axes
+    by_lane: dict[int, list[str]] = {}
+    for t in step:
+        if pack and t.records is not None:
+            if t.send:  # the slot's records, or the call's own rows packed as records
+                parts = ", ".join(w.v(i) for i in t.views)
+                records = w.v(t.records)
+                tensors = [f"({records} if {records} is not None else pack_records([{parts}]))"]
+            else:
+                tensors = [w.v(t.records)]
+        elif t.send:
+            tensors = [f"sendable({w.v(i)})" for i in t.views]
+        else:
+            tensors = [w.v(i) for i in t.views]
+        by_lane.setdefault(t.lane, []).extend(
+            f"{lanes}.p2p({x}, {t.peer}, {t.send}, {t.lane})" for x in tensors
+        )
+    batches = ", ".join(
+        f"{lane}: {lanes}.post_ops([{', '.join(by_lane[lane])}])" for lane in sorted(by_lane)
+    )
+    w.line(f"p{n} = Pending(OPS[{n}], {{{batches}}})")
+
+
+def _kernel_args(w: _Writer, n: int, op: Compute, step: ComputeStep) -> str:
+    """What a block's kernel call takes after its tensors: causal, scale and mask."""
+    if op.kind is BlockKind.PARTIAL:
+        w.needs.add("mask")
+        return f"{step.causal}, SCALE, geometry.block_mask(OPS[{n}], device)"
+    return f"{step.causal}, SCALE"
+
+
+def _compute_forward(w: _Writer, n: int, op: Compute, step: ComputeStep) -> None:
+    q, k, v = (w.v(i) for i in step.inputs)
+    ragged = ""
+    if step.ragged is not None:
+        w.needs.add("ragged")
+        ragged = f", key_lengths=key_lengths[{step.ragged}]"
+    args = _kernel_args(w, n, op, step)
+    w.line(f"o, l = kernel.forward({q}, {k}, {v}, {args}{ragged})")
+    for run in step.q_runs:
+        out, lse = (w.v(i) for i in run.targets)
+        a, b = run.start, run.stop
+        part = "o, l" if run.whole else f"o[:, {a}:{b}], l[:, :, {a}:{b}]"
+        if run.fresh:
+            w.line(f"merging.write_into({out}, {lse}, {part})")
+        else:
+            w.line(f"merging.merge_into({out}, {lse}, {part}, {_MERGE_FLAGS})")
+
+
+def _compute_backward(w: _Writer, n: int, op: Compute, step: ComputeStep) -> None:
+    tensors = ", ".join(w.v(i) for i in step.inputs)
+    w.line(f"dq, dk, dv = kernel.backward({tensors}, {_kernel_args(w, n, op, step)})")
+    for runs, parts in ((step.q_runs, ("dq",)), (step.kv_runs, ("dk", "dv"))):
+        for run in runs:
+            for target, part in zip(run.targets, parts):
+                value = part if run.whole else f"{part}[:, {run.start}:{run.stop}]"
+                w.line(f"{w.v(target)}.{'copy_' if run.fresh else 'add_'}({value})")
+
+
+def _merge(w: _Writer, step: MergeStep) -> None:
+    if w.geometry.pass_ is Pass.FORWARD:
+        (out, lse), (part, part_lse) = (
+            tuple(w.v(i) for i in step.dst), tuple(w.v(i) for i in step.src)
+        )  # fmt: skip
+        w.line(f"merging.merge_into({out}, {lse}, {part}, {part_lse}, {_MERGE_FLAGS})")
+        return
+    for dst, src in zip(step.dst, step.src):
+        w.line(f"{w.v(dst)}.add_({w.v(src)})")
+
+
+def translate(geometry: SlotGeometry, gloo_axes: frozenset[str], recording: bool) -> Program:
+    """The code of ``geometry``'s pass. ``gloo_axes``: the axes whose lanes run on gloo
+    (their transfers of several components go as one message of records);
+    ``recording``: the call has a ``Recorder`` (every compute is timed, every post's
+    bytes counted)."""
+    w = _Writer(geometry, gloo_axes, recording)
+    forward = geometry.pass_ is Pass.FORWARD
+    pending: set[str] = set()
+    handles: dict[str, int] = {}
+    for n, (op, step) in enumerate(zip(geometry.schedule.ops, geometry.steps)):
+        match op:
+            case Post():
+                _post(w, n, op, step)
+                pending.add(op.handle)
+                handles[op.handle] = n
+            case Wait():
+                if op.handle not in pending:
+                    raise AssertionError(f"schedule waits on {op.handle!r}, never posted")
+                pending.discard(op.handle)
+                w.line(f"complete(SCHEDULE, PASS, p{handles[op.handle]}, ex)")
+            case Compute():
+                if step.empty:
+                    continue  # a cell of no tokens
+                if recording:
+                    w.line(f"token = recorder.compute_start(OPS[{n}])")
+                if forward:
+                    _compute_forward(w, n, op, step)
+                else:
+                    _compute_backward(w, n, op, step)
+                if recording:
+                    w.line("recorder.compute_end(token)")
+            case Merge():
+                _merge(w, step)
+    if pending:
+        raise AssertionError(f"schedule left moves unwaited: {sorted(pending)}")
+    head = ["def run(store, ex):", "    views = store.views", "    kernel = ex.kernel"]
+    head.append("    fused = ex.fused_merge")
+    if recording:
+        head += ["    recorder = ex.recorder", "    recorder.phase = PASS.value"]
+    if "mask" in w.needs:
+        head.append("    geometry, device = store.geometry, store.device")
+    if "ragged" in w.needs:
+        head.append("    key_lengths = store.key_lengths")
+    head += [f"    {name} = lanes_of(ex, {axis!r})" for axis, name in w.lanes.items()]
+    if w.views:
+        numbers = sorted(w.views)
+        names = ", ".join(f"v{i}" for i in numbers)
+        head.append(f"    {names}, = ({', '.join(f'views[{i}]' for i in numbers)},)")
+    source = "\n".join([*head, *w.body, "    return None", ""])
+    schedule = geometry.schedule
+    name = f"<tokenring {schedule.strategy} {geometry.pass_.value} rank {schedule.rank}>"
+    exec(compile(source, name, "exec"), w.namespace)  # our own code, made above
+    return Program(w.namespace["run"], source)
