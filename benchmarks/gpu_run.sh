@@ -12,7 +12,8 @@
 # decode step on one GPU, benchmarks/decode_cache.py), cache-tests (tests/test_gpu_cache.py),
 # dit-step (a video DiT's attention calls per denoising step, benchmarks/dit_step_host.py),
 # graph (CUDA-graph probe, ~40 s), host (host-time profile, ~30 s), overhead (host time
-# per call against SDPA and a minimal ring, benchmarks/host_overhead.py, ~90 s), calibrate
+# per call against SDPA and a minimal ring, benchmarks/host_overhead.py, ~90 s), breakdown
+# (one gloo call's host time phase by phase, benchmarks/host_breakdown.py, ~60 s), calibrate
 # (tokenring calibrate: the planner's per-device table, ~40 s), masks (block kernels under
 # document and window masks against dense causal cuDNN, benchmarks/mask_kernels.py).
 # Summaries go to stdout; $OUT/gpu-run.tgz holds the logs, JSON and pictures.
@@ -51,6 +52,7 @@ for s in "$@"; do
         graph) stage graph 120 python benchmarks/graph_probe.py ;;
         host) stage host 90 python benchmarks/host_profile.py ;;
         overhead) stage overhead 240 python benchmarks/host_overhead.py --json "$work/host-overhead.json" ;;
+        breakdown) stage breakdown 120 python benchmarks/host_breakdown.py ;;
         decode) stage decode 300 python benchmarks/decode_cache.py --json "$work/decode-cache.json" ;;
         dit-step) stage dit-step 200 python benchmarks/dit_step_host.py --json "$work/dit-step.json" ;;
         cache-tests) stage cache-tests 200 python -m pytest -m gpu tests/test_gpu_cache.py -q \

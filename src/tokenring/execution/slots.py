@@ -507,25 +507,8 @@ class SlotStore:
         self._pool = pool
         workspace = pool.take() if pool is not None else None
         self._workspace = workspace
-        allocated = [
-            None if workspace is not None and i == layout.scratch
-            else torch.empty(a.shape, dtype=a.dtype, device=device) if a.fill is None
-            else torch.full(a.shape, a.fill, dtype=a.dtype, device=device)
-            for i, a in enumerate(layout.allocations)
-        ]  # fmt: skip
-        self._sources = [
-            allocated[i] if d is None else allocated[i].view(d) if allocated[i] is not None
-            else workspace.sources[n]
-            for n, (i, d) in enumerate(layout.sources)
-        ]  # fmt: skip
-        for recipe, value in layout.fills:
-            self._make(recipe).fill_(value)
-        if workspace is None:
-            self.views = [None if r is None else self._make(r) for r in layout.views]
-        else:
-            self.views = list(workspace.views)
-            for n in layout.per_call:
-                self.views[n] = self._make(layout.views[n])
+        make = layout.make_fresh if workspace is None else layout.make_reusing
+        self._sources, self.views = make(self, device, workspace)
         """Every view the steps read (``SlotGeometry.views``), by number; None for one no
         step reads, and for a component this call does not have (``out`` of a backward
         given the LSE's gradient)."""

@@ -26,6 +26,7 @@ scratch is allocated per call (by the caching allocator, in stream order).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # slots.py imports this module
 
 __all__ = [
     "ALIGN", "Allocation", "LocalView", "StoreLayout", "Strided", "Workspace", "WorkspacePool",
-    "kernel_order", "store_layout",
+    "kernel_order", "store_layout", "translate_store",
 ]  # fmt: skip
 
 ALIGN = 256
@@ -118,6 +119,17 @@ class StoreLayout:
     def scratch_sources(self) -> frozenset[int]:
         """The sources that read the scratch buffer."""
         return frozenset(i for i, (a, _) in enumerate(self.sources) if a == self.scratch)
+
+    @cached_property
+    def make_fresh(self) -> Callable:
+        """``make(store, device, workspace)`` -> ``(sources, views)`` for a call that
+        allocates everything (``translate_store``)."""
+        return translate_store(self, reuse=False)
+
+    @cached_property
+    def make_reusing(self) -> Callable:
+        """The same for a call that takes its scratch and its views from ``workspace``."""
+        return translate_store(self, reuse=True)
 
     @cached_property
     def per_call(self) -> tuple[int, ...]:
@@ -345,3 +357,75 @@ def store_layout(geometry: SlotGeometry, joint: bool) -> StoreLayout:
         tuple(build.allocations), tuple(build.sources), tuple(fills), components,
         tuple(recipes), tuple(nbytes), build.scratch,
     )  # fmt: skip
+
+
+def _strided(recipe: Strided, name: str, namespace: dict) -> str:
+    """The code of one ``Strided`` view (its sizes and strides as ``SIZE{name}`` and
+    ``STRIDE{name}`` in ``namespace``)."""
+    if recipe.whole:
+        return f"s{recipe.source}"
+    namespace[f"SIZE{name}"], namespace[f"STRIDE{name}"] = recipe.size, recipe.stride
+    return f"s{recipe.source}.as_strided(SIZE{name}, STRIDE{name}, {recipe.offset})"
+
+
+def translate_store(layout: StoreLayout, reuse: bool) -> Callable:
+    """What a call does to make its storage, as straight-line code made once per layout
+    (as ``program.py`` does for the operations): its allocations, the sources that
+    read them, the fills, and each view a step reads, with every shape, stride and
+    offset written in. ``reuse``: the scratch buffer and the views in it come from a
+    kept workspace, so only the other views are made. A view of the caller's own input
+    is read from ``store.inputs`` where the kernels take it as given, and otherwise
+    made by ``SlotStore``'s own method (row-major copies, made once per call)."""
+    namespace: dict[str, object] = {"empty": torch.empty, "full": torch.full}
+    lines = ["def make(store, device, workspace):"]
+    for i, a in enumerate(layout.allocations):
+        if reuse and i == layout.scratch:
+            continue
+        namespace[f"SHAPE{i}"], namespace[f"DTYPE{i}"] = a.shape, a.dtype
+        if a.fill is None:
+            lines.append(f"    a{i} = empty(SHAPE{i}, dtype=DTYPE{i}, device=device)")
+        else:
+            namespace[f"FILL{i}"] = a.fill
+            lines.append(f"    a{i} = full(SHAPE{i}, FILL{i}, dtype=DTYPE{i}, device=device)")
+    for n, (i, dtype) in enumerate(layout.sources):
+        if reuse and i == layout.scratch:
+            lines.append(f"    s{n} = workspace.sources[{n}]")
+        elif dtype is None:
+            lines.append(f"    s{n} = a{i}")
+        else:
+            namespace[f"AS{n}"] = dtype
+            lines.append(f"    s{n} = a{i}.view(AS{n})")
+    for j, (recipe, value) in enumerate(layout.fills):
+        namespace[f"VALUE{j}"] = value
+        lines.append(f"    {_strided(recipe, f'F{j}', namespace)}.fill_(VALUE{j})")
+    made = layout.per_call if reuse else range(len(layout.views))
+    start = "list(workspace.views)" if reuse else f"[None] * {len(layout.views)}"
+    lines.append(f"    views = {start}")
+    lines += ["    inputs = store.inputs", "    local = store._make"]
+    given: dict[tuple[str, str], str] = {}
+    for n in made:
+        recipe = layout.views[n]
+        if recipe is None:
+            continue
+        if type(recipe) is Strided:
+            lines.append(f"    views[{n}] = {_strided(recipe, str(n), namespace)}")
+            continue
+        namespace[f"R{n}"] = recipe
+        if not (recipe.direct and recipe.component is not None):
+            lines.append(f"    views[{n}] = local(R{n})")
+            continue
+        key = (recipe.slot, recipe.component)
+        if key not in given:
+            given[key] = name = f"x{len(given)}"
+            slot, component = key
+            lines.append(f"    {name} = inputs.get({slot!r}, {{}}).get({component!r})")
+        x = given[key]
+        namespace[f"BATCH{n}"] = recipe.batch_index
+        view = f"{x}[BATCH{n}]"
+        if recipe.whole is not None:
+            view = f"{x} if {x}.shape[1] == {recipe.whole} else {view}"
+        lines.append(f"    views[{n}] = local(R{n}) if {x} is None else {view}")
+    sources = ", ".join(f"s{n}" for n in range(len(layout.sources)))
+    lines.append(f"    return [{sources}], views")
+    exec(compile("\n".join(lines) + "\n", "<tokenring storage>", "exec"), namespace)
+    return namespace["make"]

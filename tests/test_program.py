@@ -1,0 +1,100 @@
+"""A plan's operations as code (``execution/program.py``): every operation of the
+schedule is in the code, in order, and a schedule that would leave a move
+unwaited is refused when translated, before any call runs it. (That the code
+computes exact attention is what every distributed test checks: each call runs it.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from tokenring.call.description import CallDescription
+from tokenring.execution.program import translate
+from tokenring.execution.slots import SlotGeometry
+from tokenring.options import Layout, Pass, Strategy
+from tokenring.schedules import build_schedule
+from tokenring.schedules.ir import Compute, Merge, Post, Wait
+
+WORLD = 3
+
+
+def _geometry(strategy: Strategy, pass_: Pass, rank: int = 1, **shape) -> SlotGeometry:
+    options = dict(seq_len=7 * WORLD + 2, heads_q=4, heads_kv=2, head_dim=4, batch=2,
+                   causal=True, layout=Layout.ZIGZAG)  # fmt: skip
+    call = CallDescription.of_shape(
+        world=WORLD, strategy=strategy, device_type="cpu", wants_grad=True, **(options | shape)
+    )
+    return SlotGeometry(build_schedule(call.schedule_key(rank, pass_)), pass_, call)
+
+
+def _kind(line: str) -> str | None:
+    """Which operation a line of the code performs (None: a line that only serves one)."""
+    if re.match(r"^p\d+ = (Pending|post)\(", line):
+        return "post"
+    if line.startswith("complete("):
+        return "wait"
+    if re.match(r"^\w+(, \w+)* = kernel\.(forward|backward)\(", line):
+        return "compute"
+    if re.match(r"^merging\.merge_into\(v\d+, v\d+, v\d+, v\d+,", line):
+        return "merge"  # a Merge op: every argument a view (a block's merge reads o, l)
+    if re.match(r"^v\d+\.add_\(v\d+\)$", line):
+        return "merge"  # one component of a backward Merge
+    return None
+
+
+def _expected(geometry: SlotGeometry) -> list[str]:
+    found = []
+    for op, step in zip(geometry.schedule.ops, geometry.steps):
+        match op:
+            case Post():
+                found.append("post")
+            case Wait():
+                found.append("wait")
+            case Compute() if not step.empty:
+                found.append("compute")
+            case Merge():
+                found += ["merge"] * (1 if geometry.pass_ is Pass.FORWARD else len(step.dst))
+    return found
+
+
+@pytest.mark.parametrize("recording", (False, True))
+@pytest.mark.parametrize("gloo", (False, True))
+@pytest.mark.parametrize("pass_", (Pass.FORWARD, Pass.BACKWARD))
+@pytest.mark.parametrize(
+    "strategy", (Strategy.TOKENRING, Strategy.RING, Strategy.ULYSSES, Strategy.ALLGATHER)
+)
+def test_the_code_lists_every_operation_in_order(strategy, pass_, gloo, recording) -> None:
+    """Each post, wait, kernel call of a block with tokens and merge of the schedule is
+    one line of the code, in the schedule's order; posts are written out unless they
+    are collectives or bytes are being recorded; a recorded call times every kernel."""
+    geometry = _geometry(strategy, pass_)
+    program = translate(geometry, frozenset({"group"}) if gloo else frozenset(), recording)
+    lines = [line.strip() for line in program.source.splitlines()]
+    assert [k for k in map(_kind, lines) if k is not None] == _expected(geometry)
+    posts = [op for op in geometry.schedule.ops if isinstance(op, Post)]
+    inline = sum(op.collective is None and not recording for op in posts)
+    assert sum(line.startswith("p") and " = Pending(" in line for line in lines) == inline
+    computes = _expected(geometry).count("compute")
+    assert program.source.count("recorder.compute_start(") == (computes if recording else 0)
+
+
+def test_a_schedule_that_leaves_a_move_unwaited_is_refused() -> None:
+    geometry = _geometry(Strategy.TOKENRING, Pass.FORWARD)
+    schedule = geometry.schedule
+    last_wait = max(i for i, op in enumerate(schedule.ops) if isinstance(op, Wait))
+    ops = schedule.ops[:last_wait] + schedule.ops[last_wait + 1 :]
+    broken = dataclasses.replace(schedule, ops=ops)
+    with pytest.raises(AssertionError, match="unwaited"):
+        translate(SlotGeometry(broken, Pass.FORWARD, geometry.call), frozenset(), False)
+
+
+def test_a_wait_on_a_move_never_posted_is_refused() -> None:
+    geometry = _geometry(Strategy.RING, Pass.FORWARD)
+    schedule = geometry.schedule
+    first_post = min(i for i, op in enumerate(schedule.ops) if isinstance(op, Post))
+    ops = schedule.ops[:first_post] + schedule.ops[first_post + 1 :]
+    broken = dataclasses.replace(schedule, ops=ops)
+    with pytest.raises(AssertionError, match="never posted"):
+        translate(SlotGeometry(broken, Pass.FORWARD, geometry.call), frozenset(), False)
