@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # executor.py imports this module
 
 __all__ = [
     "Pending", "TransferFailed", "block_mask_of", "complete", "compute_backward",
-    "compute_forward", "merge", "post", "sendable",
+    "compute_forward", "lanes_of", "merge", "post", "sendable",
 ]  # fmt: skip
 
 
@@ -106,11 +106,16 @@ def _post_transfers(
     return {lane: lanes.post_ops(by_lane[lane]) for lane in sorted(by_lane)}, sent
 
 
-def post(store: SlotStore, op: Post, steps, ex: Execution) -> Pending:
-    axis = op.moves[0].axis
+def lanes_of(ex: Execution, axis: str) -> Lanes:
+    """The lanes a call moves data on along ``axis``."""
     lanes = ex.lanes.get(axis)
     if lanes is None:
         raise AssertionError(f"a schedule that moves data on axis {axis!r} needs its lanes")
+    return lanes
+
+
+def post(store: SlotStore, op: Post, steps, ex: Execution) -> Pending:
+    lanes = lanes_of(ex, op.moves[0].axis)
     move = op.collective
     if move is None:
         works, sent = _post_transfers(store, steps, lanes, ex.recorder is not None)

@@ -61,7 +61,7 @@ class _Writer:
             "Pending": operations.Pending,
             "complete": operations.complete,
             "post": operations.post,
-            "lanes_of": _lanes_of,
+            "lanes_of": operations.lanes_of,
             "OPS": geometry.schedule.ops,
             "STEPS": geometry.steps,
             "SCHEDULE": geometry.schedule,
@@ -81,13 +81,6 @@ class _Writer:
         if axis not in self.lanes:
             self.lanes[axis] = f"lanes{len(self.lanes)}"
         return self.lanes[axis]
-
-
-def _lanes_of(ex, axis: str):
-    lanes = ex.lanes.get(axis)
-    if lanes is None:
-        raise AssertionError(f"a schedule that moves data on axis {axis!r} needs its lanes")
-    return lanes
 
 
 def _post(w: _Writer, n: int, op: Post, step) -> None:
