@@ -1,19 +1,17 @@
-"""How each operation of a schedule runs on real tensors, one at a time.
+"""How a schedule's moves run: posts and waits.
 
 - ``Post``: point-to-point transfers go out as one batch per lane, every
   buffer a contiguous piece of slot storage; a collective is packed into one
   flat buffer and is one asynchronous torch.distributed call, unpacked into
   its slots when its ``Wait`` completes (``collectives.py``).
 - ``Wait``: completes the handle's work (on gloo the host waits, bounded by
-  the runtime's timeout; on NCCL the compute stream is ordered after it).
-- ``Compute``: one block-attention kernel call (no mask, causal, or an explicit
-  mask made from the block's positions, by the block's kind); its result is
-  written or LSE-merged (forward) / added (backward) into the result rows.
-- ``Merge``: LSE merge (forward) or sum (backward) of result rows.
+  the runtime's timeout; on NCCL the compute stream is ordered after it); a
+  failure names the rank, the step and the peers (``TransferFailed``).
 
-These functions define what each operation does. A call runs its schedule as the
-straight-line code ``program.py`` translates it into once per plan: that code writes
-the common forms of these operations out and calls these functions for the rest.
+A call runs its schedule as the straight-line code ``program.py`` translates it into
+once per plan. That code writes kernel calls and merges out itself; it writes a
+point-to-point post out in the form ``post`` would make it, and calls ``post`` for a
+collective and while a ``Recorder`` counts the bytes; every wait calls ``complete``.
 """
 
 from __future__ import annotations
@@ -26,23 +24,17 @@ import torch
 import torch.distributed as dist
 
 from ..options import Pass
-from ..schedules.ir import Compute, Post, Schedule
-from ..schedules.masks import BlockKind
-from . import merge as merging
+from ..schedules.ir import Post, Schedule
 from .collectives import post_collective
 from .comm import Lanes
-from .kernels import BlockMask
 from .records import pack_records
-from .slots import ComputeStep, MergeStep, Run, SlotStore, TransferStep
+from .slots import SlotStore, TransferStep
 from .timeline import Sent
 
-if TYPE_CHECKING:  # executor.py imports this module
+if TYPE_CHECKING:  # executor.py imports program.py, which imports this module
     from .executor import Execution
 
-__all__ = [
-    "Pending", "TransferFailed", "block_mask_of", "complete", "compute_backward",
-    "compute_forward", "lanes_of", "merge", "post", "sendable",
-]  # fmt: skip
+__all__ = ["Pending", "TransferFailed", "complete", "lanes_of", "post", "sendable"]
 
 
 class TransferFailed(RuntimeError):
@@ -161,68 +153,3 @@ def complete(schedule: Schedule, pass_: Pass, pending: Pending, ex: Execution) -
         pending.finish()
     if ex.recorder is not None:
         ex.recorder.comm_waited(post.handle)
-
-
-def block_mask_of(store: SlotStore, op: Compute) -> BlockMask | None:
-    """The explicit mask of a PARTIAL block (made once per plan), else None."""
-    if op.kind is not BlockKind.PARTIAL:
-        return None
-    return store.geometry.block_mask(op, store.device)
-
-
-def compute_forward(store: SlotStore, op: Compute, step: ComputeStep, ex: Execution) -> None:
-    views = store.views
-    q, k, v = step.inputs
-    lengths = None if step.ragged is None else store.key_lengths[step.ragged]
-    out_b, lse_b = ex.kernel.forward(
-        views[q], views[k], views[v], step.causal, store.geometry.scale, block_mask_of(store, op),
-        key_lengths=lengths,
-    )  # fmt: skip
-    for run in step.q_runs:
-        out, lse = run.targets
-        part, part_lse = (
-            (out_b, lse_b) if run.whole else (out_b[:, run.start : run.stop],
-                                              lse_b[:, :, run.start : run.stop])
-        )  # fmt: skip
-        if run.fresh:
-            merging.write_into(views[out], views[lse], part, part_lse)
-        else:
-            merging.merge_into(
-                views[out], views[lse], part, part_lse, fused=ex.fused_merge,
-                empty_rows=store.geometry.rows_may_be_empty,
-            )  # fmt: skip
-
-
-def _accumulate(views: list, runs: tuple[Run, ...], parts: tuple[torch.Tensor, ...]) -> None:
-    for run in runs:
-        for target, value in zip(run.targets, parts):
-            if not run.whole:
-                value = value[:, run.start : run.stop]
-            if run.fresh:
-                views[target].copy_(value)
-            else:
-                views[target].add_(value)
-
-
-def compute_backward(store: SlotStore, op: Compute, step: ComputeStep, ex: Execution) -> None:
-    views = store.views
-    do, q, k, v, out, lse, delta = (views[i] for i in step.inputs)
-    dq, dk, dv = ex.kernel.backward(
-        do, q, k, v, out, lse, delta, step.causal, store.geometry.scale, block_mask_of(store, op)
-    )
-    _accumulate(views, step.q_runs, (dq,))
-    if step.kv_runs:
-        _accumulate(views, step.kv_runs, (dk, dv))
-
-
-def merge(store: SlotStore, step: MergeStep, pass_: Pass, ex: Execution) -> None:
-    views = store.views
-    if pass_ is Pass.FORWARD:
-        (out, lse), (part, part_lse) = step.dst, step.src
-        merging.merge_into(
-            views[out], views[lse], views[part], views[part_lse], fused=ex.fused_merge,
-            empty_rows=store.geometry.rows_may_be_empty,
-        )  # fmt: skip
-        return
-    for dst, src in zip(step.dst, step.src):
-        views[dst].add_(views[src])

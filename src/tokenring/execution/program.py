@@ -2,18 +2,27 @@
 
 A schedule is data, and reading it op by op on every call (which handler, which
 views, which runs, which lanes) costs host time that a hand-written loop does not
-pay: on a two-rank gloo call that interpretation was a third of the call
-(benchmarks/RESULTS.md, 0l). So each plan's steps are translated, once, into one
-Python function whose body lists the call's operations in order with everything
-the schedule fixes written in: the view numbers (as local variables), causal or
-not, the scale, the result runs and their slices, the peers, lanes and batches of
-each transfer. A call then runs that function.
+pay: on a two-rank gloo call that interpretation was about a quarter of the call
+(benchmarks/RESULTS.md, 0l). So each plan's operations are translated, once, into
+one Python function whose body lists them in order with everything the schedule
+fixes written in: the view numbers (as local variables), causal or not, the scale,
+the result runs and their slices, the peers, lanes and batches of each transfer. A
+call then runs that function. ``Program.source`` is the code, for reading.
 
-Operations with a common form are written out: point-to-point posts, kernel calls
-(masked and ragged blocks included), writes, merges and sums of results. The rest
-call the handler of ``operations.py`` that defines the operation (collectives;
-and every post while a ``Recorder`` counts bytes), so the code never says more
-than the handlers do. ``Program.source`` is the generated code, for reading.
+What each operation does:
+
+- ``Compute``: one block-attention kernel call (no mask, causal, or an explicit
+  mask made from the block's positions, by the block's kind; a ragged block's
+  valid key lengths); each run of its result is written (the run's first
+  result) or LSE-merged into the result rows (forward), copied or added
+  (backward).
+- ``Merge``: LSE merge (forward) or sum (backward) of result rows.
+- ``Post`` and ``Wait``: as ``operations.py`` defines them; point-to-point posts
+  are written out in the form ``operations.post`` makes them, collectives (and
+  every post while a ``Recorder`` counts the bytes) call it.
+
+A schedule that leaves a move unwaited, or waits on one never posted, is refused
+here, before any call.
 """
 
 from __future__ import annotations
