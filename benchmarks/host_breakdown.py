@@ -65,7 +65,7 @@ class _Done:
 def _stub(ops: list) -> list:
     """Complete at once; a receive gets zeros (one dispatch per message, ours and the
     loop's alike): a kernel reading fresh uninitialised memory instead can meet
-    denormals and run many times slower (the loop's ring receives into a new tensor
+    denormals or NaN and run many times slower (the loop's ring receives into a new tensor
     every step)."""
     for op in ops:
         if op.op is dist.irecv:
