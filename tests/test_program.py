@@ -31,7 +31,7 @@ def _geometry(strategy: Strategy, pass_: Pass, rank: int = 1, **shape) -> SlotGe
 
 def _kind(line: str) -> str | None:
     """Which operation a line of the code performs (None: a line that only serves one)."""
-    if re.match(r"^p\d+ = (Pending|post)\(", line):
+    if re.match(r"^p\d+ = (Pending|start_collective)\(", line):
         return "post"
     if line.startswith("complete("):
         return "wait"
@@ -67,15 +67,17 @@ def _expected(geometry: SlotGeometry) -> list[str]:
 )
 def test_the_code_lists_every_operation_in_order(strategy, pass_, gloo, recording) -> None:
     """Each post, wait, kernel call of a block with tokens and merge of the schedule is
-    one line of the code, in the schedule's order; posts are written out unless they
-    are collectives or bytes are being recorded; a recorded call times every kernel."""
+    one line of the code, in the schedule's order; point-to-point posts are written out
+    (collectives are started by their handler); a recorded call times every kernel and
+    counts the bytes of every point-to-point post."""
     geometry = _geometry(strategy, pass_)
     program = translate(geometry, frozenset({"group"}) if gloo else frozenset(), recording)
     lines = [line.strip() for line in program.source.splitlines()]
     assert [k for k in map(_kind, lines) if k is not None] == _expected(geometry)
     posts = [op for op in geometry.schedule.ops if isinstance(op, Post)]
-    inline = sum(op.collective is None and not recording for op in posts)
+    inline = sum(op.collective is None for op in posts)
     assert sum(line.startswith("p") and " = Pending(" in line for line in lines) == inline
+    assert program.source.count("recorder.comm(") == (inline if recording else 0)
     computes = _expected(geometry).count("compute")
     assert program.source.count("recorder.compute_start(") == (computes if recording else 0)
 

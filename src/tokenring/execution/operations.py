@@ -1,17 +1,12 @@
-"""How a schedule's moves run: posts and waits.
+"""How a schedule's moves run: collectives posted, any move waited for.
 
-- ``Post``: point-to-point transfers go out as one batch per lane, every
-  buffer a contiguous piece of slot storage; a collective is packed into one
-  flat buffer and is one asynchronous torch.distributed call, unpacked into
-  its slots when its ``Wait`` completes (``collectives.py``).
+- A collective ``Post`` is packed into one flat buffer and is one asynchronous
+  torch.distributed call, unpacked into its slots when its ``Wait`` completes
+  (``collectives.py``). Point-to-point posts are written out by ``program.py``
+  (one batch per lane; ``sent_of`` tells a ``Recorder`` their bytes).
 - ``Wait``: completes the handle's work (on gloo the host waits, bounded by
   the runtime's timeout; on NCCL the compute stream is ordered after it); a
   failure names the rank, the step and the peers (``TransferFailed``).
-
-A call runs its schedule as the straight-line code ``program.py`` translates it into
-once per plan. That code writes kernel calls and merges out itself; it writes a
-point-to-point post out in the form ``post`` would make it, and calls ``post`` for a
-collective and while a ``Recorder`` counts the bytes; every wait calls ``complete``.
 """
 
 from __future__ import annotations
@@ -27,14 +22,13 @@ from ..options import Pass
 from ..schedules.ir import Post, Schedule
 from .collectives import post_collective
 from .comm import Lanes
-from .records import pack_records
 from .slots import SlotStore, TransferStep
 from .timeline import Sent
 
 if TYPE_CHECKING:  # executor.py imports program.py, which imports this module
     from .executor import Execution
 
-__all__ = ["Pending", "TransferFailed", "complete", "lanes_of", "post", "sendable"]
+__all__ = ["Pending", "TransferFailed", "complete", "lanes_of", "sent_of", "start_collective"]
 
 
 class TransferFailed(RuntimeError):
@@ -51,51 +45,21 @@ class Pending:
     finish: Callable[[], None] | None = None
 
 
-def sendable(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a transfer sends it: one contiguous block (a KV cache's storage is
-    batch-major, so its rows are not)."""
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _post_transfers(
-    store: SlotStore, steps: tuple[TransferStep, ...], lanes: Lanes, recording: bool
-) -> tuple[dict[int, list[dist.Work]], list[Sent]]:
-    """Point-to-point moves of one axis (a Post's transfers share their axis): one batch
-    per lane.
-
-    On gloo every message costs a round of latency, so a transfer of several
-    components (k and v; out and lse; the query bundle) goes as one message of records
-    (``records.py``): the slots such transfers fill are stored that way, so only a
-    call's own inputs are copied, when sent. NCCL runs a batch's messages as one group,
-    so there they go as they are.
-    """
-    views = store.views
-    pack = lanes.backend == "gloo"
-    by_lane: dict[int, list[dist.P2POp]] = {}
-    sent: list[Sent] = []
-    for step in steps:
-        if step.send and recording:
-            nbytes = store.layout.nbytes
-            size = sum(_nbytes(views[i]) if views[i] is not None else nbytes[i] for i in step.views)
-            sent.append(Sent(step.lane, size, step.kind))
-        if pack and step.records is not None:
-            records = views[step.records]  # the slot's records: sent or received as they are
-            if records is None:
-                if not step.send:
-                    raise AssertionError("a slot that receives records is stored jointly")
-                records = pack_records([views[i] for i in step.views])  # the call's own rows
-            tensors = [records]
-        elif step.send:  # a KV cache's storage is batch-major: its rows are not one block
-            tensors = [sendable(views[i]) for i in step.views]
-        else:
-            tensors = [views[i] for i in step.views]
-        ops = by_lane.setdefault(step.lane, [])
-        ops += [lanes.p2p(x, step.peer, step.send, step.lane) for x in tensors]
-    return {lane: lanes.post_ops(by_lane[lane]) for lane in sorted(by_lane)}, sent
+def sent_of(store: SlotStore, steps: tuple[TransferStep, ...]) -> list[Sent]:
+    """What a point-to-point post's sends carry, by lane and slot kind (for a
+    ``Recorder``): each view's bytes, or the layout's count where the view is packed
+    when sent."""
+    views, nbytes = store.views, store.layout.nbytes
+    return [
+        Sent(t.lane, sum(_nbytes(views[i]) if views[i] is not None else nbytes[i]
+                         for i in t.views), t.kind)
+        for t in steps
+        if t.send
+    ]  # fmt: skip
 
 
 def lanes_of(ex: Execution, axis: str) -> Lanes:
@@ -106,15 +70,14 @@ def lanes_of(ex: Execution, axis: str) -> Lanes:
     return lanes
 
 
-def post(store: SlotStore, op: Post, steps, ex: Execution) -> Pending:
+def start_collective(store: SlotStore, op: Post, ex: Execution) -> Pending:
+    """Post a collective move (``collectives.py``); its ``Wait`` unpacks what arrived."""
     lanes = lanes_of(ex, op.moves[0].axis)
     move = op.collective
     if move is None:
-        works, sent = _post_transfers(store, steps, lanes, ex.recorder is not None)
-        pending = Pending(op, works)
-    else:
-        work, finish, sent = post_collective(store, move, lanes, lanes.rank)
-        pending = Pending(op, {move.lane: [work]}, finish)
+        raise AssertionError(f"{op.handle!r} moves point to point, not as a collective")
+    work, finish, sent = post_collective(store, move, lanes, lanes.rank)
+    pending = Pending(op, {move.lane: [work]}, finish)
     if ex.recorder is not None:
         ex.recorder.comm(op, sent, pending.works)
     return pending

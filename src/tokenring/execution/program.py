@@ -17,9 +17,9 @@ What each operation does:
   result) or LSE-merged into the result rows (forward), copied or added
   (backward).
 - ``Merge``: LSE merge (forward) or sum (backward) of result rows.
-- ``Post`` and ``Wait``: as ``operations.py`` defines them; point-to-point posts
-  are written out in the form ``operations.post`` makes them, collectives (and
-  every post while a ``Recorder`` counts the bytes) call it.
+- ``Post``: point-to-point transfers written out as one batch per lane (``_post``
+  says which tensors go); a collective calls ``operations.start_collective``.
+- ``Wait``: ``operations.complete``.
 
 A schedule that leaves a move unwaited, or waits on one never posted, is refused
 here, before any call.
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from ..options import Pass
 from ..schedules.ir import Compute, Merge, Post, Wait
@@ -66,10 +68,11 @@ class _Writer:
         self.namespace: dict[str, object] = {
             "merging": merging,
             "pack_records": pack_records,
-            "sendable": operations.sendable,
+            "sendable": sendable,
             "Pending": operations.Pending,
             "complete": operations.complete,
-            "post": operations.post,
+            "start_collective": operations.start_collective,
+            "sent_of": operations.sent_of,
             "lanes_of": operations.lanes_of,
             "OPS": geometry.schedule.ops,
             "STEPS": geometry.steps,
@@ -92,24 +95,37 @@ class _Writer:
         return self.lanes[axis]
 
 
+def sendable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a transfer sends it: one contiguous block (a KV cache's storage is
+    batch-major, so its rows are not)."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _post(w: _Writer, n: int, op: Post, step) -> None:
-    """A post: its transfers written out, one batch per lane in lane order (as
-    ``operations.post``), or that handler for a collective and while recording."""
-    if op.collective is not None or w.recording:
-        w.line(f"p{n} = post(store, OPS[{n}], STEPS[{n}], ex)")
+    """A post. Point to point: one batch per lane, in lane order. On gloo every message
+    costs a round of latency, so a transfer of several components (k and v; out and lse;
+    the query bundle) goes as one message of records (``records.py``): the slots such
+    transfers fill are stored that way, so only a call's own rows are packed, when sent.
+    NCCL runs a batch's messages as one group, so there they go as they are. A
+    collective: ``operations.start_collective``."""
+    if op.collective is not None:
+        w.line(f"p{n} = start_collective(store, OPS[{n}], ex)")
         return
     axis = op.moves[0].axis
     lanes = w.lanes_of(axis)
     pack = axis in w.gloo_axes
+    stored = w.geometry.layout(bool(w.gloo_axes)).views
     by_lane: dict[int, list[str]] = {}
     for t in step:
         if pack and t.records is not None:
+            records = w.v(t.records)
             if t.send:  # the slot's records, or the call's own rows packed as records
                 parts = ", ".join(w.v(i) for i in t.views)
-                records = w.v(t.records)
                 tensors = [f"({records} if {records} is not None else pack_records([{parts}]))"]
+            elif stored[t.records] is None:
+                raise AssertionError("a slot that receives records is stored jointly")
             else:
-                tensors = [w.v(t.records)]
+                tensors = [records]
         elif t.send:
             tensors = [f"sendable({w.v(i)})" for i in t.views]
         else:
@@ -121,6 +137,8 @@ def _post(w: _Writer, n: int, op: Post, step) -> None:
         f"{lane}: {lanes}.post_ops([{', '.join(by_lane[lane])}])" for lane in sorted(by_lane)
     )
     w.line(f"p{n} = Pending(OPS[{n}], {{{batches}}})")
+    if w.recording:
+        w.line(f"recorder.comm(OPS[{n}], sent_of(store, STEPS[{n}]), p{n}.works)")
 
 
 def _kernel_args(w: _Writer, n: int, op: Compute, step: ComputeStep) -> str:
