@@ -12,12 +12,11 @@ reports medians over many calls of:
   loop of ``host_overhead.py`` for the same strategy;
 - the phases of the same call, timed one after the other as ``passes.forward_pass``
   runs them for this call (no joint tokens): ``prepare`` (finding the prepared
-  call), ``nan_check``, ``storage`` (``SlotStore`` with the plan's kept workspace),
-  ``steps`` (the plan's operations, as the code ``execution/program.py`` made of
-  them), ``results``; the whole
-  call less their sum is printed as ``unattributed``: the API layer's argument
-  handling is about 1 us of it, the rest is what timing the phases one by one
-  (each a median of its own) does not see;
+  call), ``nan_check``, ``program`` (``executor.run_forward``: the code
+  ``execution/program.py`` made of the plan, which makes the call's storage, runs
+  the operations and returns the results); the whole call less their sum is
+  printed as ``unattributed``: the API layer's argument handling, and what timing
+  the phases one by one (each a median of its own) does not see;
 - for ring, ``straight``: the same call written out as straight-line code on the
   plan's own kernel, merge and storage sizes (the lookup, the NaN check, the
   results, one packed message, the kernel calls, the merge): what running a plan
@@ -86,8 +85,8 @@ def _median_us(fn, calls: int) -> float:
 
 
 def _phases(strategy: str, q, k, v, calls: int) -> dict[str, float]:
-    """Each phase of ``passes.forward_pass`` and ``executor.run_forward`` for a call of
-    ``strategy``, in their order (median microseconds per call)."""
+    """Each phase of ``passes.forward_pass`` for a call of ``strategy``, in their order
+    (median microseconds per call)."""
     raw = (strategy, *RAW[1:])
     found = collections.defaultdict(list)
     clock = time.perf_counter_ns
@@ -98,19 +97,10 @@ def _phases(strategy: str, q, k, v, calls: int) -> dict[str, float]:
         t1 = clock()
         hides_nan_in(prepared.ex.kernel, q)
         t2 = clock()
-        geometry, ex = prepared.plan.forward_geometry, prepared.ex
-        inputs = {"q": {"q": q}, "kv": {"k": k, "v": v}}
-        store = executor._store(geometry, {}, inputs, q.device, ex)
+        executor.run_forward(prepared.plan.forward_geometry, q, k, v, prepared.ex)
         t3 = clock()
-        executor._execute(geometry, store, ex)
-        t4 = clock()
-        store.release()
-        store.result(geometry.schedule.query_result, "out")
-        store.own(geometry.schedule.query_result, "lse").permute(1, 2, 0)
-        t5 = clock()
         if n >= calls:  # the first half warms up
-            for name, ns in (("prepare", t1 - t0), ("nan_check", t2 - t1), ("storage", t3 - t2),
-                             ("steps", t4 - t3), ("results", t5 - t4)):  # fmt: skip
+            for name, ns in (("prepare", t1 - t0), ("nan_check", t2 - t1), ("program", t3 - t2)):
                 found[name].append(ns / 1000)
     return {name: statistics.median(us) for name, us in found.items()}
 

@@ -29,33 +29,49 @@ def _geometry(strategy: Strategy, pass_: Pass, rank: int = 1, **shape) -> SlotGe
     return SlotGeometry(build_schedule(call.schedule_key(rank, pass_)), pass_, call)
 
 
-def _kind(line: str) -> str | None:
-    """Which operation a line of the code performs (None: a line that only serves one)."""
-    if re.match(r"^p\d+ = (Pending|start_collective)\(", line):
-        return "post"
-    if line.startswith("complete("):
-        return "wait"
+def _kind(line: str) -> tuple | None:
+    """Which operation a line of the code performs, with the number of the post a move's
+    lines belong to (None: a line that only serves one)."""
+    found = re.match(r"^(?:w(\d+)_\d+ = lanes\d+\.post_ops|p(\d+) = start_collective)\(", line)
+    if found:
+        return ("post", int(found[1] or found[2]))
+    found = re.match(r"^(?:for work in w(\d+)_\d+:|complete\(SCHEDULE, PASS, p(\d+), ex\))", line)
+    if found:
+        return ("wait", int(found[1] or found[2]))
     if re.match(r"^\w+(, \w+)* = kernel\.(forward|backward)\(", line):
-        return "compute"
+        return ("compute",)
     if re.match(r"^merging\.merge_into\(v\d+, v\d+, v\d+, v\d+,", line):
-        return "merge"  # a Merge op: every argument a view (a block's merge reads o, l)
+        return ("merge",)  # a Merge op: every argument a view (a block's merge reads o, l)
     if re.match(r"^v\d+\.add_\(v\d+\)$", line):
-        return "merge"  # one component of a backward Merge
+        return ("merge",)  # one component of a backward Merge
     return None
 
 
-def _expected(geometry: SlotGeometry) -> list[str]:
-    found = []
-    for op, step in zip(geometry.schedule.ops, geometry.steps):
+def _operations(source: str) -> list[tuple]:
+    """The operations the code performs, in order: a move's lines (one per lane) count
+    once."""
+    found: list[tuple] = []
+    for line in source.splitlines():
+        kind = _kind(line.strip())
+        if kind is not None and not (kind[0] in ("post", "wait") and found and found[-1] == kind):
+            found.append(kind)
+    return found
+
+
+def _expected(geometry: SlotGeometry) -> list[tuple]:
+    found: list[tuple] = []
+    posted: dict[str, int] = {}
+    for n, (op, step) in enumerate(zip(geometry.schedule.ops, geometry.steps)):
         match op:
             case Post():
-                found.append("post")
+                found.append(("post", n))
+                posted[op.handle] = n
             case Wait():
-                found.append("wait")
+                found.append(("wait", posted[op.handle]))
             case Compute() if not step.empty:
-                found.append("compute")
+                found.append(("compute",))
             case Merge():
-                found += ["merge"] * (1 if geometry.pass_ is Pass.FORWARD else len(step.dst))
+                found += [("merge",)] * (1 if geometry.pass_ is Pass.FORWARD else len(step.dst))
     return found
 
 
@@ -66,19 +82,21 @@ def _expected(geometry: SlotGeometry) -> list[str]:
     "strategy", (Strategy.TOKENRING, Strategy.RING, Strategy.ULYSSES, Strategy.ALLGATHER)
 )
 def test_the_code_lists_every_operation_in_order(strategy, pass_, gloo, recording) -> None:
-    """Each post, wait, kernel call of a block with tokens and merge of the schedule is
-    one line of the code, in the schedule's order; point-to-point posts are written out
-    (collectives are started by their handler); a recorded call times every kernel and
-    counts the bytes of every point-to-point post."""
+    """Each post, wait, kernel call of a block with tokens and merge of the schedule is in
+    the code, in the schedule's order, and each wait waits on its own post;
+    point-to-point posts and waits are written out (collectives are started and
+    completed by their handlers); a recorded call times every kernel and counts the
+    bytes of every point-to-point post, and notes when its wait returned."""
     geometry = _geometry(strategy, pass_)
     program = translate(geometry, frozenset({"group"}) if gloo else frozenset(), recording)
-    lines = [line.strip() for line in program.source.splitlines()]
-    assert [k for k in map(_kind, lines) if k is not None] == _expected(geometry)
+    assert _operations(program.source) == _expected(geometry)
     posts = [op for op in geometry.schedule.ops if isinstance(op, Post)]
     inline = sum(op.collective is None for op in posts)
-    assert sum(line.startswith("p") and " = Pending(" in line for line in lines) == inline
+    written = set(re.findall(r"^ *w(\d+)_\d+ = lanes\d+\.post_ops\(", program.source, re.M))
+    assert len(written) == inline
     assert program.source.count("recorder.comm(") == (inline if recording else 0)
-    computes = _expected(geometry).count("compute")
+    assert program.source.count("recorder.comm_waited(") == (inline if recording else 0)
+    computes = _expected(geometry).count(("compute",))
     assert program.source.count("recorder.compute_start(") == (computes if recording else 0)
 
 

@@ -46,7 +46,7 @@ def _store(geometry: SlotGeometry, joint: bool) -> SlotStore:
     for slot, comps in given.items():
         for comp in [c for c, t in comps.items() if t.dim() == 4]:
             inputs.setdefault(slot, {})[comp] = comps.pop(comp).transpose(0, 1)
-    return SlotStore(geometry, given, torch.device("cpu"), joint=joint, inputs=inputs)
+    return SlotStore.fresh(geometry, given, torch.device("cpu"), joint=joint, inputs=inputs)
 
 
 def _locals(geometry: SlotGeometry) -> dict[str, dict[str, torch.Tensor]]:
@@ -60,7 +60,7 @@ def _locals(geometry: SlotGeometry) -> dict[str, dict[str, torch.Tensor]]:
             comps = ("q", "do", "out", "lse", "delta")
         tokens = geometry.own_tokens(name)
         for comp in comps:
-            shape, dtype = geometry._shape(comp, spec, tokens)
+            shape, dtype = geometry.shape_of(comp, spec, tokens)
             if spec.groups > 1:  # the store groups a local input itself
                 g, t, b, h, *rest = shape
                 shape = (t, b, g * h, *rest)

@@ -222,7 +222,6 @@ class KVCache:
             plan.geometry, q, self._k[:, :end], self._v[:, :end], plan.execution,
             key_lengths=self._key_lengths(key, parts, real_dev),
         )  # fmt: skip
-        lse = lse.permute(1, 2, 0)
         if padded:  # query rows past a row's real tokens: nothing
             rows = self._arange(out.shape[1]) + (a if sharded else 0)
             pad = rows[None, :] >= real_dev[:, None]

@@ -19,7 +19,7 @@ from .comm import Lanes
 from .kernels import KernelBackend
 from .kernels.base import accum_dtype
 from .program import translate
-from .slots import SlotGeometry, SlotStore, from_rowmajor, to_rowmajor
+from .slots import SlotGeometry, to_rowmajor
 from .timeline import Recorder
 
 __all__ = ["Execution", "run_backward", "run_forward"]
@@ -51,24 +51,39 @@ class Execution:
         return bool(self.gloo_axes)
 
 
-def _execute(geometry: SlotGeometry, store: SlotStore, ex: Execution) -> None:
-    """Every operation of the pass, as the code its plan was translated into (made on
-    the first call that runs this way: ``program.py``)."""
-    key = (ex.gloo_axes, ex.recorder is not None)
+def _execute(
+    geometry: SlotGeometry,
+    ex: Execution,
+    inputs: dict,
+    given: dict,
+    device: torch.device,
+    key_lengths: Mapping[int, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Run the pass as the code its plan was translated into (made on the first call that
+    runs this way: ``program.py``): it makes the call's storage, performs every operation
+    and returns the results (``[B, L, H, D]``; the LSE ``[B, H, L]``; this rank's own
+    tokens). The scratch is taken
+    from the plan's last call, and left for the next, where every operation completes
+    before the call returns (the CPU) and it is small enough (``storage.py``)."""
+    joint = ex.packs
+    pool = geometry.pool(joint, ex.workspace_bytes) if device.type == "cpu" else None
+    workspace = pool.take() if pool is not None else None
+    key = (ex.gloo_axes, ex.recorder is not None, workspace is not None)
     program = geometry.programs.get(key)
     if program is None:
         program = geometry.programs[key] = translate(geometry, *key)
-    program.run(store, ex)
+    results, spare = program.run(ex, inputs, given, device, key_lengths or {}, workspace)
+    if pool is not None and spare is not None:
+        pool.give(spare)
+    return results
 
 
-def _store(geometry: SlotGeometry, local: dict, inputs: dict, device: torch.device,
-           ex: Execution, key_lengths: Mapping[int, torch.Tensor] | None = None,
-           ) -> SlotStore:  # fmt: skip
-    """The call's slot storage; its scratch reused from the plan's last call where every
-    operation completes before the call returns (the CPU) and it is small enough."""
-    joint = ex.packs
-    pool = geometry.pool(joint, ex.workspace_bytes) if device.type == "cpu" else None
-    return SlotStore(geometry, local, device, key_lengths, joint, pool, inputs)
+def _output(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A result ``[B, L, H, D]`` in ``dtype``: as the call computed it where it is of that
+    dtype (its strides those of the storage the plan gave it, or of the kernel's output
+    where that is the result, as a one-rank call returns the kernel's output), else a
+    contiguous copy."""
+    return t if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
 
 
 def run_forward(
@@ -84,19 +99,13 @@ def run_forward(
     """Forward pass of one rank (``geometry``: its schedule and call) on ``q, k, v`` of
     ``[B, L, H, D]`` (any strides: a KV cache's batch-major storage is bound as it is):
     returns ``out`` ``[B, L, H, D]`` (input dtype, or with ``keep_accum`` the accumulation
-    dtype, for more merging) and ``lse`` in row-major storage ``[L, B, H]`` (float32).
+    dtype, for more merging) and ``lse`` ``[B, H, L]`` (float32; any strides).
     ``key_lengths``: the valid tokens per batch row of each ragged piece
     (``Geometry.ragged``)."""
-    schedule, call = geometry.schedule, geometry.call
     inputs = {"q": {"q": q}, "kv": {"k": k, "v": v}}
-    store = _store(geometry, {}, inputs, q.device, ex, key_lengths)
-    _execute(geometry, store, ex)
-    store.release()
-    result = schedule.query_result
-    lse = store.own(result, "lse")
-    if keep_accum:
-        return from_rowmajor(store.own(result, "out"), accum_dtype(call.dtype)), lse
-    return store.result(result, "out"), lse
+    out, lse = _execute(geometry, ex, inputs, {}, q.device, key_lengths)
+    dtype = geometry.call.dtype
+    return _output(out, accum_dtype(dtype) if keep_accum else dtype), lse
 
 
 def run_backward(
@@ -107,11 +116,11 @@ def run_backward(
     """Backward pass of one rank.
 
     ``tensors`` holds ``q, k, v, out, do`` as ``[B, L, H, D]`` and ``lse`` in
-    row-major storage ``[L, B, H]`` (as ``run_forward`` returned it), and ``dlse``, the
+    row-major storage ``[L, B, H]``, and ``dlse``, the
     LSE's gradient in the same storage, when it has one. Returns
     ``dq, dk, dv`` in the input dtype.
     """
-    schedule, call = geometry.schedule, geometry.call
+    call = geometry.call
     out, do = tensors["out"], tensors["do"]
     wide = accum_dtype(call.dtype)
     delta = to_rowmajor((do.to(wide) * out.to(wide)).sum(dim=-1))
@@ -123,13 +132,5 @@ def run_backward(
     else:
         given["out"] = out
     inputs = {"q": given, "kv": {"k": tensors["k"], "v": tensors["v"]}}
-    store = _store(geometry, {"q": query}, inputs, tensors["q"].device, ex)
-    _execute(geometry, store, ex)
-    store.release()
-    if schedule.kv_result is None:
-        raise AssertionError("a backward schedule must name its key/value result slot")
-    return (
-        store.result(schedule.query_result, "dq"),
-        store.result(schedule.kv_result, "dk"),
-        store.result(schedule.kv_result, "dv"),
-    )
+    results = _execute(geometry, ex, inputs, {"q": query}, tensors["q"].device)
+    return tuple(_output(t, call.dtype) for t in results)

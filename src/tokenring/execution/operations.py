@@ -4,9 +4,10 @@
   torch.distributed call, unpacked into its slots when its ``Wait`` completes
   (``collectives.py``). Point-to-point posts are written out by ``program.py``
   (one batch per lane; ``sent_of`` tells a ``Recorder`` their bytes).
-- ``Wait``: completes the handle's work (on gloo the host waits, bounded by
-  the runtime's timeout; on NCCL the compute stream is ordered after it); a
-  failure names the rank, the step and the peers (``TransferFailed``).
+- ``Wait`` on a collective: completes its work (on gloo the host waits, bounded
+  by the runtime's timeout; on NCCL the compute stream is ordered after it) and
+  unpacks it. Point-to-point waits are written out by ``program.py``. Either way
+  a failure names the rank, the step and the peers (``transfer_failed``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from .timeline import Sent
 if TYPE_CHECKING:  # executor.py imports program.py, which imports this module
     from .executor import Execution
 
-__all__ = ["Pending", "TransferFailed", "complete", "lanes_of", "sent_of", "start_collective"]
+__all__ = [
+    "Pending", "TransferFailed", "complete", "lanes_of", "sent_of", "start_collective",
+    "transfer_failed",
+]  # fmt: skip
 
 
 class TransferFailed(RuntimeError):
@@ -83,16 +87,35 @@ def start_collective(store: SlotStore, op: Post, ex: Execution) -> Pending:
     return pending
 
 
+def transfer_failed(
+    schedule: Schedule, pass_: Pass, post: Post, ex: Execution, err: RuntimeError
+) -> TransferFailed:
+    """The error for a move whose wait failed: names this rank, the step and the peers."""
+    axis = post.moves[0].axis
+    if post.collective is None:
+        peers = sorted({t.peer for t in post.moves})
+        what = f"transfer {post.handle!r} with {axis} rank(s) {peers}"
+    else:
+        what = f"{type(post.collective).__name__} {post.handle!r} over the {axis} axis"
+    return TransferFailed(
+        f"tokenring {schedule.strategy} {pass_.value}: rank {schedule.rank} of "
+        f"{schedule.world}, step {post.step}, {what} failed (a peer died, or did not "
+        f"reach this step within the timeout of {ex.timeout.total_seconds():g} s; "
+        f"see tokenring.configure): {err}"
+    )
+
+
 def complete(schedule: Schedule, pass_: Pass, pending: Pending, ex: Execution) -> None:
-    """Wait for one Post's work; a failure names this rank, the step and the peers.
+    """Wait for a collective's work, then unpack what arrived; a failure names this rank,
+    the step and the peers (``transfer_failed``). Point-to-point waits are written out
+    by ``program.py`` the same way.
 
     On gloo the host blocks here, bounded by the runtime's timeout (gloo's waits
     have none of their own). On NCCL ``wait()`` only orders the compute stream
     after the work; NCCL's watchdog enforces the lanes' timeout.
     """
     post = pending.post
-    axis = post.moves[0].axis
-    gloo = ex.lanes[axis].backend == "gloo"
+    gloo = ex.lanes[post.moves[0].axis].backend == "gloo"
     try:
         for works in pending.works.values():
             for work in works:
@@ -101,17 +124,7 @@ def complete(schedule: Schedule, pass_: Pass, pending: Pending, ex: Execution) -
                 else:
                     work.wait()
     except RuntimeError as err:
-        if post.collective is None:
-            peers = sorted({t.peer for t in post.moves})
-            what = f"transfer {post.handle!r} with {axis} rank(s) {peers}"
-        else:
-            what = f"{type(post.collective).__name__} {post.handle!r} over the {axis} axis"
-        raise TransferFailed(
-            f"tokenring {schedule.strategy} {pass_.value}: rank {schedule.rank} of "
-            f"{schedule.world}, step {post.step}, {what} failed (a peer died, or did not "
-            f"reach this step within the timeout of {ex.timeout.total_seconds():g} s; "
-            f"see tokenring.configure): {err}"
-        ) from err
+        raise transfer_failed(schedule, pass_, post, ex, err) from err
     if pending.finish is not None:
         pending.finish()
     if ex.recorder is not None:

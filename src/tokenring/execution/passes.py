@@ -43,10 +43,7 @@ def forward_pass(call: PreparedCall, q, k, v, joint: Joint | None, lse_wanted: b
         mask = plan.whole_mask(q.device)
         out, lse = ex.kernel.forward(q, k, v, p.causal and mask is None, p.scale, mask)
     else:
-        out, rowmajor = run_forward(
-            plan.forward_geometry, q, k, v, ex, keep_accum=joint is not None
-        )
-        lse = rowmajor.permute(1, 2, 0)
+        out, lse = run_forward(plan.forward_geometry, q, k, v, ex, keep_accum=joint is not None)
     jo = jlse = None
     if joint is not None:
         out, lse = out.to(accum_dtype(p.dtype)), lse.contiguous()

@@ -19,7 +19,8 @@ What each operation does:
 - ``Merge``: LSE merge (forward) or sum (backward) of result rows.
 - ``Post``: point-to-point transfers written out as one batch per lane (``_post``
   says which tensors go); a collective calls ``operations.start_collective``.
-- ``Wait``: ``operations.complete``.
+- ``Wait``: for point-to-point transfers, each work's wait written out (``_wait``);
+  for a collective, ``operations.complete`` (which also unpacks it).
 
 A schedule that leaves a move unwaited, or waits on one never posted, is refused
 here, before any call.
@@ -27,6 +28,7 @@ here, before any call.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,8 +39,18 @@ from ..schedules.ir import Compute, Merge, Post, Wait
 from ..schedules.masks import BlockKind
 from . import merge as merging
 from . import operations
-from .records import pack_records
-from .slots import ComputeStep, MergeStep, SlotGeometry
+from .records import pack_records, stacks
+from .slots import ComputeStep, MergeStep, SlotGeometry, SlotStore
+from .storage import (
+    StoreLayout,
+    Strided,
+    Workspace,
+    spare_code,
+    store_code,
+    strided_code,
+    ungroup,
+    views_list,
+)
 
 __all__ = ["Program", "translate"]
 
@@ -48,7 +60,9 @@ _MERGE_FLAGS = "fused=fused, empty_rows=EMPTY_ROWS"
 
 @dataclass(frozen=True)
 class Program:
-    """One pass of one plan as code: ``run(store, ex)`` performs every operation."""
+    """One pass of one plan as code: ``run(ex, inputs, given, device, key_lengths,
+    workspace)`` makes the call's storage, performs every operation and returns the
+    results (row-major, over this rank's own tokens) and the workspace it leaves."""
 
     run: Callable
     source: str
@@ -63,14 +77,18 @@ class _Writer:
         self.recording = recording
         self.body: list[str] = []
         self.views: set[int] = set()
+        self.written: dict[int, list[tuple[int, str]]] = {}
+        """View number -> each line that writes a kernel's whole output into it first, and
+        that output's name (``_elided``)."""
         self.lanes: dict[str, str] = {}
         self.needs: set[str] = set()
         self.namespace: dict[str, object] = {
             "merging": merging,
             "pack_records": pack_records,
+            "stack": torch.stack,
             "sendable": sendable,
-            "Pending": operations.Pending,
             "complete": operations.complete,
+            "transfer_failed": operations.transfer_failed,
             "start_collective": operations.start_collective,
             "sent_of": operations.sent_of,
             "lanes_of": operations.lanes_of,
@@ -83,11 +101,18 @@ class _Writer:
         }
 
     def v(self, number: int) -> str:
+        """The name the storage code gives view ``number``."""
         self.views.add(number)
         return f"v{number}"
 
     def line(self, text: str) -> None:
         self.body.append("    " + text)
+
+    def write(self, target: int, value: str, whole: bool) -> None:
+        """A kernel's output ``value`` written into view ``target`` (its first result)."""
+        if whole:
+            self.written.setdefault(target, []).append((len(self.body), value))
+        self.line(f"{self.v(target)}.copy_({value})")
 
     def lanes_of(self, axis: str) -> str:
         if axis not in self.lanes:
@@ -101,16 +126,18 @@ def sendable(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _post(w: _Writer, n: int, op: Post, step) -> None:
-    """A post. Point to point: one batch per lane, in lane order. On gloo every message
+def _post(w: _Writer, n: int, op: Post, step) -> tuple[int, ...]:
+    """A post; returns the lanes its works are kept by (``w{n}_{lane}``), none for a
+    collective. Point to point: one batch per lane, in lane order. On gloo every message
     costs a round of latency, so a transfer of several components (k and v; out and lse;
     the query bundle) goes as one message of records (``records.py``): the slots such
     transfers fill are stored that way, so only a call's own rows are packed, when sent.
     NCCL runs a batch's messages as one group, so there they go as they are. A
     collective: ``operations.start_collective``."""
     if op.collective is not None:
+        w.needs.add("store")
         w.line(f"p{n} = start_collective(store, OPS[{n}], ex)")
-        return
+        return ()
     axis = op.moves[0].axis
     lanes = w.lanes_of(axis)
     pack = axis in w.gloo_axes
@@ -118,14 +145,16 @@ def _post(w: _Writer, n: int, op: Post, step) -> None:
     by_lane: dict[int, list[str]] = {}
     for t in step:
         if pack and t.records is not None:
-            records = w.v(t.records)
-            if t.send:  # the slot's records, or the call's own rows packed as records
-                parts = ", ".join(w.v(i) for i in t.views)
-                tensors = [f"({records} if {records} is not None else pack_records([{parts}]))"]
-            elif stored[t.records] is None:
+            if not t.send and stored[t.records] is None:
                 raise AssertionError("a slot that receives records is stored jointly")
-            else:
-                tensors = [records]
+            if stored[t.records] is not None:  # the slot's records
+                tensors = [w.v(t.records)]
+            else:  # the call's own rows, packed as records when sent
+                parts = ", ".join(w.v(i) for i in t.views)
+                if _stacks(w.geometry, t.views):
+                    tensors = [f"stack([{parts}], dim=1)"]
+                else:
+                    tensors = [f"pack_records([{parts}])"]
         elif t.send:
             tensors = [f"sendable({w.v(i)})" for i in t.views]
         else:
@@ -133,19 +162,41 @@ def _post(w: _Writer, n: int, op: Post, step) -> None:
         by_lane.setdefault(t.lane, []).extend(
             f"{lanes}.p2p({x}, {t.peer}, {t.send}, {t.lane})" for x in tensors
         )
-    batches = ", ".join(
-        f"{lane}: {lanes}.post_ops([{', '.join(by_lane[lane])}])" for lane in sorted(by_lane)
-    )
-    w.line(f"p{n} = Pending(OPS[{n}], {{{batches}}})")
+    for lane in sorted(by_lane):
+        w.line(f"w{n}_{lane} = {lanes}.post_ops([{', '.join(by_lane[lane])}])")
     if w.recording:
-        w.line(f"recorder.comm(OPS[{n}], sent_of(store, STEPS[{n}]), p{n}.works)")
+        works = ", ".join(f"{lane}: w{n}_{lane}" for lane in sorted(by_lane))
+        w.line(f"recorder.comm(OPS[{n}], sent_of(store, STEPS[{n}]), {{{works}}})")
+    return tuple(sorted(by_lane))
+
+
+def _stacks(geometry: SlotGeometry, views: tuple[int, ...]) -> bool:
+    """Whether a local slot's rows ``views`` pack as records by ``torch.stack``."""
+    specs = [geometry.views[i] for i in views]
+    slot = geometry.schedule.slots[specs[0].slot]
+    return stacks([geometry.shape_of(spec.component, slot, 1) for spec in specs])
+
+
+def _wait(w: _Writer, n: int, lanes: tuple[int, ...]) -> None:
+    """The wait for point-to-point post ``n`` (works kept by lane): on gloo bounded by
+    the runtime's timeout (gloo's waits have none of their own); on NCCL ``wait()``
+    only orders the compute stream after the work (NCCL's watchdog enforces the
+    lanes' timeout). A failure names the rank, the step and the peers."""
+    gloo = w.geometry.schedule.ops[n].moves[0].axis in w.gloo_axes
+    w.line("try:")
+    for lane in lanes:
+        w.line(f"    for work in w{n}_{lane}:")
+        w.line(f"        work.wait({'timeout' if gloo else ''})")
+    w.line("except RuntimeError as err:")
+    w.line(f"    raise transfer_failed(SCHEDULE, PASS, OPS[{n}], ex, err) from err")
+    if w.recording:
+        w.line(f"recorder.comm_waited(OPS[{n}].handle)")
 
 
 def _kernel_args(w: _Writer, n: int, op: Compute, step: ComputeStep) -> str:
     """What a block's kernel call takes after its tensors: causal, scale and mask."""
     if op.kind is BlockKind.PARTIAL:
-        w.needs.add("mask")
-        return f"{step.causal}, SCALE, geometry.block_mask(OPS[{n}], device)"
+        return f"{step.causal}, SCALE, GEOMETRY.block_mask(OPS[{n}], device)"
     return f"{step.causal}, SCALE"
 
 
@@ -153,18 +204,18 @@ def _compute_forward(w: _Writer, n: int, op: Compute, step: ComputeStep) -> None
     q, k, v = (w.v(i) for i in step.inputs)
     ragged = ""
     if step.ragged is not None:
-        w.needs.add("ragged")
         ragged = f", key_lengths=key_lengths[{step.ragged}]"
     args = _kernel_args(w, n, op, step)
     w.line(f"o, l = kernel.forward({q}, {k}, {v}, {args}{ragged})")
     for run in step.q_runs:
         out, lse = (w.v(i) for i in run.targets)
         a, b = run.start, run.stop
-        part = "o, l" if run.whole else f"o[:, {a}:{b}], l[:, :, {a}:{b}]"
-        if run.fresh:
-            w.line(f"merging.write_into({out}, {lse}, {part})")
+        part, part_lse = ("o", "l") if run.whole else (f"o[:, {a}:{b}]", f"l[:, :, {a}:{b}]")
+        if run.fresh:  # the run's first result: written (cast as needed)
+            w.write(run.targets[0], part, run.whole)
+            w.write(run.targets[1], part_lse, run.whole)
         else:
-            w.line(f"merging.merge_into({out}, {lse}, {part}, {_MERGE_FLAGS})")
+            w.line(f"merging.merge_into({out}, {lse}, {part}, {part_lse}, {_MERGE_FLAGS})")
 
 
 def _compute_backward(w: _Writer, n: int, op: Compute, step: ComputeStep) -> None:
@@ -174,7 +225,10 @@ def _compute_backward(w: _Writer, n: int, op: Compute, step: ComputeStep) -> Non
         for run in runs:
             for target, part in zip(run.targets, parts):
                 value = part if run.whole else f"{part}[:, {run.start}:{run.stop}]"
-                w.line(f"{w.v(target)}.{'copy_' if run.fresh else 'add_'}({value})")
+                if run.fresh:
+                    w.write(target, value, run.whole)
+                else:
+                    w.line(f"{w.v(target)}.add_({value})")
 
 
 def _merge(w: _Writer, step: MergeStep) -> None:
@@ -188,26 +242,31 @@ def _merge(w: _Writer, step: MergeStep) -> None:
         w.line(f"{w.v(dst)}.add_({w.v(src)})")
 
 
-def translate(geometry: SlotGeometry, gloo_axes: frozenset[str], recording: bool) -> Program:
+def translate(
+    geometry: SlotGeometry, gloo_axes: frozenset[str], recording: bool, reuse: bool = False
+) -> Program:
     """The code of ``geometry``'s pass. ``gloo_axes``: the axes whose lanes run on gloo
     (their transfers of several components go as one message of records);
     ``recording``: the call has a ``Recorder`` (every compute is timed, every post's
-    bytes counted)."""
+    bytes counted); ``reuse``: the call takes its scratch from a kept ``Workspace``."""
     w = _Writer(geometry, gloo_axes, recording)
     forward = geometry.pass_ is Pass.FORWARD
     pending: set[str] = set()
-    handles: dict[str, int] = {}
+    handles: dict[str, tuple[int, tuple[int, ...]]] = {}  # handle -> post, its lanes
     for n, (op, step) in enumerate(zip(geometry.schedule.ops, geometry.steps)):
         match op:
             case Post():
-                _post(w, n, op, step)
+                handles[op.handle] = (n, _post(w, n, op, step))
                 pending.add(op.handle)
-                handles[op.handle] = n
             case Wait():
                 if op.handle not in pending:
                     raise AssertionError(f"schedule waits on {op.handle!r}, never posted")
                 pending.discard(op.handle)
-                w.line(f"complete(SCHEDULE, PASS, p{handles[op.handle]}, ex)")
+                posted, lanes = handles[op.handle]
+                if lanes:
+                    _wait(w, posted, lanes)
+                else:
+                    w.line(f"complete(SCHEDULE, PASS, p{posted}, ex)")
             case Compute():
                 if step.empty:
                     continue  # a cell of no tokens
@@ -223,21 +282,100 @@ def translate(geometry: SlotGeometry, gloo_axes: frozenset[str], recording: bool
                 _merge(w, step)
     if pending:
         raise AssertionError(f"schedule left moves unwaited: {sorted(pending)}")
-    head = ["def run(store, ex):", "    views = store.views", "    kernel = ex.kernel"]
-    head.append("    fused = ex.fused_merge")
-    if recording:
-        head += ["    recorder = ex.recorder", "    recorder.phase = PASS.value"]
-    if "mask" in w.needs:
-        head.append("    geometry, device = store.geometry, store.device")
-    if "ragged" in w.needs:
-        head.append("    key_lengths = store.key_lengths")
-    head += [f"    {name} = lanes_of(ex, {axis!r})" for axis, name in w.lanes.items()]
-    if w.views:
-        numbers = sorted(w.views)
-        names = ", ".join(f"v{i}" for i in numbers)
-        head.append(f"    {names}, = ({', '.join(f'views[{i}]' for i in numbers)},)")
-    source = "\n".join([*head, *w.body, "    return None", ""])
+    return _function(w, reuse)
+
+
+def _view_of(geometry: SlotGeometry, views: set[int], key: tuple[str, str]) -> int | None:
+    """The one view the code names of a result component, where it names one."""
+    found = [n for n in views if (geometry.views[n].slot, geometry.views[n].component) == key]
+    return found[0] if len(found) == 1 else None
+
+
+def _elided(w: _Writer, layout: StoreLayout, owned: list) -> dict[int, tuple[int, str]]:
+    """The result views that can be the kernel output first written into them, by view
+    number: the line of that write and the output's name.
+
+    Where a result component's only view in the code covers all of its storage, and its
+    first write is a kernel's whole output of its dtype, the copy is elided: the output
+    *is* the result from then on (merged into in place, returned as it is), so the call
+    neither allocates the result nor copies into it (``storage.store_code``): on a
+    two-rank call on the CPU that is two allocations, two views and two copies of the
+    eight-odd microseconds of host time it had over a hand-written loop (RESULTS.md, 0m).
+    Kernels return their outputs in the input dtype and the LSE in float32: a float32
+    call elides both. Not where a handler reads slots by rows (collectives, a
+    recorder), nor for a slot in head groups or one a transfer reads."""
+    geometry = w.geometry
+    if w.recording or "store" in w.needs or geometry.call.dtype != torch.float32:
+        return {}
+    sent = {i for step in geometry.steps if isinstance(step, tuple) for t in step
+            for i in (*t.views, t.records) if i is not None}  # fmt: skip
+    found: dict[int, tuple[int, str]] = {}
+    for slot, comp in owned:
+        if geometry.schedule.slots[slot].groups > 1:
+            continue
+        view = _view_of(geometry, w.views, (slot, comp))
+        writes = w.written.get(view, [])
+        recipe = layout.views[view] if view is not None else None
+        if view is None or len(writes) != 1 or view in sent or type(recipe) is not Strided:
+            continue
+        allocation, dtype = layout.sources[recipe.source]
+        whole = layout.allocations[allocation]
+        if (
+            dtype is None and whole.fill is None and whole.dtype == torch.float32
+            and recipe == layout.owned[(slot, comp)] and recipe.offset == 0
+            and math.prod(recipe.size) == math.prod(whole.shape)
+            and not any(geometry.views[n].slot == slot and geometry.views[n].component is None
+                        for n in w.views)  # the slot's records
+        ):  # fmt: skip
+            found[view] = writes[0]
+    return found
+
+
+def _function(w: _Writer, reuse: bool) -> Program:
+    """The whole function: the call's storage (``storage.store_code``), the operations
+    written above, and what it returns."""
+    geometry = w.geometry
+    layout = geometry.layout(bool(w.gloo_axes))
     schedule = geometry.schedule
+    if geometry.pass_ is Pass.FORWARD:
+        owned = [(schedule.query_result, "out"), (schedule.query_result, "lse")]
+    else:
+        owned = [(schedule.query_result, "dq"), (schedule.kv_result, "dk"),
+                 (schedule.kv_result, "dv")]  # fmt: skip
+    elided = _elided(w, layout, owned)
+    for n, (at, value) in elided.items():
+        w.body[at] = f"    v{n} = {value}"
+    head = ["def run(ex, inputs, given, device, key_lengths, workspace):"]
+    head += store_code(layout, reuse, w.namespace, frozenset(elided))
+    # a view no storage is made for: a component this call does not have (a backward's
+    # ``out`` where kernels form delta from ``delta``)
+    head += [f"    v{n} = None" for n in sorted(w.views) if layout.views[n] is None]
+    if "store" in w.needs or w.recording:  # handlers that read slots by rows
+        sources = ", ".join(f"s{n}" for n in range(len(layout.sources)))
+        head.append(
+            f"    store = SlotStore(GEOMETRY, LAYOUT, device, inputs, given, "
+            f"([{sources}], {views_list(layout)}, rows))"
+        )
+    head += ["    kernel = ex.kernel", "    fused = ex.fused_merge"]
+    if w.recording:
+        head += ["    recorder = ex.recorder", "    recorder.phase = PASS.value"]
+    if w.gloo_axes:
+        head.append("    timeout = ex.timeout")
+    head += [f"    {name} = lanes_of(ex, {axis!r})" for axis, name in w.lanes.items()]
+    results = []
+    for i, key in enumerate(owned):
+        view = _view_of(geometry, w.views, key)
+        if view in elided:
+            results.append(f"v{view}")
+        elif geometry.schedule.slots[key[0]].groups > 1:
+            results.append(f"ungroup({strided_code(layout.owned[key], f'R{i}', w.namespace)})")
+        else:
+            results.append(strided_code(layout.owned[key], f"R{i}", w.namespace))
+    results = ", ".join(results)
+    tail = [f"    return ({results}), {spare_code(layout, reuse)}", ""]
+    w.namespace.update(GEOMETRY=geometry, LAYOUT=layout, SlotStore=SlotStore, Workspace=Workspace,
+                       ungroup=ungroup)  # fmt: skip
+    source = "\n".join([*head, *w.body, *tail])
     name = f"<tokenring {schedule.strategy} {geometry.pass_.value} rank {schedule.rank}>"
     exec(compile(source, name, "exec"), w.namespace)  # our own code, made above
     return Program(w.namespace["run"], source)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RecordLayout", "joint_storage", "pack_records"]
+__all__ = ["RecordLayout", "joint_storage", "pack_records", "stacks"]
 
 ALIGN = 8
 """Bytes a component's offset in a mixed-dtype record is a multiple of (any dtype's size)."""
@@ -87,10 +87,16 @@ def joint_storage(
     return storage, layout.views(storage, parts)
 
 
+def stacks(parts: list[tuple[tuple[int, ...], torch.dtype]]) -> bool:
+    """Whether records of components of per-token shapes and dtypes ``parts`` are the
+    components stacked (one dtype and shape): ``torch.stack(tensors, dim=1)`` packs them."""
+    return all(part == parts[0] for part in parts)
+
+
 def pack_records(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Rows kept in separate tensors (each ``[n, ...]``) as ``n`` records (a copy)."""
     first = tensors[0]
-    if all(t.dtype == first.dtype and t.shape == first.shape for t in tensors):
+    if stacks([(t.shape, t.dtype) for t in tensors]):
         return torch.stack(tensors, dim=1)  # the records of one dtype and shape
     parts = [(tuple(t.shape[1:]), t.dtype) for t in tensors]
     storage, views = joint_storage((first.shape[0],), parts, first.device)

@@ -16,7 +16,6 @@ and an LSE of -inf).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -46,10 +45,11 @@ from .storage import (
     LocalView,
     StoreLayout,
     Strided,
-    Workspace,
     WorkspacePool,
-    kernel_order,
+    local_view,
+    rowmajor,
     store_layout,
+    to_rowmajor,
 )
 
 __all__ = [
@@ -59,7 +59,6 @@ __all__ = [
     "SlotGeometry",
     "SlotStore",
     "TransferStep",
-    "from_rowmajor",
     "slot_tokens",
     "to_rowmajor",
 ]
@@ -142,31 +141,6 @@ class ViewSpec:
     whole: int | None = None
 
 
-def to_rowmajor(x: torch.Tensor) -> torch.Tensor:
-    """``[B, L, ...] -> [L, B, ...]`` contiguous; a view when B == 1 and ``x`` is contiguous."""
-    return x.transpose(0, 1).contiguous()
-
-
-def from_rowmajor(phys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Row-major ``[T, B, H, D]`` (or group-major ``[G, T, B, H/G, D]``) storage to a fresh
-    contiguous ``[B, T, H, D]`` in ``dtype``."""
-    if phys.dim() == 5:
-        g, t, b, h, d = phys.shape
-        return phys.permute(2, 1, 0, 3, 4).reshape(b, t, g * h, d).to(dtype)
-    found = phys.transpose(0, 1)
-    if found.dtype == dtype and found.is_contiguous():  # batch 1: as it is (no dispatch)
-        return found
-    return found.to(dtype, memory_format=torch.contiguous_format)
-
-
-def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Row-major ``[T, B, H, ...]`` as group-major ``[G, T, B, H/G, ...]`` (a copy)."""
-    if groups == 1:
-        return x
-    t, b, h, *rest = x.shape
-    return x.reshape(t, b, groups, h // groups, *rest).movedim(2, 0).contiguous()
-
-
 def _rows_of(schedule: Schedule) -> list[Rows]:
     """Every ``Rows`` a schedule addresses, and its results (which hold this rank's pieces)."""
     found = [Rows.whole(schedule.query_result, schedule.pieces)]
@@ -207,7 +181,7 @@ class SlotGeometry:
             if name not in self.tokens or spec.local:
                 continue
             for comp in COMPONENTS[(pass_, spec.kind)]:
-                shape, dtype = self._shape(comp, spec, self.tokens[name])
+                shape, dtype = self.shape_of(comp, spec, self.tokens[name])
                 self.allocations.append((name, comp, shape, dtype, spec.zeroed))
         self.scale = call.scale
         """The softmax scale every block of the call uses."""
@@ -389,9 +363,11 @@ class SlotGeometry:
         family = p.heads_kv if FAMILY[component] == "kv" else p.heads_q
         return family // spec.head_parts
 
-    def _shape(
+    def shape_of(
         self, component: str, spec: SlotSpec, tokens: int
     ) -> tuple[tuple[int, ...], torch.dtype]:
+        """The row-major (group-major) shape and dtype of ``tokens`` tokens of
+        ``component`` of a slot of ``spec``."""
         p = self.call
         heads = self.heads(component, spec)
         if FAMILY[component] == "row":
@@ -474,59 +450,53 @@ class SlotGeometry:
 
 
 class SlotStore:
-    """Tensors behind a schedule's slots for one call, laid out by ``storage.py``."""
+    """Tensors behind a schedule's slots for one call, laid out by ``storage.py``, as the
+    handlers that read slots by rows (collectives) and a ``Recorder`` see them. A call's
+    own code makes its storage itself (``program.py``) and makes this object only where
+    such a handler runs."""
 
     def __init__(
         self,
         geometry: SlotGeometry,
-        local: dict[str, dict[str, torch.Tensor]],
+        layout: StoreLayout,
         device: torch.device,
-        key_lengths: Mapping[int, torch.Tensor] | None = None,
-        joint: bool = False,
-        pool: WorkspacePool | None = None,
-        inputs: dict[str, dict[str, torch.Tensor]] | None = None,
+        inputs: dict[str, dict[str, torch.Tensor]],
+        given: dict[str, dict[str, torch.Tensor]],
+        made: tuple[list[torch.Tensor], list[torch.Tensor | None], dict],
     ):
-        """``local``: the call's own inputs in row-major storage, by slot and component;
-        ``inputs``: others as the caller gave them, ``[B, L, H, D]`` (kernels read them
-        as they are; a row-major copy is made only where a step needs one: a transfer).
-        ``joint``: store the components of each slot that moves as several components
-        jointly (``records.py``; where messages are packed, on gloo). ``pool``: where to
-        take the scratch from, and give it back to (``release``), when it may be reused
-        (``storage.py``)."""
+        """``inputs``: the call's own inputs as the caller gave them, ``[B, L, H, D]``, by
+        slot and component; ``given``: others in row-major storage; ``made``: the sources,
+        the views by number and the row-major copies made so far (``storage.store_code``)."""
         self.geometry = geometry
-        self.key_lengths = key_lengths or {}
-        """Per ragged key/value piece, its valid tokens per batch row (``[batch]``)."""
         self.schedule = geometry.schedule
         self.pass_ = geometry.pass_
         self.call = geometry.call
         self.device = device
-        self.layout = layout = geometry.layout(joint)
-        self.inputs = inputs or {}
-        self._given = local
-        self._rowmajor: dict[tuple[str, str], torch.Tensor] = {}
-        self._pool = pool
-        workspace = pool.take() if pool is not None else None
-        self._workspace = workspace
-        make = layout.make_fresh if workspace is None else layout.make_reusing
-        self._sources, self.views = make(self, device, workspace)
+        self.layout = layout
+        self.inputs = inputs
+        self._given = given
+        self._sources, self.views, self._rows = made
         """Every view the steps read (``SlotGeometry.views``), by number; None for one no
         step reads, and for a component this call does not have (``out`` of a backward
         given the LSE's gradient)."""
 
-    def release(self) -> None:
-        """After the call's last step: give its scratch to the pool for the next call."""
-        if self._pool is None or self.layout.scratch is None:
-            return
-        workspace = self._workspace
-        if workspace is None:
-            layout = self.layout
-            inside = layout.scratch_sources
-            workspace = Workspace(
-                [s if n in inside else None for n, s in enumerate(self._sources)],
-                [v if type(r) is Strided and r.source in inside else None
-                 for r, v in zip(layout.views, self.views)],
-            )  # fmt: skip
-        self._pool.give(workspace)
+    @classmethod
+    def fresh(
+        cls,
+        geometry: SlotGeometry,
+        given: dict[str, dict[str, torch.Tensor]],
+        device: torch.device,
+        *,
+        joint: bool = False,
+        inputs: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> SlotStore:
+        """A store that allocates everything, made apart from any call (``joint``: slots
+        that move as several components stored as records, ``records.py``)."""
+        layout = geometry.layout(joint)
+        inputs = inputs or {}
+        return cls(
+            geometry, layout, device, inputs, given, layout.make_fresh(inputs, given, device, None)
+        )
 
     def _make(self, recipe: Strided | LocalView) -> torch.Tensor | None:
         if type(recipe) is Strided:
@@ -536,31 +506,13 @@ class SlotStore:
             return source.as_strided(recipe.size, recipe.stride, recipe.offset)
         if recipe.component is None:
             return None
-        if recipe.direct:
-            x = self.inputs.get(recipe.slot, {}).get(recipe.component)
-            if x is not None:
-                return x if x.shape[1] == recipe.whole else x[recipe.batch_index]
-        t = self.rowmajor(recipe.slot, recipe.component)
-        if t is None:
-            return None
-        if t.shape[0] != recipe.whole:
-            t = t[recipe.index]
-        return kernel_order(t) if recipe.permute else t
+        return local_view(recipe, self.inputs, self._given, self._rows)
 
     def rowmajor(self, slot: str, component: str) -> torch.Tensor | None:
         """The call's own input ``component`` of ``slot`` in row-major (group-major)
         storage, made on first use from what the caller gave; None where it gave none."""
-        key = (slot, component)
-        found = self._rowmajor.get(key)
-        if found is None:
-            found = self._given.get(slot, {}).get(component)
-            if found is None:
-                given = self.inputs.get(slot, {}).get(component)
-                if given is None:
-                    return None
-                found = to_rowmajor(given)
-            found = self._rowmajor[key] = _grouped(found, self.schedule.slots[slot].groups)
-        return found
+        groups = self.schedule.slots[slot].groups
+        return rowmajor(slot, component, groups, self.inputs, self._given, self._rows)
 
     def component(self, slot: str, component: str) -> torch.Tensor:
         """The whole storage of ``component`` of ``slot`` (row-major)."""
@@ -598,16 +550,3 @@ class SlotStore:
         ungrouped slot is asked for)."""
         full = self.tensors[rows.slot][component]
         return full[self.geometry.index(rows, component, full.shape[2])]
-
-    def own(self, slot: str, component: str) -> torch.Tensor:
-        """A result slot's storage for this rank's own tokens (row-major; a slot that also
-        held other ranks' longer pieces on the way is longer)."""
-        full = self.component(slot, component)
-        n = self.geometry.own_tokens(slot)
-        if full.dim() == 5:  # group-major
-            return full if full.shape[1] == n else full[:, :n]
-        return full if full.shape[0] == n else full[:n]
-
-    def result(self, slot: str, component: str) -> torch.Tensor:
-        """A result slot's component as ``[B, L, H, D]`` in the input dtype."""
-        return from_rowmajor(self.own(slot, component), self.call.dtype)

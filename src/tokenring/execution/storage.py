@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # slots.py imports this module
 
 __all__ = [
     "ALIGN", "Allocation", "LocalView", "StoreLayout", "Strided", "Workspace", "WorkspacePool",
-    "kernel_order", "store_layout", "translate_store",
+    "kernel_order", "local_view", "rowmajor", "spare_code", "store_code", "store_layout",
+    "strided_code", "to_rowmajor", "translate_store", "ungroup", "views_list",
 ]  # fmt: skip
 
 ALIGN = 256
@@ -86,6 +87,12 @@ class LocalView:
     permute: bool
     direct: bool = False
     batch_index: tuple = ()
+    sent: bool = False
+    """A row-major view only transfers read, of a slot of one group: made as the caller's
+    tensor transposed, with no copy (a transfer packs it, or makes it contiguous, when
+    it sends it)."""
+    groups: int = 1
+    """The slot's head groups (its row-major storage is group-major where more than 1)."""
 
 
 Recipe = Strided | LocalView
@@ -110,6 +117,10 @@ class StoreLayout:
     scratch: int | None
     """The allocation that is the scratch buffer (None: every slot is a result, a slot
     that starts as the merge's identity, or a call's own input)."""
+    owned: dict[tuple[str, str], Strided]
+    """Each result slot's components over this rank's own tokens, what a call returns (a
+    result slot that also held other ranks' longer pieces is longer): in the kernels'
+    order (``kernel_order``), or group-major where the slot is stored in head groups."""
 
     @cached_property
     def scratch_bytes(self) -> int:
@@ -122,23 +133,10 @@ class StoreLayout:
 
     @cached_property
     def make_fresh(self) -> Callable:
-        """``make(store, device, workspace)`` -> ``(sources, views)`` for a call that
-        allocates everything (``translate_store``)."""
+        """``make(inputs, given, device, workspace)`` -> ``(sources, views, rows)`` for a
+        store that allocates everything (``translate_store``; a call's own code makes its
+        storage itself: ``program.py``)."""
         return translate_store(self, reuse=False)
-
-    @cached_property
-    def make_reusing(self) -> Callable:
-        """The same for a call that takes its scratch and its views from ``workspace``."""
-        return translate_store(self, reuse=True)
-
-    @cached_property
-    def per_call(self) -> tuple[int, ...]:
-        """The view numbers a call makes even with a workspace: of its inputs, results and
-        slots that start as the merge's identity."""
-        return tuple(
-            n for n, r in enumerate(self.views)
-            if r is not None and not (type(r) is Strided and r.source in self.scratch_sources)
-        )  # fmt: skip
 
 
 @dataclass
@@ -284,10 +282,12 @@ def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
 
 
-def _needed(geometry: SlotGeometry, joint: bool) -> set[int]:
-    """The views steps read: a transfer of a slot stored jointly reads only its records
-    (a local slot's are packed from its components when sent)."""
+def _needed(geometry: SlotGeometry, joint: bool) -> tuple[set[int], set[int]]:
+    """The views steps read, and of them those only transfers read: a transfer of a slot
+    stored jointly reads only its records (a local slot's are packed from its components
+    when sent)."""
     found: set[int] = set()
+    computed: set[int] = set()
     together = geometry.moved_together if joint else frozenset()
     for step in geometry.steps:
         if step is None:
@@ -300,13 +300,13 @@ def _needed(geometry: SlotGeometry, joint: bool) -> set[int]:
                     found.update(t.views)
             continue
         if hasattr(step, "inputs"):
-            found.update(step.inputs)
+            computed.update(step.inputs)
             for run in (*step.q_runs, *step.kv_runs):
-                found.update(run.targets)
+                computed.update(run.targets)
         else:
-            found.update(step.src)
-            found.update(step.dst)
-    return found
+            computed.update(step.src)
+            computed.update(step.dst)
+    return found | computed, found - computed
 
 
 def store_layout(geometry: SlotGeometry, joint: bool) -> StoreLayout:
@@ -315,7 +315,7 @@ def store_layout(geometry: SlotGeometry, joint: bool) -> StoreLayout:
     build = _Builder(geometry, joint)
     slots = geometry.schedule.slots
     specs = geometry.views
-    needed = _needed(geometry, joint)
+    needed, sent_only = _needed(geometry, joint)
     meta_views: list[torch.Tensor | None] = []
     recipes: list[Recipe | None] = []
     nbytes: list[int] = []
@@ -339,7 +339,11 @@ def store_layout(geometry: SlotGeometry, joint: bool) -> StoreLayout:
             direct = permute and slots[base.slot].groups == 1
             index = base.index  # row-major; the caller's [B, L, ...] swaps the first two
             batch = (slice(None), *index) if len(index) == 1 else (index[1], index[0], *index[2:])
-            view = LocalView(base.slot, base.component, index, base.whole, permute, direct, batch)
+            sent = number in sent_only and not permute and slots[base.slot].groups == 1
+            view = LocalView(
+                base.slot, base.component, index, base.whole, permute, direct, batch, sent,
+                slots[base.slot].groups,
+            )  # fmt: skip
             recipes.append(view)
         elif meta is None:
             recipes.append(None)  # records of a slot not stored jointly
@@ -353,13 +357,25 @@ def store_layout(geometry: SlotGeometry, joint: bool) -> StoreLayout:
     fills = []
     for view, allocation, value in build.fills:
         fills.append((build.strided(view, allocation), value))
+    owned = {}
+    for slot in (geometry.schedule.query_result, geometry.schedule.kv_result):
+        if slot is None:
+            continue
+        if slots[slot].local:
+            raise AssertionError(f"result slot {slot!r} is a call's own input")
+        n = geometry.own_tokens(slot)
+        for (name, comp), (tensor, allocation) in build.meta.items():
+            if name == slot and comp is not None:
+                grouped = slots[slot].groups > 1  # group-major: [G, T, ...]
+                mine = tensor[:, :n] if grouped else kernel_order(tensor[:n])
+                owned[(slot, comp)] = build.strided(mine, allocation)
     return StoreLayout(
         tuple(build.allocations), tuple(build.sources), tuple(fills), components,
-        tuple(recipes), tuple(nbytes), build.scratch,
+        tuple(recipes), tuple(nbytes), build.scratch, owned,
     )  # fmt: skip
 
 
-def _strided(recipe: Strided, name: str, namespace: dict) -> str:
+def strided_code(recipe: Strided, name: str, namespace: dict) -> str:
     """The code of one ``Strided`` view (its sizes and strides as ``SIZE{name}`` and
     ``STRIDE{name}`` in ``namespace``)."""
     if recipe.whole:
@@ -368,64 +384,153 @@ def _strided(recipe: Strided, name: str, namespace: dict) -> str:
     return f"s{recipe.source}.as_strided(SIZE{name}, STRIDE{name}, {recipe.offset})"
 
 
-def translate_store(layout: StoreLayout, reuse: bool) -> Callable:
-    """What a call does to make its storage, as straight-line code made once per layout
-    (as ``program.py`` does for the operations): its allocations, the sources that
-    read them, the fills, and each view a step reads, with every shape, stride and
-    offset written in. ``reuse``: the scratch buffer and the views in it come from a
-    kept workspace, so only the other views are made. A view of the caller's own input
-    is read from ``store.inputs`` where the kernels take it as given, and otherwise
-    made by ``SlotStore``'s own method (row-major copies, made once per call)."""
-    namespace: dict[str, object] = {"empty": torch.empty, "full": torch.full}
-    lines = ["def make(store, device, workspace):"]
-    for i, a in enumerate(layout.allocations):
+def to_rowmajor(x: torch.Tensor) -> torch.Tensor:
+    """``[B, L, ...] -> [L, B, ...]`` contiguous; a view when B == 1 and ``x`` is contiguous."""
+    return x.transpose(0, 1).contiguous()
+
+
+def rowmajor(
+    slot: str, component: str, groups: int, inputs: dict, given: dict, rows: dict
+) -> torch.Tensor | None:
+    """A call's own input in row-major (``groups`` > 1: group-major) storage: what
+    ``given`` holds so, or a copy of what ``inputs`` holds as ``[B, L, ...]``, made once
+    per call and kept in ``rows``; None where the call has no such input."""
+    key = (slot, component)
+    t = rows.get(key)
+    if t is None:
+        t = given.get(slot, {}).get(component)
+        if t is None:
+            x = inputs.get(slot, {}).get(component)
+            if x is None:
+                return None
+            t = to_rowmajor(x)
+        if groups > 1:  # [T, B, H, ...] as group-major [G, T, B, H/G, ...]
+            n, b, h, *rest = t.shape
+            t = t.reshape(n, b, groups, h // groups, *rest).movedim(2, 0).contiguous()
+        rows[key] = t
+    return t
+
+
+def local_view(recipe: LocalView, inputs: dict, given: dict, rows: dict) -> torch.Tensor | None:
+    """A view of a call's own input made from its row-major storage (``rowmajor``)."""
+    t = rowmajor(recipe.slot, recipe.component, recipe.groups, inputs, given, rows)
+    if t is None:
+        return None
+    if t.dim() == 5 or t.shape[0] != recipe.whole:  # group-major: a group is indexed
+        t = t[recipe.index]
+    return kernel_order(t) if recipe.permute else t
+
+
+def ungroup(t: torch.Tensor) -> torch.Tensor:
+    """Group-major ``[G, T, B, H/G, D]`` storage as ``[B, T, H, D]`` (a copy)."""
+    g, n, b, h, d = t.shape
+    return t.permute(2, 1, 0, 3, 4).reshape(b, n, g * h, d)
+
+
+def store_code(
+    layout: StoreLayout, reuse: bool, namespace: dict, elided: frozenset[int] = frozenset()
+) -> list[str]:
+    """What a call does to make its storage, as lines of straight-line code (indented for
+    a function body), made once per layout: its allocations, the sources that read them
+    (``s{n}``), the fills, and each view a step reads as ``v{n}``, with every shape,
+    stride and offset written in (in ``namespace``). The code reads ``inputs`` (the
+    caller's ``[B, L, H, D]`` tensors, by slot and component), ``given`` (row-major ones),
+    ``device`` and ``workspace``, and keeps row-major copies in ``rows``. ``reuse``: the
+    scratch buffer and the views in it come from a kept ``workspace``, so only the other
+    views are made. A view of the caller's own input is the input as given where the
+    kernels take it so, or transposed where only transfers read it (``LocalView.sent``),
+    and otherwise ``local_view``'s. ``elided``: views the call's code binds itself (a
+    result that is a kernel's output: ``program.py``); an allocation only they read is
+    not made."""
+    namespace.update(empty=torch.empty, full=torch.full, local_view=local_view)
+    kept = {layout.sources[r.source][0] for n, r in enumerate(layout.views)
+            if type(r) is Strided and n not in elided}  # fmt: skip
+    dropped = {layout.sources[layout.views[n].source][0] for n in elided} - kept
+    made = [i for i in range(len(layout.allocations)) if i not in dropped]
+    lines = ["rows = {}"]
+    for i in made:
+        a = layout.allocations[i]
         if reuse and i == layout.scratch:
             continue
         namespace[f"SHAPE{i}"], namespace[f"DTYPE{i}"] = a.shape, a.dtype
         if a.fill is None:
-            lines.append(f"    a{i} = empty(SHAPE{i}, dtype=DTYPE{i}, device=device)")
+            lines.append(f"a{i} = empty(SHAPE{i}, dtype=DTYPE{i}, device=device)")
         else:
             namespace[f"FILL{i}"] = a.fill
-            lines.append(f"    a{i} = full(SHAPE{i}, FILL{i}, dtype=DTYPE{i}, device=device)")
+            lines.append(f"a{i} = full(SHAPE{i}, FILL{i}, dtype=DTYPE{i}, device=device)")
     for n, (i, dtype) in enumerate(layout.sources):
+        if i not in made:
+            continue
         if reuse and i == layout.scratch:
-            lines.append(f"    s{n} = workspace.sources[{n}]")
+            lines.append(f"s{n} = workspace.sources[{n}]")
         elif dtype is None:
-            lines.append(f"    s{n} = a{i}")
+            lines.append(f"s{n} = a{i}")
         else:
             namespace[f"AS{n}"] = dtype
-            lines.append(f"    s{n} = a{i}.view(AS{n})")
+            lines.append(f"s{n} = a{i}.view(AS{n})")
     for j, (recipe, value) in enumerate(layout.fills):
         namespace[f"VALUE{j}"] = value
-        lines.append(f"    {_strided(recipe, f'F{j}', namespace)}.fill_(VALUE{j})")
-    made = layout.per_call if reuse else range(len(layout.views))
-    start = "list(workspace.views)" if reuse else f"[None] * {len(layout.views)}"
-    lines.append(f"    views = {start}")
-    lines += ["    inputs = store.inputs", "    local = store._make"]
-    given: dict[tuple[str, str], str] = {}
-    for n in made:
-        recipe = layout.views[n]
-        if recipe is None:
+        lines.append(f"{strided_code(recipe, f'F{j}', namespace)}.fill_(VALUE{j})")
+    given_names: dict[tuple[str, str], str] = {}
+    for n, recipe in enumerate(layout.views):
+        if recipe is None or n in elided:
             continue
         if type(recipe) is Strided:
-            lines.append(f"    views[{n}] = {_strided(recipe, str(n), namespace)}")
+            if reuse and recipe.source in layout.scratch_sources:
+                lines.append(f"v{n} = workspace.views[{n}]")
+            else:
+                lines.append(f"v{n} = {strided_code(recipe, str(n), namespace)}")
+            continue
+        if recipe.component is None:  # a local slot's records: packed when sent
+            lines.append(f"v{n} = None")
             continue
         namespace[f"R{n}"] = recipe
-        if not (recipe.direct and recipe.component is not None):
-            lines.append(f"    views[{n}] = local(R{n})")
+        made = f"local_view(R{n}, inputs, given, rows)"
+        if not (recipe.direct or recipe.sent):
+            lines.append(f"v{n} = {made}")
             continue
         key = (recipe.slot, recipe.component)
-        if key not in given:
-            given[key] = name = f"x{len(given)}"
-            slot, component = key
-            lines.append(f"    {name} = inputs.get({slot!r}, {{}}).get({component!r})")
-        x = given[key]
+        if key not in given_names:
+            given_names[key] = x = f"x{len(given_names)}"
+            lines.append(f"{x} = inputs.get({recipe.slot!r}, {{}}).get({recipe.component!r})")
+        x = given_names[key]
         namespace[f"BATCH{n}"] = recipe.batch_index
-        view = f"{x}[BATCH{n}]"
+        as_given = x if recipe.direct else f"{x}.transpose(0, 1)"
+        view = f"{x}[BATCH{n}]" if recipe.direct else f"{x}[BATCH{n}].transpose(0, 1)"
         if recipe.whole is not None:
-            view = f"{x} if {x}.shape[1] == {recipe.whole} else {view}"
-        lines.append(f"    views[{n}] = local(R{n}) if {x} is None else {view}")
+            view = f"{as_given} if {x}.shape[1] == {recipe.whole} else {view}"
+        lines.append(f"v{n} = {made} if {x} is None else {view}")
+    return ["    " + line for line in lines]
+
+
+def views_list(layout: StoreLayout, inside: bool = False) -> str:
+    """The code of a list of every view by number (None for one not made), or with
+    ``inside`` of only those in the scratch buffer (a ``Workspace``'s)."""
+    return "[" + ", ".join(
+        f"v{n}" if r is not None and (not inside or (type(r) is Strided and r.source
+                                                      in layout.scratch_sources))
+        else "None"
+        for n, r in enumerate(layout.views)
+    ) + "]"  # fmt: skip
+
+
+def spare_code(layout: StoreLayout, reuse: bool) -> str:
+    """The code of the ``Workspace`` a call leaves for the next (None: no scratch)."""
+    if layout.scratch is None:
+        return "None"
+    if reuse:
+        return "workspace"
+    inside = layout.scratch_sources
+    sources = ", ".join(f"s{n}" if n in inside else "None" for n in range(len(layout.sources)))
+    return f"Workspace([{sources}], {views_list(layout, inside=True)})"
+
+
+def translate_store(layout: StoreLayout, reuse: bool) -> Callable:
+    """``store_code`` as a function ``make(inputs, given, device, workspace)`` ->
+    ``(sources, views, rows)``, for a store made apart from a call's code (tests)."""
+    namespace: dict[str, object] = {}
+    lines = ["def make(inputs, given, device, workspace):", *store_code(layout, reuse, namespace)]
     sources = ", ".join(f"s{n}" for n in range(len(layout.sources)))
-    lines.append(f"    return [{sources}], views")
+    lines.append(f"    return [{sources}], {views_list(layout)}, rows")
     exec(compile("\n".join(lines) + "\n", "<tokenring storage>", "exec"), namespace)
     return namespace["make"]
