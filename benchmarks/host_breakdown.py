@@ -9,7 +9,8 @@ microsecond measured is then work of the calling thread, not waiting. Rank 1
 reports medians over many calls of:
 
 - ``call``: the whole ``tokenring.attention`` call, and ``minimal``: the plain-torch
-  loop of ``host_overhead.py`` for the same strategy;
+  loop of ``host_overhead.py`` for the same strategy, timed in turns (15 repeats of
+  1,000 calls each) with the ratio taken per repeat;
 - the phases of the same call, timed one after the other as ``passes.forward_pass``
   runs them for this call (no joint tokens): ``prepare`` (finding the prepared
   call), ``nan_check``, ``program`` (``executor.run_forward``: the code
@@ -72,16 +73,26 @@ def _stub(ops: list) -> list:
     return [_Done() for _ in ops]
 
 
-def _median_us(fn, calls: int) -> float:
-    for _ in range(calls // 10):
-        fn()
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        for _ in range(calls):
+def _interleaved_us(fns: dict, calls: int, repeats: int = 15) -> tuple[dict, dict]:
+    """Median microseconds per call of each of ``fns`` and the median per-repeat ratio of
+    each to the first, the functions taking turns within every repeat (so that a slow
+    spell of the machine falls on all of them alike; timed one after the other, the
+    loop's median alone moved from 83 to 104 us between two runs on the 2-core box)."""
+    for fn in fns.values():
+        for _ in range(calls // 10):
             fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls * 1e6)
+    first = next(iter(times.values()))
+    medians = {name: statistics.median(us) for name, us in times.items()}
+    ratios = {name: statistics.median(t / f for t, f in zip(us, first))
+              for name, us in times.items()}  # fmt: skip
+    return medians, ratios
 
 
 def _phases(strategy: str, q, k, v, calls: int) -> dict[str, float]:
@@ -158,14 +169,14 @@ def _worker(ctx, calls: int) -> dict:
         try:
             for s, minimal in (("ring", host_overhead._minimal_ring),
                                ("tokenring", host_overhead._minimal_tokenring)):  # fmt: skip
-                row = {
-                    "call": _median_us(lambda: tr.attention(q, k, v, strategy=s), calls),
-                    "minimal": _median_us(lambda: minimal(q, k, v, scale), calls),
+                fns = {
+                    "minimal": lambda: minimal(q, k, v, scale),
+                    "call": lambda: tr.attention(q, k, v, strategy=s),
                 }
                 if s == "ring":
-                    row["straight"] = _median_us(lambda: straight(q, k, v), calls)
-                row |= _phases(s, q, k, v, calls)
-                report[s] = row
+                    fns["straight"] = lambda: straight(q, k, v)
+                row, ratios = _interleaved_us(fns, calls)
+                report[s] = (row | _phases(s, q, k, v, calls), ratios)
         finally:
             dist.batch_isend_irecv = real
     return report
@@ -173,21 +184,22 @@ def _worker(ctx, calls: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=2000, help="calls per repeat (default 2000)")
+    parser.add_argument("--calls", type=int, default=1000, help="calls per repeat (default 1000)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("host_breakdown.py pins each rank to a core: it needs 2 cores")
     report = run_local(_worker, (args.calls,), world=2, backend="gloo", timeout_s=900)[1]
-    for strategy, row in report.items():
+    for strategy, (row, ratios) in report.items():
         phases = {n: us for n, us in row.items() if n not in ("call", "minimal", "straight")}
         rest = row["call"] - sum(phases.values())
-        print(f"== {strategy} (rank 1, communication stubbed; us per call)")
+        print(f"== {strategy} (rank 1, communication stubbed; us per call; ratio: the median")
+        print("   of the per-repeat ratios to the minimal loop, timed in turns)")
         print(f"  {'whole call':<14}{row['call']:8.1f}   minimal loop {row['minimal']:8.1f}"
-              f"   ratio {row['call'] / row['minimal']:.2f}x")  # fmt: skip
+              f"   ratio {ratios['call']:.2f}x")  # fmt: skip
         if "straight" in row:
             print(f"  {'straight-line':<14}{row['straight']:8.1f}"
-                  f"   ratio {row['straight'] / row['minimal']:.2f}x")  # fmt: skip
+                  f"   ratio {ratios['straight']:.2f}x")  # fmt: skip
         for name, us in phases.items():
             print(f"    {name:<12}{us:8.1f}")
         print(f"    {'unattributed':<12}{rest:8.1f}  (the whole call less its phases)")

@@ -9,6 +9,7 @@ import dataclasses
 import re
 
 import pytest
+import torch
 
 from tokenring.call.description import CallDescription
 from tokenring.execution.program import translate
@@ -114,3 +115,33 @@ def test_a_schedule_whose_moves_do_not_pair_is_refused(strategy, dropped, refusa
     broken = dataclasses.replace(schedule, ops=schedule.ops[:at] + schedule.ops[at + 1 :])
     with pytest.raises(AssertionError, match=refusal):
         translate(SlotGeometry(broken, Pass.FORWARD, geometry.call), frozenset(), False)
+
+
+def _flat_geometry(strategy: Strategy, dtype: torch.dtype) -> SlotGeometry:
+    """Rank 1 of a two-rank, non-causal, contiguous forward: each rank's first block is
+    its own, whole."""
+    call = CallDescription.of_shape(
+        world=2, seq_len=16, heads_q=2, heads_kv=2, head_dim=4, dtype=dtype,
+        layout=Layout.CONTIGUOUS, strategy=strategy, device_type="cpu",
+    )  # fmt: skip
+    return SlotGeometry(build_schedule(call.schedule_key(1, Pass.FORWARD)), Pass.FORWARD, call)
+
+
+@pytest.mark.parametrize("reuse", (False, True))
+def test_a_float32_result_first_written_whole_is_the_kernels_output(reuse) -> None:
+    """Ring's two-rank forward in float32: the result is the first block's output, merged
+    into in place and returned (not allocated, not copied into); in bfloat16 (an output
+    of another dtype than the float32 accumulator), recorded, or over a collective, it is
+    allocated and written as before."""
+    geometry = _flat_geometry(Strategy.RING, torch.float32)
+    source = translate(geometry, frozenset({"group"}), False, reuse).source
+    kept = re.findall(r"^    (v\d+) = o$", source, re.M)
+    assert len(kept) == 1 and f"{kept[0]}.copy_(" not in source
+    assert re.search(rf"^    return \({kept[0]}, v\d+\),", source, re.M)
+    assert "empty(" not in source if reuse else source.count("empty(") == 1  # scratch only
+    for other in (
+        translate(_flat_geometry(Strategy.RING, torch.bfloat16), frozenset({"group"}), False),
+        translate(geometry, frozenset({"group"}), True),
+        translate(_flat_geometry(Strategy.ULYSSES, torch.float32), frozenset({"group"}), False),
+    ):
+        assert not re.search(r"^    v\d+ = [ol]$", other.source, re.M), other.source
