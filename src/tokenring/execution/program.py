@@ -1,13 +1,16 @@
-"""A schedule's operations translated once into straight-line Python code.
+"""A plan's pass translated once into one straight-line Python function.
 
 A schedule is data, and reading it op by op on every call (which handler, which
 views, which runs, which lanes) costs host time that a hand-written loop does not
 pay: on a two-rank gloo call that interpretation was about a quarter of the call
-(benchmarks/RESULTS.md, 0l). So each plan's operations are translated, once, into
-one Python function whose body lists them in order with everything the schedule
-fixes written in: the view numbers (as local variables), causal or not, the scale,
-the result runs and their slices, the peers, lanes and batches of each transfer. A
-call then runs that function. ``Program.source`` is the code, for reading.
+(benchmarks/RESULTS.md, 0l), and making the storage through a store object about as
+much again (0m). So each plan's pass is translated, once per way of running it, into
+one Python function that makes the call's storage (``storage.store_code``: every view
+a local variable), lists the operations in order with everything the schedule fixes
+written in (causal or not, the scale, the result runs and their slices, the peers,
+lanes and batches of each transfer) and returns the results in the kernels' order. A
+call runs that function. ``Program.source`` is the code, for reading. A result whose
+first write is a kernel's whole output of its dtype is that output (``_elided``).
 
 What each operation does:
 
@@ -299,11 +302,12 @@ def _elided(w: _Writer, layout: StoreLayout, owned: list) -> dict[int, tuple[int
     first write is a kernel's whole output of its dtype, the copy is elided: the output
     *is* the result from then on (merged into in place, returned as it is), so the call
     neither allocates the result nor copies into it (``storage.store_code``): on a
-    two-rank call on the CPU that is two allocations, two views and two copies of the
-    eight-odd microseconds of host time it had over a hand-written loop (RESULTS.md, 0m).
-    Kernels return their outputs in the input dtype and the LSE in float32: a float32
-    call elides both. Not where a handler reads slots by rows (collectives, a
-    recorder), nor for a slot in head groups or one a transfer reads."""
+    two-rank ring call on the CPU, two allocations, two views and two copies (with the
+    results returned in the kernels' order, ring's host work went from 1.36-1.39x to
+    1.06-1.12x a hand-written loop's: benchmarks/RESULTS.md, 0m). Kernels return their
+    outputs in the input dtype and the LSE in float32: a float32 call elides both. Not
+    where a handler reads slots by rows (collectives, a recorder), nor for a slot in head
+    groups or one a transfer reads."""
     geometry = w.geometry
     if w.recording or "store" in w.needs or geometry.call.dtype != torch.float32:
         return {}

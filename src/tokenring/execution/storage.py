@@ -7,20 +7,22 @@ step; every other slot (queries, keys/values and partials in transit) lies in on
 allocation would guarantee), so a call makes one allocation for all of them. The
 results stay apart so that what a caller keeps holds no scratch.
 
-Every view a step names is then, per call, one operation: a view that lies in an
-allocation is one ``as_strided`` whose sizes, strides and offset were computed
-here by indexing meta tensors exactly as a call would index real ones. A kernel
-reads a call's own input as the caller gave it, ``[B, L, H, D]`` with any strides
-(a KV cache's batch-major storage), indexed on the same tokens and heads; a
-row-major copy of an input is made only where a transfer sends it. Views that only
-serve to derive others are never made.
+Every view a step names is then, per call, one operation, written into the plan's
+code (``store_code``, ``program.py``): a view that lies in an allocation is one
+``as_strided`` whose sizes, strides and offset were computed here by indexing meta
+tensors exactly as a call would index real ones. A kernel reads a call's own input
+as the caller gave it, ``[B, L, H, D]`` with any strides (a KV cache's batch-major
+storage), indexed on the same tokens and heads; an input only transfers read is the
+caller's tensor transposed, copied when sent. Views that only serve to derive others
+are never made.
 
 On the CPU every operation, transfers included, has completed when a call
 returns, so the scratch buffer and its views can serve the next call of the same
 plan as they are: a plan keeps one such *workspace* (``WorkspacePool``) when it is
 at most ``tokenring.configure(workspace_bytes=...)`` large, and a call then
-allocates only its results. On CUDA a call returns before its kernels run, so its
-scratch is allocated per call (by the caching allocator, in stream order).
+allocates only its results (none where they are kernel outputs: ``program.py``).
+On CUDA a call returns before its kernels run, so its scratch is allocated per call
+(by the caching allocator, in stream order).
 """
 
 from __future__ import annotations
