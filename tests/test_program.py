@@ -145,3 +145,16 @@ def test_a_float32_result_first_written_whole_is_the_kernels_output(reuse) -> No
         translate(_flat_geometry(Strategy.ULYSSES, torch.float32), frozenset({"group"}), False),
     ):
         assert not re.search(r"^    v\d+ = [ol]$", other.source, re.M), other.source
+
+
+def test_the_code_hands_back_its_workspace_only_where_the_plan_keeps_one() -> None:
+    """A call whose plan keeps a workspace (the CPU) returns the scratch it used, fresh or
+    reused, for the next call; elsewhere (CUDA) it returns none, building nothing to
+    return."""
+    geometry, gloo = _flat_geometry(Strategy.RING, torch.float32), frozenset({"group"})
+    fresh = translate(geometry, gloo, False, reuse=False, keep=True).source
+    reused = translate(geometry, gloo, False, reuse=True, keep=True).source
+    unkept = translate(geometry, gloo, False, reuse=False, keep=False).source
+    assert re.search(r"^    return \(.*\), Workspace\(\[", fresh, re.M)
+    assert re.search(r"^    return \(.*\), workspace$", reused, re.M)
+    assert re.search(r"^    return \(.*\), None$", unkept, re.M)

@@ -68,7 +68,7 @@ def _execute(
     joint = ex.packs
     pool = geometry.pool(joint, ex.workspace_bytes) if device.type == "cpu" else None
     workspace = pool.take() if pool is not None else None
-    key = (ex.gloo_axes, ex.recorder is not None, workspace is not None)
+    key = (ex.gloo_axes, ex.recorder is not None, workspace is not None, pool is not None)
     program = geometry.programs.get(key)
     if program is None:
         program = geometry.programs[key] = translate(geometry, *key)

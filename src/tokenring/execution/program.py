@@ -246,12 +246,18 @@ def _merge(w: _Writer, step: MergeStep) -> None:
 
 
 def translate(
-    geometry: SlotGeometry, gloo_axes: frozenset[str], recording: bool, reuse: bool = False
+    geometry: SlotGeometry,
+    gloo_axes: frozenset[str],
+    recording: bool,
+    reuse: bool = False,
+    keep: bool = False,
 ) -> Program:
     """The code of ``geometry``'s pass. ``gloo_axes``: the axes whose lanes run on gloo
     (their transfers of several components go as one message of records);
     ``recording``: the call has a ``Recorder`` (every compute is timed, every post's
-    bytes counted); ``reuse``: the call takes its scratch from a kept ``Workspace``."""
+    bytes counted); ``reuse``: the call takes its scratch from a kept ``Workspace``;
+    ``keep``: the plan keeps a workspace for its next call (the CPU), so the function
+    returns the one it used (otherwise None)."""
     w = _Writer(geometry, gloo_axes, recording)
     forward = geometry.pass_ is Pass.FORWARD
     pending: set[str] = set()
@@ -285,7 +291,7 @@ def translate(
                 _merge(w, step)
     if pending:
         raise AssertionError(f"schedule left moves unwaited: {sorted(pending)}")
-    return _function(w, reuse)
+    return _function(w, reuse, keep)
 
 
 def _view_of(geometry: SlotGeometry, views: set[int], key: tuple[str, str]) -> int | None:
@@ -335,7 +341,7 @@ def _elided(w: _Writer, layout: StoreLayout, owned: list) -> dict[int, tuple[int
     return found
 
 
-def _function(w: _Writer, reuse: bool) -> Program:
+def _function(w: _Writer, reuse: bool, keep: bool) -> Program:
     """The whole function: the call's storage (``storage.store_code``), the operations
     written above, and what it returns."""
     geometry = w.geometry
@@ -376,7 +382,8 @@ def _function(w: _Writer, reuse: bool) -> Program:
         else:
             results.append(strided_code(layout.owned[key], f"R{i}", w.namespace))
     results = ", ".join(results)
-    tail = [f"    return ({results}), {spare_code(layout, reuse)}", ""]
+    spare = spare_code(layout, reuse) if keep or reuse else "None"
+    tail = [f"    return ({results}), {spare}", ""]
     w.namespace.update(GEOMETRY=geometry, LAYOUT=layout, SlotStore=SlotStore, Workspace=Workspace,
                        ungroup=ungroup)  # fmt: skip
     source = "\n".join([*head, *w.body, *tail])
