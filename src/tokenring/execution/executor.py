@@ -62,9 +62,9 @@ def _execute(
     """Run the pass as the code its plan was translated into (made on the first call that
     runs this way: ``program.py``): it makes the call's storage, performs every operation
     and returns the results (``[B, L, H, D]``; the LSE ``[B, H, L]``; this rank's own
-    tokens). The scratch is taken
-    from the plan's last call, and left for the next, where every operation completes
-    before the call returns (the CPU) and it is small enough (``storage.py``)."""
+    tokens). The scratch is taken from the plan's last call, and left for the next,
+    where every operation completes before the call returns (the CPU) and it is small
+    enough (``storage.py``)."""
     joint = ex.packs
     pool = geometry.pool(joint, ex.workspace_bytes) if device.type == "cpu" else None
     workspace = pool.take() if pool is not None else None

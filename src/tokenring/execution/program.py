@@ -65,7 +65,8 @@ _MERGE_FLAGS = "fused=fused, empty_rows=EMPTY_ROWS"
 class Program:
     """One pass of one plan as code: ``run(ex, inputs, given, device, key_lengths,
     workspace)`` makes the call's storage, performs every operation and returns the
-    results (row-major, over this rank's own tokens) and the workspace it leaves."""
+    results (in the kernels' order, over this rank's own tokens) and the workspace it
+    leaves for the next call (None where the plan keeps none)."""
 
     run: Callable
     source: str
@@ -377,10 +378,9 @@ def _function(w: _Writer, reuse: bool, keep: bool) -> Program:
         view = _view_of(geometry, w.views, key)
         if view in elided:
             results.append(f"v{view}")
-        elif geometry.schedule.slots[key[0]].groups > 1:
-            results.append(f"ungroup({strided_code(layout.owned[key], f'R{i}', w.namespace)})")
-        else:
-            results.append(strided_code(layout.owned[key], f"R{i}", w.namespace))
+            continue
+        code = strided_code(layout.owned[key], f"OUT{i}", w.namespace)
+        results.append(f"ungroup({code})" if schedule.slots[key[0]].groups > 1 else code)
     results = ", ".join(results)
     spare = spare_code(layout, reuse) if keep or reuse else "None"
     tail = [f"    return ({results}), {spare}", ""]

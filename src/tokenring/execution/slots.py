@@ -42,11 +42,9 @@ from ..schedules.masks import BlockKind
 from .block_masks import block_mask
 from .kernels.base import BlockMask, accum_dtype
 from .storage import (
-    LocalView,
     StoreLayout,
     Strided,
     WorkspacePool,
-    local_view,
     rowmajor,
     store_layout,
     to_rowmajor,
@@ -498,15 +496,12 @@ class SlotStore:
             geometry, layout, device, inputs, given, layout.make_fresh(inputs, given, device, None)
         )
 
-    def _make(self, recipe: Strided | LocalView) -> torch.Tensor | None:
-        if type(recipe) is Strided:
-            source = self._sources[recipe.source]
-            if recipe.whole:
-                return source
-            return source.as_strided(recipe.size, recipe.stride, recipe.offset)
-        if recipe.component is None:
-            return None
-        return local_view(recipe, self.inputs, self._given, self._rows)
+    def _strided(self, recipe: Strided) -> torch.Tensor:
+        """A view of the call's allocations (a slot's storage that is not an input)."""
+        source = self._sources[recipe.source]
+        if recipe.whole:
+            return source
+        return source.as_strided(recipe.size, recipe.stride, recipe.offset)
 
     def rowmajor(self, slot: str, component: str) -> torch.Tensor | None:
         """The call's own input ``component`` of ``slot`` in row-major (group-major)
@@ -518,7 +513,7 @@ class SlotStore:
         """The whole storage of ``component`` of ``slot`` (row-major)."""
         if self.schedule.slots[slot].local:
             return self.rowmajor(slot, component)
-        return self._make(self.layout.components[(slot, component)])
+        return self._strided(self.layout.components[(slot, component)])
 
     @cached_property
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -530,7 +525,7 @@ class SlotStore:
                     for comp in comps:
                         found.setdefault(slot, {})[comp] = self.rowmajor(slot, comp)
         for (slot, comp), recipe in self.layout.components.items():
-            found.setdefault(slot, {})[comp] = self._make(recipe)
+            found.setdefault(slot, {})[comp] = self._strided(recipe)
         return found
 
     def kind(self, rows: Rows) -> SlotKind:

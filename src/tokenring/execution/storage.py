@@ -110,8 +110,7 @@ class StoreLayout:
     fills: tuple[tuple[Strided, float], ...]
     """Views filled after allocation (a jointly stored slot's LSE starts at -inf)."""
     components: dict[tuple[str, str], Recipe]
-    """The whole storage of each (slot, component), made on demand (collectives,
-    results)."""
+    """The whole storage of each (slot, component), made on demand (collectives)."""
     views: tuple[Recipe | None, ...]
     """By view number (``SlotGeometry.views``); None for one no step reads."""
     nbytes: tuple[int, ...]
@@ -418,7 +417,7 @@ def local_view(recipe: LocalView, inputs: dict, given: dict, rows: dict) -> torc
     t = rowmajor(recipe.slot, recipe.component, recipe.groups, inputs, given, rows)
     if t is None:
         return None
-    if t.dim() == 5 or t.shape[0] != recipe.whole:  # group-major: a group is indexed
+    if recipe.groups > 1 or t.shape[0] != recipe.whole:  # group-major: a group is indexed
         t = t[recipe.index]
     return kernel_order(t) if recipe.permute else t
 
@@ -487,9 +486,9 @@ def store_code(
             lines.append(f"v{n} = None")
             continue
         namespace[f"R{n}"] = recipe
-        made = f"local_view(R{n}, inputs, given, rows)"
+        fallback = f"local_view(R{n}, inputs, given, rows)"
         if not (recipe.direct or recipe.sent):
-            lines.append(f"v{n} = {made}")
+            lines.append(f"v{n} = {fallback}")
             continue
         key = (recipe.slot, recipe.component)
         if key not in given_names:
@@ -501,7 +500,7 @@ def store_code(
         view = f"{x}[BATCH{n}]" if recipe.direct else f"{x}[BATCH{n}].transpose(0, 1)"
         if recipe.whole is not None:
             view = f"{as_given} if {x}.shape[1] == {recipe.whole} else {view}"
-        lines.append(f"v{n} = {made} if {x} is None else {view}")
+        lines.append(f"v{n} = {fallback} if {x} is None else {view}")
     return ["    " + line for line in lines]
 
 
